@@ -1,0 +1,54 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+/* Programs for a pod's host-side device: per-packet ClusterIP load
+ * balancing of traffic leaving the pod, and reverse translation of what
+ * comes back into it. */
+
+#include "lib/common.h"
+#include "lib/frag.h"
+#include "lib/lb.h"
+#include "lib/metrics.h"
+
+/* Parses and fragment-tracks; returns -1 when the packet is handled
+ * (verdict in *verdict) and 0 when p is ready for translation. */
+static __always_inline int prepare(struct __sk_buff *skb, struct pkt *p, int *verdict)
+{
+	int ret = parse_packet(skb, p);
+
+	if (ret) {
+		count(ret == PARSE_NOT_IP ? METRIC_PASS : METRIC_MALFORMED);
+		*verdict = TC_ACT_OK;
+		return -1;
+	}
+	if (frag_track(p) < 0) {
+		count(METRIC_FRAG_NOT_FOUND);
+		*verdict = TC_ACT_SHOT;
+		return -1;
+	}
+	return 0;
+}
+
+/* tc ingress of the host-side device: packets the pod sends. */
+SEC("tc")
+int sp_from_pod(struct __sk_buff *skb)
+{
+	struct pkt p;
+	int verdict;
+
+	if (prepare(skb, &p, &verdict) < 0)
+		return verdict;
+	return lb_forward(skb, &p);
+}
+
+/* tc egress of the host-side device: packets delivered to the pod. */
+SEC("tc")
+int sp_to_pod(struct __sk_buff *skb)
+{
+	struct pkt p;
+	int verdict;
+
+	if (prepare(skb, &p, &verdict) < 0)
+		return verdict;
+	return lb_reply(skb, &p);
+}
+
+char __license[] SEC("license") = "Dual BSD/GPL";

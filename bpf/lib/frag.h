@@ -1,0 +1,39 @@
+/* Fragment tracking: later fragments borrow the ports of their first. */
+#pragma once
+
+#include "common.h"
+#include "ct_maps.h"
+#include "metrics.h"
+
+static __always_inline void frag_key_of(const struct pkt *p, struct frag_key *k)
+{
+	__builtin_memset(k, 0, sizeof(*k));
+	k->saddr = p->saddr;
+	k->daddr = p->daddr;
+	k->id = p->frag_id;
+	k->proto = p->proto;
+	k->family = p->family;
+}
+
+/* Returns 0 when p has usable ports, -1 when a later fragment must be
+ * dropped because its first fragment was never seen. */
+static __always_inline int frag_track(struct pkt *p)
+{
+	struct frag_key k;
+
+	if (p->frag == FRAG_NONE || !is_tcp_or_udp(p->proto))
+		return 0;
+	frag_key_of(p, &k);
+	if (p->frag == FRAG_FIRST) {
+		struct frag_ports v = { .sport = p->sport, .dport = p->dport };
+
+		bpf_map_update_elem(&sp_frags, &k, &v, BPF_ANY);
+		return 0;
+	}
+	struct frag_ports *v = bpf_map_lookup_elem(&sp_frags, &k);
+	if (!v)
+		return -1;
+	p->sport = v->sport;
+	p->dport = v->dport;
+	return 0;
+}

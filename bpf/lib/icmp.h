@@ -1,0 +1,202 @@
+/* ICMP: rejecting connections to services without backends, and
+ * reverse-translating ICMP errors that quote a translated flow. */
+#pragma once
+
+#include "common.h"
+#include "csum.h"
+#include "conntrack.h"
+#include "nat.h"
+
+/* Quoted: the offending IP header plus the first 8 bytes after it. IPv4
+ * with options is not quoted; the caller drops it instead. */
+#define ICMP4_QUOTE_LEN (sizeof(struct iphdr) + 8)
+#define ICMP6_QUOTE_LEN (sizeof(struct ipv6hdr) + 8)
+
+struct icmp4_unreach {
+	struct iphdr ip;
+	struct icmphdr icmp;
+	__u8 quote[ICMP4_QUOTE_LEN];
+};
+
+struct icmp6_unreach {
+	struct ipv6hdr ip6;
+	struct icmp6hdr icmp6;
+	__u8 quote[ICMP6_QUOTE_LEN];
+};
+
+struct icmp6_pseudo_tail {
+	__be32 len;
+	__be32 nexthdr;
+};
+
+static __always_inline int swap_macs(struct __sk_buff *skb)
+{
+	struct ethhdr eth;
+	__u8 mac[ETH_ALEN];
+
+	if (bpf_skb_load_bytes(skb, 0, &eth, sizeof(eth)) < 0)
+		return -1;
+	__builtin_memcpy(mac, eth.h_source, ETH_ALEN);
+	__builtin_memcpy(eth.h_source, eth.h_dest, ETH_ALEN);
+	__builtin_memcpy(eth.h_dest, mac, ETH_ALEN);
+	return bpf_skb_store_bytes(skb, 0, &eth, sizeof(eth), 0);
+}
+
+static __always_inline int icmp4_build_unreach(struct __sk_buff *skb, const struct pkt *p)
+{
+	struct icmp4_unreach r;
+
+	if (p->l4_off != p->l3_off + sizeof(struct iphdr))
+		return -1;
+	__builtin_memset(&r, 0, sizeof(r));
+	if (bpf_skb_load_bytes(skb, p->l3_off, r.quote, sizeof(r.quote)) < 0)
+		return -1;
+	r.ip.version = 4;
+	r.ip.ihl = 5;
+	r.ip.tot_len = bpf_htons(sizeof(r));
+	r.ip.ttl = 64;
+	r.ip.protocol = IPPROTO_ICMP;
+	r.ip.saddr = p->daddr.p[0];
+	r.ip.daddr = p->saddr.p[0];
+	r.ip.check = csum_fold32(bpf_csum_diff(0, 0, (__be32 *)&r.ip, sizeof(r.ip), 0));
+	r.icmp.type = ICMP_DEST_UNREACH;
+	r.icmp.code = ICMP_PORT_UNREACH;
+	r.icmp.checksum = csum_fold32(bpf_csum_diff(0, 0, (__be32 *)&r.icmp, sizeof(r.icmp) + sizeof(r.quote), 0));
+
+	if (bpf_skb_change_tail(skb, ETH_HLEN + sizeof(r), 0) < 0)
+		return -1;
+	return bpf_skb_store_bytes(skb, ETH_HLEN, &r, sizeof(r), 0);
+}
+
+static __always_inline int icmp6_build_unreach(struct __sk_buff *skb, const struct pkt *p)
+{
+	struct icmp6_unreach r;
+	struct icmp6_pseudo_tail tail = {
+		.len = bpf_htonl(sizeof(r.icmp6) + sizeof(r.quote)),
+		.nexthdr = bpf_htonl(IPPROTO_ICMPV6),
+	};
+
+	__builtin_memset(&r, 0, sizeof(r));
+	if (bpf_skb_load_bytes(skb, p->l3_off, r.quote, sizeof(r.quote)) < 0)
+		return -1;
+	r.ip6.version = 6;
+	r.ip6.payload_len = bpf_htons(sizeof(r.icmp6) + sizeof(r.quote));
+	r.ip6.nexthdr = IPPROTO_ICMPV6;
+	r.ip6.hop_limit = 64;
+	__builtin_memcpy(&r.ip6.saddr, &p->daddr, 16);
+	__builtin_memcpy(&r.ip6.daddr, &p->saddr, 16);
+	r.icmp6.icmp6_type = ICMPV6_DEST_UNREACH;
+	r.icmp6.icmp6_code = ICMPV6_PORT_UNREACH;
+
+	__u32 sum = bpf_csum_diff(0, 0, (__be32 *)&r.ip6.saddr, 32, 0);
+	sum = bpf_csum_diff(0, 0, (__be32 *)&tail, sizeof(tail), sum);
+	sum = bpf_csum_diff(0, 0, (__be32 *)&r.icmp6, sizeof(r.icmp6) + sizeof(r.quote), sum);
+	r.icmp6.icmp6_cksum = csum_fold32(sum);
+
+	if (bpf_skb_change_tail(skb, ETH_HLEN + sizeof(r), 0) < 0)
+		return -1;
+	return bpf_skb_store_bytes(skb, ETH_HLEN, &r, sizeof(r), 0);
+}
+
+/* Turns p, in place, into a port-unreachable error from its destination
+ * back to its source; the caller redirects it out the device it came in. */
+static __always_inline int icmp_reply_unreach(struct __sk_buff *skb, const struct pkt *p)
+{
+	int ret = p->family == SP_AF_INET ? icmp4_build_unreach(skb, p) : icmp6_build_unreach(skb, p);
+
+	if (ret < 0)
+		return ret;
+	return swap_macs(skb);
+}
+
+static __always_inline int icmp_is_error(const struct pkt *p, __u8 type)
+{
+	if (p->family == SP_AF_INET)
+		return type == ICMP_DEST_UNREACH || type == ICMP_TIME_EXCEEDED || type == ICMP_PARAMETERPROB;
+	return type == ICMPV6_DEST_UNREACH || type == ICMPV6_PKT_TOOBIG || type == ICMPV6_TIME_EXCEED ||
+	       type == ICMPV6_PARAMPROB;
+}
+
+static __always_inline int store_addr(struct __sk_buff *skb, __u32 off, const union v6addr *a, __u8 family)
+{
+	if (family == SP_AF_INET)
+		return bpf_skb_store_bytes(skb, off, &a->p[0], 4, 0);
+	return bpf_skb_store_bytes(skb, off, a, 16, 0);
+}
+
+/* An ICMP error on its way to the client quotes the client's packet as it
+ * left after DNAT (client -> backend). Rewrites the quoted destination
+ * back to the VIP, the quoted checksums, the ICMP checksum, and the outer
+ * source when the backend itself sent the error. Returns 1 if rewritten. */
+static __always_inline int icmp_error_rev_nat(struct __sk_buff *skb, struct pkt *p)
+{
+	struct pkt in;
+	struct ct_key k;
+	__u8 type;
+
+	if (!pkt_has_l4(p) || bpf_skb_load_bytes(skb, p->l4_off, &type, 1) < 0 || !icmp_is_error(p, type))
+		return 0;
+
+	/* ICMP and ICMPv6 headers are both 8 bytes before the quote. */
+	__builtin_memset(&in, 0, sizeof(in));
+	in.l3_off = p->l4_off + 8;
+	if ((p->family == SP_AF_INET ? parse_ipv4(skb, &in) : parse_ipv6(skb, &in)) < 0)
+		return 0;
+	if (in.frag == FRAG_LATER || !is_tcp_or_udp(in.proto))
+		return 0;
+	if (bpf_skb_load_bytes(skb, in.l4_off, &in.sport, 2) < 0 ||
+	    bpf_skb_load_bytes(skb, in.l4_off + 2, &in.dport, 2) < 0)
+		return 0;
+
+	ct_key_init(&k, &in.saddr, &in.daddr, in.sport, in.dport, &in, 0);
+	struct ct_entry *e = bpf_map_lookup_elem(&sp_ct, &k);
+	if (!e)
+		return 0;
+	union v6addr backend = in.daddr;
+	union v6addr vip = e->nat_addr;
+	__be16 vport = e->nat_port;
+
+	__u32 d_addr = csum_diff_addr(&in.daddr, &vip, in.family);
+	__u32 d_icmp = d_addr;
+	__u16 old, new;
+
+	if (in.family == SP_AF_INET) {
+		__u32 off = in.l3_off + offsetof(struct iphdr, check);
+
+		if (bpf_skb_load_bytes(skb, off, &old, 2) < 0)
+			return 0;
+		new = csum_apply(old, d_addr);
+		if (bpf_skb_store_bytes(skb, off, &new, 2, 0) < 0)
+			return 0;
+		d_icmp = csum_add32(d_icmp, csum_diff16(old, new));
+		if (store_addr(skb, in.l3_off + offsetof(struct iphdr, daddr), &vip, SP_AF_INET) < 0)
+			return 0;
+	} else if (store_addr(skb, in.l3_off + offsetof(struct ipv6hdr, daddr), &vip, SP_AF_INET6) < 0) {
+		return 0;
+	}
+
+	/* The quoted L4 checksum is there only if the quote is long enough. */
+	__u32 l4c = in.l4_off + (in.proto == IPPROTO_TCP ? offsetof(struct tcphdr, check) : offsetof(struct udphdr, check));
+	if (bpf_skb_load_bytes(skb, l4c, &old, 2) == 0 && !(in.proto == IPPROTO_UDP && old == 0)) {
+		new = csum_apply(old, csum_add32(d_addr, csum_diff16(in.dport, vport)));
+		if (in.proto == IPPROTO_UDP && new == 0)
+			new = 0xffff;
+		if (bpf_skb_store_bytes(skb, l4c, &new, 2, 0) < 0)
+			return 0;
+		d_icmp = csum_add32(d_icmp, csum_diff16(old, new));
+	}
+	if (bpf_skb_store_bytes(skb, in.l4_off + 2, &vport, 2, 0) < 0)
+		return 0;
+	d_icmp = csum_add32(d_icmp, csum_diff16(in.dport, vport));
+
+	__u32 icmp_csum = p->l4_off + 2;
+	if (bpf_skb_load_bytes(skb, icmp_csum, &old, 2) < 0)
+		return 0;
+	new = csum_apply(old, d_icmp);
+	if (bpf_skb_store_bytes(skb, icmp_csum, &new, 2, 0) < 0)
+		return 0;
+
+	if (addr_equal(&p->saddr, &backend) && nat_rewrite_addr(skb, p, 1, &vip) < 0)
+		return 0;
+	return 1;
+}

@@ -1,0 +1,195 @@
+/* Service lookup and backend selection. */
+#pragma once
+
+#include "common.h"
+#include "lb_maps.h"
+
+static __always_inline struct lb_svc_value *lb_lookup_slot(const union v6addr *addr, __be16 port, const struct pkt *p,
+							   __u16 slot)
+{
+	struct lb_svc_key k;
+
+	__builtin_memset(&k, 0, sizeof(k));
+	k.addr = *addr;
+	k.port = port;
+	k.proto = p->proto;
+	k.family = p->family;
+	k.slot = slot;
+	return bpf_map_lookup_elem(&sp_services, &k);
+}
+
+static __always_inline struct lb_svc_value *lb_lookup_service(const struct pkt *p)
+{
+	return lb_lookup_slot(&p->daddr, p->dport, p, 0);
+}
+
+/* Random choice among the active backends; returns 0 when a slot is
+ * missing, which the ordered map updates make impossible in steady state. */
+static __always_inline __u32 lb_select_backend(const struct pkt *p, const struct lb_svc_value *svc)
+{
+	__u16 slot = (bpf_get_prandom_u32() % svc->count) + 1;
+	struct lb_svc_value *v = lb_lookup_slot(&p->daddr, p->dport, p, slot);
+
+	return v ? v->backend_id : 0;
+}
+
+/* A backend is alive for a flow while its id still names the address the
+ * flow was sent to: ids of removed backends may be reused. */
+static __always_inline struct lb_backend *lb_backend_alive(__u32 id, const union v6addr *addr, __be16 port)
+{
+	struct lb_backend *b = bpf_map_lookup_elem(&sp_backends, &id);
+
+	if (!b || !addr_equal(&b->addr, addr) || b->port != port)
+		return 0;
+	return b;
+}
+
+#include "conntrack.h"
+#include "icmp.h"
+#include "metrics.h"
+#include "nat.h"
+
+static __always_inline int lb_no_backend(struct __sk_buff *skb, const struct pkt *p)
+{
+	if (cfg_no_backend_action == NO_BACKEND_REJECT && icmp_reply_unreach(skb, p) == 0) {
+		count(METRIC_NO_BACKEND_REJECT);
+		return bpf_redirect(skb->ifindex, 0);
+	}
+	count(METRIC_NO_BACKEND_DROP);
+	return TC_ACT_SHOT;
+}
+
+/* Where a flow's packets go after DNAT. */
+struct lb_target {
+	union v6addr addr;
+	__be16 port;
+	__u32 backend_id;
+};
+
+/* Load-balances a packet leaving a client: an existing flow keeps its
+ * backend; a new one gets a random active backend and two CT entries. */
+static __always_inline int lb_forward(struct __sk_buff *skb, struct pkt *p)
+{
+	struct ct_key skey, fkey;
+	struct lb_target t;
+	int new_flow = 0;
+
+	if (!is_tcp_or_udp(p->proto)) {
+		count(METRIC_PASS);
+		return TC_ACT_OK;
+	}
+
+	ct_key_init(&skey, &p->saddr, &p->daddr, p->sport, p->dport, p, CT_F_SERVICE);
+	struct ct_entry *svc_ct = bpf_map_lookup_elem(&sp_ct, &skey);
+	if (svc_ct) {
+		if (ct_is_reopen(svc_ct, p)) {
+			count(METRIC_CT_REOPEN);
+			svc_ct = 0;
+		} else if (!lb_backend_alive(svc_ct->backend_id, &svc_ct->nat_addr, svc_ct->nat_port)) {
+			count(METRIC_BACKEND_GONE);
+			svc_ct = 0;
+		}
+	}
+
+	if (svc_ct) {
+		t.addr = svc_ct->nat_addr;
+		t.port = svc_ct->nat_port;
+		t.backend_id = svc_ct->backend_id;
+	} else {
+		struct lb_svc_value *svc = lb_lookup_service(p);
+
+		if (!svc) {
+			count(METRIC_PASS);
+			return TC_ACT_OK;
+		}
+		/* Only a datagram's first fragment may open a flow. */
+		if (!pkt_has_l4(p)) {
+			count(METRIC_FRAG_NO_FLOW);
+			return TC_ACT_SHOT;
+		}
+		if (svc->count == 0)
+			return lb_no_backend(skb, p);
+
+		__u32 id = lb_select_backend(p, svc);
+		struct lb_backend *b = id ? bpf_map_lookup_elem(&sp_backends, &id) : 0;
+		if (!b) {
+			count(METRIC_SLOT_MISSING);
+			return TC_ACT_SHOT;
+		}
+		t.addr = b->addr;
+		t.port = b->port;
+		t.backend_id = id;
+
+		struct ct_entry e = {
+			.nat_addr = t.addr,
+			.nat_port = t.port,
+			.backend_id = id,
+		};
+		if (bpf_map_update_elem(&sp_ct, &skey, &e, BPF_ANY) < 0)
+			count(METRIC_CT_CREATE_FAILED);
+		svc_ct = bpf_map_lookup_elem(&sp_ct, &skey);
+		new_flow = 1;
+	}
+
+	ct_key_init(&fkey, &p->saddr, &t.addr, p->sport, t.port, p, 0);
+	struct ct_entry *flow = new_flow ? 0 : bpf_map_lookup_elem(&sp_ct, &fkey);
+	if (!flow) {
+		/* New, re-selected, or evicted: start the flow's state afresh. */
+		struct ct_entry e = {
+			.nat_addr = p->daddr,
+			.nat_port = p->dport,
+			.backend_id = t.backend_id,
+		};
+		if (bpf_map_update_elem(&sp_ct, &fkey, &e, BPF_ANY) < 0)
+			count(METRIC_CT_CREATE_FAILED);
+		flow = bpf_map_lookup_elem(&sp_ct, &fkey);
+	}
+	if (flow) {
+		__u64 expires = ct_account(flow, p, skb->len, 0);
+
+		/* The service entry lives and closes with its flow. */
+		if (svc_ct) {
+			svc_ct->expires = expires;
+			svc_ct->state = flow->state;
+		}
+	}
+
+	if (nat_rewrite_addr(skb, p, 0, &t.addr) < 0 || nat_rewrite_port(skb, p, 0, t.port) < 0) {
+		count(METRIC_MALFORMED);
+		return TC_ACT_SHOT;
+	}
+	count(new_flow ? METRIC_LB_NEW : METRIC_LB_ESTABLISHED);
+	return TC_ACT_OK;
+}
+
+/* Rewrites a reply on its way into the client back to the VIP, and ICMP
+ * errors that quote a translated flow. */
+static __always_inline int lb_reply(struct __sk_buff *skb, struct pkt *p)
+{
+	struct ct_key k;
+
+	if (p->proto == (p->family == SP_AF_INET ? IPPROTO_ICMP : IPPROTO_ICMPV6)) {
+		count(icmp_error_rev_nat(skb, p) ? METRIC_ICMP_REV_NAT : METRIC_PASS);
+		return TC_ACT_OK;
+	}
+	if (!is_tcp_or_udp(p->proto)) {
+		count(METRIC_PASS);
+		return TC_ACT_OK;
+	}
+
+	ct_key_init(&k, &p->daddr, &p->saddr, p->dport, p->sport, p, 0);
+	struct ct_entry *flow = bpf_map_lookup_elem(&sp_ct, &k);
+	if (!flow) {
+		count(METRIC_PASS);
+		return TC_ACT_OK;
+	}
+	ct_account(flow, p, skb->len, 1);
+
+	union v6addr vip = flow->nat_addr;
+	if (nat_rewrite_addr(skb, p, 1, &vip) < 0 || nat_rewrite_port(skb, p, 1, flow->nat_port) < 0) {
+		count(METRIC_MALFORMED);
+		return TC_ACT_SHOT;
+	}
+	count(METRIC_REV_NAT);
+	return TC_ACT_OK;
+}

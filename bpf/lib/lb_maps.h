@@ -1,0 +1,72 @@
+/* Service and backend maps. Go mirrors: datapath/maps. Sizes are defaults;
+ * the loader sets max_entries at load time. */
+#pragma once
+
+#include "common.h"
+
+/* One frontend (VIP, port, protocol) occupies slot 0 (the master) and
+ * slots 1..total, each naming a backend id. New flows pick among slots
+ * 1..count (active backends); slots count+1..total hold terminating
+ * backends, kept so their flows live on and user space can find them. */
+struct lb_svc_key {
+	union v6addr addr;
+	__be16 port;
+	__u8 proto;
+	__u8 family;
+	__u16 slot;
+	__u8 pad[2];
+};
+
+struct lb_svc_value {
+	__u32 backend_id; /* slots >= 1 */
+	__u16 count;      /* slot 0: active backends */
+	__u16 total;      /* slot 0: active + terminating backends */
+};
+
+enum backend_state {
+	BACKEND_ACTIVE = 0,
+	BACKEND_TERMINATING = 1,
+};
+
+struct lb_backend {
+	union v6addr addr;
+	__be16 port;
+	__u8 proto;
+	__u8 family;
+	__u8 state;
+	__u8 pad[3];
+};
+
+/* Userspace bookkeeping so a later CLI run knows who owns a frontend;
+ * no program reads it. */
+struct lb_svc_meta {
+	char name[128];
+	char port_name[64];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct lb_svc_key);
+	__type(value, struct lb_svc_value);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} sp_services SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, __u32);
+	__type(value, struct lb_backend);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} sp_backends SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct lb_svc_key);
+	__type(value, struct lb_svc_meta);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} sp_svc_meta SEC(".maps");

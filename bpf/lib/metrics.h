@@ -1,0 +1,39 @@
+/* Per-reason packet counters, per CPU. Names mirror datapath/metrics. */
+#pragma once
+
+#include "common.h"
+
+enum metric {
+	METRIC_PASS = 0,          /* not for us: passed untouched */
+	METRIC_LB_NEW,            /* new flow load-balanced and DNATed */
+	METRIC_LB_ESTABLISHED,    /* packet of a tracked flow DNATed */
+	METRIC_REV_NAT,           /* reply source rewritten back to the VIP */
+	METRIC_ICMP_REV_NAT,      /* ICMP error quoting a translated flow rewritten */
+	METRIC_NO_BACKEND_REJECT, /* service without backends: ICMP unreachable sent */
+	METRIC_NO_BACKEND_DROP,   /* service without backends: dropped */
+	METRIC_FRAG_NOT_FOUND,    /* non-first fragment whose first was not seen: dropped */
+	METRIC_FRAG_NO_FLOW,      /* non-first fragment to a VIP with no tracked flow: dropped */
+	METRIC_BACKEND_GONE,      /* tracked flow's backend removed: re-selected */
+	METRIC_CT_REOPEN,         /* SYN on a closing flow: re-selected */
+	METRIC_SLOT_MISSING,      /* service slot or backend missing mid-update: dropped */
+	METRIC_CT_CREATE_FAILED,  /* conntrack insert failed: translated untracked */
+	METRIC_MALFORMED,         /* truncated or unparsable IP packet: passed */
+	METRIC_MAX,
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(max_entries, METRIC_MAX);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} sp_metrics SEC(".maps");
+
+static __always_inline void count(enum metric m)
+{
+	__u32 key = m;
+	__u64 *v = bpf_map_lookup_elem(&sp_metrics, &key);
+
+	if (v)
+		*v += 1;
+}

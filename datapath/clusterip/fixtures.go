@@ -1,0 +1,413 @@
+// Package clusterip holds the packet fixture table for per-packet ClusterIP
+// load balancing at the pod device (bpf/bpf_lxc.c). Tests run it with
+// inject.Run; bench/ runs the same rows with inject.Bench.
+package clusterip
+
+import (
+	"fmt"
+	"net/netip"
+	"testing"
+
+	"github.com/google/gopacket/layers"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/servicepath/servicepath/datapath/ct"
+	"github.com/servicepath/servicepath/datapath/loader"
+	"github.com/servicepath/servicepath/datapath/service"
+	"github.com/servicepath/servicepath/harness/inject"
+	"github.com/servicepath/servicepath/harness/packet"
+)
+
+// Family holds one address family's fixture addresses.
+type Family struct {
+	Name     string
+	Client   netip.AddrPort
+	VIP      netip.Addr
+	Backends []netip.Addr
+	Other    netip.Addr // neither a VIP nor a backend
+	Router   netip.Addr // a hop that sends ICMP errors
+}
+
+var (
+	V4 = Family{
+		Name:     "ipv4",
+		Client:   netip.MustParseAddrPort("198.18.0.10:40000"),
+		VIP:      netip.MustParseAddr("198.19.0.10"),
+		Backends: []netip.Addr{netip.MustParseAddr("198.18.0.11"), netip.MustParseAddr("198.18.0.12"), netip.MustParseAddr("198.18.0.13")},
+		Other:    netip.MustParseAddr("198.18.0.99"),
+		Router:   netip.MustParseAddr("198.18.0.1"),
+	}
+	V6 = Family{
+		Name:     "ipv6",
+		Client:   netip.MustParseAddrPort("[fd00:5e::10]:40000"),
+		VIP:      netip.MustParseAddr("fd00:5f::10"),
+		Backends: []netip.Addr{netip.MustParseAddr("fd00:5e::11"), netip.MustParseAddr("fd00:5e::12"), netip.MustParseAddr("fd00:5e::13")},
+		Other:    netip.MustParseAddr("fd00:5e::99"),
+		Router:   netip.MustParseAddr("fd00:5e::1"),
+	}
+	Families = []Family{V4, V6}
+)
+
+const (
+	VIPPort     = 80
+	BackendPort = 8080
+)
+
+var payload = []byte("servicepath fixture payload, 64 bytes long, padded to length...")
+
+func (f Family) vip() netip.AddrPort { return netip.AddrPortFrom(f.VIP, VIPPort) }
+func (f Family) backend(i int) netip.AddrPort {
+	return netip.AddrPortFrom(f.Backends[i], BackendPort)
+}
+
+// Service builds a one-frontend service on the family's VIP.
+func (f Family) Service(proto service.Protocol, backends ...service.Backend) service.Service {
+	return service.Service{
+		Name:     "default/fixture",
+		Frontend: service.Frontend{Addr: f.VIP, Port: VIPPort, Protocol: proto},
+		Backends: backends,
+	}
+}
+
+func (f Family) active(i int) service.Backend {
+	return service.Backend{Addr: f.Backends[i], Port: BackendPort}
+}
+
+func (f Family) terminating(i int) service.Backend {
+	b := f.active(i)
+	b.State = service.Terminating
+	return b
+}
+
+// steps chains setup actions.
+func steps(fns ...func(e *inject.Env) error) func(e *inject.Env) error {
+	return func(e *inject.Env) error {
+		for _, fn := range fns {
+			if err := fn(e); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+}
+
+func upsert(s service.Service) func(e *inject.Env) error {
+	return func(e *inject.Env) error { return e.Services.Upsert(s) }
+}
+
+// send injects an earlier packet of the flow and insists it passed.
+func send(h inject.Hook, pkt []byte) func(e *inject.Env) error {
+	return func(e *inject.Env) error {
+		v, _, err := e.Inject(h, pkt)
+		if err == nil && v == inject.Shot {
+			err = fmt.Errorf("setup packet into %s dropped", h)
+		}
+		return err
+	}
+}
+
+func reply() packet.Opts { return packet.Opts{FromHost: true} }
+
+func udp(src, dst netip.AddrPort) []byte { return packet.UDP(src, dst, payload, packet.Opts{}) }
+
+// checkCT asserts the two CT entries a new flow creates.
+func checkCT(f Family, proto service.Protocol, backend netip.AddrPort) func(t testing.TB, e *inject.Env) {
+	return func(t testing.TB, e *inject.Env) {
+		entries, err := ct.Dump(e.DP.Maps.CT)
+		require.NoError(t, err, "dump conntrack")
+		require.Len(t, entries, 2, "a new flow creates a service entry and a flow entry")
+		for _, en := range entries {
+			assert.Equal(t, uint8(proto), en.Protocol, "CT protocol")
+			assert.Equal(t, f.Client, en.Source, "CT source is the client")
+			if en.Service {
+				assert.Equal(t, f.vip(), en.Dest, "service entry is keyed by the VIP")
+				assert.Equal(t, backend, en.NAT, "service entry names the backend")
+			} else {
+				assert.Equal(t, backend, en.Dest, "flow entry is keyed by the backend")
+				assert.Equal(t, f.vip(), en.NAT, "flow entry reverse-translates to the VIP")
+			}
+			assert.Positive(t, en.ExpiresIn, "entry has a lifetime")
+		}
+	}
+}
+
+// quote is what an ICMP error carries of a packet: IPv4 routers quote the
+// header and 8 bytes; IPv6 quotes as much as fits (here: all).
+func quote(l3 []byte) []byte {
+	if l3[0]>>4 == 4 {
+		return l3[:28]
+	}
+	return l3
+}
+
+// Fixtures is the ClusterIP table, for both families.
+func Fixtures() []inject.Fixture {
+	var out []inject.Fixture
+	for _, f := range Families {
+		out = append(out, familyFixtures(f)...)
+	}
+	return append(out, inject.Fixture{
+		Name:     "arp-passes",
+		Setup:    upsert(V4.Service(service.TCP, V4.active(0))),
+		Input:    arp(),
+		Verdict:  inject.OK,
+		Counters: inject.CountersOf("pass", 1),
+	}, inject.Fixture{
+		Name:     "ipv4/udp-without-checksum-keeps-none",
+		Setup:    upsert(V4.Service(service.UDP, V4.active(0))),
+		Input:    packet.UDP(V4.Client, V4.vip(), payload, packet.Opts{ZeroUDPChecksum: true}),
+		Verdict:  inject.OK,
+		Output:   packet.UDP(V4.Client, V4.backend(0), payload, packet.Opts{ZeroUDPChecksum: true}),
+		Counters: inject.CountersOf("lb_new", 1),
+	}, inject.Fixture{
+		Name:     "ipv4/bad-header-length-passes-as-malformed",
+		Setup:    upsert(V4.Service(service.TCP, V4.active(0))),
+		Input:    badIHL(packet.TCP(V4.Client, V4.vip(), packet.SYN, nil, packet.Opts{})),
+		Verdict:  inject.OK,
+		Counters: inject.CountersOf("malformed", 1),
+	})
+}
+
+// badIHL claims a 12-byte IPv4 header; the kernel refuses to inject a
+// truncated one, so this is how an unreadable header gets in.
+func badIHL(frame []byte) []byte {
+	frame[14] = 0x43
+	return frame
+}
+
+func arp() []byte {
+	b := packet.WithEthernet(make([]byte, 28), false)
+	b[12], b[13] = 0x08, 0x06
+	return b
+}
+
+func familyFixtures(f Family) []inject.Fixture {
+	tcpSvc := f.Service(service.TCP, f.active(0))
+	udpSvc := f.Service(service.UDP, f.active(0))
+	syn := packet.TCP(f.Client, f.vip(), packet.SYN, nil, packet.Opts{})
+	ack := packet.TCP(f.Client, f.vip(), packet.ACK, payload, packet.Opts{})
+	name := func(s string) string { return f.Name + "/" + s }
+	otherClient := netip.AddrPortFrom(f.Client.Addr(), f.Client.Port()+1)
+
+	fwdUDP := packet.L3(layers.IPProtocolUDP, f.Client, f.backend(0), packet.TCPFlags{}, payload, packet.Opts{})
+	vipUDP := packet.L3(layers.IPProtocolUDP, f.Client, f.vip(), packet.TCPFlags{}, payload, packet.Opts{})
+	fwdTCP := packet.L3(layers.IPProtocolTCP, f.Client, f.backend(0), packet.ACK, payload, packet.Opts{})
+	vipTCP := packet.L3(layers.IPProtocolTCP, f.Client, f.vip(), packet.ACK, payload, packet.Opts{})
+
+	const fragID = 0x5e5e
+	vipFrags := packet.Fragment(vipUDP, 32, fragID, false)
+	fwdFrags := packet.Fragment(fwdUDP, 32, fragID, false)
+
+	return []inject.Fixture{
+		{
+			Name:     name("tcp-syn-to-vip-dnat-to-backend"),
+			Setup:    upsert(tcpSvc),
+			Input:    syn,
+			Verdict:  inject.OK,
+			Output:   packet.TCP(f.Client, f.backend(0), packet.SYN, nil, packet.Opts{}),
+			Counters: inject.CountersOf("lb_new", 1),
+			Check:    checkCT(f, service.TCP, f.backend(0)),
+		},
+		{
+			Name:     name("udp-to-vip-dnat-to-backend"),
+			Setup:    upsert(udpSvc),
+			Input:    udp(f.Client, f.vip()),
+			Verdict:  inject.OK,
+			Output:   udp(f.Client, f.backend(0)),
+			Counters: inject.CountersOf("lb_new", 1),
+			Check:    checkCT(f, service.UDP, f.backend(0)),
+		},
+		{
+			// Backends added after the SYN must not move the flow.
+			Name: name("tcp-established-keeps-backend"),
+			Setup: steps(upsert(tcpSvc), send(inject.FromPod, syn),
+				upsert(f.Service(service.TCP, f.active(0), f.active(1), f.active(2)))),
+			Input:    ack,
+			Verdict:  inject.OK,
+			Output:   packet.TCP(f.Client, f.backend(0), packet.ACK, payload, packet.Opts{}),
+			Counters: inject.CountersOf("lb_established", 1),
+		},
+		{
+			Name:     name("tcp-reply-source-back-to-vip"),
+			Setup:    steps(upsert(tcpSvc), send(inject.FromPod, syn)),
+			Hook:     inject.ToPod,
+			Input:    packet.TCP(f.backend(0), f.Client, packet.SYNACK, nil, reply()),
+			Verdict:  inject.OK,
+			Output:   packet.TCP(f.vip(), f.Client, packet.SYNACK, nil, reply()),
+			Counters: inject.CountersOf("rev_nat", 1),
+			Check: func(t testing.TB, e *inject.Env) {
+				entries, err := ct.Dump(e.DP.Maps.CT)
+				require.NoError(t, err, "dump conntrack")
+				for _, en := range entries {
+					if !en.Service {
+						assert.Equal(t, []string{"replied"}, en.State, "flow entry saw the reply, still in SYN state")
+						assert.Equal(t, uint64(1), en.RevPackets, "reply counted")
+					}
+				}
+			},
+		},
+		{
+			Name:     name("udp-reply-source-back-to-vip"),
+			Setup:    steps(upsert(udpSvc), send(inject.FromPod, udp(f.Client, f.vip()))),
+			Hook:     inject.ToPod,
+			Input:    packet.UDP(f.backend(0), f.Client, payload, reply()),
+			Verdict:  inject.OK,
+			Output:   packet.UDP(f.vip(), f.Client, payload, reply()),
+			Counters: inject.CountersOf("rev_nat", 1),
+		},
+		{
+			Name:     name("not-a-service-passes-untouched"),
+			Setup:    upsert(tcpSvc),
+			Input:    packet.TCP(f.Client, netip.AddrPortFrom(f.Other, VIPPort), packet.SYN, nil, packet.Opts{}),
+			Verdict:  inject.OK,
+			Counters: inject.CountersOf("pass", 1),
+		},
+		{
+			Name:     name("other-port-of-vip-passes-untouched"),
+			Setup:    upsert(tcpSvc),
+			Input:    packet.TCP(f.Client, netip.AddrPortFrom(f.VIP, VIPPort+1), packet.SYN, nil, packet.Opts{}),
+			Verdict:  inject.OK,
+			Counters: inject.CountersOf("pass", 1),
+		},
+		{
+			// Straight to a pod: no flow, so nothing is rewritten.
+			Name:     name("direct-reply-without-flow-untouched"),
+			Setup:    upsert(udpSvc),
+			Hook:     inject.ToPod,
+			Input:    packet.UDP(f.backend(0), f.Client, payload, reply()),
+			Verdict:  inject.OK,
+			Counters: inject.CountersOf("pass", 1),
+		},
+		{
+			Name:     name("tcp-no-backend-rejected-with-port-unreachable"),
+			Setup:    upsert(f.Service(service.TCP)),
+			Input:    syn,
+			Verdict:  inject.Redirect,
+			Output:   packet.ICMPError(packet.PortUnreachable, f.VIP, f.Client.Addr(), headerQuote(syn), reply()),
+			Counters: inject.CountersOf("no_backend_reject", 1),
+		},
+		{
+			Name:     name("udp-no-backend-rejected-with-port-unreachable"),
+			Setup:    upsert(f.Service(service.UDP)),
+			Input:    udp(f.Client, f.vip()),
+			Verdict:  inject.Redirect,
+			Output:   packet.ICMPError(packet.PortUnreachable, f.VIP, f.Client.Addr(), headerQuote(udp(f.Client, f.vip())), reply()),
+			Counters: inject.CountersOf("no_backend_reject", 1),
+		},
+		{
+			Name:     name("no-backend-dropped-when-configured"),
+			Config:   func(c *loader.Config) { c.NoBackend = loader.Drop },
+			Setup:    upsert(f.Service(service.TCP)),
+			Input:    syn,
+			Verdict:  inject.Shot,
+			Counters: inject.CountersOf("no_backend_drop", 1),
+		},
+		{
+			// Only terminating backends: no new flows.
+			Name:     name("only-terminating-backends-rejects-new-flow"),
+			Setup:    upsert(f.Service(service.TCP, f.terminating(0))),
+			Input:    syn,
+			Verdict:  inject.Redirect,
+			Output:   packet.ICMPError(packet.PortUnreachable, f.VIP, f.Client.Addr(), headerQuote(syn), reply()),
+			Counters: inject.CountersOf("no_backend_reject", 1),
+		},
+		{
+			Name: name("terminating-backend-keeps-its-flow"),
+			Setup: steps(upsert(tcpSvc), send(inject.FromPod, syn),
+				upsert(f.Service(service.TCP, f.terminating(0), f.active(1)))),
+			Input:    ack,
+			Verdict:  inject.OK,
+			Output:   packet.TCP(f.Client, f.backend(0), packet.ACK, payload, packet.Opts{}),
+			Counters: inject.CountersOf("lb_established", 1),
+		},
+		{
+			Name: name("new-flow-avoids-terminating-backend"),
+			Setup: steps(upsert(tcpSvc), send(inject.FromPod, syn),
+				upsert(f.Service(service.TCP, f.terminating(0), f.active(1)))),
+			Input:    packet.TCP(otherClient, f.vip(), packet.SYN, nil, packet.Opts{}),
+			Verdict:  inject.OK,
+			Output:   packet.TCP(otherClient, f.backend(1), packet.SYN, nil, packet.Opts{}),
+			Counters: inject.CountersOf("lb_new", 1),
+		},
+		{
+			Name: name("removed-backend-flow-reselected"),
+			Setup: steps(upsert(tcpSvc), send(inject.FromPod, syn),
+				upsert(f.Service(service.TCP, f.active(1)))),
+			Input:    ack,
+			Verdict:  inject.OK,
+			Output:   packet.TCP(f.Client, f.backend(1), packet.ACK, payload, packet.Opts{}),
+			Counters: inject.CountersOf("backend_gone", 1, "lb_new", 1),
+		},
+		{
+			// The client's port is reused after an RST: a new connection.
+			Name: name("syn-after-rst-reopens-flow"),
+			Setup: steps(upsert(tcpSvc), send(inject.FromPod, syn),
+				send(inject.FromPod, packet.TCP(f.Client, f.vip(), packet.RSTACK, nil, packet.Opts{}))),
+			Input:    syn,
+			Verdict:  inject.OK,
+			Output:   packet.TCP(f.Client, f.backend(0), packet.SYN, nil, packet.Opts{}),
+			Counters: inject.CountersOf("ct_reopen", 1, "lb_new", 1),
+		},
+		{
+			Name:     name("icmp-port-unreachable-from-backend-quotes-vip"),
+			Setup:    steps(upsert(udpSvc), send(inject.FromPod, udp(f.Client, f.vip()))),
+			Hook:     inject.ToPod,
+			Input:    packet.ICMPError(packet.PortUnreachable, f.Backends[0], f.Client.Addr(), quote(fwdUDP), reply()),
+			Verdict:  inject.OK,
+			Output:   packet.ICMPError(packet.PortUnreachable, f.VIP, f.Client.Addr(), quote(vipUDP), reply()),
+			Counters: inject.CountersOf("icmp_rev_nat", 1),
+		},
+		{
+			// A router on the path keeps its own source address.
+			Name:     name("icmp-frag-needed-from-router-quotes-vip"),
+			Setup:    steps(upsert(tcpSvc), send(inject.FromPod, syn)),
+			Hook:     inject.ToPod,
+			Input:    packet.ICMPError(packet.FragNeeded, f.Router, f.Client.Addr(), quote(fwdTCP), reply()),
+			Verdict:  inject.OK,
+			Output:   packet.ICMPError(packet.FragNeeded, f.Router, f.Client.Addr(), quote(vipTCP), reply()),
+			Counters: inject.CountersOf("icmp_rev_nat", 1),
+		},
+		{
+			Name:     name("icmp-error-for-unknown-flow-untouched"),
+			Setup:    upsert(udpSvc),
+			Hook:     inject.ToPod,
+			Input:    packet.ICMPError(packet.PortUnreachable, f.Backends[0], f.Client.Addr(), quote(fwdUDP), reply()),
+			Verdict:  inject.OK,
+			Counters: inject.CountersOf("pass", 1),
+		},
+		{
+			Name:     name("udp-first-fragment-dnat"),
+			Setup:    upsert(udpSvc),
+			Input:    vipFrags[0],
+			Verdict:  inject.OK,
+			Output:   fwdFrags[0],
+			Counters: inject.CountersOf("lb_new", 1),
+		},
+		{
+			Name:     name("udp-later-fragment-follows-first"),
+			Setup:    steps(upsert(udpSvc), send(inject.FromPod, vipFrags[0])),
+			Input:    vipFrags[1],
+			Verdict:  inject.OK,
+			Output:   fwdFrags[1],
+			Counters: inject.CountersOf("lb_established", 1),
+		},
+		{
+			Name:     name("udp-later-fragment-without-first-dropped"),
+			Setup:    upsert(udpSvc),
+			Input:    vipFrags[1],
+			Verdict:  inject.Shot,
+			Counters: inject.CountersOf("frag_not_found", 1),
+		},
+	}
+}
+
+// headerQuote is what the datapath's own port-unreachable quotes: the IP
+// header and 8 bytes of the offending packet.
+func headerQuote(frame []byte) []byte {
+	l3 := frame[14:]
+	if l3[0]>>4 == 4 {
+		return l3[:20+8]
+	}
+	return l3[:40+8]
+}

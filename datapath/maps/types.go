@@ -1,0 +1,155 @@
+// Package maps holds Go mirrors of the datapath's BPF map keys and values
+// (bpf/lib/*_maps.h) and opens the pinned maps by name.
+package maps
+
+import (
+	"encoding/binary"
+	"fmt"
+	"net/netip"
+)
+
+// Family is the datapath's address family tag (SP_AF_INET/SP_AF_INET6).
+type Family uint8
+
+const (
+	IPv4 Family = 4
+	IPv6 Family = 6
+)
+
+// Addr is union v6addr: an IPv4 address sits in the first 4 bytes.
+type Addr [16]byte
+
+// AddrFrom converts a netip.Addr; IPv4-mapped IPv6 counts as IPv4.
+func AddrFrom(a netip.Addr) (Addr, Family) {
+	var out Addr
+	a = a.Unmap()
+	if a.Is4() {
+		v4 := a.As4()
+		copy(out[:], v4[:])
+		return out, IPv4
+	}
+	return Addr(a.As16()), IPv6
+}
+
+// Netip converts back for the given family.
+func (a Addr) Netip(f Family) netip.Addr {
+	if f == IPv4 {
+		return netip.AddrFrom4([4]byte(a[:4]))
+	}
+	return netip.AddrFrom16(a)
+}
+
+// BE16 is a 16-bit value in network byte order, as __be16 in C.
+type BE16 [2]byte
+
+func NewBE16(v uint16) BE16 {
+	var b BE16
+	binary.BigEndian.PutUint16(b[:], v)
+	return b
+}
+
+func (b BE16) Uint16() uint16 { return binary.BigEndian.Uint16(b[:]) }
+
+// ServiceKey is struct lb_svc_key.
+type ServiceKey struct {
+	Addr   Addr
+	Port   BE16
+	Proto  uint8
+	Family Family
+	Slot   uint16
+	Pad    [2]uint8
+}
+
+// ServiceValue is struct lb_svc_value.
+type ServiceValue struct {
+	BackendID uint32
+	Count     uint16
+	Total     uint16
+}
+
+// Backend state values, enum backend_state.
+const (
+	BackendActive      uint8 = 0
+	BackendTerminating uint8 = 1
+)
+
+// Backend is struct lb_backend.
+type Backend struct {
+	Addr   Addr
+	Port   BE16
+	Proto  uint8
+	Family Family
+	State  uint8
+	Pad    [3]uint8
+}
+
+// ServiceMeta is struct lb_svc_meta: who owns a frontend.
+type ServiceMeta struct {
+	Name     [128]byte
+	PortName [64]byte
+}
+
+// NewServiceMeta fails when a name does not fit, rather than truncating
+// it into a different name.
+func NewServiceMeta(name, portName string) (ServiceMeta, error) {
+	var m ServiceMeta
+	if len(name) >= len(m.Name) {
+		return m, fmt.Errorf("service name %q longer than %d bytes", name, len(m.Name)-1)
+	}
+	if len(portName) >= len(m.PortName) {
+		return m, fmt.Errorf("port name %q longer than %d bytes", portName, len(m.PortName)-1)
+	}
+	copy(m.Name[:], name)
+	copy(m.PortName[:], portName)
+	return m, nil
+}
+
+func cString(b []byte) string {
+	for i, c := range b {
+		if c == 0 {
+			return string(b[:i])
+		}
+	}
+	return string(b)
+}
+
+func (m ServiceMeta) Names() (name, portName string) {
+	return cString(m.Name[:]), cString(m.PortName[:])
+}
+
+// CT key flags, CT_F_*.
+const CTFlagService uint8 = 0x01
+
+// CTKey is struct ct_key.
+type CTKey struct {
+	SAddr  Addr
+	DAddr  Addr
+	SPort  BE16
+	DPort  BE16
+	Proto  uint8
+	Family Family
+	Flags  uint8
+	Pad    uint8
+}
+
+// CT state bits, enum ct_state_bits.
+const (
+	CTEstablished uint16 = 0x01
+	CTReplied     uint16 = 0x02
+	CTFwdFin      uint16 = 0x04
+	CTRevFin      uint16 = 0x08
+	CTRst         uint16 = 0x10
+)
+
+// CTEntry is struct ct_entry.
+type CTEntry struct {
+	Expires    uint64
+	FwdPackets uint64
+	FwdBytes   uint64
+	RevPackets uint64
+	RevBytes   uint64
+	NATAddr    Addr
+	NATPort    BE16
+	State      uint16
+	BackendID  uint32
+}

@@ -1,0 +1,46 @@
+// Package metrics reads the datapath's per-CPU, per-reason counters.
+package metrics
+
+import (
+	"fmt"
+
+	"github.com/cilium/ebpf"
+)
+
+// Names follow enum metric in bpf/lib/metrics.h, in order.
+var Names = []string{
+	"pass",
+	"lb_new",
+	"lb_established",
+	"rev_nat",
+	"icmp_rev_nat",
+	"no_backend_reject",
+	"no_backend_drop",
+	"frag_not_found",
+	"frag_no_flow",
+	"backend_gone",
+	"ct_reopen",
+	"slot_missing",
+	"ct_create_failed",
+	"malformed",
+}
+
+// Read sums each counter over CPUs, keyed by name.
+func Read(m *ebpf.Map) (map[string]uint64, error) {
+	if int(m.MaxEntries()) != len(Names) {
+		return nil, fmt.Errorf("metrics map has %d counters, this servicepath knows %d: reload the datapath", m.MaxEntries(), len(Names))
+	}
+	out := make(map[string]uint64, len(Names))
+	var perCPU []uint64
+	for i, name := range Names {
+		if err := m.Lookup(uint32(i), &perCPU); err != nil {
+			return nil, fmt.Errorf("read counter %s: %w", name, err)
+		}
+		var sum uint64
+		for _, v := range perCPU {
+			sum += v
+		}
+		out[name] = sum
+	}
+	return out, nil
+}

@@ -1,0 +1,114 @@
+// Package mounts finds and prepares the filesystems the datapath depends on:
+// the cgroup2 hierarchy (for cgroup-attached programs) and bpffs (for pins).
+package mounts
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"strconv"
+	"strings"
+
+	"golang.org/x/sys/unix"
+)
+
+const mountInfoPath = "/proc/self/mountinfo"
+
+// Cgroup2Root returns the mount point of the cgroup2 hierarchy as this
+// process sees it. Hybrid hosts mount it in different places, so it is read
+// from mountinfo rather than assumed.
+func Cgroup2Root() (string, error) {
+	f, err := os.Open(mountInfoPath)
+	if err != nil {
+		return "", err
+	}
+	defer f.Close()
+	return cgroup2Root(f)
+}
+
+func cgroup2Root(r io.Reader) (string, error) {
+	sc := bufio.NewScanner(r)
+	sc.Buffer(make([]byte, 0, 64*1024), 1024*1024)
+	for sc.Scan() {
+		mountPoint, fsType, err := parseMountInfoLine(sc.Text())
+		if err != nil {
+			return "", err
+		}
+		if fsType == "cgroup2" {
+			return mountPoint, nil
+		}
+	}
+	if err := sc.Err(); err != nil {
+		return "", fmt.Errorf("reading %s: %w", mountInfoPath, err)
+	}
+	return "", errors.New("no cgroup2 filesystem mounted (none in " + mountInfoPath + ")")
+}
+
+// parseMountInfoLine extracts the mount point and filesystem type from one
+// line of proc(5) mountinfo. Optional fields vary in number, so the fstype is
+// found after the "-" separator.
+func parseMountInfoLine(line string) (mountPoint, fsType string, err error) {
+	fields := strings.Fields(line)
+	for i := 6; i < len(fields)-1; i++ {
+		if fields[i] == "-" {
+			mp, err := unescapeOctal(fields[4])
+			if err != nil {
+				return "", "", fmt.Errorf("mountinfo line %q: %w", line, err)
+			}
+			return mp, fields[i+1], nil
+		}
+	}
+	return "", "", fmt.Errorf("malformed mountinfo line %q", line)
+}
+
+// unescapeOctal undoes the kernel's \ooo escaping of space, tab, newline and
+// backslash in mountinfo paths.
+func unescapeOctal(s string) (string, error) {
+	if !strings.Contains(s, `\`) {
+		return s, nil
+	}
+	var b strings.Builder
+	for i := 0; i < len(s); i++ {
+		if s[i] != '\\' {
+			b.WriteByte(s[i])
+			continue
+		}
+		if i+4 > len(s) {
+			return "", fmt.Errorf("truncated escape in %q", s)
+		}
+		v, err := strconv.ParseUint(s[i+1:i+4], 8, 8)
+		if err != nil {
+			return "", fmt.Errorf("bad escape in %q: %w", s, err)
+		}
+		b.WriteByte(byte(v))
+		i += 3
+	}
+	return b.String(), nil
+}
+
+// IsBPFFS reports whether path is the root of, or inside, a bpf filesystem.
+func IsBPFFS(path string) (bool, error) {
+	var st unix.Statfs_t
+	if err := unix.Statfs(path, &st); err != nil {
+		return false, &os.PathError{Op: "statfs", Path: path, Err: err}
+	}
+	return st.Type == unix.BPF_FS_MAGIC, nil
+}
+
+// EnsureBPFFS creates path and mounts a bpf filesystem on it unless one is
+// already there, so repeated calls do not stack mounts.
+func EnsureBPFFS(path string) error {
+	if err := os.MkdirAll(path, 0o755); err != nil {
+		return err
+	}
+	ok, err := IsBPFFS(path)
+	if err != nil || ok {
+		return err
+	}
+	if err := unix.Mount("bpf", path, "bpf", 0, ""); err != nil {
+		return fmt.Errorf("mount bpffs on %s: %w", path, err)
+	}
+	return nil
+}

@@ -1,0 +1,136 @@
+package inject
+
+import (
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/servicepath/servicepath/datapath/loader"
+	"github.com/servicepath/servicepath/harness/packet"
+)
+
+// Fixture is one row of a packet table.
+type Fixture struct {
+	Name string
+	// Config adjusts the load-time settings; fixtures sharing settings
+	// share one loaded datapath.
+	Config func(*loader.Config)
+	// Setup programs services and may inject earlier packets of a flow.
+	Setup   func(e *Env) error
+	Hook    Hook
+	Input   []byte
+	Verdict Verdict
+	// Output is the expected packet; nil means the input, unchanged.
+	Output []byte
+	// Counters that must have grown by exactly these amounts.
+	Counters map[string]uint64
+	// Check makes further assertions on the maps after the packet.
+	Check func(t testing.TB, e *Env)
+}
+
+func (f Fixture) config() loader.Config {
+	cfg := loader.DefaultConfig()
+	if f.Config != nil {
+		f.Config(&cfg)
+	}
+	return cfg
+}
+
+type envCache map[loader.Config]*Env
+
+func (c envCache) get(t testing.TB, cfg loader.Config) *Env {
+	if e, ok := c[cfg]; ok {
+		return e
+	}
+	e, err := NewEnv(cfg)
+	require.NoError(t, err, "load datapath")
+	c[cfg] = e
+	return e
+}
+
+func (c envCache) close() {
+	for _, e := range c {
+		e.Close()
+	}
+}
+
+// Run runs every fixture as a subtest: fresh maps, setup, one injected
+// packet, then the verdict, the output byte for byte (so every field and
+// both checksums), an independent checksum check and the counters.
+func Run(t *testing.T, fixtures []Fixture) {
+	envs := envCache{}
+	t.Cleanup(envs.close)
+	for _, f := range fixtures {
+		t.Run(f.Name, func(t *testing.T) {
+			e := envs.get(t, f.config())
+			require.NoError(t, e.Reset(), "reset maps")
+			if f.Setup != nil {
+				require.NoError(t, f.Setup(e), "fixture setup")
+			}
+			before, err := e.Counters()
+			require.NoError(t, err, "read counters before")
+
+			verdict, out, err := e.Inject(f.Hook, f.Input)
+			require.NoError(t, err, "inject")
+			assert.Equal(t, f.Verdict, verdict, "verdict")
+
+			want := f.Output
+			if want == nil {
+				want = f.Input
+			}
+			if d := packet.Diff(want, out); d != "" {
+				t.Errorf("output packet differs from expected: %s", d)
+			}
+			if verdict != Shot && string(out) != string(f.Input) {
+				assert.NoError(t, packet.VerifyChecksums(out), "checksums of the rewritten packet verify")
+			}
+
+			after, err := e.Counters()
+			require.NoError(t, err, "read counters after")
+			grew := map[string]uint64{}
+			for name, v := range after {
+				if d := v - before[name]; d != 0 {
+					grew[name] = d
+				}
+			}
+			if f.Counters != nil {
+				assert.Equal(t, f.Counters, grew, "counters that grew")
+			}
+			if f.Check != nil {
+				f.Check(t, e)
+			}
+		})
+	}
+}
+
+// Bench reports ns/packet for each fixture: setup once, then the input
+// repeated in the kernel, so the figure is the program's own cost.
+func Bench(b *testing.B, fixtures []Fixture) {
+	envs := envCache{}
+	b.Cleanup(envs.close)
+	for _, f := range fixtures {
+		b.Run(f.Name, func(b *testing.B) {
+			e := envs.get(b, f.config())
+			require.NoError(b, e.Reset(), "reset maps")
+			if f.Setup != nil {
+				require.NoError(b, f.Setup(e), "fixture setup")
+			}
+			ret, d, err := e.prog(f.Hook).Benchmark(f.Input, b.N, b.ResetTimer)
+			require.NoError(b, err, "benchmark run")
+			b.ReportMetric(float64(d.Nanoseconds()), "ns/packet")
+			if Verdict(ret) != f.Verdict {
+				b.Fatalf("verdict %s, want %s", Verdict(ret), f.Verdict)
+			}
+		})
+	}
+}
+
+// CountersOf is a readable helper for Fixture.Counters.
+func CountersOf(kv ...any) map[string]uint64 {
+	out := map[string]uint64{}
+	for i := 0; i+1 < len(kv); i += 2 {
+		out[kv[i].(string)] = uint64(kv[i+1].(int))
+	}
+	return out
+}

@@ -1,0 +1,165 @@
+// Package testenv holds the test-only policy for privileged tests: when to
+// skip, how to get a private bpffs or cgroup, and which kernels must support
+// which features.
+package testenv
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/rlimit"
+	"golang.org/x/sys/unix"
+
+	"github.com/servicepath/servicepath/datapath/mounts"
+)
+
+var (
+	memlockOnce sync.Once
+	memlockErr  error
+)
+
+// RequireRoot skips t unless running as root, and lifts RLIMIT_MEMLOCK so
+// BPF maps load on kernels that still charge them to it.
+func RequireRoot(t testing.TB) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN to load BPF and build netns")
+	}
+	memlockOnce.Do(func() { memlockErr = rlimit.RemoveMemlock() })
+	if memlockErr != nil {
+		t.Fatalf("remove memlock rlimit: %v", memlockErr)
+	}
+}
+
+// BPFFS mounts a fresh bpffs on a new temporary directory, so pins from one
+// test never leak into another, and detaches it when t ends.
+func BPFFS(t testing.TB) string {
+	t.Helper()
+	RequireRoot(t)
+	dir := t.TempDir()
+	if err := mounts.EnsureBPFFS(dir); err != nil {
+		t.Fatal(err)
+	}
+	// Registered after TempDir's cleanup, so it runs first.
+	t.Cleanup(func() {
+		if err := unix.Unmount(dir, unix.MNT_DETACH); err != nil {
+			t.Errorf("unmount bpffs %s: %v", dir, err)
+		}
+	})
+	return dir
+}
+
+// ChildCgroup creates a uniquely named cgroup under the cgroup2 root and
+// removes it when t ends. The test must move out any process it put there.
+func ChildCgroup(t testing.TB) string {
+	t.Helper()
+	RequireRoot(t)
+	root, err := mounts.Cgroup2Root()
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir, err := os.MkdirTemp(root, "servicepath-test-")
+	if err != nil {
+		t.Fatalf("create child cgroup: %v", err)
+	}
+	t.Cleanup(func() {
+		// A cgroup whose last process just exited can stay busy briefly.
+		deadline := time.Now().Add(5 * time.Second)
+		for {
+			err := unix.Rmdir(dir)
+			if err == nil || errors.Is(err, unix.ENOENT) {
+				return
+			}
+			if !errors.Is(err, unix.EBUSY) || time.Now().After(deadline) {
+				t.Errorf("remove cgroup %s: %v", dir, err)
+				return
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	})
+	return dir
+}
+
+// notSupported lists the errors that mean "this kernel lacks the feature":
+// cilium/ebpf's probe result, and what attach calls return on kernels that
+// do not know the attach type. EOPNOTSUPP is ENOTSUP on Linux.
+var notSupported = []error{ebpf.ErrNotSupported, unix.EOPNOTSUPP, unix.EINVAL}
+
+// RequireFeature applies the kernel-matrix policy to err, the result of
+// using feature: a missing feature skips t on kernels older than minKernel
+// (a "major.minor" release) and fails it on newer ones, where it must work.
+// Any other error fails t.
+func RequireFeature(t testing.TB, feature, minKernel string, err error) {
+	t.Helper()
+	if err == nil {
+		return
+	}
+	var uts unix.Utsname
+	if uerr := unix.Uname(&uts); uerr != nil {
+		t.Fatalf("%s: %v (uname: %v)", feature, err, uerr)
+	}
+	requireFeature(t, feature, minKernel, unix.ByteSliceToString(uts.Release[:]), err)
+}
+
+func requireFeature(t testing.TB, feature, minKernel, release string, err error) {
+	t.Helper()
+	if !isNotSupported(err) {
+		t.Fatalf("%s: %v", feature, err)
+	}
+	running, perr := parseKernel(release)
+	if perr != nil {
+		t.Fatalf("%s: %v (%v)", feature, err, perr)
+	}
+	want, perr := parseKernel(minKernel)
+	if perr != nil {
+		t.Fatalf("%s: bad minimum kernel: %v", feature, perr)
+	}
+	if running.less(want) {
+		t.Skipf("%s needs kernel %s, running %s: %v", feature, minKernel, release, err)
+	}
+	t.Fatalf("kernel %s >= %s should have %s: %v", release, minKernel, feature, err)
+}
+
+func isNotSupported(err error) bool {
+	for _, target := range notSupported {
+		if errors.Is(err, target) {
+			return true
+		}
+	}
+	return false
+}
+
+type kernelVersion struct{ major, minor int }
+
+func (v kernelVersion) less(o kernelVersion) bool {
+	if v.major != o.major {
+		return v.major < o.major
+	}
+	return v.minor < o.minor
+}
+
+// parseKernel reads major.minor from a uname release such as
+// "5.10.0-32-cloud-amd64"; distributions append anything after it.
+func parseKernel(release string) (kernelVersion, error) {
+	end := strings.IndexFunc(release, func(r rune) bool { return (r < '0' || r > '9') && r != '.' })
+	if end < 0 {
+		end = len(release)
+	}
+	parts := strings.Split(release[:end], ".")
+	if len(parts) < 2 {
+		return kernelVersion{}, fmt.Errorf("kernel release %q: want major.minor", release)
+	}
+	major, err1 := strconv.Atoi(parts[0])
+	minor, err2 := strconv.Atoi(parts[1])
+	if err := errors.Join(err1, err2); err != nil {
+		return kernelVersion{}, fmt.Errorf("kernel release %q: %w", release, err)
+	}
+	return kernelVersion{major, minor}, nil
+}

@@ -1,0 +1,194 @@
+package k8s
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+
+	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
+	k8sjson "sigs.k8s.io/json"
+	"sigs.k8s.io/yaml"
+)
+
+// Objects are the Kubernetes objects read from manifests.
+type Objects struct {
+	Services       []*corev1.Service
+	EndpointSlices []*discoveryv1.EndpointSlice
+	// Ignored lists objects of other kinds, e.g.
+	// "deploy.yaml: document 2: apps/v1 Deployment default/web".
+	Ignored []string
+}
+
+// ReadManifests reads Services and EndpointSlices from YAML or JSON files.
+// A directory contributes its *.yaml, *.yml and *.json files, sorted, not
+// recursing. Documents are numbered from 1, counting only non-empty ones.
+func ReadManifests(paths ...string) (*Objects, error) {
+	objs := &Objects{}
+	for _, p := range paths {
+		files, err := manifestFiles(p)
+		if err != nil {
+			return nil, err
+		}
+		for _, f := range files {
+			data, err := os.ReadFile(f)
+			if err != nil {
+				return nil, err
+			}
+			if err := objs.addFile(f, data); err != nil {
+				return nil, err
+			}
+		}
+	}
+	return objs, nil
+}
+
+func manifestFiles(path string) ([]string, error) {
+	info, err := os.Stat(path)
+	if err != nil {
+		return nil, err
+	}
+	if !info.IsDir() {
+		return []string{path}, nil
+	}
+	entries, err := os.ReadDir(path) // sorted by name
+	if err != nil {
+		return nil, err
+	}
+	var files []string
+	for _, e := range entries {
+		switch strings.ToLower(filepath.Ext(e.Name())) {
+		case ".yaml", ".yml", ".json":
+			if !e.IsDir() {
+				files = append(files, filepath.Join(path, e.Name()))
+			}
+		}
+	}
+	return files, nil
+}
+
+func (o *Objects) addFile(file string, data []byte) error {
+	n := 0
+	for _, doc := range splitDocuments(data) {
+		// Strict conversion so that duplicate keys are refused.
+		js, err := yaml.YAMLToJSONStrict(doc)
+		if err != nil {
+			return fmt.Errorf("%s: document %d: %w", file, n+1, err)
+		}
+		if bytes.Equal(js, []byte("null")) {
+			continue // empty or comments only
+		}
+		n++
+		if err := o.addObject(fmt.Sprintf("%s: document %d", file, n), js); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// splitDocuments splits a YAML stream at "---" lines, as kubectl does.
+func splitDocuments(data []byte) [][]byte {
+	var docs [][]byte
+	start := 0
+	for off := 0; off < len(data); {
+		end := bytes.IndexByte(data[off:], '\n')
+		if end < 0 {
+			end = len(data)
+		} else {
+			end += off + 1
+		}
+		if line := data[off:end]; bytes.HasPrefix(line, []byte("---")) {
+			rest := bytes.TrimSpace(line[3:])
+			if len(rest) == 0 || rest[0] == '#' {
+				docs = append(docs, data[start:off])
+				start = end
+			}
+		}
+		off = end
+	}
+	return append(docs, data[start:])
+}
+
+// header is the part of any object needed to dispatch and name it.
+type header struct {
+	APIVersion string `json:"apiVersion"`
+	Kind       string `json:"kind"`
+	Metadata   struct {
+		Name      string `json:"name"`
+		Namespace string `json:"namespace"`
+	} `json:"metadata"`
+}
+
+func (h *header) String() string {
+	name := h.Metadata.Name
+	if h.Metadata.Namespace != "" {
+		name = h.Metadata.Namespace + "/" + name
+	}
+	return fmt.Sprintf("%s %s %s", h.APIVersion, h.Kind, name)
+}
+
+// list is what kubectl prints for "get -o yaml" of several objects.
+type list struct {
+	APIVersion string            `json:"apiVersion"`
+	Kind       string            `json:"kind"`
+	Metadata   json.RawMessage   `json:"metadata"`
+	Items      []json.RawMessage `json:"items"`
+}
+
+// addObject decodes one JSON object; where says which file and document
+// it came from.
+func (o *Objects) addObject(where string, js []byte) error {
+	var h header
+	if err := json.Unmarshal(js, &h); err != nil {
+		return fmt.Errorf("%s: not a Kubernetes object: %w", where, err)
+	}
+	if h.Kind == "" {
+		return fmt.Errorf("%s: kind is missing (metadata.name %q)", where, h.Metadata.Name)
+	}
+	if h.APIVersion == "" {
+		return fmt.Errorf("%s: %s: apiVersion is missing (metadata.name %q)", where, h.Kind, h.Metadata.Name)
+	}
+	name := objectName(h.Metadata.Namespace, h.Metadata.Name)
+	switch {
+	case h.APIVersion == "v1" && h.Kind == "Service":
+		svc := &corev1.Service{}
+		if err := decodeStrict(js, svc); err != nil {
+			return fmt.Errorf("%s: Service %s: %w", where, name, err)
+		}
+		o.Services = append(o.Services, svc)
+	case h.APIVersion == "discovery.k8s.io/v1" && h.Kind == "EndpointSlice":
+		es := &discoveryv1.EndpointSlice{}
+		if err := decodeStrict(js, es); err != nil {
+			return fmt.Errorf("%s: EndpointSlice %s: %w", where, name, err)
+		}
+		o.EndpointSlices = append(o.EndpointSlices, es)
+	case h.APIVersion == "v1" && h.Kind == "List":
+		var l list
+		if err := decodeStrict(js, &l); err != nil {
+			return fmt.Errorf("%s: List: %w", where, err)
+		}
+		for i, item := range l.Items {
+			if err := o.addObject(fmt.Sprintf("%s: items[%d]", where, i), item); err != nil {
+				return err
+			}
+		}
+	default:
+		o.Ignored = append(o.Ignored, where+": "+h.String())
+	}
+	return nil
+}
+
+// decodeStrict decodes like the API server's strict field validation:
+// field names are case-sensitive and unknown fields are errors, which
+// encoding/json (case-insensitive) would let through.
+func decodeStrict(js []byte, obj any) error {
+	strictErrs, err := k8sjson.UnmarshalStrict(js, obj)
+	if err != nil {
+		return err
+	}
+	return errors.Join(strictErrs...)
+}

@@ -1,0 +1,432 @@
+// Package k8s translates Kubernetes Services and EndpointSlices into
+// servicepath's service model, and reads them from manifests.
+package k8s
+
+import (
+	"cmp"
+	"errors"
+	"fmt"
+	"net/netip"
+	"slices"
+
+	"github.com/servicepath/servicepath/datapath/service"
+	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
+)
+
+// LabelServiceProxyName marks a Service as handled by another proxy;
+// kube-proxy leaves such Services alone, and so does servicepath.
+const LabelServiceProxyName = "service.kubernetes.io/service-proxy-name"
+
+// Result is the datapath's view of a set of Services.
+type Result struct {
+	// Services are sorted by Name, then PortName, then Frontend.
+	Services []service.Service
+	// Skipped lists Services that get no frontend by design, with why.
+	Skipped []string
+	// Unsupported lists service ports that the datapath cannot handle.
+	Unsupported []string
+}
+
+// ServiceNames returns the "namespace/name" of each Service, sorted and
+// without duplicates: the owners whose frontends "delete -f" removes.
+func ServiceNames(services []*corev1.Service) []string {
+	names := make([]string, 0, len(services))
+	for _, svc := range services {
+		names = append(names, objectName(svc.Namespace, svc.Name))
+	}
+	slices.Sort(names)
+	return slices.Compact(names)
+}
+
+// objectName defaults the namespace as kubectl does for a manifest.
+func objectName(namespace, name string) string {
+	if namespace == "" {
+		namespace = "default"
+	}
+	return namespace + "/" + name
+}
+
+// fieldError names the object and field at fault.
+func fieldError(kind, name, field, format string, args ...any) error {
+	return fmt.Errorf("%s %s: %s: %s", kind, name, field, fmt.Sprintf(format, args...))
+}
+
+// parseIP refuses what the datapath could not treat as one plain address.
+func parseIP(s string) (netip.Addr, error) {
+	a, err := netip.ParseAddr(s)
+	switch {
+	case err != nil:
+		return netip.Addr{}, fmt.Errorf("invalid IP %q", s)
+	case a.Zone() != "":
+		return netip.Addr{}, fmt.Errorf("invalid IP %q: zone not allowed", s)
+	case a.Is4In6():
+		return netip.Addr{}, fmt.Errorf("invalid IP %q: IPv4-mapped IPv6 address not allowed", s)
+	}
+	return a, nil
+}
+
+type slicePort struct {
+	name     string
+	protocol service.Protocol
+	port     uint16
+}
+
+type endpoint struct {
+	addr  netip.Addr
+	state service.BackendState
+}
+
+type parsedSlice struct {
+	ipv4      bool
+	ports     []slicePort
+	endpoints []endpoint
+}
+
+// parseSlice validates a slice; it returns nil for an FQDN slice, which
+// has no addresses the datapath can use.
+func parseSlice(es *discoveryv1.EndpointSlice) (*parsedSlice, []error) {
+	name := objectName(es.Namespace, es.Name)
+	var errs []error
+	fail := func(field, format string, args ...any) {
+		errs = append(errs, fieldError("EndpointSlice", name, field, format, args...))
+	}
+	if es.Name == "" {
+		fail("metadata.name", "missing")
+	}
+	if es.Labels[discoveryv1.LabelServiceName] == "" {
+		fail("metadata.labels", "label %s naming the Service is missing", discoveryv1.LabelServiceName)
+	}
+	ps := &parsedSlice{ipv4: es.AddressType == discoveryv1.AddressTypeIPv4}
+	switch es.AddressType {
+	case discoveryv1.AddressTypeIPv4, discoveryv1.AddressTypeIPv6:
+	case discoveryv1.AddressTypeFQDN:
+		ps = nil
+	default:
+		fail("addressType", "unknown address type %q", es.AddressType)
+		ps = nil
+	}
+
+	names := map[string]bool{}
+	for i, p := range es.Ports {
+		// Defaults as the API server applies them.
+		var name string
+		if p.Name != nil {
+			name = *p.Name
+		}
+		protocol := corev1.ProtocolTCP
+		if p.Protocol != nil {
+			protocol = *p.Protocol
+		}
+		if names[name] {
+			fail(fmt.Sprintf("ports[%d].name", i), "duplicate name %q", name)
+		}
+		names[name] = true
+		switch protocol {
+		case corev1.ProtocolTCP, corev1.ProtocolUDP, corev1.ProtocolSCTP:
+		default:
+			fail(fmt.Sprintf("ports[%d].protocol", i), "unknown protocol %q", protocol)
+		}
+		if p.Port == nil {
+			continue // kube-proxy ignores a port without a number
+		}
+		if *p.Port < 1 || *p.Port > 65535 {
+			fail(fmt.Sprintf("ports[%d].port", i), "%d out of range", *p.Port)
+			continue
+		}
+		// An SCTP port matches no service port the datapath handles.
+		if proto, err := service.ParseProtocol(string(protocol)); err == nil && ps != nil {
+			ps.ports = append(ps.ports, slicePort{name: name, protocol: proto, port: uint16(*p.Port)})
+		}
+	}
+	if ps == nil {
+		return nil, errs
+	}
+
+	for i, ep := range es.Endpoints {
+		if len(ep.Addresses) == 0 {
+			fail(fmt.Sprintf("endpoints[%d].addresses", i), "at least one address is required")
+			continue
+		}
+		var first netip.Addr
+		for j, s := range ep.Addresses {
+			field := fmt.Sprintf("endpoints[%d].addresses[%d]", i, j)
+			a, err := parseIP(s)
+			if err != nil {
+				fail(field, "%v", err)
+				continue
+			}
+			if a.Is4() != ps.ipv4 {
+				fail(field, "%q is not an %s address", s, es.AddressType)
+				continue
+			}
+			if j == 0 {
+				first = a
+			}
+		}
+		// Like kube-proxy, only the first address is used.
+		if state, ok := endpointState(ep.Conditions); ok && first.IsValid() {
+			ps.endpoints = append(ps.endpoints, endpoint{addr: first, state: state})
+		}
+	}
+	return ps, errs
+}
+
+// endpointState applies the API's defaults: nil ready and nil serving
+// mean true, nil terminating means false.
+func endpointState(c discoveryv1.EndpointConditions) (service.BackendState, bool) {
+	ready := c.Ready == nil || *c.Ready
+	serving := c.Serving == nil || *c.Serving
+	terminating := c.Terminating != nil && *c.Terminating
+	switch {
+	case ready:
+		return service.Active, true
+	case serving && terminating:
+		return service.Terminating, true
+	}
+	return 0, false
+}
+
+type servicePort struct {
+	name     string
+	protocol service.Protocol
+	port     uint16
+	field    string
+}
+
+type parsedService struct {
+	name  string
+	vips  []netip.Addr
+	vipFs []string // the field each VIP came from, for errors
+	ports []servicePort
+}
+
+// skipReason says why a Service gets no frontend at all, or "".
+func skipReason(svc *corev1.Service) string {
+	if owner, ok := svc.Labels[LabelServiceProxyName]; ok {
+		return fmt.Sprintf("label %s=%q: handled by another proxy", LabelServiceProxyName, owner)
+	}
+	if svc.Spec.Type == corev1.ServiceTypeExternalName {
+		return "type ExternalName has no cluster IP"
+	}
+	if svc.Spec.ClusterIP == corev1.ClusterIPNone ||
+		len(svc.Spec.ClusterIPs) > 0 && svc.Spec.ClusterIPs[0] == corev1.ClusterIPNone {
+		return "headless (clusterIP None)"
+	}
+	return ""
+}
+
+// parseService validates a Service that is not skipped. Ports with a
+// protocol the datapath lacks are returned as unsupported, not as errors.
+func parseService(svc *corev1.Service) (*parsedService, []string, []error) {
+	ps := &parsedService{name: objectName(svc.Namespace, svc.Name)}
+	var errs []error
+	var unsupported []string
+	fail := func(field, format string, args ...any) {
+		errs = append(errs, fieldError("Service", ps.name, field, format, args...))
+	}
+	if svc.Name == "" {
+		fail("metadata.name", "missing")
+	}
+	switch svc.Spec.Type {
+	case "", corev1.ServiceTypeClusterIP, corev1.ServiceTypeNodePort, corev1.ServiceTypeLoadBalancer:
+	default:
+		fail("spec.type", "unknown type %q", svc.Spec.Type)
+	}
+
+	ips, field := svc.Spec.ClusterIPs, "spec.clusterIPs"
+	switch {
+	case len(ips) == 0 && svc.Spec.ClusterIP == "":
+		fail("spec.clusterIP", "missing (servicepath does not allocate cluster IPs)")
+	case len(ips) == 0:
+		ips, field = []string{svc.Spec.ClusterIP}, "spec.clusterIP"
+	case svc.Spec.ClusterIP != "" && svc.Spec.ClusterIP != ips[0]:
+		fail("spec.clusterIP", "%q differs from spec.clusterIPs[0] %q", svc.Spec.ClusterIP, ips[0])
+	case len(ips) > 2:
+		fail("spec.clusterIPs", "%d entries, at most one per IP family", len(ips))
+	}
+	for i, s := range ips {
+		f := field
+		if field == "spec.clusterIPs" {
+			f = fmt.Sprintf("%s[%d]", field, i)
+		}
+		a, err := parseIP(s)
+		if err != nil {
+			fail(f, "%v", err)
+			continue
+		}
+		if j := slices.IndexFunc(ps.vips, func(v netip.Addr) bool { return v.Is4() == a.Is4() }); j >= 0 {
+			fail(f, "%s has the IP family of %s", a, ps.vipFs[j])
+			continue
+		}
+		ps.vips = append(ps.vips, a)
+		ps.vipFs = append(ps.vipFs, f)
+	}
+
+	if len(svc.Spec.Ports) == 0 {
+		fail("spec.ports", "at least one port is required")
+	}
+	names := map[string]bool{}
+	numbers := map[string]bool{}
+	for i, p := range svc.Spec.Ports {
+		f := fmt.Sprintf("spec.ports[%d]", i)
+		switch {
+		case p.Name == "" && len(svc.Spec.Ports) > 1:
+			fail(f+".name", "required when the Service has more than one port")
+		case names[p.Name]:
+			fail(f+".name", "duplicate name %q", p.Name)
+		}
+		names[p.Name] = true
+		if p.Port < 1 || p.Port > 65535 {
+			fail(f+".port", "%d out of range", p.Port)
+			continue
+		}
+		protocol := cmp.Or(p.Protocol, corev1.ProtocolTCP)
+		key := fmt.Sprintf("%d/%s", p.Port, protocol)
+		if numbers[key] {
+			fail(f, "duplicate port %s", key)
+		}
+		numbers[key] = true
+		proto, err := service.ParseProtocol(string(protocol))
+		if err != nil {
+			unsupported = append(unsupported, fmt.Sprintf("Service %s: %s.protocol: %s is not handled by the datapath", ps.name, f, protocol))
+			continue
+		}
+		ps.ports = append(ps.ports, servicePort{name: p.Name, protocol: proto, port: uint16(p.Port), field: f})
+	}
+	return ps, unsupported, errs
+}
+
+// Translate turns Services and their EndpointSlices into datapath
+// services, one per cluster IP and service port, with kube-proxy's
+// semantics. It validates every object first: on any error it returns all
+// errors found, each naming the object and field, and no result.
+// NodePorts, external IPs and load-balancer ingress are not translated.
+func Translate(services []*corev1.Service, endpointSlices []*discoveryv1.EndpointSlice) (Result, error) {
+	var errs []error
+
+	// Every slice is validated, even one no Service uses.
+	sorted := slices.Clone(endpointSlices)
+	slices.SortFunc(sorted, func(a, b *discoveryv1.EndpointSlice) int {
+		return cmp.Compare(objectName(a.Namespace, a.Name), objectName(b.Namespace, b.Name))
+	})
+	slicesOf := map[string][]*parsedSlice{}
+	seen := map[string]bool{}
+	for _, es := range sorted {
+		name := objectName(es.Namespace, es.Name)
+		if seen[name] {
+			errs = append(errs, fmt.Errorf("EndpointSlice %s: given more than once", name))
+			continue
+		}
+		seen[name] = true
+		ps, perrs := parseSlice(es)
+		errs = append(errs, perrs...)
+		if ps != nil && len(perrs) == 0 {
+			owner := objectName(es.Namespace, es.Labels[discoveryv1.LabelServiceName])
+			slicesOf[owner] = append(slicesOf[owner], ps)
+		}
+	}
+
+	sortedSvcs := slices.Clone(services)
+	slices.SortFunc(sortedSvcs, func(a, b *corev1.Service) int {
+		return cmp.Compare(objectName(a.Namespace, a.Name), objectName(b.Namespace, b.Name))
+	})
+	var res Result
+	var parsed []*parsedService
+	owners := map[service.Frontend]string{}
+	clear(seen)
+	for _, svc := range sortedSvcs {
+		name := objectName(svc.Namespace, svc.Name)
+		if seen[name] {
+			errs = append(errs, fmt.Errorf("Service %s: given more than once", name))
+			continue
+		}
+		seen[name] = true
+		if reason := skipReason(svc); reason != "" {
+			res.Skipped = append(res.Skipped, fmt.Sprintf("Service %s: %s", name, reason))
+			continue
+		}
+		ps, unsupported, perrs := parseService(svc)
+		res.Unsupported = append(res.Unsupported, unsupported...)
+		errs = append(errs, perrs...)
+		if len(perrs) > 0 {
+			continue
+		}
+		// Two Services on one frontend would fight over its map entry.
+		for i, vip := range ps.vips {
+			for _, p := range ps.ports {
+				fe := service.Frontend{Addr: vip, Port: p.port, Protocol: p.protocol}
+				if other, ok := owners[fe]; ok {
+					errs = append(errs, fieldError("Service", name, ps.vipFs[i]+", "+p.field,
+						"frontend %s is already Service %s's", fe, other))
+				}
+				owners[fe] = name
+			}
+		}
+		parsed = append(parsed, ps)
+	}
+	if len(errs) > 0 {
+		return Result{}, errors.Join(errs...)
+	}
+
+	for _, ps := range parsed {
+		for _, vip := range ps.vips {
+			for _, p := range ps.ports {
+				s := service.Service{
+					Name:     ps.name,
+					PortName: p.name,
+					Frontend: service.Frontend{Addr: vip, Port: p.port, Protocol: p.protocol},
+					Backends: backends(slicesOf[ps.name], vip.Is4(), p),
+				}
+				if err := s.Validate(); err != nil {
+					errs = append(errs, fmt.Errorf("Service %s: %w", ps.name, err))
+				}
+				res.Services = append(res.Services, s)
+			}
+		}
+	}
+	if len(errs) > 0 {
+		return Result{}, errors.Join(errs...)
+	}
+	slices.SortFunc(res.Services, func(a, b service.Service) int {
+		return cmp.Or(
+			cmp.Compare(a.Name, b.Name),
+			cmp.Compare(a.PortName, b.PortName),
+			a.Frontend.Addr.Compare(b.Frontend.Addr),
+			cmp.Compare(a.Frontend.Port, b.Frontend.Port),
+			cmp.Compare(a.Frontend.Protocol, b.Frontend.Protocol),
+		)
+	})
+	return res, nil
+}
+
+// backends merges the endpoints of a Service's slices of one IP family for
+// one service port, which a slice port matches by name and protocol.
+func backends(pss []*parsedSlice, ipv4 bool, p servicePort) []service.Backend {
+	states := map[netip.AddrPort]service.BackendState{}
+	for _, ps := range pss {
+		if ps.ipv4 != ipv4 {
+			continue
+		}
+		for _, sp := range ps.ports {
+			if sp.name != p.name || sp.protocol != p.protocol {
+				continue
+			}
+			for _, ep := range ps.endpoints {
+				ap := netip.AddrPortFrom(ep.addr, sp.port)
+				// A slice may lag behind another: Active wins.
+				if st, ok := states[ap]; !ok || st == service.Terminating {
+					states[ap] = ep.state
+				}
+			}
+		}
+	}
+	out := make([]service.Backend, 0, len(states))
+	for ap, st := range states {
+		out = append(out, service.Backend{Addr: ap.Addr(), Port: ap.Port(), State: st})
+	}
+	slices.SortFunc(out, func(a, b service.Backend) int {
+		return cmp.Or(a.Addr.Compare(b.Addr), cmp.Compare(a.Port, b.Port))
+	})
+	return out
+}
