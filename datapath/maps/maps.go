@@ -66,3 +66,38 @@ func (m *Maps) Close() error {
 	}
 	return errors.Join(errs...)
 }
+
+// Usage is a map's fill level.
+type Usage struct {
+	Entries    int
+	MaxEntries uint32
+}
+
+// Occupancy counts the entries of each hash map by walking its keys.
+func Occupancy(m *Maps) (map[string]Usage, error) {
+	out := map[string]Usage{}
+	for name, mp := range map[string]*ebpf.Map{
+		ServicesName: m.Services, BackendsName: m.Backends, CTName: m.CT, FragsName: m.Frags,
+	} {
+		n := 0
+		var k []byte
+		var err error
+		for k, err = nextKey(mp, nil); err == nil; k, err = nextKey(mp, k) {
+			n++
+		}
+		if !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return nil, fmt.Errorf("count %s: %w", name, err)
+		}
+		out[name] = Usage{Entries: n, MaxEntries: mp.MaxEntries()}
+	}
+	return out, nil
+}
+
+func nextKey(m *ebpf.Map, key []byte) ([]byte, error) {
+	next := make([]byte, m.KeySize())
+	var prev any
+	if key != nil {
+		prev = key
+	}
+	return next, m.NextKey(prev, &next)
+}
