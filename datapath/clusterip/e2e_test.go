@@ -121,7 +121,7 @@ func (c *cluster) exercise(t *testing.T, f Family) {
 	require.NoError(t, err, "TCP exchanges through %s", tcpVIP)
 	counts := tally.Counts(backendNames...)
 	stat, df := stats.ChiSquareUniform(counts)
-	assert.Less(t, stat, stats.ChiSquareCritical(df, 0.001), "TCP connections %v spread uniformly over the backends", counts)
+	assert.Less(t, stat, stats.ChiSquareCritical(df, stats.SpreadAlpha), "TCP connections %v spread uniformly over the backends", counts)
 
 	tally, err = traffic.Run(n, func(i int) (traffic.Reply, error) {
 		r, err := traffic.UDPExchange(c.client, udpVIP, []byte(fmt.Sprintf("udp %d", i)), timeout)
@@ -133,7 +133,7 @@ func (c *cluster) exercise(t *testing.T, f Family) {
 	require.NoError(t, err, "UDP exchanges through %s, every reply from the VIP", udpVIP)
 	counts = tally.Counts(backendNames...)
 	stat, df = stats.ChiSquareUniform(counts)
-	assert.Less(t, stat, stats.ChiSquareCritical(df, 0.001), "UDP flows %v spread uniformly over the backends", counts)
+	assert.Less(t, stat, stats.ChiSquareCritical(df, stats.SpreadAlpha), "UDP flows %v spread uniformly over the backends", counts)
 
 	// A removed backend gets no new connections.
 	c.program(t, f, backendNames[:2]...)

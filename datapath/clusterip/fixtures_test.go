@@ -48,7 +48,7 @@ func TestNewFlowsSpreadOverBackends(t *testing.T) {
 				c = append(c, counts[b])
 			}
 			stat, df := stats.ChiSquareUniform(c)
-			assert.Less(t, stat, stats.ChiSquareCritical(df, 0.001), "spread %v is uniform at alpha 0.001", c)
+			assert.Less(t, stat, stats.ChiSquareCritical(df, stats.SpreadAlpha), "spread %v is uniform", c)
 		})
 	}
 }

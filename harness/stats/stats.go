@@ -100,3 +100,10 @@ func gammaQ(a, x float64) float64 {
 	}
 	return prefix * h
 }
+
+// SpreadAlpha is the significance level for "connections spread over the
+// backends" checks. Suites run dozens of such checks, so a fair spread must
+// almost never fail one (at 1e-6 it fails once in a million); a real skew,
+// such as every flow on one backend, still exceeds the bound many times
+// over at the sample sizes used.
+const SpreadAlpha = 1e-6

@@ -176,7 +176,7 @@ func (t *Topology) build(prefix string, pods []PodSpec) error {
 			HostIf:    hostIfName(i, ps.Name),
 			IfName:    PodIfName,
 			IPv4:      nthAddr(PodCIDRv4, firstPodHost+i),
-			IPv6:      nthAddr(PodCIDRv6, firstPodHost+i),
+			IPv6:      v6Like(PodCIDRv6, firstPodHost+i),
 		}
 		if err := t.newNS(p.NetnsName, &p.NS); err != nil {
 			return err
@@ -211,6 +211,15 @@ func hostIfName(i int, pod string) string {
 		name = name[:unix.IFNAMSIZ-1]
 	}
 	return name
+}
+
+// v6Like gives pod n the IPv6 address whose last group reads like its
+// IPv4 host number (198.18.0.11 and fd00:5e::11), so people can pair them.
+func v6Like(p netip.Prefix, n int) netip.Addr {
+	b := p.Addr().As16()
+	d := n/100*0x100 + n/10%10*0x10 + n%10
+	b[14], b[15] = byte(d>>8), byte(d)
+	return netip.AddrFrom16(b)
 }
 
 func nthAddr(p netip.Prefix, n int) netip.Addr {

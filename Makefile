@@ -1,0 +1,58 @@
+# servicepath: the eBPF kube-proxy replacement and its test harness.
+# Most targets need root (BPF, netns); `make deps` installs what they use.
+
+GO        ?= go
+BIN       := bin
+# Debian packages the repo needs: clang/llvm/libbpf-dev to regenerate the
+# BPF objects, iproute2 for `ip netns exec`.
+APT_PKGS  := clang llvm libbpf-dev linux-libc-dev iproute2
+
+.PHONY: all deps generate generate-check build test demo bench vmtest lint clean
+
+all: build
+
+# Idempotent: apt runs only when a package is missing.
+deps:
+	@missing=$$(for p in $(APT_PKGS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed$$' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing:" $$missing; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+	$(GO) mod download
+
+# Rebuilds the committed bpf2go output from bpf/*.c with Debian's clang.
+generate:
+	$(GO) generate ./datapath/...
+
+# Fails when the committed generated files are not what `make generate` makes.
+generate-check: generate
+	@git diff --exit-code --stat -- '*_bpfel.go' '*_bpfel.o' || \
+		{ echo "generated BPF files are stale: run make generate and commit"; exit 1; }
+	@untracked=$$(git ls-files --others --exclude-standard -- '*_bpfel.go' '*_bpfel.o'); \
+		[ -z "$$untracked" ] || { echo "untracked generated files: $$untracked"; exit 1; }
+
+build:
+	$(GO) build -o $(BIN)/servicepath ./cmd/servicepath
+	$(GO) build -o $(BIN)/servicepath-demo ./cmd/servicepath-demo
+
+# As root every test runs; as another user the privileged ones skip, saying why.
+test:
+	$(GO) test -count=1 ./...
+
+demo: build
+	$(BIN)/servicepath-demo --servicepath $(BIN)/servicepath --manifest deploy/examples/demo.yaml
+
+bench:
+	$(GO) test -run '^$$' -bench . -benchtime 2000000x -count 5 ./bench/...
+
+vmtest:
+	$(GO) run ./vmtests/cmd/vmtest $(if $(KERNELS),--kernels "$(KERNELS)")
+
+lint:
+	@out=$$(git ls-files '*.go' | grep -v '_bpfel\.go$$' | xargs gofmt -l); \
+		[ -z "$$out" ] || { echo "gofmt needed:"; echo "$$out"; exit 1; }
+	$(GO) vet ./...
+	@for f in bpf/*.c; do clang -target bpfel -O2 -Wall -Werror -Ibpf/include -fsyntax-only $$f || exit 1; done
+
+clean:
+	rm -rf $(BIN)

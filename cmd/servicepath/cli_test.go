@@ -1,0 +1,154 @@
+package main
+
+import (
+	"bytes"
+	"encoding/json"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/servicepath/servicepath/datapath/ct"
+	"github.com/servicepath/servicepath/harness/testenv"
+	"github.com/servicepath/servicepath/harness/topology"
+	"github.com/servicepath/servicepath/harness/traffic"
+)
+
+const demoManifest = "../../deploy/examples/demo.yaml"
+
+func runCLI(args ...string) (code int, stdout, stderr string) {
+	var out, errOut bytes.Buffer
+	code = run(args, &out, &errOut)
+	return code, out.String(), errOut.String()
+}
+
+func TestUsageErrors(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		args []string
+		code int
+		msg  string
+	}{
+		{"unknown command", []string{"frobnicate"}, 2, `unknown command "frobnicate"`},
+		{"unknown flag", []string{"load", "--no-such-flag"}, 2, "flag provided but not defined"},
+		{"apply without -f", []string{"apply"}, 2, "-f is required"},
+		{"bad output format", []string{"services", "-o", "yaml"}, 2, `-o "yaml"`},
+		{"bad attach mode", []string{"load", "--attach-mode", "xdp"}, 1, `attach mode "xdp"`},
+		{"bad no-backend", []string{"load", "--no-backend", "ignore"}, 1, `no-backend action "ignore"`},
+		{"zero map size", []string{"load", "--ct-size", "0"}, 2, "positive 32-bit integer"},
+		{"stray argument", []string{"gc", "extra"}, 2, `unexpected argument "extra"`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			code, out, errOut := runCLI(tc.args...)
+			assert.Equal(t, tc.code, code, "exit code")
+			assert.Contains(t, out+errOut, tc.msg, "message names what is wrong")
+		})
+	}
+	code, out, _ := runCLI("help")
+	assert.Zero(t, code, "help exits 0")
+	assert.Contains(t, out, "apply", "help lists commands")
+}
+
+// A bad manifest is refused before any map is opened: the message names
+// the object and field, and nothing is applied.
+func TestApplyBadManifestNamesObjectAndField(t *testing.T) {
+	dir := t.TempDir()
+	bad := filepath.Join(dir, "bad.yaml")
+	require.NoError(t, os.WriteFile(bad, []byte(`apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec:
+  clusterIP: 198.19.0.300
+  ports: [{port: 80}]
+`), 0o644), "write manifest")
+	code, _, errOut := runCLI("apply", "--bpffs", filepath.Join(dir, "nowhere"), "-f", bad)
+	assert.Equal(t, 1, code, "exit code")
+	assert.Contains(t, errOut, "Service default/web", "names the object")
+	assert.Contains(t, errOut, "clusterIP", "names the field")
+	assert.Contains(t, errOut, "nothing applied", "says nothing was applied")
+	_, err := os.Stat(filepath.Join(dir, "nowhere"))
+	assert.ErrorIs(t, err, os.ErrNotExist, "no state was created")
+}
+
+// The whole life cycle through the CLI, in a node netns: load, apply,
+// traffic, inspect, reload keeping flows, delete, unload.
+func TestCLILifeCycle(t *testing.T) {
+	testenv.RequireRoot(t)
+	topo := topology.NewForTest(t, topology.Spec{Name: "cli", Pods: []topology.PodSpec{
+		{Name: "client"}, {Name: "backend-1"}, {Name: "backend-2"}, {Name: "backend-3"},
+	}})
+	bpffs := filepath.Join(testenv.BPFFS(t), "sp")
+	var devices []string
+	for _, p := range topo.Pods {
+		devices = append(devices, p.HostIf)
+	}
+	for _, p := range topo.Pods[1:] {
+		srv, err := traffic.Serve(p, p.Name, 8080)
+		require.NoError(t, err, "serve in %s", p.Name)
+		t.Cleanup(func() { srv.Close() })
+	}
+	inNode := func(args ...string) (int, string, string) {
+		var code int
+		var out, errOut string
+		require.NoError(t, topo.Node.Do(func() error {
+			code, out, errOut = runCLI(args...)
+			return nil
+		}), "run in node netns")
+		return code, out, errOut
+	}
+	mustRun := func(args ...string) string {
+		code, out, errOut := inNode(args...)
+		require.Zero(t, code, "servicepath %s: %s", strings.Join(args, " "), errOut)
+		return out
+	}
+
+	out := mustRun("load", "--bpffs", bpffs, "--device", strings.Join(devices, ","))
+	assert.Equal(t, 2*len(devices), strings.Count(out, "attached"), "both hooks of every device attached: %s", out)
+	mustRun("apply", "--bpffs", bpffs, "-f", demoManifest)
+
+	var svcs []serviceJSON
+	require.NoError(t, json.Unmarshal([]byte(mustRun("services", "--bpffs", bpffs, "-o", "json")), &svcs), "services json")
+	require.Len(t, svcs, 4, "two families x two ports")
+	for _, s := range svcs {
+		assert.Len(t, s.Backends, 3, "%s has three backends", s.Frontend)
+	}
+
+	vip := netip.MustParseAddrPort("198.19.0.10:80")
+	client := topo.Pod("client")
+	r, err := traffic.TCPExchange(client, vip, []byte("hello"), 3*time.Second)
+	require.NoError(t, err, "TCP through the VIP")
+	assert.Contains(t, []string{"backend-1", "backend-2", "backend-3"}, r.Identity, "a backend answered")
+
+	var entries []ct.Entry
+	require.NoError(t, json.Unmarshal([]byte(mustRun("ct", "--bpffs", bpffs, "-o", "json")), &entries), "ct json")
+	assert.Len(t, entries, 2, "one flow: service and flow entries")
+
+	var st statsJSON
+	require.NoError(t, json.Unmarshal([]byte(mustRun("stats", "--bpffs", bpffs, "-o", "json")), &st), "stats json")
+	assert.Equal(t, uint64(1), st.Counters["lb_new"], "one new flow counted")
+	assert.Equal(t, 16, st.Maps["sp_services"].Entries, "4 masters + 12 slots")
+
+	// A restarted load keeps the maps and so the tracked flows.
+	mustRun("load", "--bpffs", bpffs, "--device", strings.Join(devices, ","))
+	require.NoError(t, json.Unmarshal([]byte(mustRun("ct", "--bpffs", bpffs, "-o", "json")), &entries), "ct json")
+	assert.Len(t, entries, 2, "flows survive a reload")
+	assert.Contains(t, mustRun("gc", "--bpffs", bpffs), "deleted 0", "nothing expired yet")
+
+	// Re-applying is idempotent; deleting removes every frontend.
+	mustRun("apply", "--bpffs", bpffs, "-f", demoManifest)
+	assert.Contains(t, mustRun("delete", "--bpffs", bpffs, "-f", demoManifest), "deleted default/demo", "delete reports")
+	require.NoError(t, json.Unmarshal([]byte(mustRun("services", "--bpffs", bpffs, "-o", "json")), &svcs), "services json")
+	assert.Empty(t, svcs, "no frontends after delete")
+
+	mustRun("unload", "--bpffs", bpffs)
+	code, _, errOut := inNode("services", "--bpffs", bpffs)
+	assert.Equal(t, 1, code, "services after unload fails")
+	assert.Contains(t, errOut, "servicepath load", "and says to load first")
+	_, err = traffic.TCPExchange(client, netip.AddrPortFrom(topo.Pod("backend-1").IPv4, 8080), []byte("direct"), 3*time.Second)
+	assert.NoError(t, err, "pod traffic still flows after unload")
+}

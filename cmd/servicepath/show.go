@@ -1,0 +1,201 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/netip"
+	"sort"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/servicepath/servicepath/datapath/ct"
+	"github.com/servicepath/servicepath/datapath/maps"
+	"github.com/servicepath/servicepath/datapath/metrics"
+	"github.com/servicepath/servicepath/datapath/service"
+)
+
+// showFlags parses --bpffs and -o for the read-only commands.
+func showFlags(name string, args []string, o output) (bpffs string, asJSON bool, err error) {
+	fs := newFlags(name, o)
+	dir := fs.String("bpffs", defaultBPFFS, "bpffs directory given to load")
+	out := fs.String("o", "table", "output format: table or json")
+	if err := parse(fs, args); err != nil {
+		return "", false, err
+	}
+	switch *out {
+	case "table":
+	case "json":
+		asJSON = true
+	default:
+		fmt.Fprintf(fs.Output(), "-o %q: want table or json\n", *out)
+		return "", false, errUsage
+	}
+	return *dir, asJSON, nil
+}
+
+func writeJSON(w io.Writer, v any) error {
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
+}
+
+type serviceJSON struct {
+	Name     string        `json:"name"`
+	PortName string        `json:"portName,omitempty"`
+	Frontend string        `json:"frontend"`
+	Protocol string        `json:"protocol"`
+	Backends []backendJSON `json:"backends"`
+}
+
+type backendJSON struct {
+	ID      uint32 `json:"id"`
+	Address string `json:"address"`
+	State   string `json:"state"`
+}
+
+func cmdServices(args []string, o output) error {
+	bpffs, asJSON, err := showFlags("services", args, o)
+	if err != nil {
+		return err
+	}
+	mgr, m, err := openManager(bpffs)
+	if err != nil {
+		return err
+	}
+	defer m.Close()
+	var out []serviceJSON
+	for _, s := range mgr.List() {
+		sj := serviceJSON{Name: s.Name, PortName: s.PortName, Protocol: s.Frontend.Protocol.String(),
+			Frontend: netip.AddrPortFrom(s.Frontend.Addr, s.Frontend.Port).String(), Backends: []backendJSON{}}
+		for i, b := range s.Backends {
+			sj.Backends = append(sj.Backends, backendJSON{ID: s.BackendIDs[i], Address: b.String(), State: b.State.String()})
+		}
+		out = append(out, sj)
+	}
+	if asJSON {
+		if out == nil {
+			out = []serviceJSON{}
+		}
+		return writeJSON(o.out, out)
+	}
+	tw := tabwriter.NewWriter(o.out, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "NAME\tPORT\tFRONTEND\tPROTO\tBACKENDS")
+	for _, s := range out {
+		var bs []string
+		for _, b := range s.Backends {
+			e := fmt.Sprintf("%s#%d", b.Address, b.ID)
+			if b.State != service.Active.String() {
+				e += "(" + b.State + ")"
+			}
+			bs = append(bs, e)
+		}
+		if len(bs) == 0 {
+			bs = []string{"<none>"}
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", s.Name, dash(s.PortName), s.Frontend, s.Protocol, strings.Join(bs, " "))
+	}
+	return tw.Flush()
+}
+
+func dash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
+}
+
+func protoName(p uint8) string { return service.Protocol(p).String() }
+
+func cmdCT(args []string, o output) error {
+	bpffs, asJSON, err := showFlags("ct", args, o)
+	if err != nil {
+		return err
+	}
+	m, err := maps.OpenPinned(bpffs)
+	if err != nil {
+		return err
+	}
+	defer m.Close()
+	entries, err := ct.Dump(m.CT)
+	if err != nil {
+		return err
+	}
+	sort.Slice(entries, func(i, j int) bool {
+		a, b := entries[i], entries[j]
+		if a.Source != b.Source {
+			return a.Source.Compare(b.Source) < 0
+		}
+		return a.Service && !b.Service
+	})
+	if asJSON {
+		if entries == nil {
+			entries = []ct.Entry{}
+		}
+		return writeJSON(o.out, entries)
+	}
+	tw := tabwriter.NewWriter(o.out, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "KIND\tPROTO\tSOURCE\tDESTINATION\tNAT\tSTATE\tEXPIRES\tPKTS(FWD/REV)")
+	for _, e := range entries {
+		kind := "flow"
+		if e.Service {
+			kind = "service"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%d/%d\n", kind, protoName(e.Protocol), e.Source, e.Dest, e.NAT,
+			dash(strings.Join(e.State, ",")), e.ExpiresIn.Round(time.Second), e.FwdPackets, e.RevPackets)
+	}
+	return tw.Flush()
+}
+
+type statsJSON struct {
+	Counters map[string]uint64   `json:"counters"`
+	Maps     map[string]mapStats `json:"maps"`
+}
+
+type mapStats struct {
+	Entries    int    `json:"entries"`
+	MaxEntries uint32 `json:"maxEntries"`
+}
+
+func cmdStats(args []string, o output) error {
+	bpffs, asJSON, err := showFlags("stats", args, o)
+	if err != nil {
+		return err
+	}
+	m, err := maps.OpenPinned(bpffs)
+	if err != nil {
+		return err
+	}
+	defer m.Close()
+	counters, err := metrics.Read(m.Metrics)
+	if err != nil {
+		return err
+	}
+	occ, err := maps.Occupancy(m)
+	if err != nil {
+		return err
+	}
+	st := statsJSON{Counters: counters, Maps: map[string]mapStats{}}
+	for name, o := range occ {
+		st.Maps[name] = mapStats{Entries: o.Entries, MaxEntries: o.MaxEntries}
+	}
+	if asJSON {
+		return writeJSON(o.out, st)
+	}
+	tw := tabwriter.NewWriter(o.out, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "COUNTER\tPACKETS")
+	for _, name := range metrics.Names {
+		fmt.Fprintf(tw, "%s\t%d\n", name, counters[name])
+	}
+	fmt.Fprintln(tw, "\nMAP\tENTRIES\tMAX")
+	var names []string
+	for name := range st.Maps {
+		names = append(names, name)
+	}
+	sort.Strings(names)
+	for _, name := range names {
+		fmt.Fprintf(tw, "%s\t%d\t%d\n", name, st.Maps[name].Entries, st.Maps[name].MaxEntries)
+	}
+	return tw.Flush()
+}
