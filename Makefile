@@ -43,7 +43,7 @@ demo: build
 	$(BIN)/servicepath-demo --servicepath $(BIN)/servicepath --manifest deploy/examples/demo.yaml
 
 bench:
-	$(GO) test -run '^$$' -bench . -benchtime 2000000x -count 5 ./bench/...
+	$(GO) test -run '^$$' -bench . -benchtime 20000x -count 5 ./bench/...
 
 vmtest:
 	$(GO) run ./vmtests/cmd/vmtest $(if $(KERNELS),--kernels "$(KERNELS)")

@@ -155,3 +155,55 @@ func (e *Env) CTEntries() (int, error) {
 	}
 	return n, it.Err()
 }
+
+// flowState is the content of the maps packets change (conntrack and
+// fragment tracking), to put back after a timed run.
+type flowState map[*ebpf.Map]map[string][]byte
+
+func snapshotFlows(e *Env) (flowState, error) {
+	st := flowState{}
+	for _, m := range []*ebpf.Map{e.DP.Maps.CT, e.DP.Maps.Frags} {
+		entries := map[string][]byte{}
+		var k, v []byte
+		it := m.Iterate()
+		for it.Next(&k, &v) {
+			entries[string(k)] = append([]byte(nil), v...)
+		}
+		if err := it.Err(); err != nil {
+			return nil, err
+		}
+		st[m] = entries
+	}
+	return st, nil
+}
+
+func (st flowState) restore() error {
+	for m, entries := range st {
+		var stale [][]byte
+		var k, v []byte
+		it := m.Iterate()
+		for it.Next(&k, &v) {
+			if want, ok := entries[string(k)]; !ok {
+				stale = append(stale, append([]byte(nil), k...))
+			} else if string(want) != string(v) {
+				if err := m.Put(k, want); err != nil {
+					return err
+				}
+			}
+		}
+		if err := it.Err(); err != nil {
+			return err
+		}
+		for _, k := range stale {
+			if err := m.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+				return err
+			}
+		}
+		for k, v := range entries {
+			if err := m.Update([]byte(k), v, ebpf.UpdateNoExist); err != nil && !errors.Is(err, ebpf.ErrKeyExist) {
+				return err
+			}
+		}
+	}
+	return nil
+}

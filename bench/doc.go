@@ -1,0 +1,2 @@
+// Package bench holds servicepath's benchmarks (`make bench`).
+package bench

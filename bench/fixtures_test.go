@@ -1,0 +1,16 @@
+package bench
+
+import (
+	"testing"
+
+	"github.com/servicepath/servicepath/datapath/clusterip"
+	"github.com/servicepath/servicepath/harness/inject"
+	"github.com/servicepath/servicepath/harness/testenv"
+)
+
+// BenchmarkClusterIPFixtures reports the BPF programs' own cost in
+// ns/packet for every row of the ClusterIP fixture table.
+func BenchmarkClusterIPFixtures(b *testing.B) {
+	testenv.RequireRoot(b)
+	inject.Bench(b, clusterip.Fixtures())
+}
