@@ -166,13 +166,29 @@ func (a *Attacher) Detach(dev string, dir Direction) error {
 	return errors.Join(errs...)
 }
 
-// unpinTCX removes a pinned tcx link, which detaches it.
+// unpinTCX detaches and unpins a pinned tcx link. Unpinning alone would
+// leave the program running until the last handle closes and the kernel
+// frees the link, so it is detached explicitly first.
 func (a *Attacher) unpinTCX(dev string, dir Direction) error {
-	err := os.Remove(a.pinPath(dev, dir))
-	if err == nil || errors.Is(err, os.ErrNotExist) {
+	return detachPinned(a.pinPath(dev, dir))
+}
+
+func detachPinned(pin string) error {
+	l, err := link.LoadPinnedLink(pin, nil)
+	if errors.Is(err, os.ErrNotExist) {
 		return nil
 	}
-	return fmt.Errorf("unpin tcx link %s %s: %w", dev, dir, err)
+	if err != nil {
+		return fmt.Errorf("open pinned link %s: %w", pin, err)
+	}
+	defer l.Close()
+	if err := l.Detach(); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("detach link %s: %w", pin, err)
+	}
+	if err := l.Unpin(); err != nil {
+		return fmt.Errorf("unpin link %s: %w", pin, err)
+	}
+	return nil
 }
 
 func (a *Attacher) detachTC(l netlink.Link, dir Direction) error {
@@ -203,6 +219,13 @@ func (a *Attacher) DetachAll() error {
 		for _, dir := range []Direction{Ingress, Egress} {
 			errs = append(errs, a.detachTC(l, dir))
 		}
+	}
+	pins, err := os.ReadDir(a.LinkDir)
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		errs = append(errs, err)
+	}
+	for _, p := range pins {
+		errs = append(errs, detachPinned(filepath.Join(a.LinkDir, p.Name())))
 	}
 	errs = append(errs, os.RemoveAll(a.LinkDir))
 	return errors.Join(errs...)

@@ -187,11 +187,12 @@ type plan struct {
 
 func (mgr *Manager) allocID(reserved map[uint32]bool) (uint32, error) {
 	for range mgr.maxIDs {
-		id := mgr.nextID
-		mgr.nextID++
-		if mgr.nextID > mgr.maxIDs {
+		// Ids run 1..maxIDs; a restart may leave the cursor just past the end.
+		if mgr.nextID == 0 || mgr.nextID > mgr.maxIDs {
 			mgr.nextID = 1
 		}
+		id := mgr.nextID
+		mgr.nextID++
 		if !mgr.usedIDs[id] && !reserved[id] {
 			return id, nil
 		}
@@ -244,79 +245,123 @@ func (mgr *Manager) plan(s Service, reserved map[uint32]bool) (*plan, error) {
 // Apply makes the frontends owned by each of owners exactly those in
 // services (whose Names must be among owners): new and changed frontends
 // are written, frontends no longer listed are removed. Everything is
-// validated before the first map write.
+// validated, and checked to fit, before the first map write.
 func (mgr *Manager) Apply(owners []string, services []Service) error {
 	owned := map[string]bool{}
 	for _, o := range owners {
 		owned[o] = true
 	}
-	reserved := map[uint32]bool{}
-	var plans []*plan
-	want := map[maps.ServiceKey]bool{}
-	slotsAfter := int64(mgr.slotsInUse())
 	for _, s := range services {
 		if !owned[s.Name] {
 			return fmt.Errorf("service %s (%s) is not among the owners being applied", s.Name, s.Frontend)
 		}
-		p, err := mgr.plan(s, reserved)
-		if err != nil {
-			return err
-		}
-		if want[p.key] {
-			return fmt.Errorf("frontend %s listed twice (service %s)", s.Frontend, s.Name)
-		}
-		if old, ok := mgr.frontends[p.key]; ok && old.name != s.Name {
-			return fmt.Errorf("frontend %s of service %s already belongs to service %s", s.Frontend, s.Name, old.name)
-		}
+	}
+	plans, err := mgr.planAll(services)
+	if err != nil {
+		return err
+	}
+	want := map[maps.ServiceKey]bool{}
+	for _, p := range plans {
 		want[p.key] = true
-		slotsAfter += int64(len(p.ids) + 1)
-		if old, ok := mgr.frontends[p.key]; ok {
-			slotsAfter -= int64(old.slots() + 1)
-		}
-		plans = append(plans, p)
 	}
 	var stale []maps.ServiceKey
 	for k, f := range mgr.frontends {
 		if owned[f.name] && !want[k] {
 			stale = append(stale, k)
-			slotsAfter -= int64(f.slots() + 1)
 		}
 	}
-	if slotsAfter > int64(mgr.maxSlots) {
-		return fmt.Errorf("service map full: %d entries needed, %d available", slotsAfter, mgr.maxSlots)
+	return mgr.commit(plans, stale)
+}
+
+// Upsert programs one frontend.
+func (mgr *Manager) Upsert(s Service) error {
+	plans, err := mgr.planAll([]Service{s})
+	if err != nil {
+		return err
+	}
+	return mgr.commit(plans, nil)
+}
+
+func (mgr *Manager) planAll(services []Service) ([]*plan, error) {
+	reserved := map[uint32]bool{}
+	seen := map[maps.ServiceKey]bool{}
+	var plans []*plan
+	for _, s := range services {
+		p, err := mgr.plan(s, reserved)
+		if err != nil {
+			return nil, err
+		}
+		if seen[p.key] {
+			return nil, fmt.Errorf("frontend %s listed twice (service %s)", s.Frontend, s.Name)
+		}
+		seen[p.key] = true
+		if old, ok := mgr.frontends[p.key]; ok && old.name != s.Name {
+			return nil, fmt.Errorf("frontend %s of service %s already belongs to service %s", s.Frontend, s.Name, old.name)
+		}
+		plans = append(plans, p)
+	}
+	return plans, nil
+}
+
+// usage is what a change needs of the two bounded maps.
+type usage struct{ slots, ids int }
+
+// commit removes stale frontends, then writes plans, shrinking ones first.
+// Each write briefly holds old and new entries together, so the peak of
+// every step is checked, not only the end state, before a map is touched:
+// a change that cannot complete is refused whole.
+func (mgr *Manager) commit(plans []*plan, stale []maps.ServiceKey) error {
+	running := usage{slots: mgr.slotsInUse(), ids: len(mgr.usedIDs)}
+	for _, k := range stale {
+		f := mgr.frontends[k]
+		running.slots -= f.slots() + 1
+		running.ids -= len(f.backends)
+	}
+	type step struct {
+		p           *plan
+		grow, delta usage
+	}
+	steps := make([]step, 0, len(plans))
+	for _, p := range plans {
+		st := step{p: p, grow: usage{slots: len(p.ids) + 1, ids: len(p.ids)}}
+		st.delta = st.grow
+		if old := mgr.frontends[p.key]; old != nil {
+			newIDs := 0
+			for _, id := range p.ids {
+				if _, ok := old.backends[id]; !ok {
+					newIDs++
+				}
+			}
+			st.grow = usage{slots: max(0, len(p.ids)-old.slots()), ids: newIDs}
+			st.delta = usage{slots: len(p.ids) - old.slots(), ids: len(p.ids) - len(old.backends)}
+		}
+		steps = append(steps, st)
+	}
+	sort.SliceStable(steps, func(i, j int) bool {
+		return steps[i].delta.slots+steps[i].delta.ids < steps[j].delta.slots+steps[j].delta.ids
+	})
+	for _, st := range steps {
+		if n := running.slots + st.grow.slots; n > int(mgr.maxSlots) {
+			return fmt.Errorf("service map full: %s needs %d entries, %d available", keyString(st.p.key), n, mgr.maxSlots)
+		}
+		if n := running.ids + st.grow.ids; n > int(mgr.maxIDs) {
+			return fmt.Errorf("backend map full: %s needs %d entries, %d available", keyString(st.p.key), n, mgr.maxIDs)
+		}
+		running.slots += st.delta.slots
+		running.ids += st.delta.ids
 	}
 
-	for _, p := range plans {
-		if err := mgr.write(p); err != nil {
-			return fmt.Errorf("program %s: %w", keyString(p.key), err)
-		}
-	}
 	for _, k := range stale {
 		if err := mgr.remove(k); err != nil {
 			return fmt.Errorf("remove %s: %w", keyString(k), err)
 		}
 	}
+	for _, st := range steps {
+		if err := mgr.write(st.p); err != nil {
+			return fmt.Errorf("program %s: %w", keyString(st.p.key), err)
+		}
+	}
 	return nil
-}
-
-// Upsert programs one frontend.
-func (mgr *Manager) Upsert(s Service) error {
-	reserved := map[uint32]bool{}
-	p, err := mgr.plan(s, reserved)
-	if err != nil {
-		return err
-	}
-	if old, ok := mgr.frontends[p.key]; ok && old.name != s.Name {
-		return fmt.Errorf("frontend %s of service %s already belongs to service %s", s.Frontend, s.Name, old.name)
-	}
-	delta := len(p.ids) + 1
-	if old, ok := mgr.frontends[p.key]; ok {
-		delta -= old.slots() + 1
-	}
-	if mgr.slotsInUse()+delta > int(mgr.maxSlots) {
-		return fmt.Errorf("service map full: %d entries available", mgr.maxSlots)
-	}
-	return mgr.write(p)
 }
 
 // Delete removes one frontend; absent is not an error.
