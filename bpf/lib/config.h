@@ -15,3 +15,9 @@ volatile const __u32 cfg_ct_tcp_syn_s = 60;
 volatile const __u32 cfg_ct_tcp_established_s = 21600;
 volatile const __u32 cfg_ct_tcp_close_s = 10;
 volatile const __u32 cfg_ct_nontcp_s = 60;
+
+/* Socket-layer knobs. The loader probes the kernel and fills these in. */
+volatile const __u32 cfg_have_set_retval = 0;
+/* Translate only in the host netns; pods use the per-packet path. */
+volatile const __u32 cfg_sock_lb_host_only = 0;
+volatile const __u64 cfg_host_netns_cookie = 0;

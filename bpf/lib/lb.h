@@ -4,31 +4,47 @@
 #include "common.h"
 #include "lb_maps.h"
 
-static __always_inline struct lb_svc_value *lb_lookup_slot(const union v6addr *addr, __be16 port, const struct pkt *p,
-							   __u16 slot)
+/* What a service is looked up by: the packet's or the socket's
+ * destination. */
+struct lb_frontend {
+	union v6addr addr;
+	__be16 port;
+	__u8 proto;
+	__u8 family;
+};
+
+static __always_inline void lb_frontend_of(const struct pkt *p, struct lb_frontend *fe)
+{
+	fe->addr = p->daddr;
+	fe->port = p->dport;
+	fe->proto = p->proto;
+	fe->family = p->family;
+}
+
+static __always_inline struct lb_svc_value *lb_lookup_slot(const struct lb_frontend *fe, __u16 slot)
 {
 	struct lb_svc_key k;
 
 	__builtin_memset(&k, 0, sizeof(k));
-	k.addr = *addr;
-	k.port = port;
-	k.proto = p->proto;
-	k.family = p->family;
+	k.addr = fe->addr;
+	k.port = fe->port;
+	k.proto = fe->proto;
+	k.family = fe->family;
 	k.slot = slot;
 	return bpf_map_lookup_elem(&sp_services, &k);
 }
 
-static __always_inline struct lb_svc_value *lb_lookup_service(const struct pkt *p)
+static __always_inline struct lb_svc_value *lb_lookup_service(const struct lb_frontend *fe)
 {
-	return lb_lookup_slot(&p->daddr, p->dport, p, 0);
+	return lb_lookup_slot(fe, 0);
 }
 
 /* Random choice among the active backends; returns 0 when a slot is
  * missing, which the ordered map updates make impossible in steady state. */
-static __always_inline __u32 lb_select_backend(const struct pkt *p, const struct lb_svc_value *svc)
+static __always_inline __u32 lb_select_backend(const struct lb_frontend *fe, const struct lb_svc_value *svc)
 {
 	__u16 slot = (bpf_get_prandom_u32() % svc->count) + 1;
-	struct lb_svc_value *v = lb_lookup_slot(&p->daddr, p->dport, p, slot);
+	struct lb_svc_value *v = lb_lookup_slot(fe, slot);
 
 	return v ? v->backend_id : 0;
 }
@@ -96,8 +112,10 @@ static __always_inline int lb_forward(struct __sk_buff *skb, struct pkt *p)
 		t.port = svc_ct->nat_port;
 		t.backend_id = svc_ct->backend_id;
 	} else {
-		struct lb_svc_value *svc = lb_lookup_service(p);
+		struct lb_frontend fe;
 
+		lb_frontend_of(p, &fe);
+		struct lb_svc_value *svc = lb_lookup_service(&fe);
 		if (!svc) {
 			count(METRIC_PASS);
 			return TC_ACT_OK;
@@ -110,7 +128,7 @@ static __always_inline int lb_forward(struct __sk_buff *skb, struct pkt *p)
 		if (svc->count == 0)
 			return lb_no_backend(skb, p);
 
-		__u32 id = lb_select_backend(p, svc);
+		__u32 id = lb_select_backend(&fe, svc);
 		struct lb_backend *b = id ? bpf_map_lookup_elem(&sp_backends, &id) : 0;
 		if (!b) {
 			count(METRIC_SLOT_MISSING);

@@ -18,6 +18,11 @@ enum metric {
 	METRIC_SLOT_MISSING,      /* service slot or backend missing mid-update: dropped */
 	METRIC_CT_CREATE_FAILED,  /* conntrack insert failed: translated untracked */
 	METRIC_MALFORMED,         /* truncated or unparsable IP packet: passed */
+	METRIC_SOCK_XLATE,        /* connect/sendmsg to a VIP rewritten to a backend */
+	METRIC_SOCK_REV_XLATE,    /* recvmsg/getpeername source rewritten back to the VIP */
+	METRIC_SOCK_REV_MISS,     /* recvmsg/getpeername with no translated flow: untouched */
+	METRIC_SOCK_NO_BACKEND,   /* connect/sendmsg to a service without backends: refused */
+	METRIC_SOCK_OTHER_NETNS,  /* left to the per-packet path: not the host netns */
 	METRIC_MAX,
 };
 

@@ -21,6 +21,8 @@ func cmdLoad(args []string, o output) error {
 	bpffs := fs.String("bpffs", defaultBPFFS, "bpffs directory for pinned maps and links (bpffs is mounted there if absent)")
 	var devices stringList
 	fs.Var(&devices, "device", "pod host-side device to attach to (repeatable, or comma-separated)")
+	cgroup := fs.String("cgroup", "", "cgroup2 directory whose sockets get socket-level load balancing (a node: the cgroup2 root)")
+	fs.BoolVar(&def.SockLBHostOnly, "socket-lb-host-only", false, "translate at the socket only in this netns; pods use the per-packet path")
 	mode := fs.String("attach-mode", string(attach.Auto), "auto (tcx, else tc), tcx, or tc (clsact + cls_bpf)")
 	noBackend := fs.String("no-backend", "reject", "new flows to a service without ready backends: reject (ICMP unreachable) or drop")
 	fs.Var((*uint32Flag)(&def.ServiceMapSize), "services-size", "service map entries (frontends plus their backend slots)")
@@ -68,6 +70,14 @@ func cmdLoad(args []string, o output) error {
 			fmt.Fprintf(o.out, "attached %s to %s %s (%s)\n", h.name, dev, h.dir, used)
 		}
 	}
+	if *cgroup != "" {
+		for _, h := range dp.SockHooks {
+			if err := a.AttachCgroup(h.Prog, *cgroup, h.Name, h.Attach); err != nil {
+				return err
+			}
+		}
+		fmt.Fprintf(o.out, "attached %d socket hooks to cgroup %s\n", len(dp.SockHooks), *cgroup)
+	}
 	fmt.Fprintf(o.out, "maps pinned under %s\n", *bpffs)
 	return nil
 }
@@ -81,7 +91,7 @@ func cmdUnload(args []string, o output) error {
 	a := &attach.Attacher{LinkDir: linkDir(*bpffs)}
 	var errs []error
 	errs = append(errs, a.DetachAll())
-	for _, name := range []string{maps.ServicesName, maps.BackendsName, maps.SvcMetaName, maps.CTName, maps.FragsName, maps.MetricsName} {
+	for _, name := range []string{maps.ServicesName, maps.BackendsName, maps.SvcMetaName, maps.CTName, maps.FragsName, maps.MetricsName, maps.SockRevName} {
 		if err := os.Remove(filepath.Join(*bpffs, name)); err != nil && !errors.Is(err, os.ErrNotExist) {
 			errs = append(errs, err)
 		}

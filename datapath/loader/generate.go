@@ -3,3 +3,4 @@ package loader
 // One object per attach point; the generated files are committed so that
 // building servicepath needs no clang. `make generate` reruns this.
 //go:generate go tool bpf2go -cc clang -cflags "-O2 -g -Wall -Werror -I../../bpf/include" -target bpfel -no-global-types Lxc ../../bpf/bpf_lxc.c
+//go:generate go tool bpf2go -cc clang -cflags "-O2 -g -Wall -Werror -I../../bpf/include" -target bpfel -no-global-types Sock ../../bpf/bpf_sock.c

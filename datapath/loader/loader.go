@@ -8,6 +8,9 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/asm"
+	"github.com/cilium/ebpf/features"
+	"golang.org/x/sys/unix"
 
 	"github.com/servicepath/servicepath/datapath/maps"
 	"github.com/servicepath/servicepath/datapath/mounts"
@@ -50,6 +53,11 @@ type Config struct {
 	CTTCPEstablished time.Duration
 	CTTCPClose       time.Duration
 	CTNonTCP         time.Duration
+
+	// SockLBHostOnly limits socket-level load balancing to the netns the
+	// loader runs in (the host's); pods then use the per-packet path, for
+	// sidecars that must see the VIP on the wire.
+	SockLBHostOnly bool
 }
 
 // DefaultConfig has the issue's sizes and Cilium's CT lifetimes.
@@ -89,45 +97,59 @@ func (c Config) validate() error {
 	return nil
 }
 
-// Datapath is a loaded set of programs and their maps.
-type Datapath struct {
-	Maps     *maps.Maps
-	FromPod  *ebpf.Program
-	ToPod    *ebpf.Program
-	objs     LxcObjects
-	PinnedAt string
+// SockHook is one cgroup socket hook and its program.
+type SockHook struct {
+	Name   string
+	Attach ebpf.AttachType
+	Prog   *ebpf.Program
 }
 
-// Load verifies and loads the programs with cfg applied.
+// Datapath is a loaded set of programs and their maps.
+type Datapath struct {
+	Maps    *maps.Maps
+	FromPod *ebpf.Program
+	ToPod   *ebpf.Program
+	// SockHooks translate service addresses at the socket (cgroup hooks).
+	SockHooks []SockHook
+	lxc       LxcObjects
+	sock      SockObjects
+	PinnedAt  string
+}
+
+// Load verifies and loads the programs with cfg applied. Both objects
+// share their maps: the pod-device object creates (or re-uses the pinned)
+// maps and the socket object is given the same ones.
 func Load(cfg Config) (*Datapath, error) {
 	if err := cfg.validate(); err != nil {
 		return nil, fmt.Errorf("load config: %w", err)
 	}
-	spec, err := LoadLxc()
+	knobs, err := cfg.knobs()
+	if err != nil {
+		return nil, err
+	}
+	lxcSpec, err := LoadLxc()
 	if err != nil {
 		return nil, fmt.Errorf("read BPF object: %w", err)
 	}
-	spec.Maps[maps.ServicesName].MaxEntries = cfg.ServiceMapSize
-	spec.Maps[maps.SvcMetaName].MaxEntries = cfg.ServiceMapSize
-	spec.Maps[maps.BackendsName].MaxEntries = cfg.BackendMapSize
-	spec.Maps[maps.CTName].MaxEntries = cfg.CTMapSize
-
-	for name, v := range map[string]uint32{
-		"cfg_no_backend_action":    uint32(cfg.NoBackend),
-		"cfg_ct_tcp_syn_s":         uint32(cfg.CTTCPSyn / time.Second),
-		"cfg_ct_tcp_established_s": uint32(cfg.CTTCPEstablished / time.Second),
-		"cfg_ct_tcp_close_s":       uint32(cfg.CTTCPClose / time.Second),
-		"cfg_ct_nontcp_s":          uint32(cfg.CTNonTCP / time.Second),
-	} {
-		if err := spec.Variables[name].Set(v); err != nil {
-			return nil, fmt.Errorf("set %s: %w", name, err)
+	sockSpec, err := LoadSock()
+	if err != nil {
+		return nil, fmt.Errorf("read BPF object: %w", err)
+	}
+	for _, spec := range []*ebpf.CollectionSpec{lxcSpec, sockSpec} {
+		cfg.sizeMaps(spec)
+		for name, v := range knobs {
+			if err := spec.Variables[name].Set(v); err != nil {
+				return nil, fmt.Errorf("set %s: %w", name, err)
+			}
 		}
 	}
 
 	var opts ebpf.CollectionOptions
 	if cfg.PinPath == "" {
-		for _, m := range spec.Maps {
-			m.Pinning = ebpf.PinNone
+		for _, spec := range []*ebpf.CollectionSpec{lxcSpec, sockSpec} {
+			for _, m := range spec.Maps {
+				m.Pinning = ebpf.PinNone
+			}
 		}
 	} else {
 		if err := mounts.EnsureBPFFS(cfg.PinPath); err != nil {
@@ -137,33 +159,115 @@ func Load(cfg Config) (*Datapath, error) {
 	}
 
 	var dp Datapath
-	if err := spec.LoadAndAssign(&dp.objs, &opts); err != nil {
-		if errors.Is(err, ebpf.ErrMapIncompatible) {
-			return nil, fmt.Errorf("maps pinned under %s were made with other sizes or an older layout: "+
-				"load with the same sizes, or `servicepath unload` first (drops tracked flows): %w", cfg.PinPath, err)
-		}
-		var ve *ebpf.VerifierError
-		if errors.As(err, &ve) {
-			return nil, fmt.Errorf("BPF verifier rejected the datapath: %+v", ve)
-		}
-		return nil, fmt.Errorf("load BPF objects: %w", err)
+	if err := lxcSpec.LoadAndAssign(&dp.lxc, &opts); err != nil {
+		return nil, loadError(cfg, err)
 	}
-	m := dp.objs.LxcMaps
+	shared := dp.lxc.LxcMaps
+	opts.MapReplacements = map[string]*ebpf.Map{
+		maps.ServicesName: shared.SpServices,
+		maps.BackendsName: shared.SpBackends,
+		maps.SvcMetaName:  shared.SpSvcMeta,
+		maps.CTName:       shared.SpCt,
+		maps.FragsName:    shared.SpFrags,
+		maps.MetricsName:  shared.SpMetrics,
+	}
+	if err := sockSpec.LoadAndAssign(&dp.sock, &opts); err != nil {
+		dp.lxc.Close()
+		return nil, loadError(cfg, err)
+	}
 	dp.Maps = &maps.Maps{
-		Services: m.SpServices,
-		Backends: m.SpBackends,
-		SvcMeta:  m.SpSvcMeta,
-		CT:       m.SpCt,
-		Frags:    m.SpFrags,
-		Metrics:  m.SpMetrics,
+		Services:   shared.SpServices,
+		Backends:   shared.SpBackends,
+		SvcMeta:    shared.SpSvcMeta,
+		CT:         shared.SpCt,
+		Frags:      shared.SpFrags,
+		Metrics:    shared.SpMetrics,
+		SockRevNAT: dp.sock.SpSockRevnat,
 	}
-	dp.FromPod = dp.objs.SpFromPod
-	dp.ToPod = dp.objs.SpToPod
+	dp.FromPod = dp.lxc.SpFromPod
+	dp.ToPod = dp.lxc.SpToPod
+	p := dp.sock.SockPrograms
+	dp.SockHooks = []SockHook{
+		{"connect4", ebpf.AttachCGroupInet4Connect, p.SpConnect4},
+		{"connect6", ebpf.AttachCGroupInet6Connect, p.SpConnect6},
+		{"sendmsg4", ebpf.AttachCGroupUDP4Sendmsg, p.SpSendmsg4},
+		{"sendmsg6", ebpf.AttachCGroupUDP6Sendmsg, p.SpSendmsg6},
+		{"recvmsg4", ebpf.AttachCGroupUDP4Recvmsg, p.SpRecvmsg4},
+		{"recvmsg6", ebpf.AttachCGroupUDP6Recvmsg, p.SpRecvmsg6},
+		{"getpeername4", ebpf.AttachCgroupInet4GetPeername, p.SpGetpeername4},
+		{"getpeername6", ebpf.AttachCgroupInet6GetPeername, p.SpGetpeername6},
+	}
 	dp.PinnedAt = cfg.PinPath
 	return &dp, nil
 }
 
+func (c Config) sizeMaps(spec *ebpf.CollectionSpec) {
+	for name, size := range map[string]uint32{
+		maps.ServicesName: c.ServiceMapSize,
+		maps.SvcMetaName:  c.ServiceMapSize,
+		maps.BackendsName: c.BackendMapSize,
+		maps.CTName:       c.CTMapSize,
+	} {
+		if m, ok := spec.Maps[name]; ok {
+			m.MaxEntries = size
+		}
+	}
+}
+
+// knobs are the volatile const values of bpf/lib/config.h, some of them
+// probed from the running kernel.
+func (c Config) knobs() (map[string]any, error) {
+	haveSetRetval := uint32(1)
+	if err := features.HaveProgramHelper(ebpf.CGroupSockAddr, asm.FnSetRetval); errors.Is(err, ebpf.ErrNotSupported) {
+		haveSetRetval = 0
+	} else if err != nil {
+		return nil, fmt.Errorf("probe bpf_set_retval: %w", err)
+	}
+	var hostOnly uint32
+	var hostCookie uint64
+	if c.SockLBHostOnly {
+		cookie, err := netnsCookie()
+		if err != nil {
+			return nil, fmt.Errorf("socket-LB in the host netns only needs this netns' cookie (SO_NETNS_COOKIE, Linux 5.14+): %w", err)
+		}
+		hostOnly, hostCookie = 1, cookie
+	}
+	return map[string]any{
+		"cfg_no_backend_action":    uint32(c.NoBackend),
+		"cfg_ct_tcp_syn_s":         uint32(c.CTTCPSyn / time.Second),
+		"cfg_ct_tcp_established_s": uint32(c.CTTCPEstablished / time.Second),
+		"cfg_ct_tcp_close_s":       uint32(c.CTTCPClose / time.Second),
+		"cfg_ct_nontcp_s":          uint32(c.CTNonTCP / time.Second),
+		"cfg_have_set_retval":      haveSetRetval,
+		"cfg_sock_lb_host_only":    hostOnly,
+		"cfg_host_netns_cookie":    hostCookie,
+	}, nil
+}
+
+// netnsCookie is the cookie of the calling thread's network namespace, as
+// bpf_get_netns_cookie reports it.
+func netnsCookie() (uint64, error) {
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return 0, err
+	}
+	defer unix.Close(fd)
+	return unix.GetsockoptUint64(fd, unix.SOL_SOCKET, unix.SO_NETNS_COOKIE)
+}
+
+func loadError(cfg Config, err error) error {
+	if errors.Is(err, ebpf.ErrMapIncompatible) {
+		return fmt.Errorf("maps pinned under %s were made with other sizes or an older layout: "+
+			"load with the same sizes, or `servicepath unload` first (drops tracked flows): %w", cfg.PinPath, err)
+	}
+	var ve *ebpf.VerifierError
+	if errors.As(err, &ve) {
+		return fmt.Errorf("BPF verifier rejected the datapath: %+v", ve)
+	}
+	return fmt.Errorf("load BPF objects: %w", err)
+}
+
 // Close releases file descriptors; pinned maps and attached links stay.
 func (d *Datapath) Close() error {
-	return d.objs.Close()
+	return errors.Join(d.sock.Close(), d.lxc.Close())
 }

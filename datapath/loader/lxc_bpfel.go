@@ -28,7 +28,10 @@ const (
 	LxcVarCfgCtTcpCloseS       = "cfg_ct_tcp_close_s"
 	LxcVarCfgCtTcpEstablishedS = "cfg_ct_tcp_established_s"
 	LxcVarCfgCtTcpSynS         = "cfg_ct_tcp_syn_s"
+	LxcVarCfgHaveSetRetval     = "cfg_have_set_retval"
+	LxcVarCfgHostNetnsCookie   = "cfg_host_netns_cookie"
 	LxcVarCfgNoBackendAction   = "cfg_no_backend_action"
+	LxcVarCfgSockLbHostOnly    = "cfg_sock_lb_host_only"
 )
 
 // LoadLxc returns the embedded CollectionSpec for Lxc.
@@ -97,7 +100,10 @@ type LxcVariableSpecs struct {
 	CfgCtTcpCloseS       *ebpf.VariableSpec `ebpf:"cfg_ct_tcp_close_s"`
 	CfgCtTcpEstablishedS *ebpf.VariableSpec `ebpf:"cfg_ct_tcp_established_s"`
 	CfgCtTcpSynS         *ebpf.VariableSpec `ebpf:"cfg_ct_tcp_syn_s"`
+	CfgHaveSetRetval     *ebpf.VariableSpec `ebpf:"cfg_have_set_retval"`
+	CfgHostNetnsCookie   *ebpf.VariableSpec `ebpf:"cfg_host_netns_cookie"`
 	CfgNoBackendAction   *ebpf.VariableSpec `ebpf:"cfg_no_backend_action"`
+	CfgSockLbHostOnly    *ebpf.VariableSpec `ebpf:"cfg_sock_lb_host_only"`
 }
 
 // LxcObjects contains all objects after they have been loaded into the kernel.
@@ -147,7 +153,10 @@ type LxcVariables struct {
 	CfgCtTcpCloseS       *ebpf.Variable `ebpf:"cfg_ct_tcp_close_s"`
 	CfgCtTcpEstablishedS *ebpf.Variable `ebpf:"cfg_ct_tcp_established_s"`
 	CfgCtTcpSynS         *ebpf.Variable `ebpf:"cfg_ct_tcp_syn_s"`
+	CfgHaveSetRetval     *ebpf.Variable `ebpf:"cfg_have_set_retval"`
+	CfgHostNetnsCookie   *ebpf.Variable `ebpf:"cfg_host_netns_cookie"`
 	CfgNoBackendAction   *ebpf.Variable `ebpf:"cfg_no_backend_action"`
+	CfgSockLbHostOnly    *ebpf.Variable `ebpf:"cfg_sock_lb_host_only"`
 }
 
 // LxcPrograms contains all programs after they have been loaded into the kernel.

@@ -17,6 +17,7 @@ const (
 	CTName       = "sp_ct"
 	FragsName    = "sp_frags"
 	MetricsName  = "sp_metrics"
+	SockRevName  = "sp_sock_revnat"
 )
 
 // Maps are the handles user space programs.
@@ -27,6 +28,8 @@ type Maps struct {
 	CT       *ebpf.Map
 	Frags    *ebpf.Map
 	Metrics  *ebpf.Map
+	// SockRevNAT maps a socket's backend peer back to the VIP.
+	SockRevNAT *ebpf.Map
 }
 
 // OpenPinned opens the maps a `servicepath load` pinned under dir.
@@ -42,6 +45,7 @@ func OpenPinned(dir string) (*Maps, error) {
 		{CTName, &m.CT},
 		{FragsName, &m.Frags},
 		{MetricsName, &m.Metrics},
+		{SockRevName, &m.SockRevNAT},
 	} {
 		mp, err := ebpf.LoadPinnedMap(filepath.Join(dir, x.name), nil)
 		if err != nil {
@@ -59,7 +63,7 @@ func OpenPinned(dir string) (*Maps, error) {
 // Close releases the handles; pinned maps stay.
 func (m *Maps) Close() error {
 	var errs []error
-	for _, mp := range []*ebpf.Map{m.Services, m.Backends, m.SvcMeta, m.CT, m.Frags, m.Metrics} {
+	for _, mp := range []*ebpf.Map{m.Services, m.Backends, m.SvcMeta, m.CT, m.Frags, m.Metrics, m.SockRevNAT} {
 		if mp != nil {
 			errs = append(errs, mp.Close())
 		}
@@ -77,7 +81,7 @@ type Usage struct {
 func Occupancy(m *Maps) (map[string]Usage, error) {
 	out := map[string]Usage{}
 	for name, mp := range map[string]*ebpf.Map{
-		ServicesName: m.Services, BackendsName: m.Backends, CTName: m.CT, FragsName: m.Frags,
+		ServicesName: m.Services, BackendsName: m.Backends, CTName: m.CT, FragsName: m.Frags, SockRevName: m.SockRevNAT,
 	} {
 		n := 0
 		var k []byte

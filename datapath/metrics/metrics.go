@@ -23,6 +23,11 @@ var Names = []string{
 	"slot_missing",
 	"ct_create_failed",
 	"malformed",
+	"sock_xlate",
+	"sock_rev_xlate",
+	"sock_rev_miss",
+	"sock_no_backend",
+	"sock_other_netns",
 }
 
 // Read sums each counter over CPUs, keyed by name.

@@ -1,0 +1,244 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+/* cgroup socket hooks: Service addresses translated once, at the socket,
+ * so TCP and connected UDP need no per-packet NAT. */
+
+#include <linux/errno.h>
+
+#include "lib/common.h"
+#include "lib/config.h"
+#include "lib/lb.h"
+#include "lib/metrics.h"
+#include "lib/sock_maps.h"
+
+#define SYS_REJECT 0
+#define SYS_PROCEED 1
+
+/* IPv4 as the hooks see it: a port in network order in the low 16 bits. */
+static __always_inline void fe_from_v4(struct lb_frontend *fe, __u32 ip, __u32 port, __u8 proto)
+{
+	__builtin_memset(fe, 0, sizeof(*fe));
+	fe->addr.p[0] = ip;
+	fe->port = (__be16)port;
+	fe->proto = proto;
+	fe->family = SP_AF_INET;
+}
+
+/* An IPv6 socket address; v4-mapped (::ffff:a.b.c.d) is looked up as IPv4
+ * so dual-stack sockets reach IPv4 services. Returns 1 when v4-mapped. */
+static __always_inline int fe_from_v6(struct lb_frontend *fe, const __u32 *ip6, __u32 port, __u8 proto)
+{
+	__builtin_memset(fe, 0, sizeof(*fe));
+	fe->port = (__be16)port;
+	fe->proto = proto;
+	if (ip6[0] == 0 && ip6[1] == 0 && ip6[2] == bpf_htonl(0xffff)) {
+		fe->addr.p[0] = ip6[3];
+		fe->family = SP_AF_INET;
+		return 1;
+	}
+	fe->addr.p[0] = ip6[0];
+	fe->addr.p[1] = ip6[1];
+	fe->addr.p[2] = ip6[2];
+	fe->addr.p[3] = ip6[3];
+	fe->family = SP_AF_INET6;
+	return 0;
+}
+
+static __always_inline int in_scope(struct bpf_sock_addr *ctx)
+{
+	if (!cfg_sock_lb_host_only || bpf_get_netns_cookie(ctx) == cfg_host_netns_cookie)
+		return 1;
+	count(METRIC_SOCK_OTHER_NETNS);
+	return 0;
+}
+
+static __always_inline int refuse(struct bpf_sock_addr *ctx)
+{
+	count(METRIC_SOCK_NO_BACKEND);
+	/* As kube-proxy's ICMP reject would: ECONNREFUSED where the kernel
+	 * lets us say so, EPERM otherwise. */
+	if (cfg_have_set_retval)
+		bpf_set_retval(-ECONNREFUSED);
+	return SYS_REJECT;
+}
+
+/* Picks a backend for fe and records the reverse mapping for this socket.
+ * Returns 1 and fills *be when translated, 0 when fe is no service, and -1
+ * when the service has no backend to offer. */
+static __always_inline int sock_select(struct bpf_sock_addr *ctx, const struct lb_frontend *fe, struct lb_backend *be)
+{
+	struct lb_svc_value *svc = lb_lookup_service(fe);
+
+	if (!svc)
+		return 0;
+	if (svc->count == 0)
+		return -1;
+	__u32 id = lb_select_backend(fe, svc);
+	struct lb_backend *b = id ? bpf_map_lookup_elem(&sp_backends, &id) : 0;
+	if (!b) {
+		count(METRIC_SLOT_MISSING);
+		return -1;
+	}
+	*be = *b;
+
+	struct sock_revnat_key k = {
+		.cookie = bpf_get_socket_cookie(ctx),
+		.addr = b->addr,
+		.port = b->port,
+		.family = fe->family,
+	};
+	struct sock_revnat_value v = {
+		.addr = fe->addr,
+		.port = fe->port,
+	};
+	bpf_map_update_elem(&sp_sock_revnat, &k, &v, BPF_ANY);
+	count(METRIC_SOCK_XLATE);
+	return 1;
+}
+
+static __always_inline int xlate4(struct bpf_sock_addr *ctx)
+{
+	struct lb_frontend fe;
+	struct lb_backend be;
+
+	if (!in_scope(ctx))
+		return SYS_PROCEED;
+	fe_from_v4(&fe, ctx->user_ip4, ctx->user_port, ctx->protocol);
+	int ret = sock_select(ctx, &fe, &be);
+	if (ret < 0)
+		return refuse(ctx);
+	if (ret > 0) {
+		ctx->user_ip4 = be.addr.p[0];
+		ctx->user_port = (__u32)be.port;
+	}
+	return SYS_PROCEED;
+}
+
+static __always_inline int xlate6(struct bpf_sock_addr *ctx)
+{
+	struct lb_frontend fe;
+	struct lb_backend be;
+	__u32 ip6[4] = {ctx->user_ip6[0], ctx->user_ip6[1], ctx->user_ip6[2], ctx->user_ip6[3]};
+
+	if (!in_scope(ctx))
+		return SYS_PROCEED;
+	int mapped = fe_from_v6(&fe, ip6, ctx->user_port, ctx->protocol);
+	int ret = sock_select(ctx, &fe, &be);
+	if (ret < 0)
+		return refuse(ctx);
+	if (ret > 0) {
+		if (mapped) {
+			ctx->user_ip6[0] = 0;
+			ctx->user_ip6[1] = 0;
+			ctx->user_ip6[2] = bpf_htonl(0xffff);
+			ctx->user_ip6[3] = be.addr.p[0];
+		} else {
+			ctx->user_ip6[0] = be.addr.p[0];
+			ctx->user_ip6[1] = be.addr.p[1];
+			ctx->user_ip6[2] = be.addr.p[2];
+			ctx->user_ip6[3] = be.addr.p[3];
+		}
+		ctx->user_port = (__u32)be.port;
+	}
+	return SYS_PROCEED;
+}
+
+/* Rewrites a peer address back to the VIP if this socket sent to a
+ * service that chose that backend. */
+static __always_inline struct sock_revnat_value *revnat_lookup(struct bpf_sock_addr *ctx, const union v6addr *addr,
+							       __u32 port, __u8 family)
+{
+	struct sock_revnat_key k = {
+		.cookie = bpf_get_socket_cookie(ctx),
+		.addr = *addr,
+		.port = (__be16)port,
+		.family = family,
+	};
+	struct sock_revnat_value *v = bpf_map_lookup_elem(&sp_sock_revnat, &k);
+
+	count(v ? METRIC_SOCK_REV_XLATE : METRIC_SOCK_REV_MISS);
+	return v;
+}
+
+static __always_inline int revnat4(struct bpf_sock_addr *ctx)
+{
+	union v6addr a = {.p[0] = ctx->user_ip4};
+	struct sock_revnat_value *v = revnat_lookup(ctx, &a, ctx->user_port, SP_AF_INET);
+
+	if (v) {
+		ctx->user_ip4 = v->addr.p[0];
+		ctx->user_port = (__u32)v->port;
+	}
+	return SYS_PROCEED;
+}
+
+static __always_inline int revnat6(struct bpf_sock_addr *ctx)
+{
+	struct lb_frontend peer;
+	__u32 ip6[4] = {ctx->user_ip6[0], ctx->user_ip6[1], ctx->user_ip6[2], ctx->user_ip6[3]};
+	int mapped = fe_from_v6(&peer, ip6, ctx->user_port, 0);
+	struct sock_revnat_value *v = revnat_lookup(ctx, &peer.addr, ctx->user_port, peer.family);
+
+	if (!v)
+		return SYS_PROCEED;
+	if (mapped) {
+		ctx->user_ip6[3] = v->addr.p[0];
+	} else {
+		ctx->user_ip6[0] = v->addr.p[0];
+		ctx->user_ip6[1] = v->addr.p[1];
+		ctx->user_ip6[2] = v->addr.p[2];
+		ctx->user_ip6[3] = v->addr.p[3];
+	}
+	ctx->user_port = (__u32)v->port;
+	return SYS_PROCEED;
+}
+
+SEC("cgroup/connect4")
+int sp_connect4(struct bpf_sock_addr *ctx)
+{
+	return xlate4(ctx);
+}
+
+SEC("cgroup/connect6")
+int sp_connect6(struct bpf_sock_addr *ctx)
+{
+	return xlate6(ctx);
+}
+
+/* Unconnected UDP: every datagram is load-balanced on its own. */
+SEC("cgroup/sendmsg4")
+int sp_sendmsg4(struct bpf_sock_addr *ctx)
+{
+	return xlate4(ctx);
+}
+
+SEC("cgroup/sendmsg6")
+int sp_sendmsg6(struct bpf_sock_addr *ctx)
+{
+	return xlate6(ctx);
+}
+
+SEC("cgroup/recvmsg4")
+int sp_recvmsg4(struct bpf_sock_addr *ctx)
+{
+	return revnat4(ctx);
+}
+
+SEC("cgroup/recvmsg6")
+int sp_recvmsg6(struct bpf_sock_addr *ctx)
+{
+	return revnat6(ctx);
+}
+
+SEC("cgroup/getpeername4")
+int sp_getpeername4(struct bpf_sock_addr *ctx)
+{
+	return revnat4(ctx);
+}
+
+SEC("cgroup/getpeername6")
+int sp_getpeername6(struct bpf_sock_addr *ctx)
+{
+	return revnat6(ctx);
+}
+
+char __license[] SEC("license") = "Dual BSD/GPL";

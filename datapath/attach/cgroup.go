@@ -1,0 +1,63 @@
+package attach
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"syscall"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+)
+
+// cgroupPin names a hook's pinned link by the cgroup's inode, so several
+// cgroups can be attached at once and a reload finds its own link.
+func (a *Attacher) cgroupPin(path, hook string) (string, uint64, error) {
+	fi, err := os.Stat(path)
+	if err != nil {
+		return "", 0, fmt.Errorf("cgroup %s: %w", path, err)
+	}
+	st, ok := fi.Sys().(*syscall.Stat_t)
+	if !ok || !fi.IsDir() {
+		return "", 0, fmt.Errorf("cgroup %s: not a cgroup directory", path)
+	}
+	return filepath.Join(a.LinkDir, fmt.Sprintf("cgroup-%d-%s", st.Ino, hook)), st.Ino, nil
+}
+
+// AttachCgroup attaches prog as the named socket hook of the cgroup at
+// path (cgroup2), replacing an earlier servicepath program there in place.
+// Every socket of every process in that cgroup and below is affected.
+func (a *Attacher) AttachCgroup(prog *ebpf.Program, path, hook string, at ebpf.AttachType) error {
+	pin, ino, err := a.cgroupPin(path, hook)
+	if err != nil {
+		return err
+	}
+	if old, err := link.LoadPinnedLink(pin, nil); err == nil {
+		info, ierr := old.Info()
+		if ierr == nil && info.Cgroup() != nil && info.Cgroup().CgroupId == ino {
+			err := old.Update(prog)
+			old.Close()
+			if err != nil {
+				return fmt.Errorf("replace %s on %s: %w", hook, path, err)
+			}
+			return nil
+		}
+		// A stale link of a removed cgroup whose inode number was reused.
+		old.Close()
+		if err := detachPinned(pin); err != nil {
+			return err
+		}
+	}
+	l, err := link.AttachCgroup(link.CgroupOptions{Path: path, Attach: at, Program: prog})
+	if err != nil {
+		return fmt.Errorf("attach %s to cgroup %s: %w", hook, path, err)
+	}
+	defer l.Close()
+	if err := os.MkdirAll(a.LinkDir, 0o755); err != nil {
+		return err
+	}
+	if err := l.Pin(pin); err != nil {
+		return fmt.Errorf("pin %s link: %w", hook, err)
+	}
+	return nil
+}
