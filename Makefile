@@ -4,8 +4,9 @@
 GO        ?= go
 BIN       := bin
 # Debian packages the repo needs: clang/llvm/libbpf-dev to regenerate the
-# BPF objects, iproute2 for `ip netns exec`.
-APT_PKGS  := clang llvm libbpf-dev linux-libc-dev iproute2
+# BPF objects, iproute2 for `ip netns exec`, dnsmasq and dig for the
+# resolver round trip through socket-level load balancing.
+APT_PKGS  := clang llvm libbpf-dev linux-libc-dev iproute2 dnsmasq-base bind9-dnsutils
 
 .PHONY: all deps generate generate-check build test demo bench vmtest lint clean
 

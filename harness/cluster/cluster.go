@@ -119,12 +119,17 @@ func (c *Cluster) Addr(pod string, like netip.Addr) netip.Addr {
 	return p.IPv6
 }
 
-// Program points vip:port/proto at the named backend pods (active).
+// Program points vip:port/proto at BackendPort of the named backend pods.
 func (c *Cluster) Program(t *testing.T, vip netip.Addr, port uint16, proto service.Protocol, backends ...string) {
+	c.ProgramTo(t, vip, port, proto, BackendPort, backends...)
+}
+
+// ProgramTo points vip:port/proto at backendPort of the named backend pods.
+func (c *Cluster) ProgramTo(t *testing.T, vip netip.Addr, port uint16, proto service.Protocol, backendPort uint16, backends ...string) {
 	s := service.Service{Name: "default/e2e", PortName: fmt.Sprintf("%s-%d", proto, port),
 		Frontend: service.Frontend{Addr: vip, Port: port, Protocol: proto}}
 	for _, n := range backends {
-		s.Backends = append(s.Backends, service.Backend{Addr: c.Addr(n, vip), Port: BackendPort})
+		s.Backends = append(s.Backends, service.Backend{Addr: c.Addr(n, vip), Port: backendPort})
 	}
 	require.NoError(t, c.Services.Upsert(s), "program %s", s.Frontend)
 }
