@@ -5,6 +5,13 @@ import (
 	"fmt"
 	"io"
 
+	"github.com/cilium/ebpf"
+
+	"github.com/servicepath/servicepath/datapath/attach"
+	"github.com/servicepath/servicepath/datapath/loader"
+	"github.com/servicepath/servicepath/datapath/mounts"
+	"github.com/servicepath/servicepath/datapath/sockdestroy"
+
 	"github.com/servicepath/servicepath/datapath/maps"
 	"github.com/servicepath/servicepath/datapath/service"
 	"github.com/servicepath/servicepath/k8s"
@@ -73,6 +80,9 @@ func cmdApply(args []string, o output) error {
 	if err := mgr.Apply(k8s.ServiceNames(objs.Services), res.Services); err != nil {
 		return err
 	}
+	if err := destroyStaleSockets(o, bpffs, m, mgr.TakeRemoved()); err != nil {
+		return err
+	}
 	for _, s := range res.Services {
 		active := 0
 		for _, b := range s.Backends {
@@ -103,8 +113,47 @@ func cmdDelete(args []string, o output) error {
 	if err := mgr.DeleteOwned(names); err != nil {
 		return err
 	}
+	if err := destroyStaleSockets(o, bpffs, m, mgr.TakeRemoved()); err != nil {
+		return err
+	}
 	for _, n := range names {
 		fmt.Fprintf(o.out, "deleted %s\n", n)
+	}
+	return nil
+}
+
+// destroyStaleSockets closes sockets the socket hooks connected to removed
+// backends, in every netns of the cgroups they are attached to. A kernel
+// without bpf_sock_destroy is reported, not fatal: those clients keep
+// their sockets until they time out.
+func destroyStaleSockets(o output, bpffs string, m *maps.Maps, removed []service.Removed) error {
+	if len(removed) == 0 {
+		return nil
+	}
+	root, err := mounts.Cgroup2Root()
+	if err != nil {
+		return err
+	}
+	cgroups, err := (&attach.Attacher{LinkDir: linkDir(bpffs)}).AttachedCgroups(root)
+	if err != nil || len(cgroups) == 0 {
+		return err
+	}
+	d, err := loader.LoadSockDestroyer(m)
+	if errors.Is(err, ebpf.ErrNotSupported) {
+		fmt.Fprintf(o.errOut, "warning: %d backends removed but their sockets cannot be destroyed on this kernel: %v\n", len(removed), err)
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	rep, err := sockdestroy.Run(d, m, cgroups, removed)
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(o.out, "destroyed %d sockets of removed backends in %d network namespaces\n", rep.Destroyed, rep.Namespaces)
+	for _, u := range rep.Unreachable {
+		fmt.Fprintf(o.errOut, "warning: could not reach %s\n", u)
 	}
 	return nil
 }

@@ -107,8 +107,11 @@ func TestCLILifeCycle(t *testing.T) {
 		return out
 	}
 
-	out := mustRun("load", "--bpffs", bpffs, "--device", strings.Join(devices, ","))
-	assert.Equal(t, 2*len(devices), strings.Count(out, "attached"), "both hooks of every device attached: %s", out)
+	cg := testenv.ChildCgroup(t)
+	out := mustRun("load", "--bpffs", bpffs, "--device", strings.Join(devices, ","), "--cgroup", cg)
+	assert.Equal(t, 2*len(devices), strings.Count(out, "attached from-pod")+strings.Count(out, "attached to-pod"),
+		"both hooks of every device attached: %s", out)
+	assert.Contains(t, out, "attached 8 socket hooks to cgroup "+cg, "socket hooks attached")
 	mustRun("apply", "--bpffs", bpffs, "-f", demoManifest)
 
 	var svcs []serviceJSON
@@ -146,6 +149,8 @@ func TestCLILifeCycle(t *testing.T) {
 	assert.Empty(t, svcs, "no frontends after delete")
 
 	mustRun("unload", "--bpffs", bpffs)
+	_, err = os.Stat(filepath.Join(bpffs, "links"))
+	assert.ErrorIs(t, err, os.ErrNotExist, "no pinned links left after unload")
 	code, _, errOut := inNode("services", "--bpffs", bpffs)
 	assert.Equal(t, 1, code, "services after unload fails")
 	assert.Contains(t, errOut, "servicepath load", "and says to load first")

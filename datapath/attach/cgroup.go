@@ -1,7 +1,9 @@
 package attach
 
 import (
+	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"syscall"
@@ -60,4 +62,39 @@ func (a *Attacher) AttachCgroup(prog *ebpf.Program, path, hook string, at ebpf.A
 		return fmt.Errorf("pin %s link: %w", hook, err)
 	}
 	return nil
+}
+
+// AttachedCgroups lists the cgroup directories that have servicepath
+// socket hooks pinned under LinkDir, found by their inode under root.
+func (a *Attacher) AttachedCgroups(root string) ([]string, error) {
+	pins, err := os.ReadDir(a.LinkDir)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	want := map[uint64]bool{}
+	for _, p := range pins {
+		var ino uint64
+		var hook string
+		if n, _ := fmt.Sscanf(p.Name(), "cgroup-%d-%s", &ino, &hook); n == 2 {
+			want[ino] = true
+		}
+	}
+	var out []string
+	if len(want) == 0 {
+		return nil, nil
+	}
+	err = filepath.WalkDir(root, func(path string, d fs.DirEntry, err error) error {
+		if err != nil || !d.IsDir() {
+			return nil // cgroups come and go while we walk
+		}
+		var st syscall.Stat_t
+		if syscall.Stat(path, &st) == nil && want[st.Ino] {
+			out = append(out, path)
+		}
+		return nil
+	})
+	return out, err
 }

@@ -4,3 +4,4 @@ package loader
 // building servicepath needs no clang. `make generate` reruns this.
 //go:generate go tool bpf2go -cc clang -cflags "-O2 -g -Wall -Werror -I../../bpf/include" -target bpfel -no-global-types Lxc ../../bpf/bpf_lxc.c
 //go:generate go tool bpf2go -cc clang -cflags "-O2 -g -Wall -Werror -I../../bpf/include" -target bpfel -no-global-types Sock ../../bpf/bpf_sock.c
+//go:generate go tool bpf2go -cc clang -cflags "-O2 -g -Wall -Werror -I../../bpf/include" -target bpfel -no-global-types SockDestroy ../../bpf/bpf_sock_destroy.c

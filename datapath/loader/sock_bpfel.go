@@ -21,6 +21,7 @@ const (
 	SockMapSpFrags              = "sp_frags"
 	SockMapSpMetrics            = "sp_metrics"
 	SockMapSpServices           = "sp_services"
+	SockMapSpSockDestroy        = "sp_sock_destroy"
 	SockMapSpSockRevnat         = "sp_sock_revnat"
 	SockMapSpSvcMeta            = "sp_svc_meta"
 	SockProgSpConnect4          = "sp_connect4"
@@ -97,13 +98,14 @@ type SockProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type SockMapSpecs struct {
-	SpBackends   *ebpf.MapSpec `ebpf:"sp_backends"`
-	SpCt         *ebpf.MapSpec `ebpf:"sp_ct"`
-	SpFrags      *ebpf.MapSpec `ebpf:"sp_frags"`
-	SpMetrics    *ebpf.MapSpec `ebpf:"sp_metrics"`
-	SpServices   *ebpf.MapSpec `ebpf:"sp_services"`
-	SpSockRevnat *ebpf.MapSpec `ebpf:"sp_sock_revnat"`
-	SpSvcMeta    *ebpf.MapSpec `ebpf:"sp_svc_meta"`
+	SpBackends    *ebpf.MapSpec `ebpf:"sp_backends"`
+	SpCt          *ebpf.MapSpec `ebpf:"sp_ct"`
+	SpFrags       *ebpf.MapSpec `ebpf:"sp_frags"`
+	SpMetrics     *ebpf.MapSpec `ebpf:"sp_metrics"`
+	SpServices    *ebpf.MapSpec `ebpf:"sp_services"`
+	SpSockDestroy *ebpf.MapSpec `ebpf:"sp_sock_destroy"`
+	SpSockRevnat  *ebpf.MapSpec `ebpf:"sp_sock_revnat"`
+	SpSvcMeta     *ebpf.MapSpec `ebpf:"sp_svc_meta"`
 }
 
 // SockVariableSpecs contains global variables before they are loaded into the kernel.
@@ -140,13 +142,14 @@ func (o *SockObjects) Close() error {
 //
 // It can be passed to LoadSockObjects or ebpf.CollectionSpec.LoadAndAssign.
 type SockMaps struct {
-	SpBackends   *ebpf.Map `ebpf:"sp_backends"`
-	SpCt         *ebpf.Map `ebpf:"sp_ct"`
-	SpFrags      *ebpf.Map `ebpf:"sp_frags"`
-	SpMetrics    *ebpf.Map `ebpf:"sp_metrics"`
-	SpServices   *ebpf.Map `ebpf:"sp_services"`
-	SpSockRevnat *ebpf.Map `ebpf:"sp_sock_revnat"`
-	SpSvcMeta    *ebpf.Map `ebpf:"sp_svc_meta"`
+	SpBackends    *ebpf.Map `ebpf:"sp_backends"`
+	SpCt          *ebpf.Map `ebpf:"sp_ct"`
+	SpFrags       *ebpf.Map `ebpf:"sp_frags"`
+	SpMetrics     *ebpf.Map `ebpf:"sp_metrics"`
+	SpServices    *ebpf.Map `ebpf:"sp_services"`
+	SpSockDestroy *ebpf.Map `ebpf:"sp_sock_destroy"`
+	SpSockRevnat  *ebpf.Map `ebpf:"sp_sock_revnat"`
+	SpSvcMeta     *ebpf.Map `ebpf:"sp_svc_meta"`
 }
 
 func (m *SockMaps) Close() error {
@@ -156,6 +159,7 @@ func (m *SockMaps) Close() error {
 		m.SpFrags,
 		m.SpMetrics,
 		m.SpServices,
+		m.SpSockDestroy,
 		m.SpSockRevnat,
 		m.SpSvcMeta,
 	)

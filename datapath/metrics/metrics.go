@@ -28,6 +28,7 @@ var Names = []string{
 	"sock_rev_miss",
 	"sock_no_backend",
 	"sock_other_netns",
+	"sock_destroyed",
 }
 
 // Read sums each counter over CPUs, keyed by name.

@@ -3,6 +3,7 @@ package service
 import (
 	"errors"
 	"fmt"
+	"net/netip"
 	"slices"
 	"sort"
 
@@ -16,6 +17,7 @@ import (
 // last one stopped. Not safe for concurrent use.
 type Manager struct {
 	m         *maps.Maps
+	removed   []Removed
 	frontends map[maps.ServiceKey]*frontend
 	usedIDs   map[uint32]bool
 	nextID    uint32
@@ -428,15 +430,35 @@ func (mgr *Manager) write(p *plan) error {
 			return fmt.Errorf("delete slot %d: %w", s, err)
 		}
 	}
-	for id := range old.backends {
+	for id, b := range old.backends {
 		if _, ok := p.backends[id]; !ok {
 			if err := deleteIfPresent(mgr.m.Backends, &id); err != nil {
 				return fmt.Errorf("delete backend %d: %w", id, err)
 			}
 			delete(mgr.usedIDs, id)
+			mgr.noteRemoved(p.key, b)
 		}
 	}
 	return nil
+}
+
+// Removed is a backend that left a frontend: sockets the socket hooks
+// connected from that frontend to it are now stale.
+type Removed struct {
+	Frontend Frontend
+	Backend  netip.AddrPort
+}
+
+func (mgr *Manager) noteRemoved(k maps.ServiceKey, b maps.Backend) {
+	fe := Frontend{Addr: k.Addr.Netip(k.Family), Port: k.Port.Uint16(), Protocol: Protocol(k.Proto)}
+	mgr.removed = append(mgr.removed, Removed{Frontend: fe, Backend: netip.AddrPortFrom(b.Addr.Netip(b.Family), b.Port.Uint16())})
+}
+
+// TakeRemoved returns the backends removed since the last call.
+func (mgr *Manager) TakeRemoved() []Removed {
+	r := mgr.removed
+	mgr.removed = nil
+	return r
 }
 
 // remove deletes the master first so no new flow starts, then the rest.
@@ -455,11 +477,12 @@ func (mgr *Manager) remove(k maps.ServiceKey) error {
 			return err
 		}
 	}
-	for id := range f.backends {
+	for id, b := range f.backends {
 		if err := deleteIfPresent(mgr.m.Backends, &id); err != nil {
 			return err
 		}
 		delete(mgr.usedIDs, id)
+		mgr.noteRemoved(k, b)
 	}
 	if err := deleteIfPresent(mgr.m.SvcMeta, &k); err != nil {
 		return err

@@ -47,6 +47,8 @@ type Cluster struct {
 	DP       *loader.Datapath
 	Services *service.Manager
 	Servers  map[string]*traffic.Server
+	// Cgroup holds the socket hooks and the test process (SocketLB only).
+	Cgroup string
 }
 
 // New builds a cluster, torn down when the test ends. The datapath is
@@ -92,6 +94,7 @@ func New(t *testing.T, opts Options) *Cluster {
 
 	if opts.SocketLB {
 		cg := testenv.ChildCgroup(t)
+		c.Cgroup = cg
 		for _, h := range c.DP.SockHooks {
 			require.NoError(t, a.AttachCgroup(h.Prog, cg, h.Name, h.Attach), "attach %s to the test cgroup", h.Name)
 		}

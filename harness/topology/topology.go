@@ -21,6 +21,8 @@ import (
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
+
+	"github.com/servicepath/servicepath/datapath/nsexec"
 )
 
 // Addressing of the routed pod network. The gateway addresses sit on every
@@ -96,11 +98,11 @@ type Pod struct {
 
 // Do runs fn on a thread inside the node netns. Sockets fn creates stay in
 // that netns after it returns.
-func (n *Node) Do(fn func() error) error { return do(n.NS, fn) }
+func (n *Node) Do(fn func() error) error { return nsexec.Do(n.NS, fn) }
 
 // Do runs fn on a thread inside the pod netns. Sockets fn creates stay in
 // that netns after it returns.
-func (p *Pod) Do(fn func() error) error { return do(p.NS, fn) }
+func (p *Pod) Do(fn func() error) error { return nsexec.Do(p.NS, fn) }
 
 // Pod returns the pod called name, or nil.
 func (t *Topology) Pod(name string) *Pod {
@@ -187,7 +189,7 @@ func (t *Topology) build(prefix string, pods []PodSpec) error {
 		}
 	}
 	for _, o := range t.owned {
-		if err := do(*o.ns, waitIPv6Ready); err != nil {
+		if err := nsexec.Do(*o.ns, waitIPv6Ready); err != nil {
 			return fmt.Errorf("netns %s: %w", o.name, err)
 		}
 	}
