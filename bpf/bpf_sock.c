@@ -72,7 +72,9 @@ static __always_inline int sock_select(struct bpf_sock_addr *ctx, const struct l
 		return 0;
 	if (svc->count == 0)
 		return -1;
-	__u32 id = lb_select_backend(fe, svc);
+	struct lb_client client = {.by_cookie = 1};
+	client.id.d[0] = bpf_get_netns_cookie(ctx);
+	__u32 id = lb_pick(fe, svc, &client);
 	struct lb_backend *b = id ? bpf_map_lookup_elem(&sp_backends, &id) : 0;
 	if (!b) {
 		count(METRIC_SLOT_MISSING);

@@ -3,6 +3,7 @@
 
 #include "common.h"
 #include "lb_maps.h"
+#include "metrics.h"
 
 /* What a service is looked up by: the packet's or the socket's
  * destination. */
@@ -47,6 +48,52 @@ static __always_inline __u32 lb_select_backend(const struct lb_frontend *fe, con
 	struct lb_svc_value *v = lb_lookup_slot(fe, slot);
 
 	return v ? v->backend_id : 0;
+}
+
+/* Who a client is, for session affinity. */
+struct lb_client {
+	union v6addr id;
+	__u8 by_cookie;
+};
+
+/* Picks a backend id for a new flow: the client's affine backend while its
+ * entry is fresh and the backend still active, else a random one (then
+ * remembered when the service has affinity). */
+static __always_inline __u32 lb_pick(const struct lb_frontend *fe, const struct lb_svc_value *svc,
+				     const struct lb_client *client)
+{
+	struct lb_affinity_key ak;
+	__u64 now = 0;
+
+	if (svc->affinity_timeout) {
+		__builtin_memset(&ak, 0, sizeof(ak));
+		ak.client = client->id;
+		ak.by_cookie = client->by_cookie;
+		ak.vip = fe->addr;
+		ak.port = fe->port;
+		ak.proto = fe->proto;
+		ak.family = fe->family;
+		now = bpf_ktime_get_ns();
+
+		struct lb_affinity_value *av = bpf_map_lookup_elem(&sp_affinity, &ak);
+		if (av && now - av->last_used <= (__u64)svc->affinity_timeout * 1000000000ULL) {
+			__u32 id = av->backend_id;
+			struct lb_backend *b = bpf_map_lookup_elem(&sp_backends, &id);
+
+			if (b && b->state == BACKEND_ACTIVE) {
+				av->last_used = now;
+				count(METRIC_AFFINITY_HIT);
+				return id;
+			}
+		}
+	}
+	__u32 id = lb_select_backend(fe, svc);
+	if (id && svc->affinity_timeout) {
+		struct lb_affinity_value av = {.last_used = now, .backend_id = id};
+
+		bpf_map_update_elem(&sp_affinity, &ak, &av, BPF_ANY);
+	}
+	return id;
 }
 
 /* A backend is alive for a flow while its id still names the address the
@@ -128,7 +175,8 @@ static __always_inline int lb_forward(struct __sk_buff *skb, struct pkt *p)
 		if (svc->count == 0)
 			return lb_no_backend(skb, p);
 
-		__u32 id = lb_select_backend(&fe, svc);
+		struct lb_client client = {.id = p->saddr};
+		__u32 id = lb_pick(&fe, svc, &client);
 		struct lb_backend *b = id ? bpf_map_lookup_elem(&sp_backends, &id) : 0;
 		if (!b) {
 			count(METRIC_SLOT_MISSING);

@@ -18,9 +18,10 @@ struct lb_svc_key {
 };
 
 struct lb_svc_value {
-	__u32 backend_id; /* slots >= 1 */
-	__u16 count;      /* slot 0: active backends */
-	__u16 total;      /* slot 0: active + terminating backends */
+	__u32 backend_id;       /* slots >= 1 */
+	__u16 count;            /* slot 0: active backends */
+	__u16 total;            /* slot 0: active + terminating backends */
+	__u32 affinity_timeout; /* slot 0: sessionAffinity ClientIP, seconds; 0 = off */
 };
 
 enum backend_state {
@@ -70,3 +71,30 @@ struct {
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } sp_svc_meta SEC(".maps");
+
+/* Session affinity: a client keeps its backend while it keeps coming back
+ * within the service's timeout. The socket hooks know a client by its
+ * netns cookie, the per-packet path by its IP: one map for both. */
+struct lb_affinity_key {
+	union v6addr client; /* client IP, or the netns cookie in d[0] */
+	union v6addr vip;
+	__be16 port;
+	__u8 proto;
+	__u8 family;
+	__u8 by_cookie;
+	__u8 pad[3];
+};
+
+struct lb_affinity_value {
+	__u64 last_used; /* CLOCK_MONOTONIC ns */
+	__u32 backend_id;
+	__u32 pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct lb_affinity_key);
+	__type(value, struct lb_affinity_value);
+	__uint(max_entries, 65536);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} sp_affinity SEC(".maps");

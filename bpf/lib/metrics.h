@@ -24,6 +24,7 @@ enum metric {
 	METRIC_SOCK_NO_BACKEND,   /* connect/sendmsg to a service without backends: refused */
 	METRIC_SOCK_OTHER_NETNS,  /* left to the per-packet path: not the host netns */
 	METRIC_SOCK_DESTROYED,    /* socket of a removed backend destroyed */
+	METRIC_AFFINITY_HIT,      /* new flow sent to the client's affine backend */
 	METRIC_MAX,
 };
 

@@ -91,7 +91,7 @@ func cmdUnload(args []string, o output) error {
 	a := &attach.Attacher{LinkDir: linkDir(*bpffs)}
 	var errs []error
 	errs = append(errs, a.DetachAll())
-	for _, name := range []string{maps.ServicesName, maps.BackendsName, maps.SvcMetaName, maps.CTName, maps.FragsName, maps.MetricsName, maps.SockRevName} {
+	for _, name := range []string{maps.ServicesName, maps.BackendsName, maps.SvcMetaName, maps.CTName, maps.FragsName, maps.MetricsName, maps.SockRevName, maps.AffinityName} {
 		if err := os.Remove(filepath.Join(*bpffs, name)); err != nil && !errors.Is(err, os.ErrNotExist) {
 			errs = append(errs, err)
 		}

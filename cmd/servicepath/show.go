@@ -42,11 +42,13 @@ func writeJSON(w io.Writer, v any) error {
 }
 
 type serviceJSON struct {
-	Name     string        `json:"name"`
-	PortName string        `json:"portName,omitempty"`
-	Frontend string        `json:"frontend"`
-	Protocol string        `json:"protocol"`
-	Backends []backendJSON `json:"backends"`
+	Name     string `json:"name"`
+	PortName string `json:"portName,omitempty"`
+	Frontend string `json:"frontend"`
+	Protocol string `json:"protocol"`
+	// AffinitySeconds is sessionAffinity ClientIP's timeout (0: none).
+	AffinitySeconds int           `json:"affinitySeconds,omitempty"`
+	Backends        []backendJSON `json:"backends"`
 }
 
 type backendJSON struct {
@@ -68,7 +70,8 @@ func cmdServices(args []string, o output) error {
 	var out []serviceJSON
 	for _, s := range mgr.List() {
 		sj := serviceJSON{Name: s.Name, PortName: s.PortName, Protocol: s.Frontend.Protocol.String(),
-			Frontend: netip.AddrPortFrom(s.Frontend.Addr, s.Frontend.Port).String(), Backends: []backendJSON{}}
+			Frontend: netip.AddrPortFrom(s.Frontend.Addr, s.Frontend.Port).String(), Backends: []backendJSON{},
+			AffinitySeconds: int(s.Affinity / time.Second)}
 		for i, b := range s.Backends {
 			sj.Backends = append(sj.Backends, backendJSON{ID: s.BackendIDs[i], Address: b.String(), State: b.State.String()})
 		}
@@ -81,7 +84,7 @@ func cmdServices(args []string, o output) error {
 		return writeJSON(o.out, out)
 	}
 	tw := tabwriter.NewWriter(o.out, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "NAME\tPORT\tFRONTEND\tPROTO\tBACKENDS")
+	fmt.Fprintln(tw, "NAME\tPORT\tFRONTEND\tPROTO\tAFFINITY\tBACKENDS")
 	for _, s := range out {
 		var bs []string
 		for _, b := range s.Backends {
@@ -94,7 +97,11 @@ func cmdServices(args []string, o output) error {
 		if len(bs) == 0 {
 			bs = []string{"<none>"}
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", s.Name, dash(s.PortName), s.Frontend, s.Protocol, strings.Join(bs, " "))
+		affinity := "-"
+		if s.AffinitySeconds > 0 {
+			affinity = fmt.Sprintf("ClientIP %ds", s.AffinitySeconds)
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", s.Name, dash(s.PortName), s.Frontend, s.Protocol, affinity, strings.Join(bs, " "))
 	}
 	return tw.Flush()
 }

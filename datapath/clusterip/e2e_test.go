@@ -97,3 +97,10 @@ func exercise(t *testing.T, c *cluster.Cluster, f Family) {
 	require.NoError(t, err, "direct UDP to %s", direct)
 	assert.Equal(t, direct, r.Peer, "direct reply keeps the pod's own source")
 }
+
+func TestClusterIPSessionAffinity(t *testing.T) {
+	c := cluster.New(t, cluster.Options{PerPacket: true, Mode: attach.Auto})
+	for _, f := range Families {
+		t.Run(f.Name, func(t *testing.T) { c.ExerciseAffinity(t, f.VIP) })
+	}
+}

@@ -7,13 +7,16 @@ import (
 	"fmt"
 	"net/netip"
 	"testing"
+	"time"
 
+	"github.com/cilium/ebpf"
 	"github.com/google/gopacket/layers"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
 	"github.com/servicepath/servicepath/datapath/ct"
 	"github.com/servicepath/servicepath/datapath/loader"
+	"github.com/servicepath/servicepath/datapath/maps"
 	"github.com/servicepath/servicepath/datapath/service"
 	"github.com/servicepath/servicepath/harness/inject"
 	"github.com/servicepath/servicepath/harness/packet"
@@ -146,6 +149,7 @@ func Fixtures() []inject.Fixture {
 	var out []inject.Fixture
 	for _, f := range Families {
 		out = append(out, familyFixtures(f)...)
+		out = append(out, affinityFixtures(f)...)
 	}
 	return append(out, inject.Fixture{
 		Name:     "arp-passes",
@@ -410,4 +414,87 @@ func headerQuote(frame []byte) []byte {
 		return l3[:20+8]
 	}
 	return l3[:40+8]
+}
+
+// affine is a TCP service with ClientIP session affinity.
+func (f Family) affine(backends ...service.Backend) service.Service {
+	s := f.Service(service.TCP, backends...)
+	s.Affinity = 60 * time.Second
+	return s
+}
+
+// ageAffinity makes every affinity entry older than any timeout.
+func ageAffinity(e *inject.Env) error {
+	var k maps.AffinityKey
+	var v maps.AffinityValue
+	entries := map[maps.AffinityKey]maps.AffinityValue{}
+	it := e.DP.Maps.Affinity.Iterate()
+	for it.Next(&k, &v) {
+		entries[k] = v
+	}
+	if err := it.Err(); err != nil {
+		return err
+	}
+	if len(entries) == 0 {
+		return fmt.Errorf("no affinity entry to age")
+	}
+	for k, v := range entries {
+		v.LastUsed = 1
+		if err := e.DP.Maps.Affinity.Update(k, v, ebpf.UpdateExist); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// The first connection pins the client to backend 0 while it is the only
+// one; later connections from the same client IP (other source ports)
+// must stay there once more backends join, until the entry expires.
+func affinityFixtures(f Family) []inject.Fixture {
+	name := func(s string) string { return f.Name + "/" + s }
+	all := f.affine(f.active(0), f.active(1), f.active(2))
+	first := packet.TCP(f.Client, f.vip(), packet.SYN, nil, packet.Opts{})
+	second := netip.AddrPortFrom(f.Client.Addr(), f.Client.Port()+7)
+	return []inject.Fixture{
+		{
+			Name:     name("affinity-keeps-client-on-its-backend"),
+			Setup:    steps(upsert(f.affine(f.active(0))), send(inject.FromPod, first), upsert(all)),
+			Input:    packet.TCP(second, f.vip(), packet.SYN, nil, packet.Opts{}),
+			Verdict:  inject.OK,
+			Output:   packet.TCP(second, f.backend(0), packet.SYN, nil, packet.Opts{}),
+			Counters: inject.CountersOf("lb_new", 1, "affinity_hit", 1),
+		},
+		{
+			// Expired, though its backend is alive: chosen afresh, no hit.
+			Name:     name("affinity-expired-chooses-afresh"),
+			Setup:    steps(upsert(f.affine(f.active(0))), send(inject.FromPod, first), ageAffinity),
+			Input:    packet.TCP(second, f.vip(), packet.SYN, nil, packet.Opts{}),
+			Verdict:  inject.OK,
+			Output:   packet.TCP(second, f.backend(0), packet.SYN, nil, packet.Opts{}),
+			Counters: inject.CountersOf("lb_new", 1),
+		},
+		{
+			// A terminating backend takes no new connections, affinity or not.
+			Name: name("affinity-never-picks-terminating-backend"),
+			Setup: steps(upsert(f.affine(f.active(0))), send(inject.FromPod, first),
+				upsert(f.affine(f.terminating(0), f.active(1)))),
+			Input:    packet.TCP(second, f.vip(), packet.SYN, nil, packet.Opts{}),
+			Verdict:  inject.OK,
+			Output:   packet.TCP(second, f.backend(1), packet.SYN, nil, packet.Opts{}),
+			Counters: inject.CountersOf("lb_new", 1),
+		},
+		{
+			Name:     name("no-affinity-no-entry"),
+			Setup:    upsert(f.Service(service.TCP, f.active(0))),
+			Input:    first,
+			Verdict:  inject.OK,
+			Output:   packet.TCP(f.Client, f.backend(0), packet.SYN, nil, packet.Opts{}),
+			Counters: inject.CountersOf("lb_new", 1),
+			Check: func(t testing.TB, e *inject.Env) {
+				var k maps.AffinityKey
+				var v maps.AffinityValue
+				assert.False(t, e.DP.Maps.Affinity.Iterate().Next(&k, &v), "a service without affinity leaves no entry")
+			},
+		},
+	}
 }

@@ -170,6 +170,7 @@ func Load(cfg Config) (*Datapath, error) {
 		maps.CTName:       shared.SpCt,
 		maps.FragsName:    shared.SpFrags,
 		maps.MetricsName:  shared.SpMetrics,
+		maps.AffinityName: shared.SpAffinity,
 	}
 	if err := sockSpec.LoadAndAssign(&dp.sock, &opts); err != nil {
 		dp.lxc.Close()
@@ -183,6 +184,7 @@ func Load(cfg Config) (*Datapath, error) {
 		Frags:      shared.SpFrags,
 		Metrics:    shared.SpMetrics,
 		SockRevNAT: dp.sock.SpSockRevnat,
+		Affinity:   shared.SpAffinity,
 	}
 	dp.FromPod = dp.lxc.SpFromPod
 	dp.ToPod = dp.lxc.SpToPod

@@ -16,6 +16,7 @@ import (
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
+	LxcMapSpAffinity           = "sp_affinity"
 	LxcMapSpBackends           = "sp_backends"
 	LxcMapSpCt                 = "sp_ct"
 	LxcMapSpFrags              = "sp_frags"
@@ -84,6 +85,7 @@ type LxcProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type LxcMapSpecs struct {
+	SpAffinity *ebpf.MapSpec `ebpf:"sp_affinity"`
 	SpBackends *ebpf.MapSpec `ebpf:"sp_backends"`
 	SpCt       *ebpf.MapSpec `ebpf:"sp_ct"`
 	SpFrags    *ebpf.MapSpec `ebpf:"sp_frags"`
@@ -126,6 +128,7 @@ func (o *LxcObjects) Close() error {
 //
 // It can be passed to LoadLxcObjects or ebpf.CollectionSpec.LoadAndAssign.
 type LxcMaps struct {
+	SpAffinity *ebpf.Map `ebpf:"sp_affinity"`
 	SpBackends *ebpf.Map `ebpf:"sp_backends"`
 	SpCt       *ebpf.Map `ebpf:"sp_ct"`
 	SpFrags    *ebpf.Map `ebpf:"sp_frags"`
@@ -136,6 +139,7 @@ type LxcMaps struct {
 
 func (m *LxcMaps) Close() error {
 	return _LxcClose(
+		m.SpAffinity,
 		m.SpBackends,
 		m.SpCt,
 		m.SpFrags,

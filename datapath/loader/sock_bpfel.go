@@ -16,6 +16,7 @@ import (
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
+	SockMapSpAffinity           = "sp_affinity"
 	SockMapSpBackends           = "sp_backends"
 	SockMapSpCt                 = "sp_ct"
 	SockMapSpFrags              = "sp_frags"
@@ -98,6 +99,7 @@ type SockProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type SockMapSpecs struct {
+	SpAffinity    *ebpf.MapSpec `ebpf:"sp_affinity"`
 	SpBackends    *ebpf.MapSpec `ebpf:"sp_backends"`
 	SpCt          *ebpf.MapSpec `ebpf:"sp_ct"`
 	SpFrags       *ebpf.MapSpec `ebpf:"sp_frags"`
@@ -142,6 +144,7 @@ func (o *SockObjects) Close() error {
 //
 // It can be passed to LoadSockObjects or ebpf.CollectionSpec.LoadAndAssign.
 type SockMaps struct {
+	SpAffinity    *ebpf.Map `ebpf:"sp_affinity"`
 	SpBackends    *ebpf.Map `ebpf:"sp_backends"`
 	SpCt          *ebpf.Map `ebpf:"sp_ct"`
 	SpFrags       *ebpf.Map `ebpf:"sp_frags"`
@@ -154,6 +157,7 @@ type SockMaps struct {
 
 func (m *SockMaps) Close() error {
 	return _SockClose(
+		m.SpAffinity,
 		m.SpBackends,
 		m.SpCt,
 		m.SpFrags,

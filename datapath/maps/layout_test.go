@@ -2,6 +2,7 @@ package maps_test
 
 import (
 	"encoding/binary"
+	"github.com/cilium/ebpf"
 	"net/netip"
 	"reflect"
 	"strings"
@@ -53,8 +54,14 @@ func checkLayout(t *testing.T, what string, typ btf.Type, goType reflect.Type) {
 // The Go mirrors in types.go must have exactly the C layout of the maps'
 // keys and values, as the compiled object's BTF records it.
 func TestGoTypesMirrorBTFLayout(t *testing.T) {
-	spec, err := loader.LoadLxc()
-	require.NoError(t, err, "read the compiled BPF object")
+	all := map[string]*ebpf.MapSpec{}
+	for _, load := range []func() (*ebpf.CollectionSpec, error){loader.LoadLxc, loader.LoadSock, loader.LoadSockDestroy} {
+		spec, err := load()
+		require.NoError(t, err, "read the compiled BPF objects")
+		for name, ms := range spec.Maps {
+			all[name] = ms
+		}
+	}
 
 	for _, c := range []struct {
 		mapName      string
@@ -65,9 +72,11 @@ func TestGoTypesMirrorBTFLayout(t *testing.T) {
 		{maps.BackendsName, uint32(0), maps.Backend{}, "", "lb_backend"},
 		{maps.SvcMetaName, maps.ServiceKey{}, maps.ServiceMeta{}, "lb_svc_key", "lb_svc_meta"},
 		{maps.CTName, maps.CTKey{}, maps.CTEntry{}, "ct_key", "ct_entry"},
+		{maps.AffinityName, maps.AffinityKey{}, maps.AffinityValue{}, "lb_affinity_key", "lb_affinity_value"},
+		{"sp_sock_destroy", maps.SockDestroyKey{}, uint8(0), "sock_destroy_key", ""},
 	} {
 		t.Run(c.mapName, func(t *testing.T) {
-			ms, ok := spec.Maps[c.mapName]
+			ms, ok := all[c.mapName]
 			require.True(t, ok, "map %s is in the object", c.mapName)
 			require.NotNil(t, ms.Key, "map %s has a BTF key type", c.mapName)
 			require.NotNil(t, ms.Value, "map %s has a BTF value type", c.mapName)

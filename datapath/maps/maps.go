@@ -18,6 +18,7 @@ const (
 	FragsName    = "sp_frags"
 	MetricsName  = "sp_metrics"
 	SockRevName  = "sp_sock_revnat"
+	AffinityName = "sp_affinity"
 )
 
 // Maps are the handles user space programs.
@@ -30,6 +31,8 @@ type Maps struct {
 	Metrics  *ebpf.Map
 	// SockRevNAT maps a socket's backend peer back to the VIP.
 	SockRevNAT *ebpf.Map
+	// Affinity remembers each client's backend per service.
+	Affinity *ebpf.Map
 }
 
 // OpenPinned opens the maps a `servicepath load` pinned under dir.
@@ -46,6 +49,7 @@ func OpenPinned(dir string) (*Maps, error) {
 		{FragsName, &m.Frags},
 		{MetricsName, &m.Metrics},
 		{SockRevName, &m.SockRevNAT},
+		{AffinityName, &m.Affinity},
 	} {
 		mp, err := ebpf.LoadPinnedMap(filepath.Join(dir, x.name), nil)
 		if err != nil {
@@ -63,7 +67,7 @@ func OpenPinned(dir string) (*Maps, error) {
 // Close releases the handles; pinned maps stay.
 func (m *Maps) Close() error {
 	var errs []error
-	for _, mp := range []*ebpf.Map{m.Services, m.Backends, m.SvcMeta, m.CT, m.Frags, m.Metrics, m.SockRevNAT} {
+	for _, mp := range []*ebpf.Map{m.Services, m.Backends, m.SvcMeta, m.CT, m.Frags, m.Metrics, m.SockRevNAT, m.Affinity} {
 		if mp != nil {
 			errs = append(errs, mp.Close())
 		}
@@ -81,7 +85,7 @@ type Usage struct {
 func Occupancy(m *Maps) (map[string]Usage, error) {
 	out := map[string]Usage{}
 	for name, mp := range map[string]*ebpf.Map{
-		ServicesName: m.Services, BackendsName: m.Backends, CTName: m.CT, FragsName: m.Frags, SockRevName: m.SockRevNAT,
+		ServicesName: m.Services, BackendsName: m.Backends, CTName: m.CT, FragsName: m.Frags, SockRevName: m.SockRevNAT, AffinityName: m.Affinity,
 	} {
 		n := 0
 		var k []byte

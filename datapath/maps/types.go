@@ -62,9 +62,10 @@ type ServiceKey struct {
 
 // ServiceValue is struct lb_svc_value.
 type ServiceValue struct {
-	BackendID uint32
-	Count     uint16
-	Total     uint16
+	BackendID       uint32
+	Count           uint16
+	Total           uint16
+	AffinityTimeout uint32
 }
 
 // Backend state values, enum backend_state.
@@ -152,4 +153,33 @@ type CTEntry struct {
 	NATPort    BE16
 	State      uint16
 	BackendID  uint32
+}
+
+// AffinityKey is struct lb_affinity_key.
+type AffinityKey struct {
+	Client   Addr
+	VIP      Addr
+	Port     BE16
+	Proto    uint8
+	Family   Family
+	ByCookie uint8
+	Pad      [3]uint8
+}
+
+// AffinityValue is struct lb_affinity_value.
+type AffinityValue struct {
+	LastUsed  uint64
+	BackendID uint32
+	Pad       uint32
+}
+
+// SockDestroyKey is struct sock_destroy_key: a backend that left a frontend.
+type SockDestroyKey struct {
+	Backend     Addr
+	VIP         Addr
+	BackendPort BE16
+	VIPPort     BE16
+	Proto       uint8
+	Family      Family
+	Pad         [2]uint8
 }

@@ -29,6 +29,7 @@ var Names = []string{
 	"sock_no_backend",
 	"sock_other_netns",
 	"sock_destroyed",
+	"affinity_hit",
 }
 
 // Read sums each counter over CPUs, keyed by name.

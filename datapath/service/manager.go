@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"slices"
 	"sort"
+	"time"
 
 	"github.com/cilium/ebpf"
 
@@ -27,6 +28,7 @@ type Manager struct {
 
 type frontend struct {
 	name, portName string
+	affinity       uint32 // seconds
 	// ids in slot order: active first, then terminating.
 	ids   []uint32
 	count int
@@ -93,7 +95,8 @@ func (mgr *Manager) load() error {
 			return err
 		}
 		name, portName := meta.Names()
-		f := &frontend{name: name, portName: portName, count: int(mv.Count), backends: map[uint32]maps.Backend{}}
+		f := &frontend{name: name, portName: portName, count: int(mv.Count), affinity: mv.AffinityTimeout,
+			backends: map[uint32]maps.Backend{}}
 		for s := uint16(1); s <= mv.Total; s++ {
 			sk := mk
 			sk.Slot = s
@@ -181,6 +184,7 @@ func sameEndpoint(a, b maps.Backend) bool {
 // plan is a frontend's next layout, computed before any map is touched.
 type plan struct {
 	key      maps.ServiceKey
+	affinity uint32
 	meta     maps.ServiceMeta
 	ids      []uint32
 	count    int
@@ -213,7 +217,8 @@ func (mgr *Manager) plan(s Service, reserved map[uint32]bool) (*plan, error) {
 	if err != nil {
 		return nil, fmt.Errorf("service %s: %w", s.Name, err)
 	}
-	p := &plan{key: frontendKey(s.Frontend), meta: meta, backends: map[uint32]maps.Backend{}}
+	p := &plan{key: frontendKey(s.Frontend), meta: meta, affinity: uint32(s.Affinity / time.Second),
+		backends: map[uint32]maps.Backend{}}
 	old := mgr.frontends[p.key]
 
 	ordered := slices.Clone(s.Backends)
@@ -413,12 +418,12 @@ func (mgr *Manager) write(p *plan) error {
 			return fmt.Errorf("write slot %d: %w", i+1, err)
 		}
 	}
-	master := maps.ServiceValue{Count: uint16(p.count), Total: uint16(len(p.ids))}
+	master := maps.ServiceValue{Count: uint16(p.count), Total: uint16(len(p.ids)), AffinityTimeout: p.affinity}
 	if err := mgr.m.Services.Put(p.key, master); err != nil {
 		return fmt.Errorf("write service: %w", err)
 	}
 	name, portName := p.meta.Names()
-	next := &frontend{name: name, portName: portName, ids: p.ids, count: p.count, backends: p.backends}
+	next := &frontend{name: name, portName: portName, affinity: p.affinity, ids: p.ids, count: p.count, backends: p.backends}
 	mgr.frontends[p.key] = next
 	if old == nil {
 		return nil
@@ -506,6 +511,7 @@ func (mgr *Manager) List() []Programmed {
 			Name:     f.name,
 			PortName: f.portName,
 			Frontend: Frontend{Addr: k.Addr.Netip(k.Family), Port: k.Port.Uint16(), Protocol: Protocol(k.Proto)},
+			Affinity: time.Duration(f.affinity) * time.Second,
 		}}
 		for i, id := range f.ids {
 			b := f.backends[id]

@@ -5,6 +5,7 @@ package service
 import (
 	"fmt"
 	"net/netip"
+	"time"
 )
 
 // Protocol is an IP protocol number the datapath load-balances.
@@ -84,7 +85,12 @@ type Service struct {
 	PortName string
 	Frontend Frontend
 	Backends []Backend
+	// Affinity is sessionAffinity ClientIP's timeout; 0 turns it off.
+	Affinity time.Duration
 }
+
+// MaxAffinity is Kubernetes' upper bound for timeoutSeconds.
+const MaxAffinity = 86400 * time.Second
 
 // Validate checks everything the datapath relies on, so a bad service is
 // refused before any map is touched.
@@ -101,6 +107,9 @@ func (s *Service) Validate() error {
 	}
 	if f.Protocol != TCP && f.Protocol != UDP {
 		return fmt.Errorf("service %s: unsupported protocol %s", s.Name, f.Protocol)
+	}
+	if s.Affinity < 0 || s.Affinity > MaxAffinity || s.Affinity%time.Second != 0 {
+		return fmt.Errorf("service %s: session affinity timeout %s: want whole seconds from 1s to %s", s.Name, s.Affinity, MaxAffinity)
 	}
 	seen := make(map[netip.AddrPort]bool, len(s.Backends))
 	for i, b := range s.Backends {

@@ -36,17 +36,6 @@ type Report struct {
 	Unreachable []string
 }
 
-// targetKey is struct sock_destroy_key.
-type targetKey struct {
-	Backend     maps.Addr
-	VIP         maps.Addr
-	BackendPort maps.BE16
-	VIPPort     maps.BE16
-	Proto       uint8
-	Family      maps.Family
-	Pad         [2]uint8
-}
-
 // Run destroys the sockets the socket hooks connected from each removed
 // backend's frontend to that backend, in every netns of the processes of
 // cgroups (and their descendants).
@@ -55,11 +44,11 @@ func Run(d *loader.SockDestroyer, m *maps.Maps, cgroups []string, removed []serv
 	if len(removed) == 0 || len(cgroups) == 0 {
 		return rep, nil
 	}
-	keys := make([]targetKey, 0, len(removed))
+	keys := make([]maps.SockDestroyKey, 0, len(removed))
 	for _, r := range removed {
 		b, fam := maps.AddrFrom(r.Backend.Addr())
 		vip, _ := maps.AddrFrom(r.Frontend.Addr)
-		keys = append(keys, targetKey{Backend: b, VIP: vip, BackendPort: maps.NewBE16(r.Backend.Port()),
+		keys = append(keys, maps.SockDestroyKey{Backend: b, VIP: vip, BackendPort: maps.NewBE16(r.Backend.Port()),
 			VIPPort: maps.NewBE16(r.Frontend.Port), Proto: uint8(r.Frontend.Protocol), Family: fam})
 	}
 	for _, k := range keys {

@@ -177,3 +177,10 @@ func TestSocketLBHostNetnsOnly(t *testing.T) {
 	assert.Equal(t, tcp, r.Peer, "host's peer is the VIP")
 	assert.Equal(t, uint64(1), c.Counters(t)["sock_xlate"], "the host was translated at the socket")
 }
+
+func TestSocketLBSessionAffinity(t *testing.T) {
+	c := cluster.New(t, cluster.Options{SocketLB: true})
+	for _, vip := range []netip.Addr{vip4, vip6} {
+		t.Run(vip.String(), func(t *testing.T) { c.ExerciseAffinity(t, vip) })
+	}
+}

@@ -1,6 +1,7 @@
 package inject
 
 import (
+	"fmt"
 	"testing"
 	"time"
 
@@ -133,30 +134,40 @@ func Bench(b *testing.B, fixtures []Fixture) {
 			}
 			state, err := snapshotFlows(e)
 			require.NoError(b, err, "snapshot flow state")
-			var prog, base time.Duration
 			b.ResetTimer()
-			for range b.N {
-				_, d0, err := empty.Benchmark(f.Input, 1, nil)
-				if err != nil {
-					b.Fatalf("run empty program: %v", err)
-				}
-				ret, d, err := e.prog(f.Hook).Benchmark(f.Input, 1, nil)
-				if err != nil {
-					b.Fatalf("run: %v", err)
-				}
-				if Verdict(ret) != f.Verdict {
-					b.Fatalf("verdict %s, want %s", Verdict(ret), f.Verdict)
-				}
-				base += d0
-				prog += d
-				if err := state.restore(); err != nil {
-					b.Fatalf("restore flow state: %v", err)
-				}
+			prog, base, err := timeRuns(e, empty, f, state, b.N)
+			if err != nil {
+				b.Fatal(err)
 			}
 			b.ReportMetric(float64((prog-base).Nanoseconds())/float64(b.N), "ns/packet")
 			b.ReportMetric(float64(base.Nanoseconds())/float64(b.N), "ns/empty")
 		})
 	}
+}
+
+// timeRuns runs f's packet n times, each once on a fresh copy with the
+// flow state put back after it, and returns the kernel's total time for
+// the fixture's program and for the empty one.
+func timeRuns(e *Env, empty *ebpf.Program, f Fixture, state flowState, n int) (prog, base time.Duration, err error) {
+	for range n {
+		_, d0, err := empty.Benchmark(f.Input, 1, nil)
+		if err != nil {
+			return 0, 0, fmt.Errorf("run empty program: %w", err)
+		}
+		ret, d, err := e.prog(f.Hook).Benchmark(f.Input, 1, nil)
+		if err != nil {
+			return 0, 0, fmt.Errorf("run: %w", err)
+		}
+		if Verdict(ret) != f.Verdict {
+			return 0, 0, fmt.Errorf("verdict %s, want %s", Verdict(ret), f.Verdict)
+		}
+		base += d0
+		prog += d
+		if err := state.restore(); err != nil {
+			return 0, 0, fmt.Errorf("restore flow state: %w", err)
+		}
+	}
+	return prog, base, nil
 }
 
 // benchCTSize keeps the CT map small in benchmarks; fixtures hold a few

@@ -101,7 +101,7 @@ func clearMap(m *ebpf.Map) error {
 // from nothing.
 func (e *Env) Reset() error {
 	m := e.DP.Maps
-	for _, mp := range []*ebpf.Map{m.Services, m.Backends, m.SvcMeta, m.CT, m.Frags} {
+	for _, mp := range []*ebpf.Map{m.Services, m.Backends, m.SvcMeta, m.CT, m.Frags, m.Affinity, m.SockRevNAT} {
 		if err := clearMap(mp); err != nil {
 			return fmt.Errorf("reset %s: %w", mp, err)
 		}
