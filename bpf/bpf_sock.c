@@ -43,12 +43,37 @@ static __always_inline int fe_from_v6(struct lb_frontend *fe, const __u32 *ip6, 
 	return 0;
 }
 
+/* The loader's netns is the host's; 0 means the kernel could not tell. */
+#define in_host_netns(ctx) (cfg_host_netns_cookie && bpf_get_netns_cookie(ctx) == cfg_host_netns_cookie)
+
 static __always_inline int in_scope(struct bpf_sock_addr *ctx)
 {
-	if (!cfg_sock_lb_host_only || bpf_get_netns_cookie(ctx) == cfg_host_netns_cookie)
+	if (!cfg_sock_lb_host_only || in_host_netns(ctx))
 		return 1;
 	count(METRIC_SOCK_OTHER_NETNS);
 	return 0;
+}
+
+/* Finds the service a destination means. An exact frontend first, except
+ * that the host reaches a non-local ExternalIP by routing, untranslated,
+ * as Kubernetes asks. Otherwise a node address (or loopback, from the host
+ * only: a pod's loopback is its own) means the NodePort frontend, whose
+ * key has an all-zero address; fe is rewritten to that key. */
+static __always_inline struct lb_svc_value *sock_lookup(struct lb_frontend *fe, int host)
+{
+	struct lb_svc_value *svc = lb_lookup_service(fe);
+	int loopback = is_loopback(&fe->addr, fe->family);
+
+	if (svc) {
+		if ((svc->flags & SVC_F_EXTERNAL_IP) && host && !loopback && !is_node_addr(&fe->addr, fe->family))
+			return 0;
+		return svc;
+	}
+	if (!(host && loopback) && !is_node_addr(&fe->addr, fe->family))
+		return 0;
+	__builtin_memset(&fe->addr, 0, sizeof(fe->addr));
+	svc = lb_lookup_service(fe);
+	return svc && (svc->flags & SVC_F_NODEPORT) ? svc : 0;
 }
 
 static __always_inline int refuse(struct bpf_sock_addr *ctx)
@@ -66,7 +91,8 @@ static __always_inline int refuse(struct bpf_sock_addr *ctx)
  * when the service has no backend to offer. */
 static __always_inline int sock_select(struct bpf_sock_addr *ctx, const struct lb_frontend *fe, struct lb_backend *be)
 {
-	struct lb_svc_value *svc = lb_lookup_service(fe);
+	struct lb_frontend key = *fe;
+	struct lb_svc_value *svc = sock_lookup(&key, in_host_netns(ctx));
 
 	if (!svc)
 		return 0;
@@ -74,7 +100,7 @@ static __always_inline int sock_select(struct bpf_sock_addr *ctx, const struct l
 		return -1;
 	struct lb_client client = {.by_cookie = 1};
 	client.id.d[0] = bpf_get_netns_cookie(ctx);
-	__u32 id = lb_pick(fe, svc, &client);
+	__u32 id = lb_pick(&key, svc, &client);
 	struct lb_backend *b = id ? bpf_map_lookup_elem(&sp_backends, &id) : 0;
 	if (!b) {
 		count(METRIC_SLOT_MISSING);
@@ -191,6 +217,60 @@ static __always_inline int revnat6(struct bpf_sock_addr *ctx)
 		ctx->user_ip6[3] = v->addr.p[3];
 	}
 	ctx->user_port = (__u32)v->port;
+	return SYS_PROCEED;
+}
+
+static __always_inline int is_zero(const union v6addr *a)
+{
+	return a->d[0] == 0 && a->d[1] == 0;
+}
+
+/* Whether binding ip:port would take a NodePort's port on this node. */
+static __always_inline int takes_nodeport(const union v6addr *ip, __u8 family, __u32 port, __u8 proto)
+{
+	struct lb_frontend wild = {.port = bpf_htons(port), .proto = proto, .family = family};
+	struct lb_svc_value *svc;
+
+	if (!is_zero(ip) && !is_loopback(ip, family) && !is_node_addr(ip, family))
+		return 0;
+	svc = lb_lookup_service(&wild);
+	return svc && (svc->flags & SVC_F_NODEPORT);
+}
+
+static __always_inline int refuse_bind(void)
+{
+	count(METRIC_SOCK_BIND_REFUSED);
+	if (cfg_have_set_retval)
+		bpf_set_retval(-EADDRINUSE);
+	return SYS_REJECT;
+}
+
+/* A host socket may not bind a NodePort's port on a node address: the
+ * port belongs to the service, as with kube-proxy's port reservation. */
+SEC("cgroup/post_bind4")
+int sp_post_bind4(struct bpf_sock *ctx)
+{
+	union v6addr ip = {.p[0] = ctx->src_ip4};
+
+	if (!in_host_netns(ctx) || !takes_nodeport(&ip, SP_AF_INET, ctx->src_port, ctx->protocol))
+		return SYS_PROCEED;
+	return refuse_bind();
+}
+
+SEC("cgroup/post_bind6")
+int sp_post_bind6(struct bpf_sock *ctx)
+{
+	struct lb_frontend fe;
+	__u32 ip6[4] = {ctx->src_ip6[0], ctx->src_ip6[1], ctx->src_ip6[2], ctx->src_ip6[3]};
+
+	if (!in_host_netns(ctx))
+		return SYS_PROCEED;
+	fe_from_v6(&fe, ip6, 0, ctx->protocol);
+	if (takes_nodeport(&fe.addr, fe.family, ctx->src_port, ctx->protocol))
+		return refuse_bind();
+	/* [::] also takes the IPv4 wildcard on a dual-stack socket. */
+	if (is_zero(&fe.addr) && takes_nodeport(&fe.addr, SP_AF_INET, ctx->src_port, ctx->protocol))
+		return refuse_bind();
 	return SYS_PROCEED;
 }
 

@@ -129,6 +129,18 @@ struct lb_target {
 	__u32 backend_id;
 };
 
+/* A packet sent straight to an address that is no service, on a tuple a
+ * translated flow used (its source port reused), means that flow is over:
+ * forget it, or replies to the direct flow would be rewritten to the VIP. */
+static __always_inline void ct_forget_reused(const struct pkt *p)
+{
+	struct ct_key k;
+
+	ct_key_init(&k, &p->saddr, &p->daddr, p->sport, p->dport, p, 0);
+	if (bpf_map_lookup_elem(&sp_ct, &k) && bpf_map_delete_elem(&sp_ct, &k) == 0)
+		count(METRIC_CT_TUPLE_REUSED);
+}
+
 /* Load-balances a packet leaving a client: an existing flow keeps its
  * backend; a new one gets a random active backend and two CT entries. */
 static __always_inline int lb_forward(struct __sk_buff *skb, struct pkt *p)
@@ -164,6 +176,7 @@ static __always_inline int lb_forward(struct __sk_buff *skb, struct pkt *p)
 		lb_frontend_of(p, &fe);
 		struct lb_svc_value *svc = lb_lookup_service(&fe);
 		if (!svc) {
+			ct_forget_reused(p);
 			count(METRIC_PASS);
 			return TC_ACT_OK;
 		}

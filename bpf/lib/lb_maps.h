@@ -17,11 +17,19 @@ struct lb_svc_key {
 	__u8 pad[2];
 };
 
+/* Frontend kinds, in a master's flags. A NodePort frontend's address is
+ * all zero: it answers on every address of the node. */
+#define SVC_F_NODEPORT 0x01
+#define SVC_F_EXTERNAL_IP 0x02
+#define SVC_F_LOADBALANCER 0x04
+
 struct lb_svc_value {
 	__u32 backend_id;       /* slots >= 1 */
 	__u16 count;            /* slot 0: active backends */
 	__u16 total;            /* slot 0: active + terminating backends */
 	__u32 affinity_timeout; /* slot 0: sessionAffinity ClientIP, seconds; 0 = off */
+	__u16 flags;            /* slot 0: SVC_F_* */
+	__u16 pad;
 };
 
 enum backend_state {
@@ -98,3 +106,33 @@ struct {
 	__uint(max_entries, 65536);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } sp_affinity SEC(".maps");
+
+/* The node's own addresses, for NodePort and the ExternalIP rule. */
+struct node_addr_key {
+	union v6addr addr;
+	__u8 family;
+	__u8 pad[7];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct node_addr_key);
+	__type(value, __u8);
+	__uint(max_entries, 1024);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} sp_node_addrs SEC(".maps");
+
+static __always_inline int is_node_addr(const union v6addr *a, __u8 family)
+{
+	struct node_addr_key k = {.addr = *a, .family = family};
+
+	return bpf_map_lookup_elem(&sp_node_addrs, &k) != 0;
+}
+
+static __always_inline int is_loopback(const union v6addr *a, __u8 family)
+{
+	if (family == SP_AF_INET)
+		return (bpf_ntohl(a->p[0]) >> 24) == 127;
+	return a->p[0] == 0 && a->p[1] == 0 && a->p[2] == 0 && a->p[3] == bpf_htonl(1);
+}

@@ -25,6 +25,8 @@ enum metric {
 	METRIC_SOCK_OTHER_NETNS,  /* left to the per-packet path: not the host netns */
 	METRIC_SOCK_DESTROYED,    /* socket of a removed backend destroyed */
 	METRIC_AFFINITY_HIT,      /* new flow sent to the client's affine backend */
+	METRIC_SOCK_BIND_REFUSED, /* host bind to a NodePort's port refused */
+	METRIC_CT_TUPLE_REUSED,   /* direct flow reused a translated flow's tuple: old flow forgotten */
 	METRIC_MAX,
 };
 

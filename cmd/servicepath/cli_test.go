@@ -111,7 +111,7 @@ func TestCLILifeCycle(t *testing.T) {
 	out := mustRun("load", "--bpffs", bpffs, "--device", strings.Join(devices, ","), "--cgroup", cg)
 	assert.Equal(t, 2*len(devices), strings.Count(out, "attached from-pod")+strings.Count(out, "attached to-pod"),
 		"both hooks of every device attached: %s", out)
-	assert.Contains(t, out, "attached 8 socket hooks to cgroup "+cg, "socket hooks attached")
+	assert.Contains(t, out, "attached 10 socket hooks to cgroup "+cg, "socket hooks attached")
 	mustRun("apply", "--bpffs", bpffs, "-f", demoManifest)
 
 	var svcs []serviceJSON

@@ -45,6 +45,7 @@ type serviceJSON struct {
 	Name     string `json:"name"`
 	PortName string `json:"portName,omitempty"`
 	Frontend string `json:"frontend"`
+	Kind     string `json:"kind"`
 	Protocol string `json:"protocol"`
 	// AffinitySeconds is sessionAffinity ClientIP's timeout (0: none).
 	AffinitySeconds int           `json:"affinitySeconds,omitempty"`
@@ -71,6 +72,7 @@ func cmdServices(args []string, o output) error {
 	for _, s := range mgr.List() {
 		sj := serviceJSON{Name: s.Name, PortName: s.PortName, Protocol: s.Frontend.Protocol.String(),
 			Frontend: netip.AddrPortFrom(s.Frontend.Addr, s.Frontend.Port).String(), Backends: []backendJSON{},
+			Kind:            s.Frontend.Kind.String(),
 			AffinitySeconds: int(s.Affinity / time.Second)}
 		for i, b := range s.Backends {
 			sj.Backends = append(sj.Backends, backendJSON{ID: s.BackendIDs[i], Address: b.String(), State: b.State.String()})
@@ -84,7 +86,7 @@ func cmdServices(args []string, o output) error {
 		return writeJSON(o.out, out)
 	}
 	tw := tabwriter.NewWriter(o.out, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "NAME\tPORT\tFRONTEND\tPROTO\tAFFINITY\tBACKENDS")
+	fmt.Fprintln(tw, "NAME\tPORT\tKIND\tFRONTEND\tPROTO\tAFFINITY\tBACKENDS")
 	for _, s := range out {
 		var bs []string
 		for _, b := range s.Backends {
@@ -101,7 +103,8 @@ func cmdServices(args []string, o output) error {
 		if s.AffinitySeconds > 0 {
 			affinity = fmt.Sprintf("ClientIP %ds", s.AffinitySeconds)
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", s.Name, dash(s.PortName), s.Frontend, s.Protocol, affinity, strings.Join(bs, " "))
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", s.Name, dash(s.PortName), s.Kind, s.Frontend, s.Protocol, affinity,
+			strings.Join(bs, " "))
 	}
 	return tw.Flush()
 }

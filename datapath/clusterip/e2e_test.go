@@ -70,8 +70,6 @@ func exercise(t *testing.T, c *cluster.Cluster, f Family) {
 
 	// A removed backend gets no new connections.
 	program(t, c, f, backendNames[:2]...)
-	removed := c.Servers[backendNames[2]]
-	before := removed.TCPServed() + removed.UDPServed()
 	tally, err = traffic.Run(100, func(i int) (traffic.Reply, error) {
 		if i%2 == 0 {
 			return traffic.TCPExchange(c.Client, tcpVIP, []byte("after removal"), timeout)
@@ -80,7 +78,6 @@ func exercise(t *testing.T, c *cluster.Cluster, f Family) {
 	})
 	require.NoError(t, err, "exchanges after removing %s", backendNames[2])
 	assert.Zero(t, tally[backendNames[2]], "removed backend answered nothing: %v", tally)
-	assert.Equal(t, before, removed.TCPServed()+removed.UDPServed(), "removed backend served no request")
 	assert.Positive(t, tally[backendNames[0]], "remaining backend 1 still serves: %v", tally)
 	assert.Positive(t, tally[backendNames[1]], "remaining backend 2 still serves: %v", tally)
 

@@ -354,6 +354,24 @@ func familyFixtures(f Family) []inject.Fixture {
 			Counters: inject.CountersOf("ct_reopen", 1, "lb_new", 1),
 		},
 		{
+			// A new socket got the port of an old VIP flow to the same backend.
+			Name:     name("direct-flow-reusing-a-translated-tuple-takes-it-over"),
+			Setup:    steps(upsert(udpSvc), send(inject.FromPod, udp(f.Client, f.vip()))),
+			Input:    udp(f.Client, f.backend(0)),
+			Verdict:  inject.OK,
+			Counters: inject.CountersOf("pass", 1, "ct_tuple_reused", 1),
+			Check: func(t testing.TB, e *inject.Env) {
+				entries, err := ct.Dump(e.DP.Maps.CT)
+				require.NoError(t, err, "dump conntrack")
+				require.Len(t, entries, 1, "only the service entry is left")
+				assert.True(t, entries[0].Service, "the flow entry that rewrote replies is gone")
+				v, out, err := e.Inject(inject.ToPod, packet.UDP(f.backend(0), f.Client, payload, reply()))
+				require.NoError(t, err, "inject the direct flow's reply")
+				assert.Equal(t, inject.OK, v, "reply verdict")
+				assert.Equal(t, packet.UDP(f.backend(0), f.Client, payload, reply()), out, "the direct reply is not rewritten")
+			},
+		},
+		{
 			Name:     name("icmp-port-unreachable-from-backend-quotes-vip"),
 			Setup:    steps(upsert(udpSvc), send(inject.FromPod, udp(f.Client, f.vip()))),
 			Hook:     inject.ToPod,

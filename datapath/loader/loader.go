@@ -171,6 +171,7 @@ func Load(cfg Config) (*Datapath, error) {
 		maps.FragsName:    shared.SpFrags,
 		maps.MetricsName:  shared.SpMetrics,
 		maps.AffinityName: shared.SpAffinity,
+		maps.NodeAddrName: shared.SpNodeAddrs,
 	}
 	if err := sockSpec.LoadAndAssign(&dp.sock, &opts); err != nil {
 		dp.lxc.Close()
@@ -185,6 +186,7 @@ func Load(cfg Config) (*Datapath, error) {
 		Metrics:    shared.SpMetrics,
 		SockRevNAT: dp.sock.SpSockRevnat,
 		Affinity:   shared.SpAffinity,
+		NodeAddrs:  shared.SpNodeAddrs,
 	}
 	dp.FromPod = dp.lxc.SpFromPod
 	dp.ToPod = dp.lxc.SpToPod
@@ -198,6 +200,8 @@ func Load(cfg Config) (*Datapath, error) {
 		{"recvmsg6", ebpf.AttachCGroupUDP6Recvmsg, p.SpRecvmsg6},
 		{"getpeername4", ebpf.AttachCgroupInet4GetPeername, p.SpGetpeername4},
 		{"getpeername6", ebpf.AttachCgroupInet6GetPeername, p.SpGetpeername6},
+		{"post_bind4", ebpf.AttachCGroupInet4PostBind, p.SpPostBind4},
+		{"post_bind6", ebpf.AttachCGroupInet6PostBind, p.SpPostBind6},
 	}
 	dp.PinnedAt = cfg.PinPath
 	return &dp, nil
@@ -220,19 +224,23 @@ func (c Config) sizeMaps(spec *ebpf.CollectionSpec) {
 // probed from the running kernel.
 func (c Config) knobs() (map[string]any, error) {
 	haveSetRetval := uint32(1)
-	if err := features.HaveProgramHelper(ebpf.CGroupSockAddr, asm.FnSetRetval); errors.Is(err, ebpf.ErrNotSupported) {
-		haveSetRetval = 0
-	} else if err != nil {
-		return nil, fmt.Errorf("probe bpf_set_retval: %w", err)
+	for _, pt := range []ebpf.ProgramType{ebpf.CGroupSockAddr, ebpf.CGroupSock} {
+		if err := features.HaveProgramHelper(pt, asm.FnSetRetval); errors.Is(err, ebpf.ErrNotSupported) {
+			haveSetRetval = 0
+		} else if err != nil {
+			return nil, fmt.Errorf("probe bpf_set_retval: %w", err)
+		}
+	}
+	// The loader runs in the host netns. Without the cookie the hooks cannot
+	// tell the host from a pod: loopback NodePort and bind protection are
+	// then off, and the host-only mode cannot work at all.
+	hostCookie, err := netnsCookie()
+	if err != nil && c.SockLBHostOnly {
+		return nil, fmt.Errorf("socket-LB in the host netns only needs this netns' cookie (SO_NETNS_COOKIE, Linux 5.14+): %w", err)
 	}
 	var hostOnly uint32
-	var hostCookie uint64
 	if c.SockLBHostOnly {
-		cookie, err := netnsCookie()
-		if err != nil {
-			return nil, fmt.Errorf("socket-LB in the host netns only needs this netns' cookie (SO_NETNS_COOKIE, Linux 5.14+): %w", err)
-		}
-		hostOnly, hostCookie = 1, cookie
+		hostOnly = 1
 	}
 	return map[string]any{
 		"cfg_no_backend_action":    uint32(c.NoBackend),

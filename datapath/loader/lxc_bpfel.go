@@ -21,6 +21,7 @@ const (
 	LxcMapSpCt                 = "sp_ct"
 	LxcMapSpFrags              = "sp_frags"
 	LxcMapSpMetrics            = "sp_metrics"
+	LxcMapSpNodeAddrs          = "sp_node_addrs"
 	LxcMapSpServices           = "sp_services"
 	LxcMapSpSvcMeta            = "sp_svc_meta"
 	LxcProgSpFromPod           = "sp_from_pod"
@@ -85,13 +86,14 @@ type LxcProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type LxcMapSpecs struct {
-	SpAffinity *ebpf.MapSpec `ebpf:"sp_affinity"`
-	SpBackends *ebpf.MapSpec `ebpf:"sp_backends"`
-	SpCt       *ebpf.MapSpec `ebpf:"sp_ct"`
-	SpFrags    *ebpf.MapSpec `ebpf:"sp_frags"`
-	SpMetrics  *ebpf.MapSpec `ebpf:"sp_metrics"`
-	SpServices *ebpf.MapSpec `ebpf:"sp_services"`
-	SpSvcMeta  *ebpf.MapSpec `ebpf:"sp_svc_meta"`
+	SpAffinity  *ebpf.MapSpec `ebpf:"sp_affinity"`
+	SpBackends  *ebpf.MapSpec `ebpf:"sp_backends"`
+	SpCt        *ebpf.MapSpec `ebpf:"sp_ct"`
+	SpFrags     *ebpf.MapSpec `ebpf:"sp_frags"`
+	SpMetrics   *ebpf.MapSpec `ebpf:"sp_metrics"`
+	SpNodeAddrs *ebpf.MapSpec `ebpf:"sp_node_addrs"`
+	SpServices  *ebpf.MapSpec `ebpf:"sp_services"`
+	SpSvcMeta   *ebpf.MapSpec `ebpf:"sp_svc_meta"`
 }
 
 // LxcVariableSpecs contains global variables before they are loaded into the kernel.
@@ -128,13 +130,14 @@ func (o *LxcObjects) Close() error {
 //
 // It can be passed to LoadLxcObjects or ebpf.CollectionSpec.LoadAndAssign.
 type LxcMaps struct {
-	SpAffinity *ebpf.Map `ebpf:"sp_affinity"`
-	SpBackends *ebpf.Map `ebpf:"sp_backends"`
-	SpCt       *ebpf.Map `ebpf:"sp_ct"`
-	SpFrags    *ebpf.Map `ebpf:"sp_frags"`
-	SpMetrics  *ebpf.Map `ebpf:"sp_metrics"`
-	SpServices *ebpf.Map `ebpf:"sp_services"`
-	SpSvcMeta  *ebpf.Map `ebpf:"sp_svc_meta"`
+	SpAffinity  *ebpf.Map `ebpf:"sp_affinity"`
+	SpBackends  *ebpf.Map `ebpf:"sp_backends"`
+	SpCt        *ebpf.Map `ebpf:"sp_ct"`
+	SpFrags     *ebpf.Map `ebpf:"sp_frags"`
+	SpMetrics   *ebpf.Map `ebpf:"sp_metrics"`
+	SpNodeAddrs *ebpf.Map `ebpf:"sp_node_addrs"`
+	SpServices  *ebpf.Map `ebpf:"sp_services"`
+	SpSvcMeta   *ebpf.Map `ebpf:"sp_svc_meta"`
 }
 
 func (m *LxcMaps) Close() error {
@@ -144,6 +147,7 @@ func (m *LxcMaps) Close() error {
 		m.SpCt,
 		m.SpFrags,
 		m.SpMetrics,
+		m.SpNodeAddrs,
 		m.SpServices,
 		m.SpSvcMeta,
 	)

@@ -21,6 +21,7 @@ const (
 	SockMapSpCt                 = "sp_ct"
 	SockMapSpFrags              = "sp_frags"
 	SockMapSpMetrics            = "sp_metrics"
+	SockMapSpNodeAddrs          = "sp_node_addrs"
 	SockMapSpServices           = "sp_services"
 	SockMapSpSockDestroy        = "sp_sock_destroy"
 	SockMapSpSockRevnat         = "sp_sock_revnat"
@@ -29,6 +30,8 @@ const (
 	SockProgSpConnect6          = "sp_connect6"
 	SockProgSpGetpeername4      = "sp_getpeername4"
 	SockProgSpGetpeername6      = "sp_getpeername6"
+	SockProgSpPostBind4         = "sp_post_bind4"
+	SockProgSpPostBind6         = "sp_post_bind6"
 	SockProgSpRecvmsg4          = "sp_recvmsg4"
 	SockProgSpRecvmsg6          = "sp_recvmsg6"
 	SockProgSpSendmsg4          = "sp_sendmsg4"
@@ -89,6 +92,8 @@ type SockProgramSpecs struct {
 	SpConnect6     *ebpf.ProgramSpec `ebpf:"sp_connect6"`
 	SpGetpeername4 *ebpf.ProgramSpec `ebpf:"sp_getpeername4"`
 	SpGetpeername6 *ebpf.ProgramSpec `ebpf:"sp_getpeername6"`
+	SpPostBind4    *ebpf.ProgramSpec `ebpf:"sp_post_bind4"`
+	SpPostBind6    *ebpf.ProgramSpec `ebpf:"sp_post_bind6"`
 	SpRecvmsg4     *ebpf.ProgramSpec `ebpf:"sp_recvmsg4"`
 	SpRecvmsg6     *ebpf.ProgramSpec `ebpf:"sp_recvmsg6"`
 	SpSendmsg4     *ebpf.ProgramSpec `ebpf:"sp_sendmsg4"`
@@ -104,6 +109,7 @@ type SockMapSpecs struct {
 	SpCt          *ebpf.MapSpec `ebpf:"sp_ct"`
 	SpFrags       *ebpf.MapSpec `ebpf:"sp_frags"`
 	SpMetrics     *ebpf.MapSpec `ebpf:"sp_metrics"`
+	SpNodeAddrs   *ebpf.MapSpec `ebpf:"sp_node_addrs"`
 	SpServices    *ebpf.MapSpec `ebpf:"sp_services"`
 	SpSockDestroy *ebpf.MapSpec `ebpf:"sp_sock_destroy"`
 	SpSockRevnat  *ebpf.MapSpec `ebpf:"sp_sock_revnat"`
@@ -149,6 +155,7 @@ type SockMaps struct {
 	SpCt          *ebpf.Map `ebpf:"sp_ct"`
 	SpFrags       *ebpf.Map `ebpf:"sp_frags"`
 	SpMetrics     *ebpf.Map `ebpf:"sp_metrics"`
+	SpNodeAddrs   *ebpf.Map `ebpf:"sp_node_addrs"`
 	SpServices    *ebpf.Map `ebpf:"sp_services"`
 	SpSockDestroy *ebpf.Map `ebpf:"sp_sock_destroy"`
 	SpSockRevnat  *ebpf.Map `ebpf:"sp_sock_revnat"`
@@ -162,6 +169,7 @@ func (m *SockMaps) Close() error {
 		m.SpCt,
 		m.SpFrags,
 		m.SpMetrics,
+		m.SpNodeAddrs,
 		m.SpServices,
 		m.SpSockDestroy,
 		m.SpSockRevnat,
@@ -191,6 +199,8 @@ type SockPrograms struct {
 	SpConnect6     *ebpf.Program `ebpf:"sp_connect6"`
 	SpGetpeername4 *ebpf.Program `ebpf:"sp_getpeername4"`
 	SpGetpeername6 *ebpf.Program `ebpf:"sp_getpeername6"`
+	SpPostBind4    *ebpf.Program `ebpf:"sp_post_bind4"`
+	SpPostBind6    *ebpf.Program `ebpf:"sp_post_bind6"`
 	SpRecvmsg4     *ebpf.Program `ebpf:"sp_recvmsg4"`
 	SpRecvmsg6     *ebpf.Program `ebpf:"sp_recvmsg6"`
 	SpSendmsg4     *ebpf.Program `ebpf:"sp_sendmsg4"`
@@ -203,6 +213,8 @@ func (p *SockPrograms) Close() error {
 		p.SpConnect6,
 		p.SpGetpeername4,
 		p.SpGetpeername6,
+		p.SpPostBind4,
+		p.SpPostBind6,
 		p.SpRecvmsg4,
 		p.SpRecvmsg6,
 		p.SpSendmsg4,

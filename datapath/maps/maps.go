@@ -19,6 +19,7 @@ const (
 	MetricsName  = "sp_metrics"
 	SockRevName  = "sp_sock_revnat"
 	AffinityName = "sp_affinity"
+	NodeAddrName = "sp_node_addrs"
 )
 
 // Maps are the handles user space programs.
@@ -33,6 +34,8 @@ type Maps struct {
 	SockRevNAT *ebpf.Map
 	// Affinity remembers each client's backend per service.
 	Affinity *ebpf.Map
+	// NodeAddrs holds the node's own addresses.
+	NodeAddrs *ebpf.Map
 }
 
 // OpenPinned opens the maps a `servicepath load` pinned under dir.
@@ -50,6 +53,7 @@ func OpenPinned(dir string) (*Maps, error) {
 		{MetricsName, &m.Metrics},
 		{SockRevName, &m.SockRevNAT},
 		{AffinityName, &m.Affinity},
+		{NodeAddrName, &m.NodeAddrs},
 	} {
 		mp, err := ebpf.LoadPinnedMap(filepath.Join(dir, x.name), nil)
 		if err != nil {
@@ -67,7 +71,7 @@ func OpenPinned(dir string) (*Maps, error) {
 // Close releases the handles; pinned maps stay.
 func (m *Maps) Close() error {
 	var errs []error
-	for _, mp := range []*ebpf.Map{m.Services, m.Backends, m.SvcMeta, m.CT, m.Frags, m.Metrics, m.SockRevNAT, m.Affinity} {
+	for _, mp := range []*ebpf.Map{m.Services, m.Backends, m.SvcMeta, m.CT, m.Frags, m.Metrics, m.SockRevNAT, m.Affinity, m.NodeAddrs} {
 		if mp != nil {
 			errs = append(errs, mp.Close())
 		}

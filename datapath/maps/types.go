@@ -66,7 +66,16 @@ type ServiceValue struct {
 	Count           uint16
 	Total           uint16
 	AffinityTimeout uint32
+	Flags           uint16
+	Pad             uint16
 }
+
+// Frontend kind flags, SVC_F_*.
+const (
+	SvcFlagNodePort     uint16 = 0x01
+	SvcFlagExternalIP   uint16 = 0x02
+	SvcFlagLoadBalancer uint16 = 0x04
+)
 
 // Backend state values, enum backend_state.
 const (
@@ -182,4 +191,11 @@ type SockDestroyKey struct {
 	Proto       uint8
 	Family      Family
 	Pad         [2]uint8
+}
+
+// NodeAddrKey is struct node_addr_key.
+type NodeAddrKey struct {
+	Addr   Addr
+	Family Family
+	Pad    [7]uint8
 }

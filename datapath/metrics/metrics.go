@@ -30,6 +30,8 @@ var Names = []string{
 	"sock_other_netns",
 	"sock_destroyed",
 	"affinity_hit",
+	"sock_bind_refused",
+	"ct_tuple_reused",
 }
 
 // Read sums each counter over CPUs, keyed by name.

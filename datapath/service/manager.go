@@ -29,6 +29,7 @@ type Manager struct {
 type frontend struct {
 	name, portName string
 	affinity       uint32 // seconds
+	flags          uint16
 	// ids in slot order: active first, then terminating.
 	ids   []uint32
 	count int
@@ -96,7 +97,7 @@ func (mgr *Manager) load() error {
 		}
 		name, portName := meta.Names()
 		f := &frontend{name: name, portName: portName, count: int(mv.Count), affinity: mv.AffinityTimeout,
-			backends: map[uint32]maps.Backend{}}
+			flags: mv.Flags, backends: map[uint32]maps.Backend{}}
 		for s := uint16(1); s <= mv.Total; s++ {
 			sk := mk
 			sk.Slot = s
@@ -159,6 +160,21 @@ func deleteIfPresent(m *ebpf.Map, key any) error {
 	return nil
 }
 
+var kindFlags = map[Kind]uint16{
+	NodePort:     maps.SvcFlagNodePort,
+	ExternalIP:   maps.SvcFlagExternalIP,
+	LoadBalancer: maps.SvcFlagLoadBalancer,
+}
+
+func kindOf(flags uint16) Kind {
+	for k, f := range kindFlags {
+		if flags&f != 0 {
+			return k
+		}
+	}
+	return ClusterIP
+}
+
 func frontendKey(f Frontend) maps.ServiceKey {
 	addr, fam := maps.AddrFrom(f.Addr)
 	return maps.ServiceKey{Addr: addr, Port: maps.NewBE16(f.Port), Proto: uint8(f.Protocol), Family: fam}
@@ -185,6 +201,7 @@ func sameEndpoint(a, b maps.Backend) bool {
 type plan struct {
 	key      maps.ServiceKey
 	affinity uint32
+	flags    uint16
 	meta     maps.ServiceMeta
 	ids      []uint32
 	count    int
@@ -218,7 +235,7 @@ func (mgr *Manager) plan(s Service, reserved map[uint32]bool) (*plan, error) {
 		return nil, fmt.Errorf("service %s: %w", s.Name, err)
 	}
 	p := &plan{key: frontendKey(s.Frontend), meta: meta, affinity: uint32(s.Affinity / time.Second),
-		backends: map[uint32]maps.Backend{}}
+		flags: kindFlags[s.Frontend.Kind], backends: map[uint32]maps.Backend{}}
 	old := mgr.frontends[p.key]
 
 	ordered := slices.Clone(s.Backends)
@@ -418,12 +435,13 @@ func (mgr *Manager) write(p *plan) error {
 			return fmt.Errorf("write slot %d: %w", i+1, err)
 		}
 	}
-	master := maps.ServiceValue{Count: uint16(p.count), Total: uint16(len(p.ids)), AffinityTimeout: p.affinity}
+	master := maps.ServiceValue{Count: uint16(p.count), Total: uint16(len(p.ids)), AffinityTimeout: p.affinity, Flags: p.flags}
 	if err := mgr.m.Services.Put(p.key, master); err != nil {
 		return fmt.Errorf("write service: %w", err)
 	}
 	name, portName := p.meta.Names()
-	next := &frontend{name: name, portName: portName, affinity: p.affinity, ids: p.ids, count: p.count, backends: p.backends}
+	next := &frontend{name: name, portName: portName, affinity: p.affinity, flags: p.flags, ids: p.ids, count: p.count,
+		backends: p.backends}
 	mgr.frontends[p.key] = next
 	if old == nil {
 		return nil
@@ -510,7 +528,8 @@ func (mgr *Manager) List() []Programmed {
 		s := Programmed{Service: Service{
 			Name:     f.name,
 			PortName: f.portName,
-			Frontend: Frontend{Addr: k.Addr.Netip(k.Family), Port: k.Port.Uint16(), Protocol: Protocol(k.Proto)},
+			Frontend: Frontend{Addr: k.Addr.Netip(k.Family), Port: k.Port.Uint16(), Protocol: Protocol(k.Proto),
+				Kind: kindOf(f.flags)},
 			Affinity: time.Duration(f.affinity) * time.Second,
 		}}
 		for i, id := range f.ids {

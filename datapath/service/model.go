@@ -37,15 +37,44 @@ func ParseProtocol(s string) (Protocol, error) {
 	return 0, fmt.Errorf("unsupported protocol %q (servicepath handles TCP and UDP)", s)
 }
 
+// Kind is how a frontend is reached.
+type Kind uint8
+
+const (
+	ClusterIP Kind = iota
+	// NodePort answers on every address of the node; its Addr is the
+	// unspecified address of its family (0.0.0.0 or ::).
+	NodePort
+	ExternalIP
+	LoadBalancer
+)
+
+func (k Kind) String() string {
+	switch k {
+	case NodePort:
+		return "NodePort"
+	case ExternalIP:
+		return "ExternalIP"
+	case LoadBalancer:
+		return "LoadBalancer"
+	}
+	return "ClusterIP"
+}
+
 // Frontend is the address a client connects to: one (VIP, port, protocol).
 type Frontend struct {
 	Addr     netip.Addr
 	Port     uint16
 	Protocol Protocol
+	Kind     Kind
 }
 
 func (f Frontend) String() string {
-	return fmt.Sprintf("%s/%s", netip.AddrPortFrom(f.Addr, f.Port), f.Protocol)
+	s := fmt.Sprintf("%s/%s", netip.AddrPortFrom(f.Addr, f.Port), f.Protocol)
+	if f.Kind != ClusterIP {
+		s += " (" + f.Kind.String() + ")"
+	}
+	return s
 }
 
 // BackendState says whether a backend may take new flows.
@@ -104,6 +133,12 @@ func (s *Service) Validate() error {
 	}
 	if f.Port == 0 {
 		return fmt.Errorf("service %s: frontend port 0", s.Name)
+	}
+	if f.Kind > LoadBalancer {
+		return fmt.Errorf("service %s: unknown frontend kind %d", s.Name, f.Kind)
+	}
+	if (f.Kind == NodePort) != f.Addr.IsUnspecified() {
+		return fmt.Errorf("service %s: frontend %s: a NodePort, and only a NodePort, has the unspecified address", s.Name, f)
 	}
 	if f.Protocol != TCP && f.Protocol != UDP {
 		return fmt.Errorf("service %s: unsupported protocol %s", s.Name, f.Protocol)

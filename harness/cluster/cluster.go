@@ -16,6 +16,7 @@ import (
 	"github.com/servicepath/servicepath/datapath/attach"
 	"github.com/servicepath/servicepath/datapath/loader"
 	"github.com/servicepath/servicepath/datapath/metrics"
+	"github.com/servicepath/servicepath/datapath/nodeaddrs"
 	"github.com/servicepath/servicepath/datapath/service"
 	"github.com/servicepath/servicepath/harness/testenv"
 	"github.com/servicepath/servicepath/harness/topology"
@@ -71,6 +72,9 @@ func New(t *testing.T, opts Options) *Cluster {
 			return err
 		}
 		c.DP = dp
+		if err := nodeaddrs.SyncLocal(dp.Maps.NodeAddrs); err != nil {
+			return err
+		}
 		if !opts.PerPacket {
 			return nil
 		}
