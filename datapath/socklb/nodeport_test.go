@@ -34,6 +34,7 @@ func nodePort(addr string, port uint16, proto service.Protocol) service.Frontend
 // node address from the host and from pods. A pod's own loopback is its
 // own, never the node's.
 func TestNodePortThroughSocketHooks(t *testing.T) {
+	cluster.RequireNetnsCookie(t)
 	c := cluster.New(t, cluster.Options{SocketLB: true})
 	program(t, c, nodePort("0.0.0.0", 30080, service.TCP))
 	program(t, c, nodePort("::", 30080, service.TCP))
@@ -63,6 +64,7 @@ func TestNodePortThroughSocketHooks(t *testing.T) {
 // The host may not bind a NodePort's port on a node address, loopback or
 // the wildcard; other ports, and pods, may.
 func TestNodePortPortsReservedOnTheHost(t *testing.T) {
+	cluster.RequireNetnsCookie(t)
 	c := cluster.New(t, cluster.Options{SocketLB: true})
 	program(t, c, nodePort("0.0.0.0", 30081, service.TCP))
 	program(t, c, nodePort("0.0.0.0", 30082, service.UDP))
@@ -83,10 +85,11 @@ func TestNodePortPortsReservedOnTheHost(t *testing.T) {
 			return err
 		})
 	}
+	inUse := cluster.RefusalErrno(t, syscall.EADDRINUSE)
 	for _, addr := range []string{"0.0.0.0:30081", "127.0.0.1:30081", topology.GatewayIPv4.String() + ":30081", "[::]:30081"} {
-		assert.ErrorIs(t, bind(c.Topo.Node, "tcp", addr), syscall.EADDRINUSE, "host bind to %s is refused", addr)
+		assert.ErrorIs(t, bind(c.Topo.Node, "tcp", addr), inUse, "host bind to %s is refused", addr)
 	}
-	assert.ErrorIs(t, bind(c.Topo.Node, "udp", "0.0.0.0:30082"), syscall.EADDRINUSE, "host UDP bind to the NodePort is refused")
+	assert.ErrorIs(t, bind(c.Topo.Node, "udp", "0.0.0.0:30082"), inUse, "host UDP bind to the NodePort is refused")
 	assert.NoError(t, bind(c.Topo.Node, "tcp", "0.0.0.0:30083"), "another port is free")
 	assert.NoError(t, bind(c.Topo.Node, "udp", "0.0.0.0:30081"), "the TCP NodePort's number is free for UDP")
 	assert.NoError(t, bind(c.Client, "tcp", "0.0.0.0:30081"), "a pod has ports of its own")
@@ -97,6 +100,7 @@ func TestNodePortPortsReservedOnTheHost(t *testing.T) {
 // Kubernetes routes the host's traffic to an ExternalIP that is not local
 // instead of translating it; pods, and local ExternalIPs, are translated.
 func TestExternalIPFromTheHost(t *testing.T) {
+	cluster.RequireNetnsCookie(t)
 	c := cluster.New(t, cluster.Options{SocketLB: true})
 	remote := netip.MustParseAddr("203.0.113.10")
 	local := netip.MustParseAddr("203.0.113.20")

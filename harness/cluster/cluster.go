@@ -5,13 +5,18 @@
 package cluster
 
 import (
+	"errors"
 	"fmt"
 	"net/netip"
 	"path/filepath"
+	"syscall"
 	"testing"
 
 	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/asm"
+	"github.com/cilium/ebpf/features"
 	"github.com/stretchr/testify/require"
+	"golang.org/x/sys/unix"
 
 	"github.com/servicepath/servicepath/datapath/attach"
 	"github.com/servicepath/servicepath/datapath/loader"
@@ -66,7 +71,7 @@ func New(t *testing.T, opts Options) *Cluster {
 	}
 	c := &Cluster{Topo: topo, Client: topo.Pod("client"), Servers: map[string]*traffic.Server{}}
 	a := &attach.Attacher{LinkDir: filepath.Join(cfg.PinPath, "links"), Mode: opts.Mode}
-	require.NoError(t, topo.Node.Do(func() error {
+	err := topo.Node.Do(func() error {
 		dp, err := loader.Load(cfg)
 		if err != nil {
 			return err
@@ -93,8 +98,14 @@ func New(t *testing.T, opts Options) *Cluster {
 			}
 		}
 		return nil
-	}), "load the datapath in the node and attach it")
-	t.Cleanup(func() { c.DP.Close() })
+	})
+	if c.DP != nil {
+		t.Cleanup(func() { c.DP.Close() })
+	}
+	if opts.Mode == attach.TCX && errors.Is(err, ebpf.ErrNotSupported) {
+		testenv.RequireFeature(t, "tcx", "6.6", err)
+	}
+	require.NoError(t, err, "load the datapath in the node and attach it")
 
 	if opts.SocketLB {
 		cg := testenv.ChildCgroup(t)
@@ -146,4 +157,29 @@ func (c *Cluster) Counters(t *testing.T) map[string]uint64 {
 	m, err := metrics.Read(c.DP.Maps.Metrics)
 	require.NoError(t, err, "read counters")
 	return m
+}
+
+// RefusalErrno is what a socket hook's refusal returns on this kernel: the
+// errno servicepath sets where the kernel has bpf_set_retval (5.19+),
+// EPERM before that.
+func RefusalErrno(t *testing.T, want syscall.Errno) syscall.Errno {
+	err := features.HaveProgramHelper(ebpf.CGroupSockAddr, asm.FnSetRetval)
+	if testenv.FeatureMissing(t, "bpf_set_retval", "5.19", err) {
+		return syscall.EPERM
+	}
+	return want
+}
+
+// RequireNetnsCookie skips where the kernel cannot say which netns a
+// socket is in (SO_NETNS_COOKIE, 5.14): the hooks then cannot tell the
+// host from a pod.
+func RequireNetnsCookie(t *testing.T) {
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+	require.NoError(t, err, "socket")
+	defer unix.Close(fd)
+	_, err = unix.GetsockoptUint64(fd, unix.SOL_SOCKET, unix.SO_NETNS_COOKIE)
+	if errors.Is(err, unix.ENOPROTOOPT) {
+		err = fmt.Errorf("%w: %v", ebpf.ErrNotSupported, err)
+	}
+	testenv.RequireFeature(t, "SO_NETNS_COOKIE", "5.14", err)
 }

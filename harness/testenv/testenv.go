@@ -99,17 +99,33 @@ var notSupported = []error{ebpf.ErrNotSupported, unix.EOPNOTSUPP, unix.EINVAL}
 // Any other error fails t.
 func RequireFeature(t testing.TB, feature, minKernel string, err error) {
 	t.Helper()
-	if err == nil {
-		return
+	if FeatureMissing(t, feature, minKernel, err) {
+		t.Skipf("%s needs kernel %s, running %s: %v", feature, minKernel, release(t), err)
 	}
-	var uts unix.Utsname
-	if uerr := unix.Uname(&uts); uerr != nil {
-		t.Fatalf("%s: %v (uname: %v)", feature, err, uerr)
-	}
-	requireFeature(t, feature, minKernel, unix.ByteSliceToString(uts.Release[:]), err)
 }
 
-func requireFeature(t testing.TB, feature, minKernel, release string, err error) {
+// FeatureMissing is the same policy for tests that expect a fallback
+// instead of skipping: true when err says feature is not supported and the
+// kernel is older than minKernel; t fails when a kernel that should have
+// the feature lacks it, and on any other error.
+func FeatureMissing(t testing.TB, feature, minKernel string, err error) bool {
+	t.Helper()
+	if err == nil {
+		return false
+	}
+	return featureMissing(t, feature, minKernel, release(t), err)
+}
+
+func release(t testing.TB) string {
+	t.Helper()
+	var uts unix.Utsname
+	if err := unix.Uname(&uts); err != nil {
+		t.Fatalf("uname: %v", err)
+	}
+	return unix.ByteSliceToString(uts.Release[:])
+}
+
+func featureMissing(t testing.TB, feature, minKernel, release string, err error) bool {
 	t.Helper()
 	if !isNotSupported(err) {
 		t.Fatalf("%s: %v", feature, err)
@@ -123,9 +139,10 @@ func requireFeature(t testing.TB, feature, minKernel, release string, err error)
 		t.Fatalf("%s: bad minimum kernel: %v", feature, perr)
 	}
 	if running.less(want) {
-		t.Skipf("%s needs kernel %s, running %s: %v", feature, minKernel, release, err)
+		return true
 	}
 	t.Fatalf("kernel %s >= %s should have %s: %v", release, minKernel, feature, err)
+	return false
 }
 
 func isNotSupported(err error) bool {

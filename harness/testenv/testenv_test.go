@@ -79,7 +79,10 @@ func policy(minKernel, release string, err error) string {
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		requireFeature(r, "tcx", minKernel, release, err)
+		if featureMissing(r, "tcx", minKernel, release, err) {
+			r.outcome = "missing: tcx needs kernel " + minKernel + ", running " + release
+			return
+		}
 		r.outcome = "returned"
 	}()
 	<-done
@@ -93,9 +96,9 @@ func TestRequireFeaturePolicy(t *testing.T) {
 		err           error
 		want          string
 	}{
-		{"old kernel", "5.10.0-32-cloud-amd64", notSup, "skip: tcx needs kernel 6.6, running 5.10.0-32-cloud-amd64"},
-		{"old kernel attach EINVAL", "6.1.0", fmt.Errorf("attach: %w", unix.EINVAL), "skip: "},
-		{"old kernel ENOTSUP", "6.1.0", unix.ENOTSUP, "skip: "},
+		{"old kernel", "5.10.0-32-cloud-amd64", notSup, "missing: tcx needs kernel 6.6, running 5.10.0-32-cloud-amd64"},
+		{"old kernel attach EINVAL", "6.1.0", fmt.Errorf("attach: %w", unix.EINVAL), "missing: "},
+		{"old kernel ENOTSUP", "6.1.0", unix.ENOTSUP, "missing: "},
 		{"new kernel", "6.18.44-fc-v657", notSup, "fatal: kernel 6.18.44-fc-v657 >= 6.6 should have tcx"},
 		{"same minor", "6.6.0", unix.EOPNOTSUPP, "fatal: kernel 6.6.0 >= 6.6"},
 		{"other error", "5.10.0", errors.New("permission denied"), "fatal: tcx: permission denied"},
@@ -113,6 +116,9 @@ func TestRequireFeaturePolicy(t *testing.T) {
 
 func TestRequireFeatureNil(t *testing.T) {
 	RequireFeature(t, "anything", "99.0", nil)
+	if FeatureMissing(t, "anything", "99.0", nil) {
+		t.Error("a feature that worked is not missing")
+	}
 }
 
 func TestBPFFS(t *testing.T) {
