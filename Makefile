@@ -20,6 +20,7 @@ deps:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 	$(GO) mod download
+	$(GO) run ./vmtests/cmd/vmtest deps
 
 # Rebuilds the committed bpf2go output from bpf/*.c with Debian's clang.
 generate:
@@ -46,8 +47,9 @@ demo: build
 bench:
 	$(GO) test -run '^$$' -bench . -benchtime 20000x -count 5 ./bench/...
 
+# The suite in VMs across kernels; KERNELS="6.12 7.2" selects series, PKGS packages.
 vmtest:
-	$(GO) run ./vmtests/cmd/vmtest $(if $(KERNELS),--kernels "$(KERNELS)")
+	$(GO) run ./vmtests/cmd/vmtest $(if $(KERNELS),-kernels "$(KERNELS)") $(PKGS)
 
 lint:
 	@out=$$(git ls-files '*.go' | grep -v '_bpfel\.go$$' | xargs gofmt -l); \

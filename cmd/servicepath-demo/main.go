@@ -20,7 +20,10 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/servicepath/servicepath/datapath/maps"
+	"github.com/servicepath/servicepath/datapath/metrics"
 	"github.com/servicepath/servicepath/datapath/mounts"
+	"github.com/servicepath/servicepath/datapath/service"
 	"github.com/servicepath/servicepath/harness/stats"
 	"github.com/servicepath/servicepath/harness/topology"
 	"github.com/servicepath/servicepath/harness/traffic"
@@ -126,14 +129,79 @@ func run(bin, manifest string, n int) error {
 	}
 
 	client := topo.Pod("client")
-	failed := false
-	for _, s := range res.Services {
+	step("per-packet load balancing: the tc programs on the pod devices")
+	failed := exchangeAll(client, res.Services, n)
+
+	// Socket-level load balancing: the hooks of a cgroup this demo creates
+	// and joins, so its own sockets are translated at connect and sendmsg.
+	// The cgroup2 hierarchy is mounted again under the demo's directory:
+	// `ip netns exec` replaces /sys, hiding the usual mount point.
+	root := filepath.Join(dir, "cgroup")
+	if err := os.Mkdir(root, 0o755); err != nil {
+		return err
+	}
+	if err := unix.Mount("none", root, "cgroup2", 0, ""); err != nil {
+		return fmt.Errorf("mount cgroup2: %w", err)
+	}
+	defer unix.Unmount(root, unix.MNT_DETACH)
+	cg, err := os.MkdirTemp(root, "servicepath-demo-")
+	if err != nil {
+		return err
+	}
+	defer os.Remove(cg)
+	step("socket-level load balancing: the same exchanges from a cgroup with the socket hooks")
+	if err := sp("load", "--bpffs", bpffs, "--device", strings.Join(devices, ","), "--cgroup", cg); err != nil {
+		return err
+	}
+	before, err := counters(bpffs)
+	if err != nil {
+		return err
+	}
+	home, err := mounts.OwnCgroup()
+	if err != nil {
+		return err
+	}
+	if err := mounts.JoinCgroup(cg); err != nil {
+		return err
+	}
+	failed = exchangeAll(client, res.Services, n/2) || failed
+	if err := mounts.JoinCgroup(home); err != nil {
+		return err
+	}
+	after, err := counters(bpffs)
+	if err != nil {
+		return err
+	}
+	xlate, perPacket := after["sock_xlate"]-before["sock_xlate"], after["lb_new"]-before["lb_new"]
+	fmt.Printf("\n  socket hooks translated %d connects and sends; the per-packet path load-balanced %d new flows\n", xlate, perPacket)
+	if xlate == 0 || perPacket != 0 {
+		fmt.Println("  FAILED: the socket layer should have done all the work")
+		failed = true
+	}
+
+	step("datapath counters")
+	if err := sp("stats", "--bpffs", bpffs); err != nil {
+		return err
+	}
+	if failed {
+		return errors.New("some exchanges failed or were not spread uniformly (see above)")
+	}
+	fmt.Println("\ndemo passed: every exchange went through the VIP to a backend and came back from the VIP")
+	return nil
+}
+
+func step(s string) { fmt.Printf("\n== %s\n", s) }
+
+// exchangeAll runs n exchanges per frontend from the client pod, prints
+// the spread over backends and says whether anything failed.
+func exchangeAll(client *topology.Pod, services []service.Service, n int) (failed bool) {
+	for _, s := range services {
 		vip := netip.AddrPortFrom(s.Frontend.Addr, s.Frontend.Port)
-		step(fmt.Sprintf("%d %s exchanges from the client pod to %s (%s)", n, s.Frontend.Protocol, vip, s.Name))
+		fmt.Printf("\n  %d %s exchanges from the client pod to %s (%s)\n", n, s.Frontend.Protocol, vip, s.Name)
 		start := time.Now()
 		tally, err := traffic.Run(n, func(i int) (traffic.Reply, error) {
 			payload := []byte(fmt.Sprintf("demo %d", i))
-			if s.Frontend.Protocol.String() == "UDP" {
+			if s.Frontend.Protocol == service.UDP {
 				r, err := traffic.UDPExchange(client, vip, payload, 3*time.Second)
 				if err == nil && r.Peer != vip {
 					err = fmt.Errorf("reply came from %s, not from the VIP", r.Peer)
@@ -166,16 +234,15 @@ func run(bin, manifest string, n int) error {
 		fmt.Printf("  every reply came from %s; %.0f exchanges/s; chi-square %.2f (%s: bound %.2f at alpha %g)\n",
 			vip, float64(n)/time.Since(start).Seconds(), chi, verdict, crit, stats.SpreadAlpha)
 	}
-
-	step("datapath counters")
-	if err := sp("stats", "--bpffs", bpffs); err != nil {
-		return err
-	}
-	if failed {
-		return errors.New("some exchanges failed or were not spread uniformly (see above)")
-	}
-	fmt.Println("\ndemo passed: every exchange went through the VIP to a backend and came back from the VIP")
-	return nil
+	return failed
 }
 
-func step(s string) { fmt.Printf("\n== %s\n", s) }
+// counters reads the datapath counters from the pinned maps.
+func counters(bpffs string) (map[string]uint64, error) {
+	m, err := maps.OpenPinned(bpffs)
+	if err != nil {
+		return nil, err
+	}
+	defer m.Close()
+	return metrics.Read(m.Metrics)
+}

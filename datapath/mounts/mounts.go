@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 
@@ -111,4 +112,27 @@ func EnsureBPFFS(path string) error {
 		return fmt.Errorf("mount bpffs on %s: %w", path, err)
 	}
 	return nil
+}
+
+// OwnCgroup is the calling process' cgroup2 directory.
+func OwnCgroup() (string, error) {
+	root, err := Cgroup2Root()
+	if err != nil {
+		return "", err
+	}
+	b, err := os.ReadFile("/proc/self/cgroup")
+	if err != nil {
+		return "", err
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if rest, ok := strings.CutPrefix(line, "0::"); ok {
+			return filepath.Join(root, rest), nil
+		}
+	}
+	return "", errors.New("no cgroup2 entry in /proc/self/cgroup")
+}
+
+// JoinCgroup moves the whole calling process into the cgroup at dir.
+func JoinCgroup(dir string) error {
+	return os.WriteFile(filepath.Join(dir, "cgroup.procs"), []byte(strconv.Itoa(os.Getpid())), 0o644)
 }

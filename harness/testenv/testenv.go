@@ -7,7 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -186,37 +185,16 @@ func parseKernel(release string) (kernelVersion, error) {
 // the test ends, so cgroup socket hooks attached there see its sockets.
 func EnterCgroup(t testing.TB, dir string) {
 	t.Helper()
-	root, err := mounts.Cgroup2Root()
-	if err != nil {
-		t.Fatalf("find cgroup2: %v", err)
-	}
-	home, err := currentCgroup()
+	home, err := mounts.OwnCgroup()
 	if err != nil {
 		t.Fatalf("read this process' cgroup: %v", err)
 	}
-	move := func(to string) error {
-		return os.WriteFile(filepath.Join(to, "cgroup.procs"), []byte(strconv.Itoa(os.Getpid())), 0o644)
-	}
-	if err := move(dir); err != nil {
+	if err := mounts.JoinCgroup(dir); err != nil {
 		t.Fatalf("enter cgroup %s: %v", dir, err)
 	}
 	t.Cleanup(func() {
-		if err := move(filepath.Join(root, home)); err != nil {
+		if err := mounts.JoinCgroup(home); err != nil {
 			t.Errorf("return to cgroup %s: %v", home, err)
 		}
 	})
-}
-
-// currentCgroup is this process' cgroup2 path relative to the mount.
-func currentCgroup() (string, error) {
-	b, err := os.ReadFile("/proc/self/cgroup")
-	if err != nil {
-		return "", err
-	}
-	for _, line := range strings.Split(string(b), "\n") {
-		if rest, ok := strings.CutPrefix(line, "0::"); ok {
-			return rest, nil
-		}
-	}
-	return "", errors.New("no cgroup2 entry in /proc/self/cgroup")
 }
