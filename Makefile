@@ -5,10 +5,12 @@ GO        ?= go
 BIN       := bin
 # Debian packages the repo needs: clang/llvm/libbpf-dev to regenerate the
 # BPF objects, iproute2 for `ip netns exec`, dnsmasq and dig for the
-# resolver round trip through socket-level load balancing.
-APT_PKGS  := clang llvm libbpf-dev linux-libc-dev iproute2 dnsmasq-base bind9-dnsutils
+# resolver round trip through socket-level load balancing, iptables and
+# nftables for the kube-proxy baselines.
+APT_PKGS  := clang llvm libbpf-dev linux-libc-dev iproute2 dnsmasq-base bind9-dnsutils iptables nftables
+BENCH     ?= quick
 
-.PHONY: all deps generate generate-check build test demo bench vmtest lint clean
+.PHONY: all deps generate generate-check build test demo bench bench-fixtures vmtest lint clean
 
 all: build
 
@@ -44,7 +46,15 @@ test:
 demo: build
 	$(BIN)/servicepath-demo --servicepath $(BIN)/servicepath --manifest deploy/examples/demo.yaml
 
+# servicepath against kube-proxy (iptables, nftables) and no rules at all;
+# BENCH=quick|full|smoke. Writes results/bench/<kernel>-<date>/ and
+# results/README.md (smoke: a temporary directory).
 bench:
+	$(GO) build -o $(BIN)/bench ./bench/cmd/bench
+	$(BIN)/bench -profile $(BENCH)
+
+# ns/packet of every ClusterIP fixture row through BPF_PROG_TEST_RUN.
+bench-fixtures:
 	$(GO) test -run '^$$' -bench . -benchtime 20000x -count 5 ./bench/...
 
 # The suite in VMs across kernels; KERNELS="6.12 7.2" selects series, PKGS packages.

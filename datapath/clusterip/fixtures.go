@@ -441,7 +441,8 @@ func (f Family) affine(backends ...service.Backend) service.Service {
 	return s
 }
 
-// ageAffinity makes every affinity entry older than any timeout.
+// ageAffinity dates every affinity entry to the clock's first nanosecond:
+// past any 1 s timeout on a machine up for more than a second.
 func ageAffinity(e *inject.Env) error {
 	var k maps.AffinityKey
 	var v maps.AffinityValue
@@ -473,6 +474,8 @@ func affinityFixtures(f Family) []inject.Fixture {
 	all := f.affine(f.active(0), f.active(1), f.active(2))
 	first := packet.TCP(f.Client, f.vip(), packet.SYN, nil, packet.Opts{})
 	second := netip.AddrPortFrom(f.Client.Addr(), f.Client.Port()+7)
+	shortAffinity := f.affine(f.active(0))
+	shortAffinity.Affinity = time.Second
 	return []inject.Fixture{
 		{
 			Name:     name("affinity-keeps-client-on-its-backend"),
@@ -485,7 +488,7 @@ func affinityFixtures(f Family) []inject.Fixture {
 		{
 			// Expired, though its backend is alive: chosen afresh, no hit.
 			Name:     name("affinity-expired-chooses-afresh"),
-			Setup:    steps(upsert(f.affine(f.active(0))), send(inject.FromPod, first), ageAffinity),
+			Setup:    steps(upsert(shortAffinity), send(inject.FromPod, first), ageAffinity),
 			Input:    packet.TCP(second, f.vip(), packet.SYN, nil, packet.Opts{}),
 			Verdict:  inject.OK,
 			Output:   packet.TCP(second, f.backend(0), packet.SYN, nil, packet.Opts{}),

@@ -21,6 +21,9 @@ type Manager struct {
 	removed   []Removed
 	frontends map[maps.ServiceKey]*frontend
 	usedIDs   map[uint32]bool
+	// slots counts service map entries in use (masters and slots), kept
+	// as frontends change so no update walks every frontend.
+	slots int
 	nextID    uint32
 	maxIDs    uint32
 	maxSlots  uint32
@@ -110,6 +113,7 @@ func (mgr *Manager) load() error {
 			mgr.usedIDs[id] = true
 		}
 		mgr.frontends[mk] = f
+		mgr.slots += f.slots() + 1
 	}
 	// Slots past a master's total, metadata without a master and backends no
 	// slot names are left from an interrupted update: finish it.
@@ -335,7 +339,7 @@ type usage struct{ slots, ids int }
 // every step is checked, not only the end state, before a map is touched:
 // a change that cannot complete is refused whole.
 func (mgr *Manager) commit(plans []*plan, stale []maps.ServiceKey) error {
-	running := usage{slots: mgr.slotsInUse(), ids: len(mgr.usedIDs)}
+	running := usage{slots: mgr.slots, ids: len(mgr.usedIDs)}
 	for _, k := range stale {
 		f := mgr.frontends[k]
 		running.slots -= f.slots() + 1
@@ -398,13 +402,6 @@ func (mgr *Manager) DeleteOwned(owners []string) error {
 	return mgr.Apply(owners, nil)
 }
 
-func (mgr *Manager) slotsInUse() int {
-	n := 0
-	for _, f := range mgr.frontends {
-		n += f.slots() + 1
-	}
-	return n
-}
 
 // write moves a frontend to its planned layout in an order where no packet
 // sees a slot naming an unwritten or deleted backend, or a count covering
@@ -443,6 +440,10 @@ func (mgr *Manager) write(p *plan) error {
 	next := &frontend{name: name, portName: portName, affinity: p.affinity, flags: p.flags, ids: p.ids, count: p.count,
 		backends: p.backends}
 	mgr.frontends[p.key] = next
+	mgr.slots += next.slots() + 1
+	if old != nil {
+		mgr.slots -= old.slots() + 1
+	}
 	if old == nil {
 		return nil
 	}
@@ -511,6 +512,7 @@ func (mgr *Manager) remove(k maps.ServiceKey) error {
 		return err
 	}
 	delete(mgr.frontends, k)
+	mgr.slots -= f.slots() + 1
 	return nil
 }
 

@@ -1,0 +1,165 @@
+package bench
+
+import (
+	"errors"
+	"fmt"
+	"math"
+	"net/netip"
+
+	"github.com/servicepath/servicepath/harness/netperf"
+	"github.com/servicepath/servicepath/harness/topology"
+)
+
+// PodPath is one way two endpoints talk, for pod-networking throughput and
+// latency. Paths needing work not yet built (BPF host routing, netkit)
+// are listed with Pending and plug in by giving them a Build.
+type PodPath struct {
+	Name, Describe string
+	// Baseline marks the path ratios are computed against.
+	Baseline bool
+	Pending  string
+	// Build returns the client and server netns and the server address,
+	// inside t (a node with pods "a" and "b").
+	Build func(t *topology.Topology) (client, server netperf.Doer, addr netip.Addr)
+}
+
+// PodPaths lists the paths in report order.
+func PodPaths() []PodPath {
+	return []PodPath{
+		{
+			Name: "loopback (reference)", Describe: "client and server in one netns over 127.0.0.1; no device at all",
+			Build: func(t *topology.Topology) (netperf.Doer, netperf.Doer, netip.Addr) {
+				return t.Node, t.Node, netip.MustParseAddr("127.0.0.1")
+			},
+		},
+		{
+			Name: "host baseline", Baseline: true,
+			Describe: "node netns to a netns one veth away, no forwarding: the stand-in for node-to-node " +
+				"(our topology builder makes one node; two hosts joined by a wire is the closest honest shape)",
+			Build: func(t *topology.Topology) (netperf.Doer, netperf.Doer, netip.Addr) {
+				return t.Node, t.Pod("a"), t.Pod("a").IPv4
+			},
+		},
+		{
+			Name: "veth + upper-stack forwarding", Describe: "pod -> veth -> node (IP forwarding, routing) -> veth -> pod",
+			Build: func(t *topology.Topology) (netperf.Doer, netperf.Doer, netip.Addr) {
+				return t.Pod("b"), t.Pod("a"), t.Pod("a").IPv4
+			},
+		},
+		{
+			Name: "veth + BPF host routing", Describe: "pod -> veth, bpf_redirect_peer/neigh at the host device -> pod",
+			Pending: "BPF host routing is another issue in progress",
+		},
+		{
+			Name: "netkit + BPF host routing", Describe: "pod -> netkit (BPF in the device) -> pod; in a VM where the kernel lacks netkit",
+			Pending: "netkit topologies are another issue in progress",
+		},
+	}
+}
+
+type podServers struct {
+	sink, rr *netperf.Server
+	client   netperf.Doer
+	addr     netip.Addr
+}
+
+func (r *Runner) podNetwork(res *Results) error {
+	p := r.Profile
+	topo, err := topology.New(topology.Spec{Name: "b-pod", Pods: []topology.PodSpec{{Name: "a"}, {Name: "b"}}})
+	if err != nil {
+		return err
+	}
+	defer topo.Close()
+	paths := PodPaths()
+	servers := make([]*podServers, len(paths))
+	defer func() {
+		for _, s := range servers {
+			if s != nil {
+				s.sink.Close()
+				s.rr.Close()
+			}
+		}
+	}()
+	for i, path := range paths {
+		if path.Pending != "" {
+			continue
+		}
+		client, server, addr := path.Build(topo)
+		sink, err := netperf.Listen(server, 0, r.Env.CPU, netperf.Sink, 0)
+		if err != nil {
+			return fmt.Errorf("%s: sink: %w", path.Name, err)
+		}
+		rr, err := netperf.Listen(server, 0, r.Env.CPU, netperf.RR, 1)
+		if err != nil {
+			sink.Close()
+			return fmt.Errorf("%s: RR server: %w", path.Name, err)
+		}
+		servers[i] = &podServers{sink: sink, rr: rr, client: client, addr: addr}
+	}
+	out := make([]PodResult, len(paths))
+	for i, path := range paths {
+		out[i] = PodResult{Path: path.Name, Describe: path.Describe, Pending: path.Pending}
+	}
+	for rep := range p.PodRepeats {
+		for i, path := range paths {
+			s := servers[i]
+			if s == nil {
+				continue
+			}
+			st, err := netperf.RunStream(s.client, s.sink, s.sink.Addr(s.addr), netperf.StreamOptions{CPU: r.Env.CPU, Duration: p.StreamDuration})
+			if err != nil {
+				return fmt.Errorf("%s: stream: %w", path.Name, err)
+			}
+			out[i].Streams = append(out[i].Streams, StreamRepeat{
+				Gbps: math.Round(st.Gbps()*1000) / 1000, CPUUsPerMB: round1(st.CPUMicrosPerMB()),
+				Bytes: st.Sink.Bytes, MappedBytes: st.Sink.Mapped, CopiedBytes: st.Sink.Copied, Receive: st.Sink.Receive,
+				SenderCPUus: st.SenderCPU.Microseconds(), ReceiverCPUus: st.Sink.CPU.Microseconds(),
+			})
+			l, err := netperf.RunRR(s.client, s.rr.Addr(s.addr), netperf.RROptions{CPU: r.Env.CPU, Size: 1, Warmup: p.RRSamples / 20, N: p.RRSamples})
+			if err != nil {
+				return fmt.Errorf("%s: RR: %w", path.Name, err)
+			}
+			us := netperf.Micros(l.Samples)
+			sum := netperf.Summarize(us)
+			// Raw RR samples are large; keep percentiles and the minimum.
+			out[i].RRs = append(out[i].RRs, Round{P50: round1(sum.P50), P90: round1(sum.P90), P99: round1(sum.P99),
+				ConnPerSec: math.Round(l.PerSecond()), SamplesUs: []float64{round1(sum.Min)}})
+			r.Progress("  pod %-30s repeat %d: %.2f Gbit/s, %.0f us/MB CPU, RR p50 %.1f us", path.Name, rep+1, st.Gbps(), st.CPUMicrosPerMB(), sum.P50)
+		}
+	}
+	var base *PodResult
+	for i := range out {
+		o := &out[i]
+		if o.Pending != "" {
+			continue
+		}
+		o.Gbps = SpreadOf(pick(o.Streams, func(x StreamRepeat) float64 { return x.Gbps }))
+		o.CPUUsPerMB = SpreadOf(pick(o.Streams, func(x StreamRepeat) float64 { return x.CPUUsPerMB }))
+		seen := map[string]bool{}
+		for _, s := range o.Streams {
+			if !seen[s.Receive] {
+				seen[s.Receive] = true
+				o.Receive = append(o.Receive, s.Receive)
+			}
+		}
+		o.RRMin = SpreadOf(pick(o.RRs, func(x Round) float64 { return x.SamplesUs[0] }))
+		o.RRP50 = SpreadOf(pick(o.RRs, func(x Round) float64 { return x.P50 }))
+		o.RRP90 = SpreadOf(pick(o.RRs, func(x Round) float64 { return x.P90 }))
+		o.RRP99 = SpreadOf(pick(o.RRs, func(x Round) float64 { return x.P99 }))
+		if paths[i].Baseline {
+			base = o
+		}
+	}
+	if base == nil {
+		return errors.New("no baseline path measured")
+	}
+	for i := range out {
+		o := &out[i]
+		if o.Pending == "" && base.Gbps.Median > 0 && base.RRP50.Median > 0 {
+			o.RatioGbps = math.Round(o.Gbps.Median/base.Gbps.Median*100) / 100
+			o.RatioRRP50 = math.Round(o.RRP50.Median/base.RRP50.Median*100) / 100
+		}
+	}
+	res.Pod = out
+	return nil
+}
