@@ -10,6 +10,7 @@ import (
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
+	"golang.org/x/sys/unix"
 )
 
 // cgroupPin names a hook's pinned link by the cgroup's inode, so several
@@ -20,8 +21,11 @@ func (a *Attacher) cgroupPin(path, hook string) (string, uint64, error) {
 		return "", 0, fmt.Errorf("cgroup %s: %w", path, err)
 	}
 	st, ok := fi.Sys().(*syscall.Stat_t)
-	if !ok || !fi.IsDir() {
-		return "", 0, fmt.Errorf("cgroup %s: not a cgroup directory", path)
+	var fs unix.Statfs_t
+	if !ok || !fi.IsDir() || unix.Statfs(path, &fs) != nil || fs.Type != unix.CGROUP2_SUPER_MAGIC {
+		// Under `ip netns exec`, /sys is remounted and /sys/fs/cgroup is a
+		// plain directory: say so rather than fail inside the kernel.
+		return "", 0, fmt.Errorf("%s is not a cgroup2 directory (find the mount with: awk '$3 == \"cgroup2\" {print $2}' /proc/self/mounts)", path)
 	}
 	return filepath.Join(a.LinkDir, fmt.Sprintf("cgroup-%d-%s", st.Ino, hook)), st.Ino, nil
 }

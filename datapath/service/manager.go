@@ -23,10 +23,10 @@ type Manager struct {
 	usedIDs   map[uint32]bool
 	// slots counts service map entries in use (masters and slots), kept
 	// as frontends change so no update walks every frontend.
-	slots int
-	nextID    uint32
-	maxIDs    uint32
-	maxSlots  uint32
+	slots    int
+	nextID   uint32
+	maxIDs   uint32
+	maxSlots uint32
 }
 
 type frontend struct {
@@ -401,7 +401,6 @@ func (mgr *Manager) Delete(f Frontend) error {
 func (mgr *Manager) DeleteOwned(owners []string) error {
 	return mgr.Apply(owners, nil)
 }
-
 
 // write moves a frontend to its planned layout in an order where no packet
 // sees a slot naming an unwritten or deleted backend, or a count covering
