@@ -10,7 +10,7 @@ BIN       := bin
 APT_PKGS  := clang llvm libbpf-dev linux-libc-dev iproute2 dnsmasq-base bind9-dnsutils iptables nftables
 BENCH     ?= quick
 
-.PHONY: all deps generate generate-check build test demo bench bench-fixtures vmtest lint clean
+.PHONY: all deps generate generate-check build test demo demo-agent bench bench-fixtures vmtest lint clean
 
 all: build
 
@@ -23,6 +23,8 @@ deps:
 	fi
 	$(GO) mod download
 	$(GO) run ./vmtests/cmd/vmtest deps
+	# kube-apiserver + etcd for the agent's tests, from the Go module proxy (cached)
+	PATH="$$(dirname $$(command -v $(GO))):$$PATH" tools/kube/build.sh
 
 # Rebuilds the committed bpf2go output from bpf/*.c with Debian's clang.
 generate:
@@ -38,6 +40,7 @@ generate-check: generate
 build:
 	$(GO) build -o $(BIN)/servicepath ./cmd/servicepath
 	$(GO) build -o $(BIN)/servicepath-demo ./cmd/servicepath-demo
+	$(GO) build -o $(BIN)/servicepath-agent-demo ./cmd/servicepath-agent-demo
 
 # As root every test runs; as another user the privileged ones skip, saying why.
 test:
@@ -45,6 +48,10 @@ test:
 
 demo: build
 	$(BIN)/servicepath-demo --servicepath $(BIN)/servicepath --manifest deploy/examples/demo.yaml
+
+# make demo with a local kube-apiserver + etcd and `servicepath agent` instead of `apply`.
+demo-agent: build
+	$(BIN)/servicepath-agent-demo --servicepath $(BIN)/servicepath --manifest deploy/examples/demo.yaml
 
 # servicepath against kube-proxy (iptables, nftables) and no rules at all;
 # BENCH=quick|full|smoke. Writes results/bench/<kernel>-<date>/ and

@@ -39,6 +39,19 @@ func ServiceNames(services []*corev1.Service) []string {
 	return slices.Compact(names)
 }
 
+// SliceOwner is the "namespace/name" of the Service an EndpointSlice
+// belongs to, or "" when its label does not name one.
+func SliceOwner(es *discoveryv1.EndpointSlice) string {
+	if es.Labels[discoveryv1.LabelServiceName] == "" {
+		return ""
+	}
+	return objectName(es.Namespace, es.Labels[discoveryv1.LabelServiceName])
+}
+
+// ServiceName is the "namespace/name" Translate names a Service's
+// frontends by.
+func ServiceName(svc *corev1.Service) string { return objectName(svc.Namespace, svc.Name) }
+
 // objectName defaults the namespace as kubectl does for a manifest.
 func objectName(namespace, name string) string {
 	if namespace == "" {
@@ -73,8 +86,9 @@ type slicePort struct {
 }
 
 type endpoint struct {
-	addr  netip.Addr
-	state service.BackendState
+	addr     netip.Addr
+	state    service.BackendState
+	nodeName string
 }
 
 type parsedSlice struct {
@@ -166,10 +180,18 @@ func parseSlice(es *discoveryv1.EndpointSlice) (*parsedSlice, []error) {
 		}
 		// Like kube-proxy, only the first address is used.
 		if state, ok := endpointState(ep.Conditions); ok && first.IsValid() {
-			ps.endpoints = append(ps.endpoints, endpoint{addr: first, state: state})
+			ps.endpoints = append(ps.endpoints, endpoint{addr: first, state: state, nodeName: ptrValue(ep.NodeName)})
 		}
 	}
 	return ps, errs
+}
+
+func ptrValue[T any](p *T) T {
+	var v T
+	if p != nil {
+		v = *p
+	}
+	return v
 }
 
 // endpointState applies the API's defaults: nil ready and nil serving
@@ -195,10 +217,12 @@ type servicePort struct {
 }
 
 type parsedService struct {
-	name  string
-	vips  []netip.Addr
-	vipFs []string // the field each VIP came from, for errors
-	ports []servicePort
+	name string
+	// localOnly is internalTrafficPolicy Local.
+	localOnly bool
+	vips      []netip.Addr
+	vipFs     []string // the field each VIP came from, for errors
+	ports     []servicePort
 }
 
 // skipReason says why a Service gets no frontend at all, or "".
@@ -219,7 +243,10 @@ func skipReason(svc *corev1.Service) string {
 // parseService validates a Service that is not skipped. Ports with a
 // protocol the datapath lacks are returned as unsupported, not as errors.
 func parseService(svc *corev1.Service) (*parsedService, []string, []error) {
-	ps := &parsedService{name: objectName(svc.Namespace, svc.Name)}
+	ps := &parsedService{
+		name:      objectName(svc.Namespace, svc.Name),
+		localOnly: ptrValue(svc.Spec.InternalTrafficPolicy) == corev1.ServiceInternalTrafficPolicyLocal,
+	}
 	var errs []error
 	var unsupported []string
 	fail := func(field, format string, args ...any) {
@@ -297,12 +324,26 @@ func parseService(svc *corev1.Service) (*parsedService, []string, []error) {
 	return ps, unsupported, errs
 }
 
+// Options adapt a translation to the node whose datapath it programs.
+type Options struct {
+	// NodeName is the node the datapath runs on. When set, a Service with
+	// internalTrafficPolicy Local gets only the endpoints whose nodeName is
+	// this node, as kube-proxy does. Manifests name no node: every endpoint
+	// is used.
+	NodeName string
+}
+
 // Translate turns Services and their EndpointSlices into datapath
 // services, one per cluster IP and service port, with kube-proxy's
 // semantics. It validates every object first: on any error it returns all
 // errors found, each naming the object and field, and no result.
 // NodePorts, external IPs and load-balancer ingress are not translated.
 func Translate(services []*corev1.Service, endpointSlices []*discoveryv1.EndpointSlice) (Result, error) {
+	return TranslateWith(Options{}, services, endpointSlices)
+}
+
+// TranslateWith is Translate for the node opts names.
+func TranslateWith(opts Options, services []*corev1.Service, endpointSlices []*discoveryv1.EndpointSlice) (Result, error) {
 	var errs []error
 
 	// Every slice is validated, even one no Service uses.
@@ -376,7 +417,7 @@ func Translate(services []*corev1.Service, endpointSlices []*discoveryv1.Endpoin
 					Name:     ps.name,
 					PortName: p.name,
 					Frontend: service.Frontend{Addr: vip, Port: p.port, Protocol: p.protocol},
-					Backends: backends(slicesOf[ps.name], vip.Is4(), p),
+					Backends: backends(slicesOf[ps.name], vip.Is4(), p, localNode(ps, opts)),
 				}
 				if err := s.Validate(); err != nil {
 					errs = append(errs, fmt.Errorf("Service %s: %w", ps.name, err))
@@ -400,9 +441,18 @@ func Translate(services []*corev1.Service, endpointSlices []*discoveryv1.Endpoin
 	return res, nil
 }
 
+// localNode is the node whose endpoints alone serve ps, or "" for all.
+func localNode(ps *parsedService, opts Options) string {
+	if ps.localOnly {
+		return opts.NodeName
+	}
+	return ""
+}
+
 // backends merges the endpoints of a Service's slices of one IP family for
-// one service port, which a slice port matches by name and protocol.
-func backends(pss []*parsedSlice, ipv4 bool, p servicePort) []service.Backend {
+// one service port, which a slice port matches by name and protocol. When
+// node is set, only that node's endpoints are kept.
+func backends(pss []*parsedSlice, ipv4 bool, p servicePort, node string) []service.Backend {
 	states := map[netip.AddrPort]service.BackendState{}
 	for _, ps := range pss {
 		if ps.ipv4 != ipv4 {
@@ -413,6 +463,9 @@ func backends(pss []*parsedSlice, ipv4 bool, p servicePort) []service.Backend {
 				continue
 			}
 			for _, ep := range ps.endpoints {
+				if node != "" && ep.nodeName != node {
+					continue
+				}
 				ap := netip.AddrPortFrom(ep.addr, sp.port)
 				// A slice may lag behind another: Active wins.
 				if st, ok := states[ap]; !ok || st == service.Terminating {

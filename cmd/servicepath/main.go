@@ -31,6 +31,7 @@ var commands = []command{
 	{"ct", "list connection tracking entries", cmdCT},
 	{"stats", "show datapath counters and map occupancy", cmdStats},
 	{"gc", "delete expired connection tracking entries", cmdGC},
+	{"agent", "program the Services of a Kubernetes cluster as it changes", cmdAgent},
 }
 
 func usage(w io.Writer) {

@@ -1,0 +1,416 @@
+// Package agent is servicepath as a kube-proxy replacement: it watches
+// Services and EndpointSlices through shared informers and keeps the
+// datapath's maps equal to what k8s.TranslateWith makes of them, in
+// coalesced, rate-limited syncs, with kube-proxy's /healthz and
+// Prometheus metrics.
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/apimachinery/pkg/labels"
+	"k8s.io/client-go/informers"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/kubernetes/scheme"
+	typedcorev1 "k8s.io/client-go/kubernetes/typed/core/v1"
+	corelisters "k8s.io/client-go/listers/core/v1"
+	"k8s.io/client-go/tools/cache"
+	"k8s.io/client-go/tools/record"
+
+	"github.com/servicepath/servicepath/datapath/maps"
+	"github.com/servicepath/servicepath/datapath/service"
+	"github.com/servicepath/servicepath/k8s"
+)
+
+// Config tunes the agent; zero values take kube-proxy's defaults.
+type Config struct {
+	// NodeName is this node, for internalTrafficPolicy Local and Events.
+	NodeName string
+	// MinSyncPeriod is the least time between two syncs: changes arriving
+	// meanwhile are coalesced into the next one (kube-proxy: 1s).
+	MinSyncPeriod time.Duration
+	// SyncPeriod is how often everything is compared with the maps, which
+	// undoes changes made behind the agent's back (kube-proxy: 30s).
+	SyncPeriod time.Duration
+	// OnRemoved, when set, is given the backends each sync removed from
+	// their frontends (to close the sockets still connected to them).
+	OnRemoved func([]service.Removed) error
+	Logger    *slog.Logger
+}
+
+const (
+	defaultMinSyncPeriod = time.Second
+	defaultSyncPeriod    = 30 * time.Second
+	maxRetryBackoff      = 30 * time.Second
+	byServiceIndex       = "service"
+)
+
+// Agent keeps the datapath equal to the API's Services. Run it once.
+type Agent struct {
+	cfg     Config
+	log     *slog.Logger
+	mgr     *service.Manager
+	health  health
+	Metrics *Metrics
+
+	factory     informers.SharedInformerFactory
+	services    corelisters.ServiceLister
+	slices      cache.Indexer
+	broadcaster record.EventBroadcaster
+	recorder    record.EventRecorder
+
+	mu    sync.Mutex
+	dirty map[string]bool // Services ("namespace/name") to sync
+	full  bool            // sync every Service and every programmed owner
+	kick  chan struct{}
+
+	// reported is the problem last reported per Service, so that each is
+	// logged and sent as an Event once, not on every sync.
+	reported map[string]string
+}
+
+// New builds an agent over the datapath maps m; the service manager reads
+// what they already hold, so a restarted agent only changes the difference.
+func New(client kubernetes.Interface, m *maps.Maps, cfg Config) (*Agent, error) {
+	cfg.MinSyncPeriod = cmpOr(cfg.MinSyncPeriod, defaultMinSyncPeriod)
+	cfg.SyncPeriod = cmpOr(cfg.SyncPeriod, defaultSyncPeriod)
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	mgr, err := service.NewManager(m)
+	if err != nil {
+		return nil, err
+	}
+	a := &Agent{
+		cfg: cfg, log: cfg.Logger, mgr: mgr,
+		Metrics:  newMetrics(m, cfg.Logger),
+		dirty:    map[string]bool{},
+		kick:     make(chan struct{}, 1),
+		reported: map[string]string{},
+	}
+	// No informer resync: the agent's own full sync compares with the maps.
+	a.factory = informers.NewSharedInformerFactory(client, 0)
+	svcInformer := a.factory.Core().V1().Services()
+	sliceInformer := a.factory.Discovery().V1().EndpointSlices().Informer()
+	if err := sliceInformer.AddIndexers(cache.Indexers{byServiceIndex: sliceOwnerIndex}); err != nil {
+		return nil, err
+	}
+	handler := cache.ResourceEventHandlerFuncs{
+		AddFunc: a.changed,
+		UpdateFunc: func(old, cur any) {
+			a.changed(old) // a slice may move to another Service
+			a.changed(cur)
+		},
+		DeleteFunc: a.changed,
+	}
+	if _, err := svcInformer.Informer().AddEventHandler(handler); err != nil {
+		return nil, err
+	}
+	if _, err := sliceInformer.AddEventHandler(handler); err != nil {
+		return nil, err
+	}
+	a.services = svcInformer.Lister()
+	a.slices = sliceInformer.GetIndexer()
+
+	a.broadcaster = record.NewBroadcaster()
+	a.broadcaster.StartRecordingToSink(&typedcorev1.EventSinkImpl{Interface: client.CoreV1().Events("")})
+	a.recorder = a.broadcaster.NewRecorder(scheme.Scheme, corev1.EventSource{Component: "servicepath", Host: cfg.NodeName})
+	return a, nil
+}
+
+func cmpOr(d, def time.Duration) time.Duration {
+	if d <= 0 {
+		return def
+	}
+	return d
+}
+
+func sliceOwnerIndex(obj any) ([]string, error) {
+	es, ok := obj.(*discoveryv1.EndpointSlice)
+	if !ok {
+		return nil, fmt.Errorf("indexing %T as an EndpointSlice", obj)
+	}
+	if owner := k8s.SliceOwner(es); owner != "" {
+		return []string{owner}, nil
+	}
+	return nil, nil
+}
+
+// Healthz serves kube-proxy's /healthz: 200 once the first full sync is
+// done and while syncs succeed, 503 otherwise.
+func (a *Agent) Healthz() http.Handler { return &a.health }
+
+// Healthy is what Healthz serves, and why when unhealthy.
+func (a *Agent) Healthy() (bool, string) { return a.health.Healthy() }
+
+// Run starts the informers, waits for their caches, then syncs until ctx
+// ends. Nothing is removed from the maps before the caches are complete.
+func (a *Agent) Run(ctx context.Context) error {
+	defer a.broadcaster.Shutdown()
+	a.factory.Start(ctx.Done())
+	defer a.factory.Shutdown()
+	for typ, ok := range a.factory.WaitForCacheSync(ctx.Done()) {
+		if !ok {
+			if ctx.Err() != nil {
+				return nil
+			}
+			return fmt.Errorf("cache of %v never synced", typ)
+		}
+	}
+	a.log.Info("caches synced; first full sync")
+	a.markAll()
+	return a.loop(ctx)
+}
+
+func (a *Agent) signal() {
+	select {
+	case a.kick <- struct{}{}:
+	default:
+	}
+}
+
+// changed marks the Service an informer object belongs to.
+func (a *Agent) changed(obj any) {
+	if d, ok := obj.(cache.DeletedFinalStateUnknown); ok {
+		obj = d.Obj
+	}
+	var name string
+	switch o := obj.(type) {
+	case *corev1.Service:
+		name = k8s.ServiceName(o)
+	case *discoveryv1.EndpointSlice:
+		name = k8s.SliceOwner(o)
+	}
+	if name == "" {
+		return
+	}
+	a.mu.Lock()
+	a.dirty[name] = true
+	a.mu.Unlock()
+	a.signal()
+}
+
+func (a *Agent) markAll() {
+	a.mu.Lock()
+	a.full = true
+	a.mu.Unlock()
+	a.signal()
+}
+
+func (a *Agent) loop(ctx context.Context) error {
+	resync := time.NewTicker(a.cfg.SyncPeriod)
+	defer resync.Stop()
+	var last time.Time
+	var backoff time.Duration
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-a.kick:
+		case <-resync.C:
+			a.markAll()
+		}
+		// Changes that arrive while waiting join this sync.
+		if wait := a.cfg.MinSyncPeriod - time.Since(last); wait > 0 {
+			select {
+			case <-ctx.Done():
+				return nil
+			case <-time.After(wait):
+			}
+		}
+		last = time.Now()
+		if err := a.sync(); err != nil {
+			backoff = min(max(2*backoff, a.cfg.MinSyncPeriod), maxRetryBackoff)
+			a.log.Error("sync failed; retrying", "in", backoff, "err", err)
+			time.AfterFunc(backoff, a.signal)
+			continue
+		}
+		backoff = 0
+	}
+}
+
+type change struct {
+	name    string
+	desired []service.Service
+}
+
+// sync programs every marked Service whose frontends differ from the maps.
+// A Service is applied whole or not at all (the manager checks that it fits
+// before writing); one that fails is marked again for the retry.
+func (a *Agent) sync() error {
+	start := time.Now()
+	a.mu.Lock()
+	keys, full := a.dirty, a.full
+	a.dirty, a.full = map[string]bool{}, false
+	a.mu.Unlock()
+
+	programmed := map[string][]service.Programmed{}
+	for _, p := range a.mgr.List() {
+		programmed[p.Name] = append(programmed[p.Name], p)
+	}
+	if full {
+		svcs, err := a.services.List(labels.Everything())
+		if err != nil {
+			return err
+		}
+		for _, svc := range svcs {
+			keys[k8s.ServiceName(svc)] = true
+		}
+		// Owners the API no longer has: stale, removed.
+		for name := range programmed {
+			keys[name] = true
+		}
+	}
+
+	// Removals first, so a cluster IP freed by one Service is free for the
+	// Service given it in the same sync.
+	var removals, updates []change
+	for name := range keys {
+		desired, ok := a.desired(name)
+		if !ok || sameServices(programmed[name], desired) {
+			continue
+		}
+		if len(desired) == 0 {
+			removals = append(removals, change{name, nil})
+		} else {
+			updates = append(updates, change{name, desired})
+		}
+	}
+	byName := func(x, y change) int { return strings.Compare(x.name, y.name) }
+	slices.SortFunc(removals, byName)
+	slices.SortFunc(updates, byName)
+	var errs []error
+	for _, c := range append(removals, updates...) {
+		if err := a.mgr.Apply([]string{c.name}, c.desired); err != nil {
+			errs = append(errs, fmt.Errorf("service %s: %w", c.name, err))
+			a.mu.Lock()
+			a.dirty[c.name] = true
+			a.mu.Unlock()
+			continue
+		}
+		a.Metrics.ServiceApplies.Inc()
+		a.log.Debug("programmed", "service", c.name, "frontends", len(c.desired))
+	}
+
+	if removed := a.mgr.TakeRemoved(); len(removed) > 0 && a.cfg.OnRemoved != nil {
+		if err := a.cfg.OnRemoved(removed); err != nil {
+			a.log.Error("close sockets of removed backends", "backends", len(removed), "err", err)
+		}
+	}
+	frontends, backends := 0, 0
+	for _, p := range a.mgr.List() {
+		frontends++
+		backends += len(p.Backends)
+	}
+	a.Metrics.ServicesProgrammed.Set(float64(frontends))
+	a.Metrics.BackendsProgrammed.Set(float64(backends))
+	a.Metrics.Syncs.Inc()
+	a.Metrics.SyncDuration.Observe(time.Since(start).Seconds())
+	err := errors.Join(errs...)
+	if err != nil {
+		a.Metrics.SyncErrors.Inc()
+		if full {
+			// The first full sync is what /healthz waits for: retry it whole.
+			a.mu.Lock()
+			a.full = true
+			a.mu.Unlock()
+		}
+	}
+	a.health.record(err, full)
+	return err
+}
+
+// desired translates one Service with its slices. ok is false when the
+// translation was refused: the Service's frontends are then left alone.
+func (a *Agent) desired(name string) (services []service.Service, ok bool) {
+	ns, n, _ := strings.Cut(name, "/")
+	svc, err := a.services.Services(ns).Get(n)
+	if apierrors.IsNotFound(err) {
+		delete(a.reported, name)
+		return nil, true
+	}
+	if err != nil {
+		a.log.Error("read Service from cache", "service", name, "err", err)
+		return nil, false
+	}
+	objs, err := a.slices.ByIndex(byServiceIndex, name)
+	if err != nil {
+		a.log.Error("read EndpointSlices from cache", "service", name, "err", err)
+		return nil, false
+	}
+	eps := make([]*discoveryv1.EndpointSlice, 0, len(objs))
+	for _, o := range objs {
+		eps = append(eps, o.(*discoveryv1.EndpointSlice))
+	}
+	res, err := k8s.TranslateWith(k8s.Options{NodeName: a.cfg.NodeName}, []*corev1.Service{svc}, eps)
+	a.report(svc, res, err)
+	if err != nil {
+		return nil, false
+	}
+	return res.Services, true
+}
+
+// report logs a Service's problems, sends them as Events and counts them,
+// once per change.
+func (a *Agent) report(svc *corev1.Service, res k8s.Result, err error) {
+	name := k8s.ServiceName(svc)
+	msgs := slices.Clone(res.Unsupported)
+	if err != nil {
+		msgs = append(msgs, err.Error())
+	}
+	joined := strings.Join(msgs, "\n")
+	if a.reported[name] == joined {
+		return
+	}
+	a.reported[name] = joined
+	for _, u := range res.Unsupported {
+		a.log.Warn("service port not programmed", "service", name, "reason", u)
+		a.recorder.Event(svc, corev1.EventTypeWarning, "UnsupportedProtocol", u)
+		a.Metrics.UnsupportedPorts.Inc()
+	}
+	if err != nil {
+		a.log.Error("service not programmed; its frontends are left as they were", "service", name, "err", err)
+		a.recorder.Event(svc, corev1.EventTypeWarning, "InvalidService", err.Error())
+		a.Metrics.InvalidServices.Inc()
+	}
+}
+
+// sameServices says whether the maps already hold exactly want, so that an
+// unchanged Service costs no map write at all.
+func sameServices(have []service.Programmed, want []service.Service) bool {
+	if len(have) != len(want) {
+		return false
+	}
+	byFrontend := make(map[service.Frontend]service.Programmed, len(have))
+	for _, p := range have {
+		byFrontend[p.Frontend] = p
+	}
+	for _, w := range want {
+		h, ok := byFrontend[w.Frontend]
+		if !ok || h.PortName != w.PortName || h.Affinity != w.Affinity || len(h.Backends) != len(w.Backends) {
+			return false
+		}
+		// Slot order is the manager's business; the set is what matters.
+		set := make(map[service.Backend]bool, len(h.Backends))
+		for _, b := range h.Backends {
+			set[b] = true
+		}
+		for _, b := range w.Backends {
+			if !set[b] {
+				return false
+			}
+		}
+	}
+	return true
+}

@@ -1,0 +1,145 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"syscall"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/tools/clientcmd"
+
+	"github.com/servicepath/servicepath/agent"
+	"github.com/servicepath/servicepath/datapath/ct"
+	"github.com/servicepath/servicepath/datapath/service"
+)
+
+func cmdAgent(args []string, o output) error {
+	fs := newFlags("agent", o)
+	lo := addLoadFlags(fs)
+	kubeconfig := fs.String("kubeconfig", "", "kubeconfig file (default: the in-cluster config of the pod)")
+	nodeName := fs.String("node-name", "", "this node's name, for internalTrafficPolicy Local (default: $NODE_NAME, else the hostname)")
+	minSync := fs.Duration("min-sync-period", time.Second, "least time between syncs; changes meanwhile are coalesced")
+	syncPeriod := fs.Duration("sync-period", 30*time.Second, "interval of the full comparison of the API with the maps")
+	healthzAddr := fs.String("healthz-bind-address", "0.0.0.0:10256", "address of /healthz (empty: off)")
+	metricsAddr := fs.String("metrics-bind-address", "127.0.0.1:10249", "address of /metrics (empty: off)")
+	gcInterval := fs.Duration("ct-gc-interval", 30*time.Second, "interval between passes deleting expired conntrack entries (0: off)")
+	verbose := fs.Bool("v", false, "log every Service programmed")
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	name, err := resolveNodeName(*nodeName)
+	if err != nil {
+		return err
+	}
+	restCfg, err := clientcmd.BuildConfigFromFlags("", *kubeconfig)
+	if err != nil {
+		return fmt.Errorf("kubernetes client config: %w", err)
+	}
+	restCfg.UserAgent = "servicepath-agent/" + name
+	client, err := kubernetes.NewForConfig(restCfg)
+	if err != nil {
+		return err
+	}
+	level := slog.LevelInfo
+	if *verbose {
+		level = slog.LevelDebug
+	}
+	log := slog.New(slog.NewTextHandler(o.errOut, &slog.HandlerOptions{Level: level}))
+
+	dp, err := loadDatapath(lo, o)
+	if err != nil {
+		return err
+	}
+	defer dp.Close()
+	a, err := agent.New(client, dp.Maps, agent.Config{
+		NodeName: name, MinSyncPeriod: *minSync, SyncPeriod: *syncPeriod, Logger: log,
+		OnRemoved: func(removed []service.Removed) error {
+			return destroyStaleSockets(o, lo.bpffs, dp.Maps, removed)
+		},
+	})
+	if err != nil {
+		return err
+	}
+
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	errc := make(chan error, 3)
+	serve := func(addr, path string, h http.Handler) error {
+		if addr == "" {
+			return nil
+		}
+		ln, err := net.Listen("tcp", addr)
+		if err != nil {
+			return err
+		}
+		mux := http.NewServeMux()
+		mux.Handle(path, h)
+		srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+		go func() { <-ctx.Done(); srv.Close() }()
+		go func() {
+			if err := srv.Serve(ln); !errors.Is(err, http.ErrServerClosed) {
+				errc <- fmt.Errorf("serve %s: %w", path, err)
+			}
+		}()
+		log.Info("serving", "path", path, "address", ln.Addr().String())
+		return nil
+	}
+	if err := serve(*healthzAddr, "/healthz", a.Healthz()); err != nil {
+		return err
+	}
+	if err := serve(*metricsAddr, "/metrics", promhttp.HandlerFor(a.Metrics.Registry, promhttp.HandlerOpts{})); err != nil {
+		return err
+	}
+	if *gcInterval > 0 {
+		go gcLoop(ctx, dp.Maps.CT, *gcInterval, log)
+	}
+	log.Info("agent started", "node", name, "api", restCfg.Host)
+	go func() { errc <- a.Run(ctx) }()
+	select {
+	case err := <-errc:
+		return err
+	case <-ctx.Done():
+		log.Info("stopping; the datapath keeps its state for the next agent")
+		return nil
+	}
+}
+
+// resolveNodeName applies the Downward API convention, then the hostname.
+func resolveNodeName(flagValue string) (string, error) {
+	if flagValue != "" {
+		return flagValue, nil
+	}
+	if n := os.Getenv("NODE_NAME"); n != "" {
+		return n, nil
+	}
+	return os.Hostname()
+}
+
+// gcLoop deletes expired conntrack entries, as `servicepath gc --interval`.
+func gcLoop(ctx context.Context, m *ebpf.Map, interval time.Duration, log *slog.Logger) {
+	tick := time.NewTicker(interval)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+		now, err := ct.Now()
+		if err == nil {
+			_, err = ct.GC(m, now)
+		}
+		if err != nil {
+			log.Error("conntrack gc", "err", err)
+		}
+	}
+}

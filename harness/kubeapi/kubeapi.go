@@ -1,0 +1,362 @@
+// Package kubeapi runs a real kube-apiserver and etcd on 127.0.0.1 for
+// tests and the agent demo. The binaries are built from the Go module
+// proxy by tools/kube/build.sh (`make deps`) and cached outside the repo;
+// nothing is downloaded here.
+package kubeapi
+
+import (
+	"bytes"
+	"cmp"
+	"context"
+	"crypto/rand"
+	"crypto/rsa"
+	"crypto/x509"
+	"encoding/hex"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"syscall"
+	"time"
+
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
+)
+
+// Versions built by tools/kube (a test keeps them in step with its go.mod).
+const (
+	KubernetesVersion = "v1.34.10"
+	EtcdVersion       = "v3.6.4"
+)
+
+// AssetsEnv names a folder holding kube-apiserver and etcd, overriding the
+// cache folder.
+const AssetsEnv = "SERVICEPATH_KUBE_ASSETS"
+
+// AssetsDir is where tools/kube/build.sh puts the binaries.
+func AssetsDir() string {
+	if d := os.Getenv(AssetsEnv); d != "" {
+		return d
+	}
+	cache := os.Getenv("XDG_CACHE_HOME")
+	if cache == "" {
+		home, _ := os.UserHomeDir()
+		cache = filepath.Join(home, ".cache")
+	}
+	return filepath.Join(cache, "servicepath", "kube", "kube-apiserver-"+KubernetesVersion+"-etcd-"+EtcdVersion)
+}
+
+// ErrNoAssets says the binaries were never built.
+var ErrNoAssets = errors.New("kube-apiserver and etcd not built")
+
+// Assets returns the paths of the two binaries.
+func Assets() (apiserver, etcd string, err error) {
+	dir := AssetsDir()
+	apiserver, etcd = filepath.Join(dir, "kube-apiserver"), filepath.Join(dir, "etcd")
+	for _, p := range []string{apiserver, etcd} {
+		if _, err := os.Stat(p); err != nil {
+			return "", "", fmt.Errorf("%w: %s missing (run `make deps`, or set %s)", ErrNoAssets, p, AssetsEnv)
+		}
+	}
+	return apiserver, etcd, nil
+}
+
+// Options configure a Server.
+type Options struct {
+	// Dir holds data, certificates and logs; it must exist.
+	Dir string
+	// Netns, when set, runs both processes in that named network namespace
+	// (`ip netns exec`), so that a process there reaches 127.0.0.1.
+	Netns string
+	// ServiceCIDRs is --service-cluster-ip-range; cluster IPs given in
+	// Services must be inside. Default: 10.96.0.0/16,fd00:10:96::/112.
+	ServiceCIDRs string
+	// Dial, when set, makes the connections to the API server, e.g. from
+	// inside Netns.
+	Dial func(ctx context.Context, network, addr string) (net.Conn, error)
+}
+
+// Server is a running etcd and kube-apiserver.
+type Server struct {
+	opts          Options
+	apiserverPath string
+	etcdPath      string
+	etcdURL       string
+	port          int
+	token         string
+	etcd          *proc
+	apiserver     *proc
+	// Kubeconfig is a file a client (or `servicepath agent`) can use.
+	Kubeconfig string
+	// Config is the admin's client configuration.
+	Config *rest.Config
+}
+
+const startTimeout = 60 * time.Second
+
+// Start starts etcd, then kube-apiserver, and waits for /readyz.
+func Start(opts Options) (*Server, error) {
+	apiserver, etcd, err := Assets()
+	if err != nil {
+		return nil, err
+	}
+	s := &Server{opts: opts, apiserverPath: apiserver, etcdPath: etcd, token: randomHex(16)}
+	if err := s.writeFiles(); err != nil {
+		return nil, err
+	}
+	ports, err := s.freePorts(3)
+	if err != nil {
+		return nil, err
+	}
+	s.port = ports[2]
+	s.etcdURL = fmt.Sprintf("http://127.0.0.1:%d", ports[0])
+	peer := fmt.Sprintf("http://127.0.0.1:%d", ports[1])
+	s.etcd, err = s.spawn("etcd", etcd,
+		"--name=default",
+		"--data-dir="+filepath.Join(opts.Dir, "etcd"),
+		"--listen-client-urls="+s.etcdURL, "--advertise-client-urls="+s.etcdURL,
+		"--listen-peer-urls="+peer, "--initial-advertise-peer-urls="+peer,
+		"--initial-cluster=default="+peer,
+		"--unsafe-no-fsync", "--log-level=warn")
+	if err != nil {
+		return nil, err
+	}
+	if err := s.StartAPIServer(); err != nil {
+		s.Stop()
+		return nil, fmt.Errorf("%w\netcd log:\n%s", err, s.LogTail("etcd"))
+	}
+	return s, nil
+}
+
+func randomHex(n int) string {
+	b := make([]byte, n)
+	rand.Read(b)
+	return hex.EncodeToString(b)
+}
+
+func (s *Server) path(name string) string { return filepath.Join(s.opts.Dir, name) }
+
+// writeFiles writes the service-account key pair and the token file.
+func (s *Server) writeFiles() error {
+	key, err := rsa.GenerateKey(rand.Reader, 2048)
+	if err != nil {
+		return err
+	}
+	pub, err := x509.MarshalPKIXPublicKey(&key.PublicKey)
+	if err != nil {
+		return err
+	}
+	files := map[string][]byte{
+		"sa.key": pem.EncodeToMemory(&pem.Block{Type: "RSA PRIVATE KEY", Bytes: x509.MarshalPKCS1PrivateKey(key)}),
+		"sa.pub": pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: pub}),
+		// Anonymous access is off: the admin authenticates with this token.
+		"tokens.csv": []byte(s.token + `,admin,admin-uid,"system:masters"` + "\n"),
+	}
+	for name, data := range files {
+		if err := os.WriteFile(s.path(name), data, 0o600); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// freePorts asks for ports in the namespace the servers will run in.
+func (s *Server) freePorts(n int) ([]int, error) {
+	if s.opts.Netns == "" {
+		var ports []int
+		var ls []net.Listener
+		defer func() {
+			for _, l := range ls {
+				l.Close()
+			}
+		}()
+		for range n {
+			l, err := net.Listen("tcp", "127.0.0.1:0")
+			if err != nil {
+				return nil, err
+			}
+			ls = append(ls, l)
+			ports = append(ports, l.Addr().(*net.TCPAddr).Port)
+		}
+		return ports, nil
+	}
+	// A fresh netns has every port free.
+	return []int{2379, 2380, 6443}[:n], nil
+}
+
+// proc is a process we started; done closes when it has been reaped.
+type proc struct {
+	cmd  *exec.Cmd
+	done chan struct{}
+}
+
+// spawn starts a binary, in the netns if one is set, logging to a file.
+func (s *Server) spawn(name, bin string, args ...string) (*proc, error) {
+	if s.opts.Netns != "" {
+		args = append([]string{"netns", "exec", s.opts.Netns, bin}, args...)
+		bin = "ip"
+	}
+	log, err := os.OpenFile(s.path(name+".log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	if err != nil {
+		return nil, err
+	}
+	defer log.Close()
+	cmd := exec.Command(bin, args...)
+	cmd.Stdout, cmd.Stderr = log, log
+	// Its own process group, so a terminal's ^C reaches only the caller,
+	// which stops the servers in order.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	if err := cmd.Start(); err != nil {
+		return nil, fmt.Errorf("start %s: %w", name, err)
+	}
+	p := &proc{cmd: cmd, done: make(chan struct{})}
+	go func() {
+		cmd.Wait()
+		close(p.done)
+	}()
+	return p, nil
+}
+
+// StartAPIServer starts kube-apiserver (again, on the same port, after
+// StopAPIServer) and waits until it is ready.
+func (s *Server) StartAPIServer() error {
+	var err error
+	s.apiserver, err = s.spawn("kube-apiserver", s.apiserverPath,
+		"--etcd-servers="+s.etcdURL,
+		"--bind-address=127.0.0.1", "--secure-port="+strconv.Itoa(s.port),
+		// Not loopback, or the built-in kubernetes Service's endpoints are
+		// refused; a documentation address nobody answers on.
+		"--advertise-address=192.0.2.1",
+		"--cert-dir="+s.path("certs"),
+		"--service-account-issuer=https://kubernetes.default.svc",
+		"--service-account-key-file="+s.path("sa.pub"),
+		"--service-account-signing-key-file="+s.path("sa.key"),
+		"--token-auth-file="+s.path("tokens.csv"),
+		// RBAC, so deploy/'s ClusterRole is really what the agent gets.
+		"--authorization-mode=RBAC",
+		"--service-cluster-ip-range="+cmp.Or(s.opts.ServiceCIDRs, "10.96.0.0/16,fd00:10:96::/112"),
+		"--enable-priority-and-fairness=false",
+	)
+	if err != nil {
+		return err
+	}
+	s.Config = &rest.Config{
+		Host:            fmt.Sprintf("https://127.0.0.1:%d", s.port),
+		BearerToken:     s.token,
+		TLSClientConfig: rest.TLSClientConfig{Insecure: true},
+		QPS:             -1, // tests create objects in bursts
+		Dial:            s.opts.Dial,
+	}
+	s.Kubeconfig = s.path("kubeconfig")
+	if err := os.WriteFile(s.Kubeconfig, []byte(fmt.Sprintf(kubeconfigTemplate, s.Config.Host, s.token)), 0o600); err != nil {
+		return err
+	}
+	return s.waitReady()
+}
+
+const kubeconfigTemplate = `apiVersion: v1
+kind: Config
+clusters:
+- name: local
+  cluster:
+    server: %s
+    insecure-skip-tls-verify: true
+users:
+- name: admin
+  user:
+    token: %s
+contexts:
+- name: local
+  context: {cluster: local, user: admin}
+current-context: local
+`
+
+func (s *Server) waitReady() error {
+	ctx, cancel := context.WithTimeout(context.Background(), startTimeout)
+	defer cancel()
+	go func() {
+		select {
+		case <-s.apiserver.done:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	if err := readyz(ctx, s.Config); err != nil {
+		select {
+		case <-s.apiserver.done:
+			return fmt.Errorf("kube-apiserver exited (%s):\n%s", s.apiserver.cmd.ProcessState, s.LogTail("kube-apiserver"))
+		default:
+		}
+		return fmt.Errorf("%w:\n%s", err, s.LogTail("kube-apiserver"))
+	}
+	return nil
+}
+
+// LogTail returns the end of a server's log, for failure messages.
+func (s *Server) LogTail(name string) string {
+	b, _ := os.ReadFile(s.path(name + ".log"))
+	if len(b) > 4000 {
+		b = b[len(b)-4000:]
+	}
+	return string(bytes.TrimSpace(b))
+}
+
+// Client returns an admin clientset.
+func (s *Server) Client() (*kubernetes.Clientset, error) {
+	return kubernetes.NewForConfig(s.Config)
+}
+
+// StopAPIServer stops kube-apiserver and leaves etcd running.
+func (s *Server) StopAPIServer() error {
+	return stop(s.apiserver)
+}
+
+// Stop stops kube-apiserver, then etcd.
+func (s *Server) Stop() error {
+	return errors.Join(stop(s.apiserver), stop(s.etcd))
+}
+
+// stop terminates one process we started, by its pid, and reaps it.
+func stop(p *proc) error {
+	if p == nil {
+		return nil
+	}
+	select {
+	case <-p.done:
+		return nil
+	default:
+	}
+	if err := p.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		return err
+	}
+	select {
+	case <-p.done:
+	case <-time.After(10 * time.Second):
+		p.cmd.Process.Kill()
+		<-p.done
+	}
+	return nil
+}
+
+// readyz waits until ctx ends for the API server to answer /readyz.
+func readyz(ctx context.Context, cfg *rest.Config) error {
+	c, err := kubernetes.NewForConfig(cfg)
+	if err != nil {
+		return err
+	}
+	for {
+		_, err := c.Discovery().RESTClient().Get().AbsPath("/readyz").DoRaw(ctx)
+		if err == nil {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("API server at %s not ready: %w", cfg.Host, err)
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
+}
