@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"net/netip"
 	"slices"
+	"time"
 
 	"github.com/servicepath/servicepath/datapath/service"
 	corev1 "k8s.io/api/core/v1"
@@ -213,16 +214,41 @@ type servicePort struct {
 	name     string
 	protocol service.Protocol
 	port     uint16
+	nodePort uint16 // 0: none
 	field    string
+}
+
+// frontAddr is an address a Service answers on, and where it came from.
+type frontAddr struct {
+	addr  netip.Addr // the unspecified address of its family for NodePort
+	kind  service.Kind
+	field string
 }
 
 type parsedService struct {
 	name string
 	// localOnly is internalTrafficPolicy Local.
 	localOnly bool
-	vips      []netip.Addr
-	vipFs     []string // the field each VIP came from, for errors
+	addrs     []frontAddr
 	ports     []servicePort
+	affinity  time.Duration
+}
+
+// frontends lists every (frontend, fields) a parsed Service produces: each
+// address with each port, NodePorts on their node port.
+func (ps *parsedService) frontends(fn func(fe service.Frontend, p servicePort, field string)) {
+	for _, a := range ps.addrs {
+		for _, p := range ps.ports {
+			port, field := p.port, a.field+", "+p.field
+			if a.kind == service.NodePort {
+				if p.nodePort == 0 {
+					continue
+				}
+				port, field = p.nodePort, p.field+".nodePort"
+			}
+			fn(service.Frontend{Addr: a.addr, Port: port, Protocol: p.protocol, Kind: a.kind}, p, field)
+		}
+	}
 }
 
 // skipReason says why a Service gets no frontend at all, or "".
@@ -282,12 +308,60 @@ func parseService(svc *corev1.Service) (*parsedService, []string, []error) {
 			fail(f, "%v", err)
 			continue
 		}
-		if j := slices.IndexFunc(ps.vips, func(v netip.Addr) bool { return v.Is4() == a.Is4() }); j >= 0 {
-			fail(f, "%s has the IP family of %s", a, ps.vipFs[j])
+		if j := slices.IndexFunc(ps.addrs, func(v frontAddr) bool { return v.addr.Is4() == a.Is4() }); j >= 0 {
+			fail(f, "%s has the IP family of %s", a, ps.addrs[j].field)
 			continue
 		}
-		ps.vips = append(ps.vips, a)
-		ps.vipFs = append(ps.vipFs, f)
+		ps.addrs = append(ps.addrs, frontAddr{addr: a, kind: service.ClusterIP, field: f})
+	}
+	clusterIPs := slices.Clone(ps.addrs)
+	if svc.Spec.Type == corev1.ServiceTypeNodePort || svc.Spec.Type == corev1.ServiceTypeLoadBalancer {
+		// A NodePort answers on every node address of each of the
+		// Service's families.
+		for _, c := range clusterIPs {
+			any := netip.IPv4Unspecified()
+			if c.addr.Is6() {
+				any = netip.IPv6Unspecified()
+			}
+			ps.addrs = append(ps.addrs, frontAddr{addr: any, kind: service.NodePort})
+		}
+	}
+	for i, e := range svc.Spec.ExternalIPs {
+		f := fmt.Sprintf("spec.externalIPs[%d]", i)
+		a, err := parseIP(e)
+		if err != nil {
+			fail(f, "%v", err)
+			continue
+		}
+		ps.addrs = append(ps.addrs, frontAddr{addr: a, kind: service.ExternalIP, field: f})
+	}
+	if svc.Spec.Type == corev1.ServiceTypeLoadBalancer {
+		for i, in := range svc.Status.LoadBalancer.Ingress {
+			if in.IP == "" {
+				continue // a hostname: the load balancer resolves it, not us
+			}
+			f := fmt.Sprintf("status.loadBalancer.ingress[%d].ip", i)
+			a, err := parseIP(in.IP)
+			if err != nil {
+				fail(f, "%v", err)
+				continue
+			}
+			ps.addrs = append(ps.addrs, frontAddr{addr: a, kind: service.LoadBalancer, field: f})
+		}
+	}
+	switch svc.Spec.SessionAffinity {
+	case "", corev1.ServiceAffinityNone:
+	case corev1.ServiceAffinityClientIP:
+		ps.affinity = time.Duration(corev1.DefaultClientIPServiceAffinitySeconds) * time.Second
+		if c := svc.Spec.SessionAffinityConfig; c != nil && c.ClientIP != nil && c.ClientIP.TimeoutSeconds != nil {
+			t := *c.ClientIP.TimeoutSeconds
+			if t < 1 || t > int32(service.MaxAffinity/time.Second) {
+				fail("spec.sessionAffinityConfig.clientIP.timeoutSeconds", "%d out of range (1 to %d)", t, int(service.MaxAffinity/time.Second))
+			}
+			ps.affinity = time.Duration(t) * time.Second
+		}
+	default:
+		fail("spec.sessionAffinity", "unknown affinity %q", svc.Spec.SessionAffinity)
 	}
 
 	if len(svc.Spec.Ports) == 0 {
@@ -319,7 +393,11 @@ func parseService(svc *corev1.Service) (*parsedService, []string, []error) {
 			unsupported = append(unsupported, fmt.Sprintf("Service %s: %s.protocol: %s is not handled by the datapath", ps.name, f, protocol))
 			continue
 		}
-		ps.ports = append(ps.ports, servicePort{name: p.Name, protocol: proto, port: uint16(p.Port), field: f})
+		if p.NodePort < 0 || p.NodePort > 65535 {
+			fail(f+".nodePort", "%d out of range", p.NodePort)
+			continue
+		}
+		ps.ports = append(ps.ports, servicePort{name: p.Name, protocol: proto, port: uint16(p.Port), nodePort: uint16(p.NodePort), field: f})
 	}
 	return ps, unsupported, errs
 }
@@ -337,7 +415,9 @@ type Options struct {
 // services, one per cluster IP and service port, with kube-proxy's
 // semantics. It validates every object first: on any error it returns all
 // errors found, each naming the object and field, and no result.
-// NodePorts, external IPs and load-balancer ingress are not translated.
+// Besides cluster IPs, NodePorts (every node address), external IPs and
+// load-balancer ingress IPs become frontends; sessionAffinity ClientIP
+// carries its timeout.
 func Translate(services []*corev1.Service, endpointSlices []*discoveryv1.EndpointSlice) (Result, error) {
 	return TranslateWith(Options{}, services, endpointSlices)
 }
@@ -394,16 +474,14 @@ func TranslateWith(opts Options, services []*corev1.Service, endpointSlices []*d
 			continue
 		}
 		// Two Services on one frontend would fight over its map entry.
-		for i, vip := range ps.vips {
-			for _, p := range ps.ports {
-				fe := service.Frontend{Addr: vip, Port: p.port, Protocol: p.protocol}
-				if other, ok := owners[fe]; ok {
-					errs = append(errs, fieldError("Service", name, ps.vipFs[i]+", "+p.field,
-						"frontend %s is already Service %s's", fe, other))
-				}
-				owners[fe] = name
+		ps.frontends(func(fe service.Frontend, _ servicePort, field string) {
+			key := fe
+			key.Kind = service.ClusterIP // one map entry, whatever the kinds
+			if other, ok := owners[key]; ok && other != name {
+				errs = append(errs, fieldError("Service", name, field, "frontend %s is already Service %s's", fe, other))
 			}
-		}
+			owners[key] = name
+		})
 		parsed = append(parsed, ps)
 	}
 	if len(errs) > 0 {
@@ -411,20 +489,19 @@ func TranslateWith(opts Options, services []*corev1.Service, endpointSlices []*d
 	}
 
 	for _, ps := range parsed {
-		for _, vip := range ps.vips {
-			for _, p := range ps.ports {
-				s := service.Service{
-					Name:     ps.name,
-					PortName: p.name,
-					Frontend: service.Frontend{Addr: vip, Port: p.port, Protocol: p.protocol},
-					Backends: backends(slicesOf[ps.name], vip.Is4(), p, localNode(ps, opts)),
-				}
-				if err := s.Validate(); err != nil {
-					errs = append(errs, fmt.Errorf("Service %s: %w", ps.name, err))
-				}
-				res.Services = append(res.Services, s)
+		ps.frontends(func(fe service.Frontend, p servicePort, _ string) {
+			s := service.Service{
+				Name:     ps.name,
+				PortName: p.name,
+				Frontend: fe,
+				Backends: backends(slicesOf[ps.name], fe.Addr.Is4(), p, localNode(ps, opts)),
+				Affinity: ps.affinity,
 			}
-		}
+			if err := s.Validate(); err != nil {
+				errs = append(errs, fmt.Errorf("Service %s: %w", ps.name, err))
+			}
+			res.Services = append(res.Services, s)
+		})
 	}
 	if len(errs) > 0 {
 		return Result{}, errors.Join(errs...)
@@ -433,6 +510,7 @@ func TranslateWith(opts Options, services []*corev1.Service, endpointSlices []*d
 		return cmp.Or(
 			cmp.Compare(a.Name, b.Name),
 			cmp.Compare(a.PortName, b.PortName),
+			cmp.Compare(a.Frontend.Kind, b.Frontend.Kind),
 			a.Frontend.Addr.Compare(b.Frontend.Addr),
 			cmp.Compare(a.Frontend.Port, b.Frontend.Port),
 			cmp.Compare(a.Frontend.Protocol, b.Frontend.Protocol),

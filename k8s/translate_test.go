@@ -215,7 +215,7 @@ func TestTranslate(t *testing.T) {
 				Backends: []service.Backend{be("10.0.0.1:8080", A)}}},
 		},
 		{
-			name: "NodePort and LoadBalancer get their cluster IP frontend only",
+			name: "NodePort and LoadBalancer: cluster IP, NodePort on every node address, external and ingress IPs",
 			services: []*corev1.Service{
 				func() *corev1.Service {
 					s := svc("np", []string{"10.96.0.1"}, corev1.ServicePort{Name: "http", Port: 80, NodePort: 30080})
@@ -232,7 +232,11 @@ func TestTranslate(t *testing.T) {
 			},
 			want: []service.Service{
 				{Name: "default/lb", PortName: "http", Frontend: fe("10.96.0.2", 80, service.TCP), Backends: []service.Backend{}},
+				{Name: "default/lb", PortName: "http", Frontend: kindFE("0.0.0.0", 30081, service.NodePort), Backends: []service.Backend{}},
+				{Name: "default/lb", PortName: "http", Frontend: kindFE("192.0.2.2", 80, service.LoadBalancer), Backends: []service.Backend{}},
 				{Name: "default/np", PortName: "http", Frontend: fe("10.96.0.1", 80, service.TCP), Backends: []service.Backend{}},
+				{Name: "default/np", PortName: "http", Frontend: kindFE("0.0.0.0", 30080, service.NodePort), Backends: []service.Backend{}},
+				{Name: "default/np", PortName: "http", Frontend: kindFE("192.0.2.1", 80, service.ExternalIP), Backends: []service.Backend{}},
 			},
 		},
 		{

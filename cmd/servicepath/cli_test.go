@@ -157,3 +157,50 @@ func TestCLILifeCycle(t *testing.T) {
 	_, err = traffic.TCPExchange(client, netip.AddrPortFrom(topo.Pod("backend-1").IPv4, 8080), []byte("direct"), 3*time.Second)
 	assert.NoError(t, err, "pod traffic still flows after unload")
 }
+
+// A NodePort Service with ClientIP affinity, from a manifest to the maps.
+func TestApplyNodePortWithAffinity(t *testing.T) {
+	testenv.RequireRoot(t)
+	bpffs := filepath.Join(testenv.BPFFS(t), "sp")
+	manifest := filepath.Join(t.TempDir(), "np.yaml")
+	require.NoError(t, os.WriteFile(manifest, []byte(`apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec:
+  type: NodePort
+  clusterIP: 198.19.0.50
+  sessionAffinity: ClientIP
+  sessionAffinityConfig: {clientIP: {timeoutSeconds: 600}}
+  externalIPs: [203.0.113.50]
+  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30050}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-1, namespace: default, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8080, protocol: TCP}]
+endpoints: [{addresses: [198.18.0.11]}]
+`), 0o644), "write manifest")
+
+	code, _, errOut := runCLI("load", "--bpffs", bpffs)
+	require.Zero(t, code, "load: %s", errOut)
+	code, _, errOut = runCLI("apply", "--bpffs", bpffs, "-f", manifest)
+	require.Zero(t, code, "apply: %s", errOut)
+	code, out, errOut := runCLI("services", "--bpffs", bpffs, "-o", "json")
+	require.Zero(t, code, "services: %s", errOut)
+	var svcs []serviceJSON
+	require.NoError(t, json.Unmarshal([]byte(out), &svcs), "services json")
+	got := map[string]string{}
+	for _, s := range svcs {
+		got[s.Kind] = s.Frontend
+		assert.Equal(t, 600, s.AffinitySeconds, "%s carries the affinity timeout", s.Frontend)
+		assert.Len(t, s.Backends, 1, "%s has the endpoint", s.Frontend)
+	}
+	assert.Equal(t, map[string]string{
+		"ClusterIP":  "198.19.0.50:80",
+		"NodePort":   "0.0.0.0:30050",
+		"ExternalIP": "203.0.113.50:80",
+	}, got, "one frontend of each kind")
+	code, _, errOut = runCLI("unload", "--bpffs", bpffs)
+	require.Zero(t, code, "unload: %s", errOut)
+}
