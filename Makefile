@@ -10,7 +10,7 @@ BIN       := bin
 APT_PKGS  := clang llvm libbpf-dev linux-libc-dev iproute2 dnsmasq-base bind9-dnsutils iptables nftables
 BENCH     ?= quick
 
-.PHONY: all deps generate generate-check build test demo demo-agent bench bench-fixtures vmtest lint clean
+.PHONY: all deps generate generate-check build test demo demo-agent bench bench-fixtures scenarios vmtest lint clean
 
 all: build
 
@@ -63,6 +63,11 @@ bench:
 # ns/packet of every ClusterIP fixture row through BPF_PROG_TEST_RUN.
 bench-fixtures:
 	$(GO) test -run '^$$' -bench . -benchtime 20000x -count 5 ./bench/...
+
+# Conntrack scenarios (collision, LRU scale, churn), full forms:
+# results/scenarios/<name>/ with verdicts. Small forms run in make test.
+scenarios:
+	$(GO) test -p 1 -count=1 -timeout 30m ./scenarios/... -args -scenario.full
 
 # The suite in VMs across kernels; KERNELS="6.12 7.2" selects series, PKGS packages.
 vmtest:

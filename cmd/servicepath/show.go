@@ -161,6 +161,8 @@ func cmdCT(args []string, o output) error {
 type statsJSON struct {
 	Counters map[string]uint64   `json:"counters"`
 	Maps     map[string]mapStats `json:"maps"`
+	// Conntrack is sp_ct's pressure: fill, expired, orphaned (evictions).
+	Conntrack ct.Pressure `json:"conntrack"`
 }
 
 type mapStats struct {
@@ -191,6 +193,9 @@ func cmdStats(args []string, o output) error {
 		st.Maps[name] = mapStats{Entries: o.Entries, MaxEntries: o.MaxEntries}
 	}
 	if asJSON {
+		if st.Conntrack, err = ctPressureLines(nil, m, counters); err != nil {
+			return err
+		}
 		return writeJSON(o.out, st)
 	}
 	tw := tabwriter.NewWriter(o.out, 0, 4, 2, ' ', 0)
@@ -207,5 +212,9 @@ func cmdStats(args []string, o output) error {
 	for _, name := range names {
 		fmt.Fprintf(tw, "%s\t%d\t%d\n", name, st.Maps[name].Entries, st.Maps[name].MaxEntries)
 	}
-	return tw.Flush()
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	_, err = ctPressureLines(o.out, m, counters)
+	return err
 }

@@ -5,7 +5,6 @@
 package ct
 
 import (
-	"errors"
 	"fmt"
 	"net/netip"
 	"time"
@@ -106,41 +105,4 @@ func pairKey(k maps.CTKey, v maps.CTEntry) maps.CTKey {
 	p.DPort = v.NATPort
 	p.Flags ^= maps.CTFlagService
 	return p
-}
-
-// GCResult says what one pass did.
-type GCResult struct {
-	Scanned int
-	Deleted int
-}
-
-// GC deletes expired entries. The two entries of a flow go together: one
-// whose partner is still alive stays, because the datapath refreshes only
-// the flow entry on replies.
-func GC(m *ebpf.Map, now uint64) (GCResult, error) {
-	var res GCResult
-	live := func(k maps.CTKey) bool {
-		var v maps.CTEntry
-		return m.Lookup(&k, &v) == nil && v.Expires > now
-	}
-	var expired []maps.CTKey
-	var k maps.CTKey
-	var v maps.CTEntry
-	it := m.Iterate()
-	for it.Next(&k, &v) {
-		res.Scanned++
-		if v.Expires <= now && !live(pairKey(k, v)) {
-			expired = append(expired, k)
-		}
-	}
-	if err := it.Err(); err != nil {
-		return res, fmt.Errorf("iterate conntrack: %w", err)
-	}
-	for i := range expired {
-		if err := m.Delete(&expired[i]); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-			return res, fmt.Errorf("delete conntrack entry: %w", err)
-		}
-		res.Deleted++
-	}
-	return res, nil
 }

@@ -46,6 +46,11 @@ type Config struct {
 	ServiceMapSize uint32
 	BackendMapSize uint32
 	CTMapSize      uint32
+	// CTNoCommonLRU gives sp_ct one LRU list per CPU (BPF_F_NO_COMMON_LRU)
+	// instead of one shared list: no cross-CPU lock on insert, but each CPU
+	// evicts only from its own max/ncpus share (scenarios/lruscale measures
+	// both). Changing it needs an unload, like a size.
+	CTNoCommonLRU bool
 
 	NoBackend NoBackendAction
 
@@ -217,6 +222,9 @@ func (c Config) sizeMaps(spec *ebpf.CollectionSpec) {
 		if m, ok := spec.Maps[name]; ok {
 			m.MaxEntries = size
 		}
+	}
+	if m, ok := spec.Maps[maps.CTName]; ok && c.CTNoCommonLRU {
+		m.Flags |= unix.BPF_F_NO_COMMON_LRU
 	}
 }
 
