@@ -1,9 +1,13 @@
 // SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
-/* Programs for a pod's host-side device: per-packet ClusterIP load
- * balancing of traffic leaving the pod, and reverse translation of what
- * comes back into it. */
+/* Programs for a pod's device: per-packet ClusterIP load balancing of
+ * traffic leaving the pod, and reverse translation of what comes back into
+ * it; with BPF host routing, the routing of what leaves too. Where they run
+ * depends on the device kind (harness/topology: Pod.Hook): tc of a veth's
+ * host side, netkit's peer and primary slots, or tc of an ipvlan slave. */
 
 #include "lib/common.h"
+#include "lib/config.h"
+#include "lib/fib.h"
 #include "lib/frag.h"
 #include "lib/lb.h"
 #include "lib/metrics.h"
@@ -27,7 +31,7 @@ static __always_inline int prepare(struct __sk_buff *skb, struct pkt *p, int *ve
 	return 0;
 }
 
-/* tc ingress of the host-side device: packets the pod sends. */
+/* Packets the pod sends (tc ingress of the host-side device). */
 SEC("tc")
 int sp_from_pod(struct __sk_buff *skb)
 {
@@ -36,10 +40,13 @@ int sp_from_pod(struct __sk_buff *skb)
 
 	if (prepare(skb, &p, &verdict) < 0)
 		return verdict;
-	return lb_forward(skb, &p);
+	verdict = lb_forward(skb, &p);
+	if (verdict != TC_ACT_OK || cfg_host_routing != HOST_ROUTING_BPF)
+		return verdict;
+	return host_route(skb, &p);
 }
 
-/* tc egress of the host-side device: packets delivered to the pod. */
+/* Packets delivered to the pod (tc egress of the host-side device). */
 SEC("tc")
 int sp_to_pod(struct __sk_buff *skb)
 {

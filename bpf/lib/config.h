@@ -21,3 +21,12 @@ volatile const __u32 cfg_have_set_retval = 0;
 /* Translate only in the host netns; pods use the per-packet path. */
 volatile const __u32 cfg_sock_lb_host_only = 0;
 volatile const __u64 cfg_host_netns_cookie = 0;
+
+/* Host routing of what pods send (bpf/lib/fib.h). The loader probes for
+ * bpf_fib_lookup, bpf_redirect_neigh and bpf_redirect_peer. */
+enum host_routing {
+	HOST_ROUTING_STACK = 0, /* the node's upper stack routes */
+	HOST_ROUTING_BPF = 1,   /* BPF routes: redirect_peer / redirect_neigh */
+};
+
+volatile const __u32 cfg_host_routing = HOST_ROUTING_STACK;

@@ -27,6 +27,10 @@ enum metric {
 	METRIC_AFFINITY_HIT,      /* new flow sent to the client's affine backend */
 	METRIC_SOCK_BIND_REFUSED, /* host bind to a NodePort's port refused */
 	METRIC_CT_TUPLE_REUSED,   /* direct flow reused a translated flow's tuple: old flow forgotten */
+	METRIC_REDIRECT_PEER,     /* host routing: into a local pod with bpf_redirect_peer */
+	METRIC_REDIRECT_LOCAL,    /* host routing: to a local pod's device with bpf_redirect */
+	METRIC_REDIRECT_NEIGH,    /* host routing: off the node, bpf_fib_lookup + bpf_redirect_neigh */
+	METRIC_FIB_PASS,          /* host routing: left to the upper stack (local, unroutable, too big) */
 	METRIC_MAX,
 };
 

@@ -11,6 +11,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/servicepath/servicepath/datapath/attach"
+	"github.com/servicepath/servicepath/datapath/loader"
 	"github.com/servicepath/servicepath/datapath/service"
 	"github.com/servicepath/servicepath/harness/cluster"
 	"github.com/servicepath/servicepath/harness/stats"
@@ -36,6 +37,39 @@ func TestClusterIPEndToEnd(t *testing.T) {
 	}
 }
 
+// The same story on every device kind the kernel has, with upper-stack
+// and BPF host routing, and with backends on another node.
+func TestClusterIPEndToEndByKind(t *testing.T) {
+	for _, opts := range cluster.RoutingMatrix(attach.Auto) {
+		t.Run(opts.String(), func(t *testing.T) {
+			c := cluster.New(t, opts)
+			for _, f := range Families {
+				t.Run(f.Name, func(t *testing.T) { exercise(t, c, f) })
+			}
+			checkRouting(t, c, opts)
+		})
+	}
+}
+
+// checkRouting asserts the counters say which way packets were routed.
+func checkRouting(t *testing.T, c *cluster.Cluster, opts cluster.Options) {
+	got := c.Counters(t)
+	routed := got["redirect_peer"] + got["redirect_local"] + got["redirect_neigh"]
+	hostSide := c.Client.Hook().HostSide
+	if c.DP.HostRouting != loader.HostRoutingBPF || !hostSide {
+		assert.Zero(t, routed, "no BPF host routing with %s routing on a %s pod (counters %v)", c.DP.HostRouting, c.Client.Kind, got)
+		return
+	}
+	if opts.RemoteBackends {
+		assert.Positive(t, got["redirect_neigh"], "requests to the other node were routed by bpf_fib_lookup + bpf_redirect_neigh")
+	}
+	if c.Client.Hook().FromPod == attach.TCIngress {
+		assert.Positive(t, got["redirect_peer"], "local deliveries used bpf_redirect_peer")
+	} else {
+		assert.Positive(t, got["redirect_local"], "local deliveries from netkit used bpf_redirect")
+	}
+}
+
 // program points the family's VIP (TCP and UDP) at the named backends.
 func program(t *testing.T, c *cluster.Cluster, f Family, names ...string) {
 	c.Program(t, f.VIP, e2eTCPPort, service.TCP, names...)
@@ -47,7 +81,12 @@ func exercise(t *testing.T, c *cluster.Cluster, f Family) {
 	udpVIP := netip.AddrPortFrom(f.VIP, e2eUDPPort)
 	program(t, c, f, backendNames...)
 
-	const n = 300
+	// -short (vmtest's TCG guests, where the kind matrix is slow) runs
+	// fewer exchanges: the chi-square bound holds its error rate at any n.
+	n, after := 300, 100
+	if testing.Short() {
+		n, after = 60, 30
+	}
 	tally, err := traffic.Run(n, func(i int) (traffic.Reply, error) {
 		return traffic.TCPExchange(c.Client, tcpVIP, []byte(fmt.Sprintf("tcp %d", i)), timeout)
 	})
@@ -70,7 +109,7 @@ func exercise(t *testing.T, c *cluster.Cluster, f Family) {
 
 	// A removed backend gets no new connections.
 	program(t, c, f, backendNames[:2]...)
-	tally, err = traffic.Run(100, func(i int) (traffic.Reply, error) {
+	tally, err = traffic.Run(after, func(i int) (traffic.Reply, error) {
 		if i%2 == 0 {
 			return traffic.TCPExchange(c.Client, tcpVIP, []byte("after removal"), timeout)
 		}

@@ -37,6 +37,46 @@ func ParseNoBackendAction(s string) (NoBackendAction, error) {
 	return 0, fmt.Errorf("no-backend action %q: want reject or drop", s)
 }
 
+// HostRouting is how what pods send is routed on the node.
+type HostRouting string
+
+const (
+	// HostRoutingAuto is BPF where the kernel has the helpers, else the
+	// upper stack.
+	HostRoutingAuto HostRouting = ""
+	// HostRoutingStack leaves routing to the node's upper stack.
+	HostRoutingStack HostRouting = "stack"
+	// HostRoutingBPF routes in BPF: bpf_redirect_peer into local pods,
+	// bpf_fib_lookup + bpf_redirect_neigh off the node (bpf/lib/fib.h).
+	// It applies to pods registered in the endpoints map (Datapath.Endpoints).
+	HostRoutingBPF HostRouting = "bpf"
+)
+
+// ParseHostRouting reads the CLI spelling.
+func ParseHostRouting(s string) (HostRouting, error) {
+	switch h := HostRouting(s); h {
+	case HostRoutingStack, HostRoutingBPF:
+		return h, nil
+	case "auto":
+		return HostRoutingAuto, nil
+	}
+	return "", fmt.Errorf("host routing %q: want auto, stack or bpf", s)
+}
+
+// ProbeHostRouting reports whether the kernel has what BPF host routing
+// needs in tc programs; an error wrapping ebpf.ErrNotSupported when not.
+func ProbeHostRouting() error {
+	for _, h := range []struct {
+		name string
+		fn   asm.BuiltinFunc
+	}{{"bpf_fib_lookup", asm.FnFibLookup}, {"bpf_redirect_neigh", asm.FnRedirectNeigh}, {"bpf_redirect_peer", asm.FnRedirectPeer}} {
+		if err := features.HaveProgramHelper(ebpf.SchedCLS, h.fn); err != nil {
+			return fmt.Errorf("BPF host routing needs %s: %w", h.name, err)
+		}
+	}
+	return nil
+}
+
 // Config holds load-time settings.
 type Config struct {
 	// PinPath is a directory on bpffs (mounted there if absent) where maps
@@ -63,6 +103,9 @@ type Config struct {
 	// loader runs in (the host's); pods then use the per-packet path, for
 	// sidecars that must see the VIP on the wire.
 	SockLBHostOnly bool
+
+	// HostRouting selects how pods' traffic is routed; Auto probes.
+	HostRouting HostRouting
 }
 
 // DefaultConfig has the sizes and Cilium's CT lifetimes.
@@ -87,6 +130,11 @@ func (c Config) validate() error {
 		if s.v == 0 {
 			return fmt.Errorf("%s must be > 0", s.name)
 		}
+	}
+	switch c.HostRouting {
+	case HostRoutingAuto, HostRoutingStack, HostRoutingBPF:
+	default:
+		return fmt.Errorf("unknown host routing %q", c.HostRouting)
 	}
 	if c.NoBackend != Reject && c.NoBackend != Drop {
 		return fmt.Errorf("unknown no-backend action %d", c.NoBackend)
@@ -116,6 +164,11 @@ type Datapath struct {
 	ToPod   *ebpf.Program
 	// SockHooks translate service addresses at the socket (cgroup hooks).
 	SockHooks []SockHook
+	// HostRouting is the mode in effect (Auto resolved by probing).
+	HostRouting HostRouting
+	// Endpoints lists the node's local pods for BPF host routing
+	// (datapath/endpoints).
+	Endpoints *ebpf.Map
 	lxc       LxcObjects
 	sock      SockObjects
 	PinnedAt  string
@@ -132,6 +185,14 @@ func Load(cfg Config) (*Datapath, error) {
 	if err != nil {
 		return nil, err
 	}
+	routing, err := cfg.hostRouting()
+	if err != nil {
+		return nil, err
+	}
+	knobs["cfg_host_routing"] = uint32(0)
+	if routing == HostRoutingBPF {
+		knobs["cfg_host_routing"] = uint32(1)
+	}
 	lxcSpec, err := LoadLxc()
 	if err != nil {
 		return nil, fmt.Errorf("read BPF object: %w", err)
@@ -143,6 +204,9 @@ func Load(cfg Config) (*Datapath, error) {
 	for _, spec := range []*ebpf.CollectionSpec{lxcSpec, sockSpec} {
 		cfg.sizeMaps(spec)
 		for name, v := range knobs {
+			if spec.Variables[name] == nil && name == "cfg_host_routing" {
+				continue // only the pod-device object routes
+			}
 			if err := spec.Variables[name].Set(v); err != nil {
 				return nil, fmt.Errorf("set %s: %w", name, err)
 			}
@@ -193,6 +257,8 @@ func Load(cfg Config) (*Datapath, error) {
 		Affinity:   shared.SpAffinity,
 		NodeAddrs:  shared.SpNodeAddrs,
 	}
+	dp.HostRouting = routing
+	dp.Endpoints = shared.SpEndpoints
 	dp.FromPod = dp.lxc.SpFromPod
 	dp.ToPod = dp.lxc.SpToPod
 	p := dp.sock.SockPrograms
@@ -232,12 +298,10 @@ func (c Config) sizeMaps(spec *ebpf.CollectionSpec) {
 // probed from the running kernel.
 func (c Config) knobs() (map[string]any, error) {
 	haveSetRetval := uint32(1)
-	for _, pt := range []ebpf.ProgramType{ebpf.CGroupSockAddr, ebpf.CGroupSock} {
-		if err := features.HaveProgramHelper(pt, asm.FnSetRetval); errors.Is(err, ebpf.ErrNotSupported) {
-			haveSetRetval = 0
-		} else if err != nil {
-			return nil, fmt.Errorf("probe bpf_set_retval: %w", err)
-		}
+	if err := ProbeSetRetval(); errors.Is(err, ebpf.ErrNotSupported) {
+		haveSetRetval = 0
+	} else if err != nil {
+		return nil, fmt.Errorf("probe bpf_set_retval: %w", err)
 	}
 	// The loader runs in the host netns. Without the cookie the hooks cannot
 	// tell the host from a pod: loopback NodePort and bind protection are
@@ -260,6 +324,56 @@ func (c Config) knobs() (map[string]any, error) {
 		"cfg_sock_lb_host_only":    hostOnly,
 		"cfg_host_netns_cookie":    hostCookie,
 	}, nil
+}
+
+// ProbeSetRetval reports whether the socket hooks can call bpf_set_retval
+// (5.19+); an error wrapping ebpf.ErrNotSupported when not. It loads the
+// call the way the hooks make it, with a scalar argument:
+// features.HaveProgramHelper's probe passes the context instead, which
+// newer verifiers reject (7.2: "R1 is not a scalar"), turning a present
+// helper into an error.
+func ProbeSetRetval() error {
+	for _, p := range []struct {
+		typ    ebpf.ProgramType
+		attach ebpf.AttachType
+	}{{ebpf.CGroupSockAddr, ebpf.AttachCGroupInet4Connect}, {ebpf.CGroupSock, ebpf.AttachCGroupInet4PostBind}} {
+		prog, err := ebpf.NewProgram(&ebpf.ProgramSpec{
+			Type:       p.typ,
+			AttachType: p.attach,
+			License:    "GPL",
+			Instructions: asm.Instructions{
+				asm.Mov.Imm(asm.R1, 0),
+				asm.FnSetRetval.Call(),
+				asm.Mov.Imm(asm.R0, 1),
+				asm.Return(),
+			},
+		})
+		var ve *ebpf.VerifierError
+		switch {
+		case err == nil:
+			prog.Close()
+		case errors.As(err, &ve) || errors.Is(err, unix.EINVAL):
+			return fmt.Errorf("bpf_set_retval in %s programs: %w (%v)", p.typ, ebpf.ErrNotSupported, err)
+		default:
+			return fmt.Errorf("probe bpf_set_retval in %s programs: %w", p.typ, err)
+		}
+	}
+	return nil
+}
+
+// hostRouting resolves the configured mode against the kernel.
+func (c Config) hostRouting() (HostRouting, error) {
+	if c.HostRouting == HostRoutingStack {
+		return HostRoutingStack, nil
+	}
+	err := ProbeHostRouting()
+	switch {
+	case err == nil:
+		return HostRoutingBPF, nil
+	case c.HostRouting == HostRoutingAuto && errors.Is(err, ebpf.ErrNotSupported):
+		return HostRoutingStack, nil
+	}
+	return "", err
 }
 
 // netnsCookie is the cookie of the calling thread's network namespace, as

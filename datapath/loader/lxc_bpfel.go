@@ -19,6 +19,7 @@ const (
 	LxcMapSpAffinity           = "sp_affinity"
 	LxcMapSpBackends           = "sp_backends"
 	LxcMapSpCt                 = "sp_ct"
+	LxcMapSpEndpoints          = "sp_endpoints"
 	LxcMapSpFrags              = "sp_frags"
 	LxcMapSpMetrics            = "sp_metrics"
 	LxcMapSpNodeAddrs          = "sp_node_addrs"
@@ -32,6 +33,7 @@ const (
 	LxcVarCfgCtTcpSynS         = "cfg_ct_tcp_syn_s"
 	LxcVarCfgHaveSetRetval     = "cfg_have_set_retval"
 	LxcVarCfgHostNetnsCookie   = "cfg_host_netns_cookie"
+	LxcVarCfgHostRouting       = "cfg_host_routing"
 	LxcVarCfgNoBackendAction   = "cfg_no_backend_action"
 	LxcVarCfgSockLbHostOnly    = "cfg_sock_lb_host_only"
 )
@@ -89,6 +91,7 @@ type LxcMapSpecs struct {
 	SpAffinity  *ebpf.MapSpec `ebpf:"sp_affinity"`
 	SpBackends  *ebpf.MapSpec `ebpf:"sp_backends"`
 	SpCt        *ebpf.MapSpec `ebpf:"sp_ct"`
+	SpEndpoints *ebpf.MapSpec `ebpf:"sp_endpoints"`
 	SpFrags     *ebpf.MapSpec `ebpf:"sp_frags"`
 	SpMetrics   *ebpf.MapSpec `ebpf:"sp_metrics"`
 	SpNodeAddrs *ebpf.MapSpec `ebpf:"sp_node_addrs"`
@@ -106,6 +109,7 @@ type LxcVariableSpecs struct {
 	CfgCtTcpSynS         *ebpf.VariableSpec `ebpf:"cfg_ct_tcp_syn_s"`
 	CfgHaveSetRetval     *ebpf.VariableSpec `ebpf:"cfg_have_set_retval"`
 	CfgHostNetnsCookie   *ebpf.VariableSpec `ebpf:"cfg_host_netns_cookie"`
+	CfgHostRouting       *ebpf.VariableSpec `ebpf:"cfg_host_routing"`
 	CfgNoBackendAction   *ebpf.VariableSpec `ebpf:"cfg_no_backend_action"`
 	CfgSockLbHostOnly    *ebpf.VariableSpec `ebpf:"cfg_sock_lb_host_only"`
 }
@@ -133,6 +137,7 @@ type LxcMaps struct {
 	SpAffinity  *ebpf.Map `ebpf:"sp_affinity"`
 	SpBackends  *ebpf.Map `ebpf:"sp_backends"`
 	SpCt        *ebpf.Map `ebpf:"sp_ct"`
+	SpEndpoints *ebpf.Map `ebpf:"sp_endpoints"`
 	SpFrags     *ebpf.Map `ebpf:"sp_frags"`
 	SpMetrics   *ebpf.Map `ebpf:"sp_metrics"`
 	SpNodeAddrs *ebpf.Map `ebpf:"sp_node_addrs"`
@@ -145,6 +150,7 @@ func (m *LxcMaps) Close() error {
 		m.SpAffinity,
 		m.SpBackends,
 		m.SpCt,
+		m.SpEndpoints,
 		m.SpFrags,
 		m.SpMetrics,
 		m.SpNodeAddrs,
@@ -163,6 +169,7 @@ type LxcVariables struct {
 	CfgCtTcpSynS         *ebpf.Variable `ebpf:"cfg_ct_tcp_syn_s"`
 	CfgHaveSetRetval     *ebpf.Variable `ebpf:"cfg_have_set_retval"`
 	CfgHostNetnsCookie   *ebpf.Variable `ebpf:"cfg_host_netns_cookie"`
+	CfgHostRouting       *ebpf.Variable `ebpf:"cfg_host_routing"`
 	CfgNoBackendAction   *ebpf.Variable `ebpf:"cfg_no_backend_action"`
 	CfgSockLbHostOnly    *ebpf.Variable `ebpf:"cfg_sock_lb_host_only"`
 }

@@ -42,6 +42,7 @@ const (
 	SockVarCfgCtTcpSynS         = "cfg_ct_tcp_syn_s"
 	SockVarCfgHaveSetRetval     = "cfg_have_set_retval"
 	SockVarCfgHostNetnsCookie   = "cfg_host_netns_cookie"
+	SockVarCfgHostRouting       = "cfg_host_routing"
 	SockVarCfgNoBackendAction   = "cfg_no_backend_action"
 	SockVarCfgSockLbHostOnly    = "cfg_sock_lb_host_only"
 )
@@ -126,6 +127,7 @@ type SockVariableSpecs struct {
 	CfgCtTcpSynS         *ebpf.VariableSpec `ebpf:"cfg_ct_tcp_syn_s"`
 	CfgHaveSetRetval     *ebpf.VariableSpec `ebpf:"cfg_have_set_retval"`
 	CfgHostNetnsCookie   *ebpf.VariableSpec `ebpf:"cfg_host_netns_cookie"`
+	CfgHostRouting       *ebpf.VariableSpec `ebpf:"cfg_host_routing"`
 	CfgNoBackendAction   *ebpf.VariableSpec `ebpf:"cfg_no_backend_action"`
 	CfgSockLbHostOnly    *ebpf.VariableSpec `ebpf:"cfg_sock_lb_host_only"`
 }
@@ -187,6 +189,7 @@ type SockVariables struct {
 	CfgCtTcpSynS         *ebpf.Variable `ebpf:"cfg_ct_tcp_syn_s"`
 	CfgHaveSetRetval     *ebpf.Variable `ebpf:"cfg_have_set_retval"`
 	CfgHostNetnsCookie   *ebpf.Variable `ebpf:"cfg_host_netns_cookie"`
+	CfgHostRouting       *ebpf.Variable `ebpf:"cfg_host_routing"`
 	CfgNoBackendAction   *ebpf.Variable `ebpf:"cfg_no_backend_action"`
 	CfgSockLbHostOnly    *ebpf.Variable `ebpf:"cfg_sock_lb_host_only"`
 }

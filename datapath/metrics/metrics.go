@@ -32,6 +32,10 @@ var Names = []string{
 	"affinity_hit",
 	"sock_bind_refused",
 	"ct_tuple_reused",
+	"redirect_peer",
+	"redirect_local",
+	"redirect_neigh",
+	"fib_pass",
 }
 
 // Read sums each counter over CPUs, keyed by name.

@@ -1,24 +1,27 @@
 // Package cluster builds the end-to-end test bed: a node with a client pod
-// and backend pods (harness/topology), the datapath loaded and attached the
-// way a test asks (per-packet on the pod devices, socket hooks on a child
-// cgroup the test process joins), and a TCP+UDP server in every backend.
+// and backend pods (harness/topology) plugged by the device kind a test
+// asks for, the datapath loaded and attached the way it asks (per-packet
+// where the kind wants its hooks, socket hooks on a child cgroup the test
+// process joins; upper-stack or BPF host routing), and a TCP+UDP server in
+// every backend.
 package cluster
 
 import (
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 	"path/filepath"
 	"syscall"
 	"testing"
 
 	"github.com/cilium/ebpf"
-	"github.com/cilium/ebpf/asm"
-	"github.com/cilium/ebpf/features"
 	"github.com/stretchr/testify/require"
+	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
 	"github.com/servicepath/servicepath/datapath/attach"
+	"github.com/servicepath/servicepath/datapath/endpoints"
 	"github.com/servicepath/servicepath/datapath/loader"
 	"github.com/servicepath/servicepath/datapath/metrics"
 	"github.com/servicepath/servicepath/datapath/nodeaddrs"
@@ -44,6 +47,31 @@ type Options struct {
 	SocketLB bool
 	// Config adjusts the load-time settings.
 	Config func(*loader.Config)
+	// Kind plugs the pods into the node; empty means veth. A kind the
+	// kernel lacks follows testenv.RequireDriver.
+	Kind topology.Kind
+	// HostRouting selects upper-stack or BPF host routing (empty: probe).
+	// Asking for BPF where the kernel cannot follows testenv.RequireFeature.
+	HostRouting loader.HostRouting
+	// RemoteBackends puts every backend but the first on a second node,
+	// joined to the client's by the wire. The datapath is the first node's.
+	RemoteBackends bool
+}
+
+// String names the options' topology and routing, for subtests.
+func (o Options) String() string {
+	kind, routing := o.Kind, o.HostRouting
+	if kind == "" {
+		kind = topology.Veth
+	}
+	if routing == loader.HostRoutingAuto {
+		routing = "auto"
+	}
+	s := fmt.Sprintf("%s/%s-routing", kind, routing)
+	if o.RemoteBackends {
+		s += "/two-nodes"
+	}
+	return s
 }
 
 // Cluster is a running test bed.
@@ -61,13 +89,23 @@ type Cluster struct {
 // loaded inside the node netns, which is "the host" for socket hooks.
 func New(t *testing.T, opts Options) *Cluster {
 	testenv.RequireRoot(t)
-	topo := topology.NewForTest(t, topology.Spec{Name: "cl", Pods: []topology.PodSpec{
-		{Name: "client"}, {Name: Backends[0]}, {Name: Backends[1]}, {Name: Backends[2]},
-	}})
+	spec := topology.Spec{Name: "cl", Kind: opts.Kind, Pods: []topology.PodSpec{{Name: "client"}}}
+	for i, b := range Backends {
+		ps := topology.PodSpec{Name: b}
+		if opts.RemoteBackends && i > 0 {
+			spec.Nodes, ps.Node = 2, 1
+		}
+		spec.Pods = append(spec.Pods, ps)
+	}
+	topo := topology.NewForTest(t, spec)
 	cfg := loader.DefaultConfig()
 	cfg.PinPath = filepath.Join(testenv.BPFFS(t), "servicepath")
+	cfg.HostRouting = opts.HostRouting
 	if opts.Config != nil {
 		opts.Config(&cfg)
+	}
+	if cfg.HostRouting == loader.HostRoutingBPF {
+		testenv.RequireFeature(t, "BPF host routing", "5.10", loader.ProbeHostRouting())
 	}
 	c := &Cluster{Topo: topo, Client: topo.Pod("client"), Servers: map[string]*traffic.Server{}}
 	a := &attach.Attacher{LinkDir: filepath.Join(cfg.PinPath, "links"), Mode: opts.Mode}
@@ -80,25 +118,11 @@ func New(t *testing.T, opts Options) *Cluster {
 		if err := nodeaddrs.SyncLocal(dp.Maps.NodeAddrs); err != nil {
 			return err
 		}
-		if !opts.PerPacket {
-			return nil
-		}
-		for _, p := range topo.Pods {
-			for _, h := range []struct {
-				prog *ebpf.Program
-				dir  attach.Direction
-			}{{dp.FromPod, attach.Ingress}, {dp.ToPod, attach.Egress}} {
-				used, err := a.Attach(h.prog, p.HostIf, h.dir)
-				if err != nil {
-					return err
-				}
-				if opts.Mode != attach.Auto && used != opts.Mode {
-					return fmt.Errorf("attach %s %s: asked for %s, got %s", p.HostIf, h.dir, opts.Mode, used)
-				}
-			}
-		}
 		return nil
 	})
+	if err == nil && opts.PerPacket {
+		err = c.attachPerPacket(opts.Mode, cfg.PinPath)
+	}
 	if c.DP != nil {
 		t.Cleanup(func() { c.DP.Close() })
 	}
@@ -126,6 +150,91 @@ func New(t *testing.T, opts Options) *Cluster {
 		c.Servers[name] = srv
 	}
 	return c
+}
+
+// ForEachKind runs fn, in a subtest named after each device kind, on a
+// cluster built with opts and that kind. Kinds the kernel lacks skip
+// outside vmtest and fail in a vmtest kernel that should have them.
+func ForEachKind(t *testing.T, opts Options, fn func(t *testing.T, c *Cluster)) {
+	for _, k := range topology.Kinds {
+		o := opts
+		o.Kind = k
+		t.Run(string(k), func(t *testing.T) { fn(t, New(t, o)) })
+	}
+}
+
+// RoutingMatrix is the per-packet test beds: every kind with upper-stack
+// and with BPF host routing, and BPF host routing to backends on another
+// node for the kinds whose pods the node routes (veth, netkit).
+func RoutingMatrix(mode attach.Mode) []Options {
+	var out []Options
+	for _, k := range topology.Kinds {
+		for _, r := range []loader.HostRouting{loader.HostRoutingStack, loader.HostRoutingBPF} {
+			out = append(out, Options{PerPacket: true, Mode: mode, Kind: k, HostRouting: r})
+		}
+	}
+	for _, k := range []topology.Kind{topology.Veth, topology.NetkitL3} {
+		out = append(out, Options{PerPacket: true, Mode: mode, Kind: k, HostRouting: loader.HostRoutingBPF, RemoteBackends: true})
+	}
+	return out
+}
+
+// attachPerPacket attaches the pod-device programs where each pod of the
+// datapath's node wants them (topology.Pod.Hook: one code path for every
+// kind), and registers the pods reachable from the node side for BPF host
+// routing.
+func (c *Cluster) attachPerPacket(mode attach.Mode, pinPath string) error {
+	for _, p := range c.Topo.Pods {
+		if p.Node != c.Topo.Node {
+			continue
+		}
+		h := p.Hook()
+		a := &attach.Attacher{LinkDir: filepath.Join(pinPath, "links", h.Name), Mode: mode}
+		err := h.Do(func() error {
+			for _, at := range []struct {
+				prog  *ebpf.Program
+				point attach.Point
+			}{{c.DP.FromPod, h.FromPod}, {c.DP.ToPod, h.ToPod}} {
+				used, err := a.AttachPoint(at.prog, h.Dev, at.point)
+				if err != nil {
+					return err
+				}
+				if used != attach.Netkit && mode != attach.Auto && used != mode {
+					return fmt.Errorf("attach %s %s: asked for %s, got %s", h.Dev, at.point, mode, used)
+				}
+			}
+			return nil
+		})
+		if err != nil {
+			return fmt.Errorf("pod %s: %w", p.Name, err)
+		}
+		if !h.HostSide {
+			continue
+		}
+		ep := endpoints.Endpoint{Addrs: []netip.Addr{p.IPv4, p.IPv6}, Ifindex: h.Ifindex}
+		if h.FromPod == attach.TCIngress {
+			ep.Flags |= endpoints.TCIngress
+		}
+		if err := p.Do(func() error { return macOf(p.IfName, &ep.MAC) }); err != nil {
+			return err
+		}
+		if err := h.Do(func() error { return macOf(h.Dev, &ep.NodeMAC) }); err != nil {
+			return err
+		}
+		if err := endpoints.Upsert(c.DP.Endpoints, ep); err != nil {
+			return fmt.Errorf("register pod %s: %w", p.Name, err)
+		}
+	}
+	return nil
+}
+
+func macOf(dev string, mac *net.HardwareAddr) error {
+	l, err := netlink.LinkByName(dev)
+	if err != nil {
+		return err
+	}
+	*mac = l.Attrs().HardwareAddr
+	return nil
 }
 
 // Addr is a pod's address in the family of like.
@@ -163,8 +272,7 @@ func (c *Cluster) Counters(t *testing.T) map[string]uint64 {
 // errno servicepath sets where the kernel has bpf_set_retval (5.19+),
 // EPERM before that.
 func RefusalErrno(t *testing.T, want syscall.Errno) syscall.Errno {
-	err := features.HaveProgramHelper(ebpf.CGroupSockAddr, asm.FnSetRetval)
-	if testenv.FeatureMissing(t, "bpf_set_retval", "5.19", err) {
+	if testenv.FeatureMissing(t, "bpf_set_retval", "5.19", loader.ProbeSetRetval()) {
 		return syscall.EPERM
 	}
 	return want

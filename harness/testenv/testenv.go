@@ -198,3 +198,39 @@ func EnterCgroup(t testing.TB, dir string) {
 		}
 	})
 }
+
+// VMTestEnv is set (to `uname -r`) inside a vmtest guest, whose kernels are
+// Debian's with every driver the matrix expects.
+const VMTestEnv = "VMTEST_KERNEL_RELEASE"
+
+// InVMTest reports whether the test runs inside a vmtest guest.
+func InVMTest() bool { return os.Getenv(VMTestEnv) != "" }
+
+// RequireDriver applies the policy for a network device driver (netkit,
+// ipvlan) that err, the result of creating such a device, says is missing.
+// Whether a kernel has a driver is a build choice, not only a question of
+// version: the machine's own kernel may be built without it. So outside a
+// vmtest guest a missing driver skips t, naming it. Inside one the guest
+// is a Debian kernel that has every driver from minKernel on, and
+// RequireFeature's policy applies: older kernels skip, newer ones fail.
+func RequireDriver(t testing.TB, driver, minKernel string, err error) {
+	t.Helper()
+	if err == nil {
+		return
+	}
+	requireDriver(t, driver, minKernel, release(t), InVMTest(), err)
+}
+
+func requireDriver(t testing.TB, driver, minKernel, release string, inVM bool, err error) {
+	t.Helper()
+	if !inVM {
+		if !isNotSupported(err) {
+			t.Fatalf("%s: %v", driver, err)
+		}
+		t.Skipf("the %s driver is not in this kernel (%s), which was built without it; "+
+			"make vmtest runs this in kernels that have it: %v", driver, release, err)
+	}
+	if featureMissing(t, driver, minKernel, release, err) {
+		t.Skipf("%s needs kernel %s, running %s: %v", driver, minKernel, release, err)
+	}
+}

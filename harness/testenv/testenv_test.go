@@ -11,6 +11,7 @@ import (
 	"testing"
 
 	"github.com/cilium/ebpf"
+	"github.com/stretchr/testify/assert"
 	"golang.org/x/sys/unix"
 
 	"github.com/servicepath/servicepath/datapath/mounts"
@@ -176,4 +177,33 @@ func mounted(t *testing.T, dir string) bool {
 		}
 	}
 	return false
+}
+
+func TestRequireDriverPolicy(t *testing.T) {
+	unsupported := fmt.Errorf("add netkit: %w", unix.EOPNOTSUPP)
+	cases := []struct {
+		name, release string
+		inVM          bool
+		err           error
+		want          string
+	}{
+		{"host kernel built without it", "6.18.0", false, unsupported, "skip: the netkit driver is not in this kernel (6.18.0)"},
+		{"host, other error", "6.18.0", false, errors.New("file exists"), "fatal: netkit: file exists"},
+		{"vm, old kernel", "6.1.0-56-cloud-amd64", true, unsupported, "skip: netkit needs kernel 6.7, running 6.1.0-56-cloud-amd64"},
+		{"vm, kernel that should have it", "6.12.117+deb13-cloud-amd64", true, unsupported, "fatal: kernel 6.12.117+deb13-cloud-amd64 >= 6.7 should have netkit"},
+		{"vm, other error", "7.2.13", true, errors.New("file exists"), "fatal: netkit: file exists"},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			r := &recorder{}
+			done := make(chan struct{})
+			go func() {
+				defer close(done)
+				requireDriver(r, "netkit", "6.7", c.release, c.inVM, c.err)
+				r.outcome = "returned"
+			}()
+			<-done
+			assert.True(t, strings.HasPrefix(r.outcome, c.want), "policy outcome %q starts with %q", r.outcome, c.want)
+		})
+	}
 }

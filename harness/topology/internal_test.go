@@ -16,7 +16,7 @@ func TestClosePartial(t *testing.T) {
 	// Two pods with one name (which validate rejects) fail at the second
 	// pod's netns, after the node and first pod are fully plugged.
 	prefix := fmt.Sprintf("partial-%d", os.Getpid())
-	err := topo.build(prefix, []PodSpec{{Name: "ok"}, {Name: "ok"}})
+	err := topo.build(prefix, Spec{Pods: []PodSpec{{Name: "ok"}, {Name: "ok"}}})
 	closeErr := topo.Close()
 	if err == nil {
 		t.Fatal("building two pods with one name succeeded")

@@ -1,0 +1,223 @@
+package clusterip
+
+import (
+	"net/netip"
+	"testing"
+
+	"github.com/cilium/ebpf"
+	"github.com/google/gopacket/layers"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/servicepath/servicepath/datapath/endpoints"
+	"github.com/servicepath/servicepath/datapath/loader"
+	"github.com/servicepath/servicepath/datapath/service"
+	"github.com/servicepath/servicepath/harness/inject"
+	"github.com/servicepath/servicepath/harness/packet"
+	"github.com/servicepath/servicepath/harness/testenv"
+	"github.com/servicepath/servicepath/harness/topology"
+)
+
+// BPF host routing decides by the node's routes and its local pods, so its
+// fixtures run in a node netns of a real topology: bpf_fib_lookup in
+// BPF_PROG_TEST_RUN looks up in the netns of the thread running it, on the
+// device named by the context's ifindex. Node 0 holds the client
+// (198.18.0.10) and backend-1 (198.18.0.11), the fixture family's first
+// two addresses; node 1 holds "remote" (198.18.1.10), reached over the
+// wire. Local pods are registered with the fixture MACs, so a packet
+// delivered into one reads as packet.Opts{FromHost: true}.
+
+// skbContext is the head of struct __sk_buff up to ifindex, the one field
+// set: the device the packet arrives on.
+type skbContext struct {
+	Head    [10]uint32 // len .. ingress_ifindex: zero
+	Ifindex uint32
+}
+
+type routeBed struct {
+	topo *topology.Topology
+	envs map[loader.HostRouting]*inject.Env
+}
+
+func newRouteBed(t *testing.T) *routeBed {
+	testenv.RequireRoot(t)
+	testenv.RequireFeature(t, "BPF host routing", "5.10", loader.ProbeHostRouting())
+	topo := topology.NewForTest(t, topology.Spec{Name: "fib", Nodes: 2, Pods: []topology.PodSpec{
+		{Name: "client"}, {Name: "backend-1"}, {Name: "remote", Node: 1},
+	}})
+	b := &routeBed{topo: topo, envs: map[loader.HostRouting]*inject.Env{}}
+	for _, r := range []loader.HostRouting{loader.HostRoutingStack, loader.HostRoutingBPF} {
+		cfg := loader.DefaultConfig()
+		cfg.HostRouting = r
+		e, err := inject.NewEnv(cfg)
+		require.NoError(t, err, "load datapath with %s routing", r)
+		t.Cleanup(func() { e.Close() })
+		for _, name := range []string{"client", "backend-1"} {
+			p := topo.Pod(name)
+			require.NoError(t, endpoints.Upsert(e.DP.Endpoints, endpoints.Endpoint{
+				Addrs: []netip.Addr{p.IPv4, p.IPv6}, Ifindex: p.HostIfIndex, Flags: endpoints.TCIngress,
+				MAC: packet.PodMAC, NodeMAC: packet.HostMAC,
+			}), "register %s", name)
+		}
+		b.envs[r] = e
+	}
+	return b
+}
+
+// inject runs pkt through from-pod as if it arrived on pod's host device.
+func (b *routeBed) inject(e *inject.Env, pod string, pkt []byte) (inject.Verdict, []byte, error) {
+	opts := &ebpf.RunOptions{Data: pkt, DataOut: make([]byte, len(pkt)+512),
+		Context: skbContext{Ifindex: uint32(b.topo.Pod(pod).HostIfIndex)}}
+	var ret uint32
+	err := b.topo.Node.Do(func() error {
+		var err error
+		ret, err = e.DP.FromPod.Run(opts)
+		return err
+	})
+	return inject.Verdict(ret), opts.DataOut, err
+}
+
+type routeFixture struct {
+	name    string
+	routing loader.HostRouting
+	// setup programs services and sends earlier packets, with send.
+	setup    func(e *inject.Env, send func(pod string, pkt []byte) error) error
+	from     string // the pod whose device the packet leaves by
+	input    []byte
+	verdict  inject.Verdict
+	output   []byte // nil: unchanged
+	counters map[string]uint64
+}
+
+func routeFixtures(f Family, remote netip.Addr, node netip.Addr) []routeFixture {
+	name := func(s string) string { return f.Name + "/" + s }
+	backend := f.backend(0)
+	remoteBackend := netip.AddrPortFrom(remote, BackendPort)
+	syn := packet.TCP(f.Client, f.vip(), packet.SYN, nil, packet.Opts{})
+	svc := upsertOnly(f.Service(service.TCP, f.active(0)))
+	replyPkt := packet.TCP(backend, f.Client, packet.SYNACK, nil, packet.Opts{})
+	reqThenReply := func(e *inject.Env, send func(string, []byte) error) error {
+		if err := svc(e, send); err != nil {
+			return err
+		}
+		return send("client", syn)
+	}
+	return []routeFixture{{
+		name:     name("request-to-local-backend-redirected-into-its-pod"),
+		routing:  loader.HostRoutingBPF,
+		setup:    svc,
+		from:     "client",
+		input:    syn,
+		verdict:  inject.Redirect,
+		output:   packet.TCP(f.Client, backend, packet.SYN, nil, reply()),
+		counters: inject.CountersOf("lb_new", 1, "pass", 1, "redirect_peer", 1),
+	}, {
+		// redirect_peer skips the client's to-pod program: the reply must
+		// leave here already carrying the VIP.
+		name:     name("reply-translated-to-vip-before-redirect-into-client"),
+		routing:  loader.HostRoutingBPF,
+		setup:    reqThenReply,
+		from:     "backend-1",
+		input:    replyPkt,
+		verdict:  inject.Redirect,
+		output:   packet.TCP(f.vip(), f.Client, packet.SYNACK, nil, reply()),
+		counters: inject.CountersOf("pass", 1, "rev_nat", 1, "redirect_peer", 1),
+	}, {
+		name:    name("icmp-error-from-backend-rewritten-before-redirect-into-client"),
+		routing: loader.HostRoutingBPF,
+		setup: func(e *inject.Env, send func(string, []byte) error) error {
+			if err := upsertOnly(f.Service(service.UDP, f.active(0)))(e, send); err != nil {
+				return err
+			}
+			return send("client", udp(f.Client, f.vip()))
+		},
+		from:     "backend-1",
+		input:    packet.ICMPError(packet.PortUnreachable, backend.Addr(), f.Client.Addr(), quote(packet.L3(layers.IPProtocolUDP, f.Client, backend, packet.TCPFlags{}, payload, packet.Opts{})), packet.Opts{}),
+		verdict:  inject.Redirect,
+		output:   packet.ICMPError(packet.PortUnreachable, f.VIP, f.Client.Addr(), quote(packet.L3(layers.IPProtocolUDP, f.Client, f.vip(), packet.TCPFlags{}, payload, packet.Opts{})), reply()),
+		counters: inject.CountersOf("pass", 1, "icmp_rev_nat", 1, "redirect_peer", 1),
+	}, {
+		name:     name("request-to-remote-backend-fib-lookup-and-redirect-neigh"),
+		routing:  loader.HostRoutingBPF,
+		setup:    upsertOnly(f.Service(service.TCP, service.Backend{Addr: remote, Port: BackendPort})),
+		from:     "client",
+		input:    syn,
+		verdict:  inject.Redirect,
+		output:   packet.TCP(f.Client, remoteBackend, packet.SYN, nil, packet.Opts{}),
+		counters: inject.CountersOf("lb_new", 1, "redirect_neigh", 1),
+	}, {
+		name:     name("to-the-node-itself-goes-up-the-stack"),
+		routing:  loader.HostRoutingBPF,
+		from:     "client",
+		input:    packet.TCP(f.Client, netip.AddrPortFrom(node, 10250), packet.SYN, nil, packet.Opts{}),
+		verdict:  inject.OK,
+		counters: inject.CountersOf("pass", 1, "fib_pass", 1),
+	}, {
+		name:     name("source-not-a-local-pod-untouched"),
+		routing:  loader.HostRoutingBPF,
+		from:     "client",
+		input:    packet.TCP(netip.AddrPortFrom(f.Other, 40000), backend, packet.SYN, nil, packet.Opts{}),
+		verdict:  inject.OK,
+		counters: inject.CountersOf("pass", 1),
+	}, {
+		name:     name("upper-stack-routing-leaves-it-to-the-stack"),
+		routing:  loader.HostRoutingStack,
+		setup:    svc,
+		from:     "client",
+		input:    syn,
+		verdict:  inject.OK,
+		output:   packet.TCP(f.Client, backend, packet.SYN, nil, packet.Opts{}),
+		counters: inject.CountersOf("lb_new", 1),
+	}}
+}
+
+func upsertOnly(s service.Service) func(e *inject.Env, _ func(string, []byte) error) error {
+	return func(e *inject.Env, _ func(string, []byte) error) error { return e.Services.Upsert(s) }
+}
+
+// TestHostRoutingFixtures is the host-routing table: verdicts, output
+// bytes and counters, as TestFixtures checks the ClusterIP table.
+func TestHostRoutingFixtures(t *testing.T) {
+	b := newRouteBed(t)
+	remote := b.topo.Pod("remote")
+	var fixtures []routeFixture
+	fixtures = append(fixtures, routeFixtures(V4, remote.IPv4, b.topo.Node.GatewayIPv4)...)
+	fixtures = append(fixtures, routeFixtures(V6, remote.IPv6, b.topo.Node.IPv6)...)
+	for _, f := range fixtures {
+		t.Run(f.name, func(t *testing.T) {
+			e := b.envs[f.routing]
+			require.NoError(t, e.Reset(), "reset maps")
+			send := func(pod string, pkt []byte) error {
+				_, _, err := b.inject(e, pod, pkt)
+				return err
+			}
+			if f.setup != nil {
+				require.NoError(t, f.setup(e, send), "fixture setup")
+			}
+			before, err := e.Counters()
+			require.NoError(t, err, "read counters before")
+			verdict, out, err := b.inject(e, f.from, f.input)
+			require.NoError(t, err, "inject")
+			assert.Equal(t, f.verdict, verdict, "verdict")
+			want := f.output
+			if want == nil {
+				want = f.input
+			}
+			if d := packet.Diff(want, out); d != "" {
+				t.Errorf("output packet differs from expected: %s", d)
+			}
+			if string(out) != string(f.input) {
+				assert.NoError(t, packet.VerifyChecksums(out), "checksums of the rewritten packet verify")
+			}
+			after, err := e.Counters()
+			require.NoError(t, err, "read counters after")
+			grew := map[string]uint64{}
+			for k, v := range after {
+				if v != before[k] {
+					grew[k] = v - before[k]
+				}
+			}
+			assert.Equal(t, f.counters, grew, "counters that grew")
+		})
+	}
+}
