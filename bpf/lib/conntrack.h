@@ -62,6 +62,17 @@ static __always_inline int ct_is_reopen(const struct ct_entry *e, const struct p
 	       (p->tcp_flags & (TCPF_SYN | TCPF_ACK)) == TCPF_SYN && ct_closing(e->state);
 }
 
+/* A flow is over once both its entries' lifetimes have passed; GC only
+ * reclaims the space. */
+static __always_inline int ct_expired(const struct ct_entry *svc, const struct ct_entry *flow)
+{
+	__u64 expires = svc->expires;
+
+	if (flow && flow->expires > expires)
+		expires = flow->expires;
+	return expires <= bpf_ktime_get_ns();
+}
+
 /* Updates state, lifetime and counters of e for one packet; returns the
  * new expiry so a paired entry can share it. */
 static __always_inline __u64 ct_account(struct ct_entry *e, const struct pkt *p, __u32 len, int reply)

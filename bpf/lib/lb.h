@@ -156,8 +156,14 @@ static __always_inline int lb_forward(struct __sk_buff *skb, struct pkt *p)
 
 	ct_key_init(&skey, &p->saddr, &p->daddr, p->sport, p->dport, p, CT_F_SERVICE);
 	struct ct_entry *svc_ct = bpf_map_lookup_elem(&sp_ct, &skey);
+	struct ct_entry *flow = 0;
 	if (svc_ct) {
-		if (ct_is_reopen(svc_ct, p)) {
+		/* The flow entry is what replies keep current: its state and
+		 * expiry decide, so a close or traffic seen only on the reply side
+		 * counts, and an expired flow never waits for GC to end. */
+		ct_key_init(&fkey, &p->saddr, &svc_ct->nat_addr, p->sport, svc_ct->nat_port, p, 0);
+		flow = bpf_map_lookup_elem(&sp_ct, &fkey);
+		if (ct_expired(svc_ct, flow) || ct_is_reopen(flow ? flow : svc_ct, p)) {
 			count(METRIC_CT_REOPEN);
 			svc_ct = 0;
 		} else if (!lb_backend_alive(svc_ct->backend_id, &svc_ct->nat_addr, svc_ct->nat_port)) {
@@ -210,8 +216,10 @@ static __always_inline int lb_forward(struct __sk_buff *skb, struct pkt *p)
 		new_flow = 1;
 	}
 
-	ct_key_init(&fkey, &p->saddr, &t.addr, p->sport, t.port, p, 0);
-	struct ct_entry *flow = new_flow ? 0 : bpf_map_lookup_elem(&sp_ct, &fkey);
+	if (new_flow) {
+		ct_key_init(&fkey, &p->saddr, &t.addr, p->sport, t.port, p, 0);
+		flow = 0;
+	}
 	if (!flow) {
 		/* New, re-selected, or evicted: start the flow's state afresh. */
 		struct ct_entry e = {

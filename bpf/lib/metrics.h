@@ -14,7 +14,7 @@ enum metric {
 	METRIC_FRAG_NOT_FOUND,    /* non-first fragment whose first was not seen: dropped */
 	METRIC_FRAG_NO_FLOW,      /* non-first fragment to a VIP with no tracked flow: dropped */
 	METRIC_BACKEND_GONE,      /* tracked flow's backend removed: re-selected */
-	METRIC_CT_REOPEN,         /* SYN on a closing flow: re-selected */
+	METRIC_CT_REOPEN,         /* closed (then a bare SYN) or expired flow: re-selected as new */
 	METRIC_SLOT_MISSING,      /* service slot or backend missing mid-update: dropped */
 	METRIC_CT_CREATE_FAILED,  /* conntrack insert failed: translated untracked */
 	METRIC_MALFORMED,         /* truncated or unparsable IP packet: passed */

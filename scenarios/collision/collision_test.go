@@ -155,13 +155,9 @@ func TestCollisionFull(t *testing.T) {
 			pass = false
 		}
 	}
-	md.WriteString("\n## Packet sequences\n\n`TestCollisionFixtures` (scenarios/collision/fixtures.go) pins each reuse sequence down through BPF_PROG_TEST_RUN; all pass. " +
-		"`TestKnownDatapathBugs` (-scenario.bugs) holds the rows the datapath fails today:\n\n")
-	for _, f := range KnownBugs() {
-		fmt.Fprintf(&md, "- `%s`\n", f.Name)
-	}
-	md.WriteString("\nSee scenarios/README.md for the cause and the fix of each.\n")
-	verdict := "every connection on a reused tuple (port reuse after close, after RST, from TIME_WAIT, two clients behind one SNAT address) reached a backend, with no reset, and re-picked backends uniformly; four packet sequences still pin a reused tuple to its old backend (known bugs)"
+	md.WriteString("\n## Packet sequences\n\n`TestCollisionFixtures` (scenarios/collision/fixtures.go) pins each reuse sequence down through BPF_PROG_TEST_RUN, " +
+		"including the four this scenario found failing and that are now fixed (scenarios/README.md).\n")
+	verdict := "every connection on a reused tuple (port reuse after close, after RST, from TIME_WAIT, two clients behind one SNAT address) reached a backend, with no reset, and re-picked backends uniformly"
 	if !pass {
 		verdict = "some reused tuples failed or were not re-balanced: see the table"
 	}

@@ -178,18 +178,12 @@ func Fixtures() []inject.Fixture {
 				assert.Equal(t, rev(b0, packet.SYNACK), out, "the direct flow's SYN-ACK keeps the backend's source")
 			},
 		},
-	}
-}
-
-// KnownBugs are rows the datapath fails today; each names the expected
-// behaviour. TestKnownDatapathBugs runs them with -scenario.bugs.
-func KnownBugs() []inject.Fixture {
-	return []inject.Fixture{
+		// Found by this scenario: closes seen only on the reply side and
+		// expiry without GC used to leave the tuple on its old backend.
 		{
-			// An expired entry still steers traffic until GC deletes it: a
-			// UDP flow idle past its 60 s lifetime is a new flow, which must
-			// not go to a terminating backend. Today it goes to b0
-			// (lb_established), so correctness depends on GC timing.
+			// A UDP flow idle past its 60 s lifetime is a new flow, whether
+			// or not GC has deleted its entries yet, so it must not go to a
+			// terminating backend.
 			Name: "expired-udp-flow-not-yet-collected-is-a-new-flow",
 			Setup: chain(upsert(svc(service.UDP, active(b0))),
 				seq([]step{{inject.FromPod, packet.UDP(client, vipAP, payload, packet.Opts{})}}),
@@ -197,14 +191,13 @@ func KnownBugs() []inject.Fixture {
 			Input:    packet.UDP(client, vipAP, payload, packet.Opts{}),
 			Verdict:  inject.OK,
 			Output:   packet.UDP(client, b1, payload, packet.Opts{}),
-			Counters: inject.CountersOf("lb_new", 1),
+			Counters: inject.CountersOf("ct_reopen", 1, "lb_new", 1),
 		},
 		{
 			// The backend reset the flow (a reply RST): the client's port is
 			// free at once, and the next SYN on it (the same client, or a second
 			// one masqueraded to its address) is a new connection. The RST is
-			// recorded on the flow entry only, so the service entry does not
-			// see the flow closed and keeps it on b0.
+			// recorded on the flow entry, which decides.
 			Name:     "backend-rst-then-port-reuse-reselects",
 			Setup:    chain(upsert(svc(service.TCP, active(b0))), seq(with(handshake, step{inject.ToPod, rev(b0, packet.RSTACK)}), moveToB1)),
 			Input:    fwd(packet.SYN),
@@ -226,8 +219,7 @@ func KnownBugs() []inject.Fixture {
 		{
 			// Client closed first and its final ACK was not seen (lost, or the
 			// client reused the port from TIME_WAIT before sending it): the
-			// service entry never learnt the backend's FIN (replies update
-			// only the flow entry), so the SYN is not seen as a reopen.
+			// backend's FIN, seen only on the reply side, closed the flow.
 			Name: "time-wait-reuse-before-final-ack-reselects",
 			Setup: chain(upsert(svc(service.TCP, active(b0))), seq(with(handshake,
 				step{inject.FromPod, fwd(packet.FINACK)}, step{inject.ToPod, rev(b0, packet.FINACK)})), moveToB1),
