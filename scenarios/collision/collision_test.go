@@ -3,6 +3,7 @@ package collision
 import (
 	"fmt"
 	"net/netip"
+	"os/exec"
 	"strings"
 	"testing"
 	"time"
@@ -43,6 +44,10 @@ var small = sizes{reuse: 60, timeWait: 3, masq: 40}
 var fullSizes = sizes{reuse: 900, timeWait: 20, masq: 600}
 
 func runCases(t *testing.T, n sizes) []Case {
+	// Two clients behind one address are made with an iptables SNAT rule.
+	if _, err := exec.LookPath("iptables"); err != nil {
+		t.Skipf("needs iptables for the masquerade case (make deps installs it): %v", err)
+	}
 	c := cluster.New(t, cluster.Options{PerPacket: true, Mode: attach.Auto})
 	vip := netip.MustParseAddr("198.19.0.70")
 	waitVIP := netip.MustParseAddr("198.19.0.71")
