@@ -1,26 +1,59 @@
 package bench
 
 import (
+	"cmp"
 	"errors"
 	"fmt"
 	"math"
 	"net/netip"
+	"os"
+	"path/filepath"
 
+	"github.com/servicepath/servicepath/datapath/attach"
+	"github.com/servicepath/servicepath/datapath/loader"
+	testbed "github.com/servicepath/servicepath/harness/cluster"
 	"github.com/servicepath/servicepath/harness/netperf"
 	"github.com/servicepath/servicepath/harness/topology"
 )
 
 // PodPath is one way two endpoints talk, for pod-networking throughput and
-// latency. Paths needing work not yet built (BPF host routing, netkit)
-// are listed with Pending and plug in by giving them a Build.
+// latency.
 type PodPath struct {
 	Name, Describe string
 	// Baseline marks the path ratios are computed against.
 	Baseline bool
 	Pending  string
 	// Build returns the client and server netns and the server address,
-	// inside t (a node with pods "a" and "b").
+	// inside t (a node with pods "a" and "b", no datapath attached).
 	Build func(t *topology.Topology) (client, server netperf.Doer, addr netip.Addr)
+	// Own builds a node of its own instead, for paths that attach the
+	// datapath; close tears it down. An error means the path is not
+	// available here (e.g. no netkit), which the report says.
+	Own func(e *Env) (client, server netperf.Doer, addr netip.Addr, close func() error, err error)
+}
+
+// hostRouted is a node with pods "a" and "b" of kind, the datapath attached
+// to both with BPF host routing.
+func hostRouted(kind topology.Kind) func(e *Env) (netperf.Doer, netperf.Doer, netip.Addr, func() error, error) {
+	return func(e *Env) (netperf.Doer, netperf.Doer, netip.Addr, func() error, error) {
+		topo, err := topology.New(topology.Spec{Name: "b-hr", Kind: kind, Pods: []topology.PodSpec{{Name: "a"}, {Name: "b"}}})
+		if err != nil {
+			return nil, nil, netip.Addr{}, nil, err
+		}
+		cfg := e.DatapathConfig()
+		cfg.HostRouting = loader.HostRoutingBPF
+		dp, err := loader.Load(cfg)
+		if err != nil {
+			return nil, nil, netip.Addr{}, nil, errors.Join(err, topo.Close())
+		}
+		tcSeq++
+		pins := filepath.Join(e.BPFFS, fmt.Sprintf("hr-%d", tcSeq))
+		closeAll := func() error { return errors.Join(os.RemoveAll(pins), dp.Close(), topo.Close()) }
+		if err := testbed.AttachPods(topo, dp, attach.Auto, pins); err != nil {
+			return nil, nil, netip.Addr{}, nil, errors.Join(err, closeAll())
+		}
+		return topo.Pod("b"), topo.Pod("a"), topo.Pod("a").IPv4, closeAll, nil
+	}
 }
 
 // PodPaths lists the paths in report order.
@@ -47,12 +80,12 @@ func PodPaths() []PodPath {
 			},
 		},
 		{
-			Name: "veth + BPF host routing", Describe: "pod -> veth, bpf_redirect_peer/neigh at the host device -> pod",
-			Pending: "BPF host routing is another issue in progress",
+			Name: "veth + BPF host routing", Describe: "pod -> veth, bpf_redirect_peer at the host device -> pod",
+			Own: hostRouted(topology.Veth),
 		},
 		{
-			Name: "netkit + BPF host routing", Describe: "pod -> netkit (BPF in the device) -> pod; in a VM where the kernel lacks netkit",
-			Pending: "netkit topologies are another issue in progress",
+			Name: "netkit + BPF host routing", Describe: "pod -> netkit (BPF in the device's xmit) -> pod; needs a kernel with netkit (6.7+)",
+			Own: hostRouted(topology.NetkitL3),
 		},
 	}
 }
@@ -72,6 +105,7 @@ func (r *Runner) podNetwork(res *Results) error {
 	defer topo.Close()
 	paths := PodPaths()
 	servers := make([]*podServers, len(paths))
+	unavailable := make([]string, len(paths))
 	defer func() {
 		for _, s := range servers {
 			if s != nil {
@@ -84,7 +118,20 @@ func (r *Runner) podNetwork(res *Results) error {
 		if path.Pending != "" {
 			continue
 		}
-		client, server, addr := path.Build(topo)
+		var client, server netperf.Doer
+		var addr netip.Addr
+		if path.Own != nil {
+			var closeOwn func() error
+			client, server, addr, closeOwn, err = path.Own(r.Env)
+			if err != nil {
+				unavailable[i] = err.Error()
+				r.Progress("  pod %-30s not available here: %v", path.Name, err)
+				continue
+			}
+			defer closeOwn()
+		} else {
+			client, server, addr = path.Build(topo)
+		}
 		sink, err := netperf.Listen(server, 0, r.Env.CPU, netperf.Sink, 0)
 		if err != nil {
 			return fmt.Errorf("%s: sink: %w", path.Name, err)
@@ -98,7 +145,7 @@ func (r *Runner) podNetwork(res *Results) error {
 	}
 	out := make([]PodResult, len(paths))
 	for i, path := range paths {
-		out[i] = PodResult{Path: path.Name, Describe: path.Describe, Pending: path.Pending}
+		out[i] = PodResult{Path: path.Name, Describe: path.Describe, Pending: cmp.Or(path.Pending, unavailable[i])}
 	}
 	for rep := range p.PodRepeats {
 		for i, path := range paths {

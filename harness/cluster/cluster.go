@@ -179,13 +179,18 @@ func RoutingMatrix(mode attach.Mode) []Options {
 	return out
 }
 
-// attachPerPacket attaches the pod-device programs where each pod of the
-// datapath's node wants them (topology.Pod.Hook: one code path for every
-// kind), and registers the pods reachable from the node side for BPF host
-// routing.
+// attachPerPacket attaches the pod-device programs of the cluster's node.
 func (c *Cluster) attachPerPacket(mode attach.Mode, pinPath string) error {
-	for _, p := range c.Topo.Pods {
-		if p.Node != c.Topo.Node {
+	return AttachPods(c.Topo, c.DP, mode, pinPath)
+}
+
+// AttachPods attaches dp's pod-device programs where each pod of topo's
+// first node wants them (topology.Pod.Hook: one code path for every kind),
+// and registers the pods reachable from the node side for BPF host
+// routing. Tests, the bench and scenarios share it.
+func AttachPods(topo *topology.Topology, dp *loader.Datapath, mode attach.Mode, pinPath string) error {
+	for _, p := range topo.Pods {
+		if p.Node != topo.Node {
 			continue
 		}
 		h := p.Hook()
@@ -194,7 +199,7 @@ func (c *Cluster) attachPerPacket(mode attach.Mode, pinPath string) error {
 			for _, at := range []struct {
 				prog  *ebpf.Program
 				point attach.Point
-			}{{c.DP.FromPod, h.FromPod}, {c.DP.ToPod, h.ToPod}} {
+			}{{dp.FromPod, h.FromPod}, {dp.ToPod, h.ToPod}} {
 				used, err := a.AttachPoint(at.prog, h.Dev, at.point)
 				if err != nil {
 					return err
@@ -221,7 +226,7 @@ func (c *Cluster) attachPerPacket(mode attach.Mode, pinPath string) error {
 		if err := h.Do(func() error { return macOf(h.Dev, &ep.NodeMAC) }); err != nil {
 			return err
 		}
-		if err := endpoints.Upsert(c.DP.Endpoints, ep); err != nil {
+		if err := endpoints.Upsert(dp.Endpoints, ep); err != nil {
 			return fmt.Errorf("register pod %s: %w", p.Name, err)
 		}
 	}
