@@ -28,6 +28,10 @@ enum ct_state_bits {
 	CT_S_FWD_FIN = 0x04,
 	CT_S_REV_FIN = 0x08,
 	CT_S_RST = 0x10,
+	/* How this node forwards a north-south flow to a remote backend. */
+	CT_S_NS_SNAT = 0x100,
+	CT_S_NS_DSR = 0x200,
+	CT_S_NS_DSR_IPIP = 0x400,
 };
 
 struct ct_entry {

@@ -17,11 +17,27 @@ struct lb_svc_key {
 	__u8 pad[2];
 };
 
-/* Frontend kinds, in a master's flags. A NodePort frontend's address is
- * all zero: it answers on every address of the node. */
+/* Frontend kinds and behaviours, in a master's flags. A NodePort or
+ * HostPort frontend's address is all zero: it answers on every address of
+ * the node. */
 #define SVC_F_NODEPORT 0x01
 #define SVC_F_EXTERNAL_IP 0x02
 #define SVC_F_LOADBALANCER 0x04
+#define SVC_F_HOSTPORT 0x08
+/* externalTrafficPolicy Local: the slots hold this node's backends only;
+ * with none, traffic is dropped (the node does not answer). */
+#define SVC_F_ETP_LOCAL 0x10
+/* loadBalancerSourceRanges: only clients in sp_src_ranges[svc_id]. */
+#define SVC_F_SOURCE_RANGES 0x20
+/* New flows pick their backend from the Maglev table sp_maglev[svc_id]. */
+#define SVC_F_MAGLEV 0x40
+/* North-south to a remote backend: DSR instead of SNAT; with HYBRID for
+ * TCP only (UDP is SNATed); dispatched by IPIP instead of an IP option. */
+#define SVC_F_DSR 0x80
+#define SVC_F_DSR_HYBRID 0x100
+#define SVC_F_DSR_IPIP 0x200
+
+#define SVC_F_EXTERNAL (SVC_F_NODEPORT | SVC_F_EXTERNAL_IP | SVC_F_LOADBALANCER | SVC_F_HOSTPORT)
 
 struct lb_svc_value {
 	__u32 backend_id;       /* slots >= 1 */
@@ -30,6 +46,7 @@ struct lb_svc_value {
 	__u32 affinity_timeout; /* slot 0: sessionAffinity ClientIP, seconds; 0 = off */
 	__u16 flags;            /* slot 0: SVC_F_* */
 	__u16 pad;
+	__u32 svc_id;           /* slot 0: keys sp_maglev and sp_src_ranges; unique per frontend */
 };
 
 enum backend_state {
@@ -106,6 +123,38 @@ struct {
 	__uint(max_entries, 65536);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } sp_affinity SEC(".maps");
+
+/* Maglev lookup tables: svc_id -> backend ids, cfg_maglev_size of them
+ * (the loader sets the value size; 16381 is the default prime). */
+#define MAGLEV_DEFAULT_SIZE 16381
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(key_size, sizeof(__u32));
+	__uint(value_size, MAGLEV_DEFAULT_SIZE * sizeof(__u32));
+	__uint(max_entries, 4096);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} sp_maglev SEC(".maps");
+
+/* loadBalancerSourceRanges: one prefix per (frontend, range). The prefix
+ * length counts svc_id and family too: 64 + the range's bits. */
+struct src_range_key {
+	__u32 prefixlen;
+	__u32 svc_id;
+	__u8 family;
+	__u8 pad[3];
+	union v6addr addr;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__type(key, struct src_range_key);
+	__type(value, __u8);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} sp_src_ranges SEC(".maps");
 
 /* The node's own addresses, for NodePort and the ExternalIP rule. */
 struct node_addr_key {

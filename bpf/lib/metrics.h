@@ -31,6 +31,25 @@ enum metric {
 	METRIC_REDIRECT_LOCAL,    /* host routing: to a local pod's device with bpf_redirect */
 	METRIC_REDIRECT_NEIGH,    /* host routing: off the node, bpf_fib_lookup + bpf_redirect_neigh */
 	METRIC_FIB_PASS,          /* host routing: left to the upper stack (local, unroutable, too big) */
+	METRIC_NP_LOCAL,          /* north-south: to a backend on this node */
+	METRIC_NP_SNAT,           /* north-south: to a remote backend, source NATed */
+	METRIC_NP_REV_SNAT,       /* north-south: reply of a SNATed flow translated back */
+	METRIC_NAT_RETRY_0,       /* SNAT port found at the first try (kept or random) */
+	METRIC_NAT_RETRY_1,       /* ... after 1 retry */
+	METRIC_NAT_RETRY_2_3,     /* ... after 2-3 retries */
+	METRIC_NAT_RETRY_4_7,     /* ... after 4-7 retries */
+	METRIC_NAT_RETRY_8_PLUS,  /* ... after 8 or more retries */
+	METRIC_NAT_EXHAUSTED,     /* no free SNAT port within the retries: dropped */
+	METRIC_DSR_OPT,           /* north-south: DSR, service carried in an IP option */
+	METRIC_DSR_IPIP,          /* north-south: DSR, IPIP/IP6IP6 dispatch */
+	METRIC_DSR_FALLBACK,      /* DSR impossible (IPv4 options present): SNATed */
+	METRIC_DSR_LEARNED,       /* backend node: DSR flow recorded for its replies */
+	METRIC_SOURCE_RANGE_DENIED, /* client outside loadBalancerSourceRanges: dropped */
+	METRIC_ETP_LOCAL_DROP,    /* externalTrafficPolicy Local without local backends: dropped */
+	METRIC_FIB_FAILED,        /* north-south: no route to backend or client: dropped */
+	METRIC_XDP_TX,            /* XDP: sent back out the device it came in on */
+	METRIC_XDP_REDIRECT,      /* XDP: redirected to another device */
+	METRIC_XDP_TO_TC,         /* XDP: passed to tc (local backend, or needs the stack) */
 	METRIC_MAX,
 };
 

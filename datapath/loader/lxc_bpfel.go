@@ -21,9 +21,11 @@ const (
 	LxcMapSpCt                 = "sp_ct"
 	LxcMapSpEndpoints          = "sp_endpoints"
 	LxcMapSpFrags              = "sp_frags"
+	LxcMapSpMaglev             = "sp_maglev"
 	LxcMapSpMetrics            = "sp_metrics"
 	LxcMapSpNodeAddrs          = "sp_node_addrs"
 	LxcMapSpServices           = "sp_services"
+	LxcMapSpSrcRanges          = "sp_src_ranges"
 	LxcMapSpSvcMeta            = "sp_svc_meta"
 	LxcProgSpFromPod           = "sp_from_pod"
 	LxcProgSpToPod             = "sp_to_pod"
@@ -93,9 +95,11 @@ type LxcMapSpecs struct {
 	SpCt        *ebpf.MapSpec `ebpf:"sp_ct"`
 	SpEndpoints *ebpf.MapSpec `ebpf:"sp_endpoints"`
 	SpFrags     *ebpf.MapSpec `ebpf:"sp_frags"`
+	SpMaglev    *ebpf.MapSpec `ebpf:"sp_maglev"`
 	SpMetrics   *ebpf.MapSpec `ebpf:"sp_metrics"`
 	SpNodeAddrs *ebpf.MapSpec `ebpf:"sp_node_addrs"`
 	SpServices  *ebpf.MapSpec `ebpf:"sp_services"`
+	SpSrcRanges *ebpf.MapSpec `ebpf:"sp_src_ranges"`
 	SpSvcMeta   *ebpf.MapSpec `ebpf:"sp_svc_meta"`
 }
 
@@ -139,9 +143,11 @@ type LxcMaps struct {
 	SpCt        *ebpf.Map `ebpf:"sp_ct"`
 	SpEndpoints *ebpf.Map `ebpf:"sp_endpoints"`
 	SpFrags     *ebpf.Map `ebpf:"sp_frags"`
+	SpMaglev    *ebpf.Map `ebpf:"sp_maglev"`
 	SpMetrics   *ebpf.Map `ebpf:"sp_metrics"`
 	SpNodeAddrs *ebpf.Map `ebpf:"sp_node_addrs"`
 	SpServices  *ebpf.Map `ebpf:"sp_services"`
+	SpSrcRanges *ebpf.Map `ebpf:"sp_src_ranges"`
 	SpSvcMeta   *ebpf.Map `ebpf:"sp_svc_meta"`
 }
 
@@ -152,9 +158,11 @@ func (m *LxcMaps) Close() error {
 		m.SpCt,
 		m.SpEndpoints,
 		m.SpFrags,
+		m.SpMaglev,
 		m.SpMetrics,
 		m.SpNodeAddrs,
 		m.SpServices,
+		m.SpSrcRanges,
 		m.SpSvcMeta,
 	)
 }

@@ -20,11 +20,13 @@ const (
 	SockMapSpBackends           = "sp_backends"
 	SockMapSpCt                 = "sp_ct"
 	SockMapSpFrags              = "sp_frags"
+	SockMapSpMaglev             = "sp_maglev"
 	SockMapSpMetrics            = "sp_metrics"
 	SockMapSpNodeAddrs          = "sp_node_addrs"
 	SockMapSpServices           = "sp_services"
 	SockMapSpSockDestroy        = "sp_sock_destroy"
 	SockMapSpSockRevnat         = "sp_sock_revnat"
+	SockMapSpSrcRanges          = "sp_src_ranges"
 	SockMapSpSvcMeta            = "sp_svc_meta"
 	SockProgSpConnect4          = "sp_connect4"
 	SockProgSpConnect6          = "sp_connect6"
@@ -109,11 +111,13 @@ type SockMapSpecs struct {
 	SpBackends    *ebpf.MapSpec `ebpf:"sp_backends"`
 	SpCt          *ebpf.MapSpec `ebpf:"sp_ct"`
 	SpFrags       *ebpf.MapSpec `ebpf:"sp_frags"`
+	SpMaglev      *ebpf.MapSpec `ebpf:"sp_maglev"`
 	SpMetrics     *ebpf.MapSpec `ebpf:"sp_metrics"`
 	SpNodeAddrs   *ebpf.MapSpec `ebpf:"sp_node_addrs"`
 	SpServices    *ebpf.MapSpec `ebpf:"sp_services"`
 	SpSockDestroy *ebpf.MapSpec `ebpf:"sp_sock_destroy"`
 	SpSockRevnat  *ebpf.MapSpec `ebpf:"sp_sock_revnat"`
+	SpSrcRanges   *ebpf.MapSpec `ebpf:"sp_src_ranges"`
 	SpSvcMeta     *ebpf.MapSpec `ebpf:"sp_svc_meta"`
 }
 
@@ -156,11 +160,13 @@ type SockMaps struct {
 	SpBackends    *ebpf.Map `ebpf:"sp_backends"`
 	SpCt          *ebpf.Map `ebpf:"sp_ct"`
 	SpFrags       *ebpf.Map `ebpf:"sp_frags"`
+	SpMaglev      *ebpf.Map `ebpf:"sp_maglev"`
 	SpMetrics     *ebpf.Map `ebpf:"sp_metrics"`
 	SpNodeAddrs   *ebpf.Map `ebpf:"sp_node_addrs"`
 	SpServices    *ebpf.Map `ebpf:"sp_services"`
 	SpSockDestroy *ebpf.Map `ebpf:"sp_sock_destroy"`
 	SpSockRevnat  *ebpf.Map `ebpf:"sp_sock_revnat"`
+	SpSrcRanges   *ebpf.Map `ebpf:"sp_src_ranges"`
 	SpSvcMeta     *ebpf.Map `ebpf:"sp_svc_meta"`
 }
 
@@ -170,11 +176,13 @@ func (m *SockMaps) Close() error {
 		m.SpBackends,
 		m.SpCt,
 		m.SpFrags,
+		m.SpMaglev,
 		m.SpMetrics,
 		m.SpNodeAddrs,
 		m.SpServices,
 		m.SpSockDestroy,
 		m.SpSockRevnat,
+		m.SpSrcRanges,
 		m.SpSvcMeta,
 	)
 }

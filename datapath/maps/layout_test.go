@@ -74,6 +74,7 @@ func TestGoTypesMirrorBTFLayout(t *testing.T) {
 		{maps.CTName, maps.CTKey{}, maps.CTEntry{}, "ct_key", "ct_entry"},
 		{maps.AffinityName, maps.AffinityKey{}, maps.AffinityValue{}, "lb_affinity_key", "lb_affinity_value"},
 		{"sp_sock_destroy", maps.SockDestroyKey{}, uint8(0), "sock_destroy_key", ""},
+		{"sp_src_ranges", maps.SrcRangeKey{}, uint8(0), "src_range_key", ""},
 	} {
 		t.Run(c.mapName, func(t *testing.T) {
 			ms, ok := all[c.mapName]

@@ -68,14 +68,31 @@ type ServiceValue struct {
 	AffinityTimeout uint32
 	Flags           uint16
 	Pad             uint16
+	SvcID           uint32
 }
 
-// Frontend kind flags, SVC_F_*.
+// Frontend flags, SVC_F_*.
 const (
 	SvcFlagNodePort     uint16 = 0x01
 	SvcFlagExternalIP   uint16 = 0x02
 	SvcFlagLoadBalancer uint16 = 0x04
+	SvcFlagHostPort     uint16 = 0x08
+	SvcFlagETPLocal     uint16 = 0x10
+	SvcFlagSourceRanges uint16 = 0x20
+	SvcFlagMaglev       uint16 = 0x40
+	SvcFlagDSR          uint16 = 0x80
+	SvcFlagDSRHybrid    uint16 = 0x100
+	SvcFlagDSRIPIP      uint16 = 0x200
 )
+
+// SrcRangeKey is struct src_range_key (an LPM trie key).
+type SrcRangeKey struct {
+	PrefixLen uint32
+	SvcID     uint32
+	Family    Family
+	Pad       [3]uint8
+	Addr      Addr
+}
 
 // Backend state values, enum backend_state.
 const (
@@ -149,7 +166,29 @@ const (
 	CTFwdFin      uint16 = 0x04
 	CTRevFin      uint16 = 0x08
 	CTRst         uint16 = 0x10
+	CTNSSNAT      uint16 = 0x100
+	CTNSDSR       uint16 = 0x200
+	CTNSDSRIPIP   uint16 = 0x400
 )
+
+// NAT key flags, NAT_F_*: sp_nat is keyed by CTKey.
+const (
+	NATFlagOut uint8 = 0x02
+	NATFlagIn  uint8 = 0x04
+)
+
+// NATEntry is struct nat_entry.
+type NATEntry struct {
+	Addr Addr
+	Port BE16
+	Pad  uint16
+}
+
+// NetdevInfo is struct netdev_info: a node device's SNAT addresses.
+type NetdevInfo struct {
+	V4 Addr
+	V6 Addr
+}
 
 // CTEntry is struct ct_entry.
 type CTEntry struct {
