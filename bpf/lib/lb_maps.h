@@ -138,13 +138,15 @@ struct {
 } sp_maglev SEC(".maps");
 
 /* loadBalancerSourceRanges: one prefix per (frontend, range). The prefix
- * length counts svc_id and family too: 64 + the range's bits. */
+ * length counts svc_id and family too: 64 + the range's bits. The address
+ * is a plain array: union v6addr's 8-byte alignment would put padding
+ * inside the prefix. */
 struct src_range_key {
 	__u32 prefixlen;
 	__u32 svc_id;
 	__u8 family;
 	__u8 pad[3];
-	union v6addr addr;
+	__be32 addr[4];
 };
 
 struct {
