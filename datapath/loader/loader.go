@@ -241,6 +241,8 @@ func Load(cfg Config) (*Datapath, error) {
 		maps.MetricsName:  shared.SpMetrics,
 		maps.AffinityName: shared.SpAffinity,
 		maps.NodeAddrName: shared.SpNodeAddrs,
+		maps.MaglevName:   shared.SpMaglev,
+		maps.SrcRangeName: shared.SpSrcRanges,
 	}
 	if err := sockSpec.LoadAndAssign(&dp.sock, &opts); err != nil {
 		dp.lxc.Close()
@@ -256,6 +258,8 @@ func Load(cfg Config) (*Datapath, error) {
 		SockRevNAT: dp.sock.SpSockRevnat,
 		Affinity:   shared.SpAffinity,
 		NodeAddrs:  shared.SpNodeAddrs,
+		Maglev:     shared.SpMaglev,
+		SrcRanges:  shared.SpSrcRanges,
 	}
 	dp.HostRouting = routing
 	dp.Endpoints = shared.SpEndpoints

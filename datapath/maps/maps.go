@@ -20,6 +20,10 @@ const (
 	SockRevName  = "sp_sock_revnat"
 	AffinityName = "sp_affinity"
 	NodeAddrName = "sp_node_addrs"
+	MaglevName   = "sp_maglev"
+	SrcRangeName = "sp_src_ranges"
+	NATName      = "sp_nat"
+	NetdevsName  = "sp_netdevs"
 )
 
 // Maps are the handles user space programs.
@@ -36,15 +40,25 @@ type Maps struct {
 	Affinity *ebpf.Map
 	// NodeAddrs holds the node's own addresses.
 	NodeAddrs *ebpf.Map
+	// Maglev holds each Maglev frontend's lookup table, by svc id.
+	Maglev *ebpf.Map
+	// SrcRanges holds loadBalancerSourceRanges, by svc id.
+	SrcRanges *ebpf.Map
+	// NAT holds the SNAT mappings of north-south flows.
+	NAT *ebpf.Map
+	// Netdevs lists the node devices and the addresses SNAT uses on them.
+	Netdevs *ebpf.Map
 }
 
-// OpenPinned opens the maps a `servicepath load` pinned under dir.
-func OpenPinned(dir string) (*Maps, error) {
-	var m Maps
-	for _, x := range []struct {
-		name string
-		dst  **ebpf.Map
-	}{
+type namedMap struct {
+	name string
+	dst  **ebpf.Map
+}
+
+// named lists every map with its pinned name, in one place for open,
+// close and occupancy.
+func (m *Maps) named() []namedMap {
+	return []namedMap{
 		{ServicesName, &m.Services},
 		{BackendsName, &m.Backends},
 		{SvcMetaName, &m.SvcMeta},
@@ -54,7 +68,17 @@ func OpenPinned(dir string) (*Maps, error) {
 		{SockRevName, &m.SockRevNAT},
 		{AffinityName, &m.Affinity},
 		{NodeAddrName, &m.NodeAddrs},
-	} {
+		{MaglevName, &m.Maglev},
+		{SrcRangeName, &m.SrcRanges},
+		{NATName, &m.NAT},
+		{NetdevsName, &m.Netdevs},
+	}
+}
+
+// OpenPinned opens the maps a `servicepath load` pinned under dir.
+func OpenPinned(dir string) (*Maps, error) {
+	var m Maps
+	for _, x := range m.named() {
 		mp, err := ebpf.LoadPinnedMap(filepath.Join(dir, x.name), nil)
 		if err != nil {
 			m.Close()
@@ -71,9 +95,9 @@ func OpenPinned(dir string) (*Maps, error) {
 // Close releases the handles; pinned maps stay.
 func (m *Maps) Close() error {
 	var errs []error
-	for _, mp := range []*ebpf.Map{m.Services, m.Backends, m.SvcMeta, m.CT, m.Frags, m.Metrics, m.SockRevNAT, m.Affinity, m.NodeAddrs} {
-		if mp != nil {
-			errs = append(errs, mp.Close())
+	for _, x := range m.named() {
+		if *x.dst != nil {
+			errs = append(errs, (*x.dst).Close())
 		}
 	}
 	return errors.Join(errs...)
@@ -90,7 +114,11 @@ func Occupancy(m *Maps) (map[string]Usage, error) {
 	out := map[string]Usage{}
 	for name, mp := range map[string]*ebpf.Map{
 		ServicesName: m.Services, BackendsName: m.Backends, CTName: m.CT, FragsName: m.Frags, SockRevName: m.SockRevNAT, AffinityName: m.Affinity,
+		NATName: m.NAT,
 	} {
+		if mp == nil {
+			continue
+		}
 		n := 0
 		var k []byte
 		var err error
