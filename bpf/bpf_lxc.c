@@ -12,25 +12,6 @@
 #include "lib/lb.h"
 #include "lib/metrics.h"
 
-/* Parses and fragment-tracks; returns -1 when the packet is handled
- * (verdict in *verdict) and 0 when p is ready for translation. */
-static __always_inline int prepare(struct __sk_buff *skb, struct pkt *p, int *verdict)
-{
-	int ret = parse_packet(skb, p);
-
-	if (ret) {
-		count(ret == PARSE_NOT_IP ? METRIC_PASS : METRIC_MALFORMED);
-		*verdict = TC_ACT_OK;
-		return -1;
-	}
-	if (frag_track(p) < 0) {
-		count(METRIC_FRAG_NOT_FOUND);
-		*verdict = TC_ACT_SHOT;
-		return -1;
-	}
-	return 0;
-}
-
 /* Packets the pod sends (tc ingress of the host-side device). */
 SEC("tc")
 int sp_from_pod(struct __sk_buff *skb)
@@ -38,7 +19,7 @@ int sp_from_pod(struct __sk_buff *skb)
 	struct pkt p;
 	int verdict;
 
-	if (prepare(skb, &p, &verdict) < 0)
+	if (pkt_prepare(skb, &p, &verdict) < 0)
 		return verdict;
 	verdict = lb_forward(skb, &p);
 	if (verdict != TC_ACT_OK || cfg_host_routing != HOST_ROUTING_BPF)
@@ -53,7 +34,7 @@ int sp_to_pod(struct __sk_buff *skb)
 	struct pkt p;
 	int verdict;
 
-	if (prepare(skb, &p, &verdict) < 0)
+	if (pkt_prepare(skb, &p, &verdict) < 0)
 		return verdict;
 	return lb_reply(skb, &p);
 }

@@ -86,28 +86,61 @@ static __always_inline int refuse(struct bpf_sock_addr *ctx)
 	return SYS_REJECT;
 }
 
-/* Picks a backend for fe and records the reverse mapping for this socket.
- * Returns 1 and fills *be when translated, 0 when fe is no service, and -1
- * when the service has no backend to offer. */
-static __always_inline int sock_select(struct bpf_sock_addr *ctx, const struct lb_frontend *fe, struct lb_backend *be)
+static __always_inline int same_backend(const struct sock_flow *f, const union v6addr *addr, __be16 port, __u8 family)
 {
-	struct lb_frontend key = *fe;
-	struct lb_svc_value *svc = sock_lookup(&key, in_host_netns(ctx));
+	return f->family == family && f->backend_port == port && addr_equal(&f->backend, addr);
+}
 
-	if (!svc)
-		return 0;
-	if (svc->count == 0)
-		return -1;
-	struct lb_client client = {.by_cookie = 1};
-	client.id.d[0] = bpf_get_netns_cookie(ctx);
-	__u32 id = lb_pick(&key, svc, &client);
-	struct lb_backend *b = id ? bpf_map_lookup_elem(&sp_backends, &id) : 0;
-	if (!b) {
-		count(METRIC_SLOT_MISSING);
-		return -1;
+/* Storage mode: connect takes flow[0]. A send takes the flow that already
+ * holds its backend, else the next in turn, sparing connect()'s. connect
+ * and sendmsg run their hooks under the socket lock, so plain writes do
+ * not race. */
+static __always_inline void storage_record(struct bpf_sock_addr *ctx, const struct sock_flow *f, int connect)
+{
+	struct sock_ctx *sc = bpf_sk_storage_get(&sp_sock_ctx, ctx->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	__u32 slot = 0, first;
+
+	if (!sc)
+		return; /* no memory: translated, but replies keep the backend's address */
+	if (connect) {
+		sc->conn = 1;
+	} else {
+		first = sc->conn ? 1 : 0;
+		slot = SOCK_CTX_FLOWS;
+#pragma unroll
+		for (__u32 i = 0; i < SOCK_CTX_FLOWS; i++) {
+			if (slot == SOCK_CTX_FLOWS && i >= first &&
+			    same_backend(&sc->flow[i], &f->backend, f->backend_port, f->family))
+				slot = i;
+		}
+		if (slot == SOCK_CTX_FLOWS) {
+			slot = sc->next;
+			if (slot < first || slot >= SOCK_CTX_FLOWS)
+				slot = first;
+			sc->next = slot + 1;
+		}
 	}
-	*be = *b;
+	sc->flow[slot] = *f;
+}
 
+/* Records the reverse mapping for this socket: what recvmsg and
+ * getpeername turn the backend back into. */
+static __always_inline void record(struct bpf_sock_addr *ctx, const struct lb_frontend *fe, __u32 id,
+				   const struct lb_backend *b, int connect)
+{
+	if (cfg_sock_state == SOCK_STATE_STORAGE) {
+		struct sock_flow f = {
+			.vip = fe->addr,
+			.backend = b->addr,
+			.backend_id = id,
+			.vip_port = fe->port,
+			.backend_port = b->port,
+			.family = fe->family,
+			.proto = fe->proto,
+		};
+		storage_record(ctx, &f, connect);
+		return;
+	}
 	struct sock_revnat_key k = {
 		.cookie = bpf_get_socket_cookie(ctx),
 		.addr = b->addr,
@@ -119,11 +152,49 @@ static __always_inline int sock_select(struct bpf_sock_addr *ctx, const struct l
 		.port = fe->port,
 	};
 	bpf_map_update_elem(&sp_sock_revnat, &k, &v, BPF_ANY);
+}
+
+/* A connect that is not translated leaves the socket with no service
+ * peer: forget the last one, so socket destroy never takes it for one. */
+static __always_inline void forget_connect(struct bpf_sock_addr *ctx, int connect)
+{
+	if (cfg_sock_state != SOCK_STATE_STORAGE || !connect)
+		return;
+	struct sock_ctx *sc = bpf_sk_storage_get(&sp_sock_ctx, ctx->sk, 0, 0);
+	if (sc)
+		sc->conn = 0;
+}
+
+/* Picks a backend for fe and records the reverse mapping for this socket.
+ * Returns 1 and fills *be when translated, 0 when fe is no service, and -1
+ * when the service has no backend to offer. */
+static __always_inline int sock_select(struct bpf_sock_addr *ctx, const struct lb_frontend *fe, struct lb_backend *be,
+				       int connect)
+{
+	struct lb_frontend key = *fe;
+	struct lb_svc_value *svc = sock_lookup(&key, in_host_netns(ctx));
+
+	if (!svc) {
+		forget_connect(ctx, connect);
+		return 0;
+	}
+	if (svc->count == 0)
+		return -1;
+	struct lb_client client = {.by_cookie = 1};
+	client.id.d[0] = bpf_get_netns_cookie(ctx);
+	__u32 id = lb_pick(&key, svc, &client);
+	struct lb_backend *b = id ? bpf_map_lookup_elem(&sp_backends, &id) : 0;
+	if (!b) {
+		count(METRIC_SLOT_MISSING);
+		return -1;
+	}
+	*be = *b;
+	record(ctx, fe, id, b, connect);
 	count(METRIC_SOCK_XLATE);
 	return 1;
 }
 
-static __always_inline int xlate4(struct bpf_sock_addr *ctx)
+static __always_inline int xlate4(struct bpf_sock_addr *ctx, int connect)
 {
 	struct lb_frontend fe;
 	struct lb_backend be;
@@ -131,7 +202,7 @@ static __always_inline int xlate4(struct bpf_sock_addr *ctx)
 	if (!in_scope(ctx))
 		return SYS_PROCEED;
 	fe_from_v4(&fe, ctx->user_ip4, ctx->user_port, ctx->protocol);
-	int ret = sock_select(ctx, &fe, &be);
+	int ret = sock_select(ctx, &fe, &be, connect);
 	if (ret < 0)
 		return refuse(ctx);
 	if (ret > 0) {
@@ -141,7 +212,7 @@ static __always_inline int xlate4(struct bpf_sock_addr *ctx)
 	return SYS_PROCEED;
 }
 
-static __always_inline int xlate6(struct bpf_sock_addr *ctx)
+static __always_inline int xlate6(struct bpf_sock_addr *ctx, int connect)
 {
 	struct lb_frontend fe;
 	struct lb_backend be;
@@ -150,7 +221,7 @@ static __always_inline int xlate6(struct bpf_sock_addr *ctx)
 	if (!in_scope(ctx))
 		return SYS_PROCEED;
 	int mapped = fe_from_v6(&fe, ip6, ctx->user_port, ctx->protocol);
-	int ret = sock_select(ctx, &fe, &be);
+	int ret = sock_select(ctx, &fe, &be, connect);
 	if (ret < 0)
 		return refuse(ctx);
 	if (ret > 0) {
@@ -170,31 +241,54 @@ static __always_inline int xlate6(struct bpf_sock_addr *ctx)
 	return SYS_PROCEED;
 }
 
-/* Rewrites a peer address back to the VIP if this socket sent to a
- * service that chose that backend. */
-static __always_inline struct sock_revnat_value *revnat_lookup(struct bpf_sock_addr *ctx, const union v6addr *addr,
-							       __u32 port, __u8 family)
+/* Finds the VIP this socket sent to that backend, if it did: a flow in
+ * its storage, or an entry of sp_sock_revnat under its cookie. */
+static __always_inline int revnat_lookup(struct bpf_sock_addr *ctx, const union v6addr *addr, __u32 port, __u8 family,
+					 union v6addr *vip, __be16 *vip_port)
 {
-	struct sock_revnat_key k = {
-		.cookie = bpf_get_socket_cookie(ctx),
-		.addr = *addr,
-		.port = (__be16)port,
-		.family = family,
-	};
-	struct sock_revnat_value *v = bpf_map_lookup_elem(&sp_sock_revnat, &k);
+	int found = 0;
 
-	count(v ? METRIC_SOCK_REV_XLATE : METRIC_SOCK_REV_MISS);
-	return v;
+	if (cfg_sock_state == SOCK_STATE_STORAGE) {
+		struct sock_ctx *sc = bpf_sk_storage_get(&sp_sock_ctx, ctx->sk, 0, 0);
+
+#pragma unroll
+		for (int i = 0; i < SOCK_CTX_FLOWS; i++) {
+			if (sc && !found && same_backend(&sc->flow[i], addr, (__be16)port, family)) {
+				*vip = sc->flow[i].vip;
+				*vip_port = sc->flow[i].vip_port;
+				found = 1;
+			}
+		}
+	} else {
+		struct sock_revnat_key k = {
+			.cookie = bpf_get_socket_cookie(ctx),
+			.addr = *addr,
+			.port = (__be16)port,
+			.family = family,
+		};
+		struct sock_revnat_value *v = bpf_map_lookup_elem(&sp_sock_revnat, &k);
+
+		if (v) {
+			*vip = v->addr;
+			*vip_port = v->port;
+			found = 1;
+		}
+	}
+	count(found ? METRIC_SOCK_REV_XLATE : METRIC_SOCK_REV_MISS);
+	return found;
 }
 
 static __always_inline int revnat4(struct bpf_sock_addr *ctx)
 {
 	union v6addr a = {.p[0] = ctx->user_ip4};
-	struct sock_revnat_value *v = revnat_lookup(ctx, &a, ctx->user_port, SP_AF_INET);
+	/* Initialised: clang may read them on the miss path too, which
+	 * verifiers before 6.x reject as uninitialised stack. */
+	union v6addr vip = {};
+	__be16 vip_port = 0;
 
-	if (v) {
-		ctx->user_ip4 = v->addr.p[0];
-		ctx->user_port = (__u32)v->port;
+	if (revnat_lookup(ctx, &a, ctx->user_port, SP_AF_INET, &vip, &vip_port)) {
+		ctx->user_ip4 = vip.p[0];
+		ctx->user_port = (__u32)vip_port;
 	}
 	return SYS_PROCEED;
 }
@@ -204,19 +298,20 @@ static __always_inline int revnat6(struct bpf_sock_addr *ctx)
 	struct lb_frontend peer;
 	__u32 ip6[4] = {ctx->user_ip6[0], ctx->user_ip6[1], ctx->user_ip6[2], ctx->user_ip6[3]};
 	int mapped = fe_from_v6(&peer, ip6, ctx->user_port, 0);
-	struct sock_revnat_value *v = revnat_lookup(ctx, &peer.addr, ctx->user_port, peer.family);
+	union v6addr vip = {};
+	__be16 vip_port = 0;
 
-	if (!v)
+	if (!revnat_lookup(ctx, &peer.addr, ctx->user_port, peer.family, &vip, &vip_port))
 		return SYS_PROCEED;
 	if (mapped) {
-		ctx->user_ip6[3] = v->addr.p[0];
+		ctx->user_ip6[3] = vip.p[0];
 	} else {
-		ctx->user_ip6[0] = v->addr.p[0];
-		ctx->user_ip6[1] = v->addr.p[1];
-		ctx->user_ip6[2] = v->addr.p[2];
-		ctx->user_ip6[3] = v->addr.p[3];
+		ctx->user_ip6[0] = vip.p[0];
+		ctx->user_ip6[1] = vip.p[1];
+		ctx->user_ip6[2] = vip.p[2];
+		ctx->user_ip6[3] = vip.p[3];
 	}
-	ctx->user_port = (__u32)v->port;
+	ctx->user_port = (__u32)vip_port;
 	return SYS_PROCEED;
 }
 
@@ -277,26 +372,26 @@ int sp_post_bind6(struct bpf_sock *ctx)
 SEC("cgroup/connect4")
 int sp_connect4(struct bpf_sock_addr *ctx)
 {
-	return xlate4(ctx);
+	return xlate4(ctx, 1);
 }
 
 SEC("cgroup/connect6")
 int sp_connect6(struct bpf_sock_addr *ctx)
 {
-	return xlate6(ctx);
+	return xlate6(ctx, 1);
 }
 
 /* Unconnected UDP: every datagram is load-balanced on its own. */
 SEC("cgroup/sendmsg4")
 int sp_sendmsg4(struct bpf_sock_addr *ctx)
 {
-	return xlate4(ctx);
+	return xlate4(ctx, 0);
 }
 
 SEC("cgroup/sendmsg6")
 int sp_sendmsg6(struct bpf_sock_addr *ctx)
 {
-	return xlate6(ctx);
+	return xlate6(ctx, 0);
 }
 
 SEC("cgroup/recvmsg4")

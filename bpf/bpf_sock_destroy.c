@@ -11,16 +11,57 @@
 
 extern int bpf_sock_destroy(struct sock_common *sk) __ksym;
 
-static __always_inline void destroy_if_target(struct sock_common *sk, __u8 proto)
+/* The frontend and backend a socket was connected through: from its own
+ * storage when the hooks keep state there (exact, whatever the socket's
+ * family), else from sp_sock_revnat under its cookie and peer address.
+ * Both are consulted so that sockets opened before a switch of
+ * loader.SockState are found too, and user space need not know the mode. */
+static __always_inline int connected_flow(struct sock_common *skc, void *sk, const union v6addr *daddr, __u8 family,
+					  struct sock_destroy_key *dk)
+{
+	struct sock_ctx *sc = bpf_sk_storage_get(&sp_sock_ctx, sk, 0, 0);
+
+	if (sc) {
+		const struct sock_flow *f = &sc->flow[0];
+
+		if (!sc->conn)
+			return 0; /* its connect() went to no service */
+		dk->backend = f->backend;
+		dk->vip = f->vip;
+		dk->backend_port = f->backend_port;
+		dk->vip_port = f->vip_port;
+		dk->family = f->family;
+		return 1;
+	}
+
+	struct sock_revnat_key rk = {
+		.cookie = bpf_get_socket_cookie(skc),
+		.addr = *daddr,
+		.port = skc->skc_dport,
+		.family = family,
+	};
+	struct sock_revnat_value *v = bpf_map_lookup_elem(&sp_sock_revnat, &rk);
+	if (!v)
+		return 0; /* not load-balanced by us: a direct pod connection */
+	dk->backend = *daddr;
+	dk->vip = v->addr;
+	dk->backend_port = skc->skc_dport;
+	dk->vip_port = v->port;
+	dk->family = family;
+	return 1;
+}
+
+/* sk is skc as a full socket (NULL if it is not one), for its storage. */
+static __always_inline void destroy_if_target(struct sock_common *skc, void *sk, __u8 proto)
 {
 	union v6addr daddr = {};
 	__u8 family;
 
-	if (sk->skc_family == SP_AF_INET_SYS) {
-		daddr.p[0] = sk->skc_daddr;
+	if (skc->skc_family == SP_AF_INET_SYS) {
+		daddr.p[0] = skc->skc_daddr;
 		family = SP_AF_INET;
-	} else if (sk->skc_family == SP_AF_INET6_SYS) {
-		__builtin_memcpy(&daddr, &sk->skc_v6_daddr, 16);
+	} else if (skc->skc_family == SP_AF_INET6_SYS) {
+		__builtin_memcpy(&daddr, &skc->skc_v6_daddr, 16);
 		family = SP_AF_INET6;
 		/* A dual-stack socket connected to an IPv4 service. */
 		if (daddr.p[0] == 0 && daddr.p[1] == 0 && daddr.p[2] == bpf_htonl(0xffff)) {
@@ -36,27 +77,12 @@ static __always_inline void destroy_if_target(struct sock_common *sk, __u8 proto
 	if (daddr.d[0] == 0 && daddr.d[1] == 0)
 		return;
 
-	struct sock_revnat_key rk = {
-		.cookie = bpf_get_socket_cookie(sk),
-		.addr = daddr,
-		.port = sk->skc_dport,
-		.family = family,
-	};
-	struct sock_revnat_value *v = bpf_map_lookup_elem(&sp_sock_revnat, &rk);
-	if (!v)
-		return; /* not load-balanced by us: a direct pod connection */
-
-	struct sock_destroy_key dk = {
-		.backend = daddr,
-		.vip = v->addr,
-		.backend_port = sk->skc_dport,
-		.vip_port = v->port,
-		.proto = proto,
-		.family = family,
-	};
+	struct sock_destroy_key dk = {.proto = proto};
+	if (!connected_flow(skc, sk, &daddr, family, &dk))
+		return;
 	if (!bpf_map_lookup_elem(&sp_sock_destroy, &dk))
 		return;
-	if (bpf_sock_destroy(sk) == 0)
+	if (bpf_sock_destroy(skc) == 0)
 		count(METRIC_SOCK_DESTROYED);
 }
 
@@ -73,7 +99,7 @@ int sp_destroy_tcp(struct bpf_iter__tcp *ctx)
 	case TCP_NEW_SYN_RECV:
 		return 0;
 	}
-	destroy_if_target(sk, IPPROTO_TCP);
+	destroy_if_target(sk, bpf_skc_to_tcp_sock(sk), IPPROTO_TCP);
 	return 0;
 }
 
@@ -84,7 +110,7 @@ int sp_destroy_udp(struct bpf_iter__udp *ctx)
 
 	if (!udp)
 		return 0;
-	destroy_if_target(&udp->inet.sk.__sk_common, IPPROTO_UDP);
+	destroy_if_target(&udp->inet.sk.__sk_common, udp, IPPROTO_UDP);
 	return 0;
 }
 

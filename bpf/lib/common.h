@@ -14,6 +14,8 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 
+#include "ctx.h"
+
 /* linux/icmp.h drags in libc through linux/if.h, so the little of it we
  * need is here. */
 #define ICMP_DEST_UNREACH 3
@@ -87,11 +89,11 @@ static __always_inline int pkt_has_l4(const struct pkt *p)
 	return p->frag != FRAG_LATER;
 }
 
-static __always_inline int parse_ipv4(struct __sk_buff *skb, struct pkt *p)
+static __always_inline int parse_ipv4(struct __ctx_buff *ctx, struct pkt *p)
 {
 	struct iphdr ip;
 
-	if (bpf_skb_load_bytes(skb, p->l3_off, &ip, sizeof(ip)) < 0)
+	if (ctx_load_bytes(ctx, p->l3_off, &ip, sizeof(ip)) < 0)
 		return -1;
 	if (ip.version != 4 || ip.ihl < 5)
 		return -1;
@@ -109,11 +111,11 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, struct pkt *p)
 	return 0;
 }
 
-static __always_inline int parse_ipv6(struct __sk_buff *skb, struct pkt *p)
+static __always_inline int parse_ipv6(struct __ctx_buff *ctx, struct pkt *p)
 {
 	struct ipv6hdr ip6;
 
-	if (bpf_skb_load_bytes(skb, p->l3_off, &ip6, sizeof(ip6)) < 0)
+	if (ctx_load_bytes(ctx, p->l3_off, &ip6, sizeof(ip6)) < 0)
 		return -1;
 	if (ip6.version != 6)
 		return -1;
@@ -132,7 +134,7 @@ static __always_inline int parse_ipv6(struct __sk_buff *skb, struct pkt *p)
 		case IPPROTO_DSTOPTS: {
 			struct ipv6_opt_hdr opt;
 
-			if (bpf_skb_load_bytes(skb, off, &opt, sizeof(opt)) < 0)
+			if (ctx_load_bytes(ctx, off, &opt, sizeof(opt)) < 0)
 				return -1;
 			off += (opt.hdrlen + 1) * 8;
 			nh = opt.nexthdr;
@@ -141,7 +143,7 @@ static __always_inline int parse_ipv6(struct __sk_buff *skb, struct pkt *p)
 		case IPPROTO_FRAGMENT: {
 			struct ipv6_frag_hdr fh;
 
-			if (bpf_skb_load_bytes(skb, off, &fh, sizeof(fh)) < 0)
+			if (ctx_load_bytes(ctx, off, &fh, sizeof(fh)) < 0)
 				return -1;
 			off += sizeof(fh);
 			nh = fh.nexthdr;
@@ -163,19 +165,20 @@ static __always_inline int parse_ipv6(struct __sk_buff *skb, struct pkt *p)
 
 #define PARSE_NOT_IP 1
 
-/* parse_packet fills p from skb: 0 for IP, PARSE_NOT_IP for other
+/* parse_packet fills p from ctx: 0 for IP, PARSE_NOT_IP for other
  * ethertypes, negative for IP it cannot read. Ports of non-first fragments
  * are filled in later from fragment tracking. */
-static __always_inline int parse_packet(struct __sk_buff *skb, struct pkt *p)
+static __always_inline int parse_packet(struct __ctx_buff *ctx, struct pkt *p)
 {
 	__builtin_memset(p, 0, sizeof(*p));
 	p->l3_off = ETH_HLEN;
 
 	int ret;
-	if (skb->protocol == bpf_htons(ETH_P_IP))
-		ret = parse_ipv4(skb, p);
-	else if (skb->protocol == bpf_htons(ETH_P_IPV6))
-		ret = parse_ipv6(skb, p);
+	__be16 proto = ctx_protocol(ctx);
+	if (proto == bpf_htons(ETH_P_IP))
+		ret = parse_ipv4(ctx, p);
+	else if (proto == bpf_htons(ETH_P_IPV6))
+		ret = parse_ipv6(ctx, p);
 	else
 		return PARSE_NOT_IP;
 	if (ret < 0 || !pkt_has_l4(p))
@@ -184,7 +187,7 @@ static __always_inline int parse_packet(struct __sk_buff *skb, struct pkt *p)
 	if (p->proto == IPPROTO_TCP) {
 		__u8 hdr[14];
 
-		if (bpf_skb_load_bytes(skb, p->l4_off, hdr, sizeof(hdr)) < 0)
+		if (ctx_load_bytes(ctx, p->l4_off, hdr, sizeof(hdr)) < 0)
 			return -1;
 		__builtin_memcpy(&p->sport, &hdr[0], 2);
 		__builtin_memcpy(&p->dport, &hdr[2], 2);
@@ -192,7 +195,7 @@ static __always_inline int parse_packet(struct __sk_buff *skb, struct pkt *p)
 	} else if (p->proto == IPPROTO_UDP) {
 		__be16 ports[2];
 
-		if (bpf_skb_load_bytes(skb, p->l4_off, ports, sizeof(ports)) < 0)
+		if (ctx_load_bytes(ctx, p->l4_off, ports, sizeof(ports)) < 0)
 			return -1;
 		p->sport = ports[0];
 		p->dport = ports[1];

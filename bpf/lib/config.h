@@ -30,3 +30,22 @@ enum host_routing {
 };
 
 volatile const __u32 cfg_host_routing = HOST_ROUTING_STACK;
+
+/* Ports SNAT of north-south flows may take on the node's address. The
+ * default stays clear of Linux's default ephemeral range (32768-60999), so
+ * a SNATed flow never takes the port of a node socket's connection. */
+volatile const __u32 cfg_nat_port_min = 61000;
+volatile const __u32 cfg_nat_port_max = 65535;
+
+/* Maglev table size, a prime: the loader makes sp_maglev's values this
+ * many backend ids and sets this to match. */
+#define MAGLEV_DEFAULT_SIZE 16381
+volatile const __u32 cfg_maglev_size = MAGLEV_DEFAULT_SIZE;
+
+/* Where socket-LB keeps a socket's reverse translation (loader.SockState). */
+enum sock_state {
+	SOCK_STATE_MAP = 0,     /* sp_sock_revnat, an LRU keyed by socket cookie */
+	SOCK_STATE_STORAGE = 1, /* sp_sock_ctx, the socket's own storage (probed) */
+};
+
+volatile const __u32 cfg_sock_state = SOCK_STATE_MAP;

@@ -34,6 +34,8 @@ enum ct_state_bits {
 	CT_S_NS_DSR_IPIP = 0x400,
 };
 
+#define CT_S_NS_MASK (CT_S_NS_SNAT | CT_S_NS_DSR | CT_S_NS_DSR_IPIP)
+
 struct ct_entry {
 	__u64 expires; /* CLOCK_MONOTONIC ns; the GC deletes after this */
 	__u64 fwd_packets;
@@ -46,6 +48,11 @@ struct ct_entry {
 	__u32 backend_id;
 };
 
+/* Conntrack zones: in the node-device objects (bpf_host.c, the XDP one)
+ * sp_ct is the north-south zone, a map of its own (sp_ct_ns) the loader
+ * puts there, since north-south flows are tracked by those objects alone;
+ * a north-south flood then evicts no east-west entry. With zones off
+ * (loader.Config.CTNorthSouthMapSize 0) every object shares this one. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__type(key, struct ct_key);

@@ -41,43 +41,65 @@ static __always_inline int host_route_link_scope(const struct pkt *p)
 	return p->daddr.addr[0] == 0xff || (p->daddr.addr[0] == 0xfe && (p->daddr.addr[1] & 0xc0) == 0x80);
 }
 
-/* Delivers p into a local pod. redirect_peer skips the pod's host device,
- * and with it the to-pod program, so its work (lb_reply: replies back to
- * the VIP, ICMP errors rewritten) is done here first. */
-static __always_inline int host_route_local(struct __sk_buff *skb, struct pkt *p, const struct endpoint_info *src,
-					    const struct endpoint_info *dst)
+/* Rewrites the frame for a local pod and sends it: into the pod with
+ * bpf_redirect_peer when peer (tc ingress only), else to the egress of its
+ * host device, where its to-pod program runs. */
+static __always_inline int redirect_to_pod(struct __ctx_buff *ctx, const struct endpoint_info *dst, int peer)
 {
 	__u8 eth[12];
 
 	/* The destination device checks the frame is for it (veth, netkit L2). */
 	__builtin_memcpy(eth, dst->mac, 6);
 	__builtin_memcpy(eth + 6, dst->node_mac, 6);
-	if (bpf_skb_store_bytes(skb, 0, eth, sizeof(eth), 0) < 0) {
+	if (ctx_store_bytes(ctx, 0, eth, sizeof(eth), 0) < 0) {
 		count(METRIC_MALFORMED);
-		return TC_ACT_SHOT;
+		return CTX_ACT_DROP;
 	}
-	if (!(src->flags & EP_F_TC_INGRESS)) {
-		/* The destination's to-pod program runs on its device. */
+	if (!peer) {
 		count(METRIC_REDIRECT_LOCAL);
 		return bpf_redirect(dst->ifindex, 0);
 	}
-	int ret = lb_reply(skb, p);
-	if (ret != TC_ACT_OK)
-		return ret;
 	count(METRIC_REDIRECT_PEER);
 	return bpf_redirect_peer(dst->ifindex, 0);
 }
 
-static __always_inline int host_route_remote(struct __sk_buff *skb, const struct pkt *p)
+/* Delivers p into a local pod. redirect_peer skips the pod's host device,
+ * and with it the to-pod program, so its work (lb_reply: replies back to
+ * the VIP, ICMP errors rewritten) is done here first; netkit's xmit may not
+ * redirect_peer. */
+static __always_inline int host_route_local(struct __ctx_buff *ctx, struct pkt *p, const struct endpoint_info *src,
+					    const struct endpoint_info *dst)
+{
+	if (!(src->flags & EP_F_TC_INGRESS))
+		return redirect_to_pod(ctx, dst, 0);
+	int ret = lb_reply(ctx, p);
+	if (ret != CTX_ACT_OK)
+		return ret;
+	return redirect_to_pod(ctx, dst, 1);
+}
+
+/* Where bpf_fib_lookup sends a packet: the device and, when the kernel
+ * knows the next hop's neighbour, the frame's destination and source MAC
+ * (as the frame starts, ready to write at offset 0). */
+struct fib_next {
+	__u32 ifindex;
+	__u8 neigh; /* mac is valid */
+	__u8 mac[12];
+};
+
+/* Where the FIB sends p's destination, from ctx's device; -1 when it
+ * cannot forward it. A missing neighbour is no failure: tc's
+ * bpf_redirect_neigh resolves it (XDP hands such packets to tc). */
+static __always_inline int fib_egress(struct __ctx_buff *ctx, const struct pkt *p, struct fib_next *nh)
 {
 	struct bpf_fib_lookup fib;
 
 	__builtin_memset(&fib, 0, sizeof(fib));
-	fib.ifindex = skb->ifindex;
+	fib.ifindex = ctx_ifindex(ctx);
 	fib.l4_protocol = p->proto;
 	fib.sport = p->sport;
 	fib.dport = p->dport;
-	fib.tot_len = skb->len - p->l3_off;
+	fib.tot_len = ctx_len(ctx) - p->l3_off;
 	if (p->family == SP_AF_INET) {
 		fib.family = SP_AF_INET_KERNEL;
 		fib.ipv4_src = p->saddr.p[0];
@@ -87,33 +109,51 @@ static __always_inline int host_route_remote(struct __sk_buff *skb, const struct
 		__builtin_memcpy(fib.ipv6_src, &p->saddr, 16);
 		__builtin_memcpy(fib.ipv6_dst, &p->daddr, 16);
 	}
-	int ret = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
-	if (ret != BPF_FIB_LKUP_RET_SUCCESS && ret != BPF_FIB_LKUP_RET_NO_NEIGH) {
-		count(METRIC_FIB_PASS);
-		return TC_ACT_OK;
-	}
-	/* No nexthop given: the kernel looks it up again and resolves its
-	 * neighbour, queueing the packet meanwhile. The two-argument form
-	 * (5.10) reads the same registers. */
+	int ret = bpf_fib_lookup(ctx, &fib, sizeof(fib), 0);
+	if (ret != BPF_FIB_LKUP_RET_SUCCESS && ret != BPF_FIB_LKUP_RET_NO_NEIGH)
+		return -1;
+	nh->ifindex = fib.ifindex;
+	nh->neigh = ret == BPF_FIB_LKUP_RET_SUCCESS;
+	__builtin_memcpy(nh->mac, fib.dmac, 6);
+	__builtin_memcpy(nh->mac + 6, fib.smac, 6);
+	return 0;
+}
+
+/* No nexthop given: the kernel looks it up again and resolves its
+ * neighbour, queueing the packet meanwhile. The two-argument form (5.10)
+ * reads the same registers. */
+static __always_inline int redirect_neigh(__u32 ifindex)
+{
 	count(METRIC_REDIRECT_NEIGH);
-	return bpf_redirect_neigh(fib.ifindex, 0, 0, 0);
+	return bpf_redirect_neigh(ifindex, 0, 0, 0);
+}
+
+static __always_inline int host_route_remote(struct __ctx_buff *ctx, const struct pkt *p)
+{
+	struct fib_next nh;
+
+	if (fib_egress(ctx, p, &nh) < 0) {
+		count(METRIC_FIB_PASS);
+		return CTX_ACT_OK;
+	}
+	return redirect_neigh(nh.ifindex);
 }
 
 /* host_route takes a packet lb_forward let through (p describes it after
  * DNAT) and routes it, when it left a local pod through that pod's own
  * device; anything else goes on untouched. */
-static __always_inline int host_route(struct __sk_buff *skb, struct pkt *p)
+static __always_inline int host_route(struct __ctx_buff *ctx, struct pkt *p)
 {
 	struct endpoint_info *src = endpoint_of(&p->saddr, p->family);
 
-	if (!src || src->ifindex != skb->ifindex)
-		return TC_ACT_OK;
+	if (!src || src->ifindex != ctx_ifindex(ctx))
+		return CTX_ACT_OK;
 	if (host_route_link_scope(p)) {
 		count(METRIC_FIB_PASS);
-		return TC_ACT_OK;
+		return CTX_ACT_OK;
 	}
 	struct endpoint_info *dst = endpoint_of(&p->daddr, p->family);
 	if (dst)
-		return host_route_local(skb, p, src, dst);
-	return host_route_remote(skb, p);
+		return host_route_local(ctx, p, src, dst);
+	return host_route_remote(ctx, p);
 }

@@ -37,3 +37,22 @@ static __always_inline int frag_track(struct pkt *p)
 	p->dport = v->dport;
 	return 0;
 }
+
+/* Parses and fragment-tracks; returns -1 when the packet is handled
+ * (verdict in *verdict) and 0 when p is ready for translation. */
+static __always_inline int pkt_prepare(struct __ctx_buff *ctx, struct pkt *p, int *verdict)
+{
+	int ret = parse_packet(ctx, p);
+
+	if (ret) {
+		count_pass(ret == PARSE_NOT_IP ? METRIC_PASS : METRIC_MALFORMED);
+		*verdict = CTX_ACT_OK;
+		return -1;
+	}
+	if (frag_track(p) < 0) {
+		count(METRIC_FRAG_NOT_FOUND);
+		*verdict = CTX_ACT_DROP;
+		return -1;
+	}
+	return 0;
+}

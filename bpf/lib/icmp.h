@@ -29,27 +29,29 @@ struct icmp6_pseudo_tail {
 	__be32 nexthdr;
 };
 
-static __always_inline int swap_macs(struct __sk_buff *skb)
+/* Rejects are tc's: XDP passes them on (lb_no_backend). */
+#if !CTX_IS_XDP
+static __always_inline int swap_macs(struct __ctx_buff *ctx)
 {
 	struct ethhdr eth;
 	__u8 mac[ETH_ALEN];
 
-	if (bpf_skb_load_bytes(skb, 0, &eth, sizeof(eth)) < 0)
+	if (ctx_load_bytes(ctx, 0, &eth, sizeof(eth)) < 0)
 		return -1;
 	__builtin_memcpy(mac, eth.h_source, ETH_ALEN);
 	__builtin_memcpy(eth.h_source, eth.h_dest, ETH_ALEN);
 	__builtin_memcpy(eth.h_dest, mac, ETH_ALEN);
-	return bpf_skb_store_bytes(skb, 0, &eth, sizeof(eth), 0);
+	return ctx_store_bytes(ctx, 0, &eth, sizeof(eth), 0);
 }
 
-static __always_inline int icmp4_build_unreach(struct __sk_buff *skb, const struct pkt *p)
+static __always_inline int icmp4_build_unreach(struct __ctx_buff *ctx, const struct pkt *p)
 {
 	struct icmp4_unreach r;
 
 	if (p->l4_off != p->l3_off + sizeof(struct iphdr))
 		return -1;
 	__builtin_memset(&r, 0, sizeof(r));
-	if (bpf_skb_load_bytes(skb, p->l3_off, r.quote, sizeof(r.quote)) < 0)
+	if (ctx_load_bytes(ctx, p->l3_off, r.quote, sizeof(r.quote)) < 0)
 		return -1;
 	r.ip.version = 4;
 	r.ip.ihl = 5;
@@ -63,12 +65,12 @@ static __always_inline int icmp4_build_unreach(struct __sk_buff *skb, const stru
 	r.icmp.code = ICMP_PORT_UNREACH;
 	r.icmp.checksum = csum_fold32(bpf_csum_diff(0, 0, (__be32 *)&r.icmp, sizeof(r.icmp) + sizeof(r.quote), 0));
 
-	if (bpf_skb_change_tail(skb, ETH_HLEN + sizeof(r), 0) < 0)
+	if (ctx_change_tail(ctx, ETH_HLEN + sizeof(r)) < 0)
 		return -1;
-	return bpf_skb_store_bytes(skb, ETH_HLEN, &r, sizeof(r), 0);
+	return ctx_store_bytes(ctx, ETH_HLEN, &r, sizeof(r), 0);
 }
 
-static __always_inline int icmp6_build_unreach(struct __sk_buff *skb, const struct pkt *p)
+static __always_inline int icmp6_build_unreach(struct __ctx_buff *ctx, const struct pkt *p)
 {
 	struct icmp6_unreach r;
 	struct icmp6_pseudo_tail tail = {
@@ -77,7 +79,7 @@ static __always_inline int icmp6_build_unreach(struct __sk_buff *skb, const stru
 	};
 
 	__builtin_memset(&r, 0, sizeof(r));
-	if (bpf_skb_load_bytes(skb, p->l3_off, r.quote, sizeof(r.quote)) < 0)
+	if (ctx_load_bytes(ctx, p->l3_off, r.quote, sizeof(r.quote)) < 0)
 		return -1;
 	r.ip6.version = 6;
 	r.ip6.payload_len = bpf_htons(sizeof(r.icmp6) + sizeof(r.quote));
@@ -93,21 +95,22 @@ static __always_inline int icmp6_build_unreach(struct __sk_buff *skb, const stru
 	sum = bpf_csum_diff(0, 0, (__be32 *)&r.icmp6, sizeof(r.icmp6) + sizeof(r.quote), sum);
 	r.icmp6.icmp6_cksum = csum_fold32(sum);
 
-	if (bpf_skb_change_tail(skb, ETH_HLEN + sizeof(r), 0) < 0)
+	if (ctx_change_tail(ctx, ETH_HLEN + sizeof(r)) < 0)
 		return -1;
-	return bpf_skb_store_bytes(skb, ETH_HLEN, &r, sizeof(r), 0);
+	return ctx_store_bytes(ctx, ETH_HLEN, &r, sizeof(r), 0);
 }
 
 /* Turns p, in place, into a port-unreachable error from its destination
  * back to its source; the caller redirects it out the device it came in. */
-static __always_inline int icmp_reply_unreach(struct __sk_buff *skb, const struct pkt *p)
+static __always_inline int icmp_reply_unreach(struct __ctx_buff *ctx, const struct pkt *p)
 {
-	int ret = p->family == SP_AF_INET ? icmp4_build_unreach(skb, p) : icmp6_build_unreach(skb, p);
+	int ret = p->family == SP_AF_INET ? icmp4_build_unreach(ctx, p) : icmp6_build_unreach(ctx, p);
 
 	if (ret < 0)
 		return ret;
-	return swap_macs(skb);
+	return swap_macs(ctx);
 }
+#endif
 
 static __always_inline int icmp_is_error(const struct pkt *p, __u8 type)
 {
@@ -117,35 +120,35 @@ static __always_inline int icmp_is_error(const struct pkt *p, __u8 type)
 	       type == ICMPV6_PARAMPROB;
 }
 
-static __always_inline int store_addr(struct __sk_buff *skb, __u32 off, const union v6addr *a, __u8 family)
+static __always_inline int store_addr(struct __ctx_buff *ctx, __u32 off, const union v6addr *a, __u8 family)
 {
 	if (family == SP_AF_INET)
-		return bpf_skb_store_bytes(skb, off, &a->p[0], 4, 0);
-	return bpf_skb_store_bytes(skb, off, a, 16, 0);
+		return ctx_store_bytes(ctx, off, &a->p[0], 4, 0);
+	return ctx_store_bytes(ctx, off, a, 16, 0);
 }
 
 /* An ICMP error on its way to the client quotes the client's packet as it
  * left after DNAT (client -> backend). Rewrites the quoted destination
  * back to the VIP, the quoted checksums, the ICMP checksum, and the outer
  * source when the backend itself sent the error. Returns 1 if rewritten. */
-static __always_inline int icmp_error_rev_nat(struct __sk_buff *skb, struct pkt *p)
+static __always_inline int icmp_error_rev_nat(struct __ctx_buff *ctx, struct pkt *p)
 {
 	struct pkt in;
 	struct ct_key k;
 	__u8 type;
 
-	if (!pkt_has_l4(p) || bpf_skb_load_bytes(skb, p->l4_off, &type, 1) < 0 || !icmp_is_error(p, type))
+	if (!pkt_has_l4(p) || ctx_load_bytes(ctx, p->l4_off, &type, 1) < 0 || !icmp_is_error(p, type))
 		return 0;
 
 	/* ICMP and ICMPv6 headers are both 8 bytes before the quote. */
 	__builtin_memset(&in, 0, sizeof(in));
 	in.l3_off = p->l4_off + 8;
-	if ((p->family == SP_AF_INET ? parse_ipv4(skb, &in) : parse_ipv6(skb, &in)) < 0)
+	if ((p->family == SP_AF_INET ? parse_ipv4(ctx, &in) : parse_ipv6(ctx, &in)) < 0)
 		return 0;
 	if (in.frag == FRAG_LATER || !is_tcp_or_udp(in.proto))
 		return 0;
-	if (bpf_skb_load_bytes(skb, in.l4_off, &in.sport, 2) < 0 ||
-	    bpf_skb_load_bytes(skb, in.l4_off + 2, &in.dport, 2) < 0)
+	if (ctx_load_bytes(ctx, in.l4_off, &in.sport, 2) < 0 ||
+	    ctx_load_bytes(ctx, in.l4_off + 2, &in.dport, 2) < 0)
 		return 0;
 
 	ct_key_init(&k, &in.saddr, &in.daddr, in.sport, in.dport, &in, 0);
@@ -163,40 +166,40 @@ static __always_inline int icmp_error_rev_nat(struct __sk_buff *skb, struct pkt 
 	if (in.family == SP_AF_INET) {
 		__u32 off = in.l3_off + offsetof(struct iphdr, check);
 
-		if (bpf_skb_load_bytes(skb, off, &old, 2) < 0)
+		if (ctx_load_bytes(ctx, off, &old, 2) < 0)
 			return 0;
 		new = csum_apply(old, d_addr);
-		if (bpf_skb_store_bytes(skb, off, &new, 2, 0) < 0)
+		if (ctx_store_bytes(ctx, off, &new, 2, 0) < 0)
 			return 0;
 		d_icmp = csum_add32(d_icmp, csum_diff16(old, new));
-		if (store_addr(skb, in.l3_off + offsetof(struct iphdr, daddr), &vip, SP_AF_INET) < 0)
+		if (store_addr(ctx, in.l3_off + offsetof(struct iphdr, daddr), &vip, SP_AF_INET) < 0)
 			return 0;
-	} else if (store_addr(skb, in.l3_off + offsetof(struct ipv6hdr, daddr), &vip, SP_AF_INET6) < 0) {
+	} else if (store_addr(ctx, in.l3_off + offsetof(struct ipv6hdr, daddr), &vip, SP_AF_INET6) < 0) {
 		return 0;
 	}
 
 	/* The quoted L4 checksum is there only if the quote is long enough. */
 	__u32 l4c = in.l4_off + (in.proto == IPPROTO_TCP ? offsetof(struct tcphdr, check) : offsetof(struct udphdr, check));
-	if (bpf_skb_load_bytes(skb, l4c, &old, 2) == 0 && !(in.proto == IPPROTO_UDP && old == 0)) {
+	if (ctx_load_bytes(ctx, l4c, &old, 2) == 0 && !(in.proto == IPPROTO_UDP && old == 0)) {
 		new = csum_apply(old, csum_add32(d_addr, csum_diff16(in.dport, vport)));
 		if (in.proto == IPPROTO_UDP && new == 0)
 			new = 0xffff;
-		if (bpf_skb_store_bytes(skb, l4c, &new, 2, 0) < 0)
+		if (ctx_store_bytes(ctx, l4c, &new, 2, 0) < 0)
 			return 0;
 		d_icmp = csum_add32(d_icmp, csum_diff16(old, new));
 	}
-	if (bpf_skb_store_bytes(skb, in.l4_off + 2, &vport, 2, 0) < 0)
+	if (ctx_store_bytes(ctx, in.l4_off + 2, &vport, 2, 0) < 0)
 		return 0;
 	d_icmp = csum_add32(d_icmp, csum_diff16(in.dport, vport));
 
 	__u32 icmp_csum = p->l4_off + 2;
-	if (bpf_skb_load_bytes(skb, icmp_csum, &old, 2) < 0)
+	if (ctx_load_bytes(ctx, icmp_csum, &old, 2) < 0)
 		return 0;
 	new = csum_apply(old, d_icmp);
-	if (bpf_skb_store_bytes(skb, icmp_csum, &new, 2, 0) < 0)
+	if (ctx_store_bytes(ctx, icmp_csum, &new, 2, 0) < 0)
 		return 0;
 
-	if (addr_equal(&p->saddr, &backend) && nat_rewrite_addr(skb, p, 1, &vip) < 0)
+	if (addr_equal(&p->saddr, &backend) && nat_rewrite_addr(ctx, p, 1, &vip) < 0)
 		return 0;
 	return 1;
 }

@@ -2,6 +2,8 @@
 #pragma once
 
 #include "common.h"
+#include "config.h"
+#include "hash.h"
 #include "lb_maps.h"
 #include "metrics.h"
 
@@ -40,25 +42,74 @@ static __always_inline struct lb_svc_value *lb_lookup_service(const struct lb_fr
 	return lb_lookup_slot(fe, 0);
 }
 
-/* Random choice among the active backends; returns 0 when a slot is
- * missing, which the ordered map updates make impossible in steady state. */
-static __always_inline __u32 lb_select_backend(const struct lb_frontend *fe, const struct lb_svc_value *svc)
+/* 1 when the client p comes from may use the service: it has no
+ * loadBalancerSourceRanges, or the source is in one of them. */
+static __always_inline int lb_src_allowed(const struct lb_svc_value *svc, const struct pkt *p)
 {
+	struct src_range_key k;
+
+	if (!(svc->flags & SVC_F_SOURCE_RANGES))
+		return 1;
+	__builtin_memset(&k, 0, sizeof(k));
+	k.prefixlen = 64 + (p->family == SP_AF_INET ? 32 : 128);
+	k.svc_id = svc->svc_id;
+	k.family = p->family;
+	__builtin_memcpy(k.addr, &p->saddr, sizeof(k.addr));
+	return bpf_map_lookup_elem(&sp_src_ranges, &k) != 0;
+}
+
+/* The active backend the service's Maglev table names for a flow hash;
+ * 0 when the table is missing or names no active backend. */
+static __always_inline __u32 lb_maglev_backend(const struct lb_svc_value *svc, __u32 hash)
+{
+	__u32 key = svc->svc_id;
+	__u32 *table = bpf_map_lookup_elem(&sp_maglev, &key);
+	__u32 idx = hash % cfg_maglev_size;
+
+	if (!table)
+		return 0;
+	/* The value is cfg_maglev_size ids long (the loader sizes both): this
+	 * check is the bound the verifier proves the read with. The compiler
+	 * would drop it as implied by the modulo, hence the barrier. */
+	asm volatile("" : "+r"(idx));
+	if (idx >= cfg_maglev_size)
+		return 0;
+	__u32 id = table[idx];
+	struct lb_backend *b = bpf_map_lookup_elem(&sp_backends, &id);
+
+	return b && b->state == BACKEND_ACTIVE ? id : 0;
+}
+
+/* Maglev's pick when the service has a table naming an active backend,
+ * else a random choice among the active backends; returns 0 when a slot
+ * is missing, which the ordered map updates make impossible in steady
+ * state. */
+static __always_inline __u32 lb_select_backend(const struct lb_frontend *fe, const struct lb_svc_value *svc, __u32 hash)
+{
+	if (svc->flags & SVC_F_MAGLEV) {
+		__u32 id = lb_maglev_backend(svc, hash);
+
+		if (id)
+			return id;
+	}
 	__u16 slot = (bpf_get_prandom_u32() % svc->count) + 1;
 	struct lb_svc_value *v = lb_lookup_slot(fe, slot);
 
 	return v ? v->backend_id : 0;
 }
 
-/* Who a client is, for session affinity. */
+/* Who a client is, for session affinity, and its flow's hash for Maglev
+ * (lb_flow_hash). A socket (by_cookie) has no 5-tuple yet at connect: it
+ * gets a random table slot, so its picks follow the table's shares. */
 struct lb_client {
 	union v6addr id;
 	__u8 by_cookie;
+	__u32 hash;
 };
 
 /* Picks a backend id for a new flow: the client's affine backend while its
- * entry is fresh and the backend still active, else a random one (then
- * remembered when the service has affinity). */
+ * entry is fresh and the backend still active, else lb_select_backend's
+ * (then remembered when the service has affinity). */
 static __always_inline __u32 lb_pick(const struct lb_frontend *fe, const struct lb_svc_value *svc,
 				     const struct lb_client *client)
 {
@@ -87,7 +138,10 @@ static __always_inline __u32 lb_pick(const struct lb_frontend *fe, const struct 
 			}
 		}
 	}
-	__u32 id = lb_select_backend(fe, svc);
+	__u32 hash = client->hash;
+	if (client->by_cookie && (svc->flags & SVC_F_MAGLEV))
+		hash = bpf_get_prandom_u32();
+	__u32 id = lb_select_backend(fe, svc, hash);
 	if (id && svc->affinity_timeout) {
 		struct lb_affinity_value av = {.last_used = now, .backend_id = id};
 
@@ -112,14 +166,21 @@ static __always_inline struct lb_backend *lb_backend_alive(__u32 id, const union
 #include "metrics.h"
 #include "nat.h"
 
-static __always_inline int lb_no_backend(struct __sk_buff *skb, const struct pkt *p)
+static __always_inline int lb_no_backend(struct __ctx_buff *ctx, const struct pkt *p)
 {
-	if (cfg_no_backend_action == NO_BACKEND_REJECT && icmp_reply_unreach(skb, p) == 0) {
+#if CTX_IS_XDP
+	/* The reject grows the packet into a reply, for which XDP may have no
+	 * tailroom: it passes the packet, untranslated, to tc to answer. */
+	if (cfg_no_backend_action == NO_BACKEND_REJECT)
+		return CTX_ACT_OK;
+#else
+	if (cfg_no_backend_action == NO_BACKEND_REJECT && icmp_reply_unreach(ctx, p) == 0) {
 		count(METRIC_NO_BACKEND_REJECT);
-		return bpf_redirect(skb->ifindex, 0);
+		return bpf_redirect(ctx_ifindex(ctx), 0);
 	}
+#endif
 	count(METRIC_NO_BACKEND_DROP);
-	return TC_ACT_SHOT;
+	return CTX_ACT_DROP;
 }
 
 /* Where a flow's packets go after DNAT. */
@@ -141,17 +202,41 @@ static __always_inline void ct_forget_reused(const struct pkt *p)
 		count(METRIC_CT_TUPLE_REUSED);
 }
 
+/* What lb_translate did with a packet. */
+struct lb_result {
+	struct lb_target t; /* backend_id 0: not a service, passed */
+	struct ct_entry *flow;
+	__u16 svc_flags; /* the frontend's SVC_F_*, new flows only */
+	__u8 new_flow;
+};
+
+/* Looks up the frontend a packet is sent to: the exact address, else a
+ * NodePort or HostPort on any of the node's addresses. */
+static __always_inline struct lb_svc_value *lb_lookup_frontend(const struct pkt *p, struct lb_frontend *fe)
+{
+	lb_frontend_of(p, fe);
+	struct lb_svc_value *svc = lb_lookup_service(fe);
+	if (svc || !is_node_addr(&p->daddr, p->family))
+		return svc;
+	__builtin_memset(&fe->addr, 0, sizeof(fe->addr));
+	svc = lb_lookup_service(fe);
+	if (svc && !(svc->flags & (SVC_F_NODEPORT | SVC_F_HOSTPORT)))
+		return 0;
+	return svc;
+}
+
 /* Load-balances a packet leaving a client: an existing flow keeps its
- * backend; a new one gets a random active backend and two CT entries. */
-static __always_inline int lb_forward(struct __sk_buff *skb, struct pkt *p)
+ * backend; a new one gets an active backend and two CT entries. The packet
+ * is DNATed; r says where to and, for new flows, the frontend's flags. */
+static __always_inline int lb_translate(struct __ctx_buff *ctx, struct pkt *p, struct lb_result *r)
 {
 	struct ct_key skey, fkey;
-	struct lb_target t;
-	int new_flow = 0;
+	struct lb_target *t = &r->t;
 
+	__builtin_memset(r, 0, sizeof(*r));
 	if (!is_tcp_or_udp(p->proto)) {
-		count(METRIC_PASS);
-		return TC_ACT_OK;
+		count_pass(METRIC_PASS);
+		return CTX_ACT_OK;
 	}
 
 	ct_key_init(&skey, &p->saddr, &p->daddr, p->sport, p->dport, p, CT_F_SERVICE);
@@ -173,66 +258,78 @@ static __always_inline int lb_forward(struct __sk_buff *skb, struct pkt *p)
 	}
 
 	if (svc_ct) {
-		t.addr = svc_ct->nat_addr;
-		t.port = svc_ct->nat_port;
-		t.backend_id = svc_ct->backend_id;
+		t->addr = svc_ct->nat_addr;
+		t->port = svc_ct->nat_port;
+		t->backend_id = svc_ct->backend_id;
 	} else {
 		struct lb_frontend fe;
 
-		lb_frontend_of(p, &fe);
-		struct lb_svc_value *svc = lb_lookup_service(&fe);
+		struct lb_svc_value *svc = lb_lookup_frontend(p, &fe);
 		if (!svc) {
 			ct_forget_reused(p);
-			count(METRIC_PASS);
-			return TC_ACT_OK;
+			count_pass(METRIC_PASS);
+			return CTX_ACT_OK;
+		}
+		if (!lb_src_allowed(svc, p)) {
+			count(METRIC_SOURCE_RANGE_DENIED);
+			return CTX_ACT_DROP;
 		}
 		/* Only a datagram's first fragment may open a flow. */
 		if (!pkt_has_l4(p)) {
 			count(METRIC_FRAG_NO_FLOW);
-			return TC_ACT_SHOT;
+			return CTX_ACT_DROP;
 		}
-		if (svc->count == 0)
-			return lb_no_backend(skb, p);
+		if (svc->count == 0) {
+			if (svc->flags & SVC_F_ETP_LOCAL) {
+				count(METRIC_ETP_LOCAL_DROP);
+				return CTX_ACT_DROP;
+			}
+			return lb_no_backend(ctx, p);
+		}
 
-		struct lb_client client = {.id = p->saddr};
+		struct lb_client client = {.id = p->saddr, .hash = lb_flow_hash(p)};
 		__u32 id = lb_pick(&fe, svc, &client);
 		struct lb_backend *b = id ? bpf_map_lookup_elem(&sp_backends, &id) : 0;
 		if (!b) {
 			count(METRIC_SLOT_MISSING);
-			return TC_ACT_SHOT;
+			return CTX_ACT_DROP;
 		}
-		t.addr = b->addr;
-		t.port = b->port;
-		t.backend_id = id;
+		t->addr = b->addr;
+		t->port = b->port;
+		t->backend_id = id;
+		r->svc_flags = svc->flags;
+		r->new_flow = 1;
 
 		struct ct_entry e = {
-			.nat_addr = t.addr,
-			.nat_port = t.port,
+			.nat_addr = t->addr,
+			.nat_port = t->port,
 			.backend_id = id,
 		};
 		if (bpf_map_update_elem(&sp_ct, &skey, &e, BPF_ANY) < 0)
 			count(METRIC_CT_CREATE_FAILED);
 		svc_ct = bpf_map_lookup_elem(&sp_ct, &skey);
-		new_flow = 1;
 	}
 
-	if (new_flow) {
-		ct_key_init(&fkey, &p->saddr, &t.addr, p->sport, t.port, p, 0);
+	if (r->new_flow) {
+		ct_key_init(&fkey, &p->saddr, &t->addr, p->sport, t->port, p, 0);
 		flow = 0;
 	}
 	if (!flow) {
-		/* New, re-selected, or evicted: start the flow's state afresh. */
+		/* New, re-selected, or evicted: start the flow's state afresh,
+		 * but an evicted flow keeps the north-south path its service
+		 * entry remembers. */
 		struct ct_entry e = {
 			.nat_addr = p->daddr,
 			.nat_port = p->dport,
-			.backend_id = t.backend_id,
+			.backend_id = t->backend_id,
+			.state = (!r->new_flow && svc_ct) ? svc_ct->state & CT_S_NS_MASK : 0,
 		};
 		if (bpf_map_update_elem(&sp_ct, &fkey, &e, BPF_ANY) < 0)
 			count(METRIC_CT_CREATE_FAILED);
 		flow = bpf_map_lookup_elem(&sp_ct, &fkey);
 	}
 	if (flow) {
-		__u64 expires = ct_account(flow, p, skb->len, 0);
+		__u64 expires = ct_account(flow, p, ctx_len(ctx), 0);
 
 		/* The service entry lives and closes with its flow. */
 		if (svc_ct) {
@@ -240,43 +337,54 @@ static __always_inline int lb_forward(struct __sk_buff *skb, struct pkt *p)
 			svc_ct->state = flow->state;
 		}
 	}
+	r->flow = flow;
 
-	if (nat_rewrite_addr(skb, p, 0, &t.addr) < 0 || nat_rewrite_port(skb, p, 0, t.port) < 0) {
+	if (nat_rewrite_addr(ctx, p, 0, &t->addr) < 0 || nat_rewrite_port(ctx, p, 0, t->port) < 0) {
 		count(METRIC_MALFORMED);
-		return TC_ACT_SHOT;
+		return CTX_ACT_DROP;
 	}
-	count(new_flow ? METRIC_LB_NEW : METRIC_LB_ESTABLISHED);
-	return TC_ACT_OK;
+	count(r->new_flow ? METRIC_LB_NEW : METRIC_LB_ESTABLISHED);
+	return CTX_ACT_OK;
+}
+
+static __always_inline int lb_forward(struct __ctx_buff *ctx, struct pkt *p)
+{
+	struct lb_result r;
+
+	return lb_translate(ctx, p, &r);
 }
 
 /* Rewrites a reply on its way into the client back to the VIP, and ICMP
  * errors that quote a translated flow. */
-static __always_inline int lb_reply(struct __sk_buff *skb, struct pkt *p)
+static __always_inline int lb_reply(struct __ctx_buff *ctx, struct pkt *p)
 {
 	struct ct_key k;
 
 	if (p->proto == (p->family == SP_AF_INET ? IPPROTO_ICMP : IPPROTO_ICMPV6)) {
-		count(icmp_error_rev_nat(skb, p) ? METRIC_ICMP_REV_NAT : METRIC_PASS);
-		return TC_ACT_OK;
+		if (icmp_error_rev_nat(ctx, p))
+			count(METRIC_ICMP_REV_NAT);
+		else
+			count_pass(METRIC_PASS);
+		return CTX_ACT_OK;
 	}
 	if (!is_tcp_or_udp(p->proto)) {
-		count(METRIC_PASS);
-		return TC_ACT_OK;
+		count_pass(METRIC_PASS);
+		return CTX_ACT_OK;
 	}
 
 	ct_key_init(&k, &p->daddr, &p->saddr, p->dport, p->sport, p, 0);
 	struct ct_entry *flow = bpf_map_lookup_elem(&sp_ct, &k);
 	if (!flow) {
-		count(METRIC_PASS);
-		return TC_ACT_OK;
+		count_pass(METRIC_PASS);
+		return CTX_ACT_OK;
 	}
-	ct_account(flow, p, skb->len, 1);
+	ct_account(flow, p, ctx_len(ctx), 1);
 
 	union v6addr vip = flow->nat_addr;
-	if (nat_rewrite_addr(skb, p, 1, &vip) < 0 || nat_rewrite_port(skb, p, 1, flow->nat_port) < 0) {
+	if (nat_rewrite_addr(ctx, p, 1, &vip) < 0 || nat_rewrite_port(ctx, p, 1, flow->nat_port) < 0) {
 		count(METRIC_MALFORMED);
-		return TC_ACT_SHOT;
+		return CTX_ACT_DROP;
 	}
 	count(METRIC_REV_NAT);
-	return TC_ACT_OK;
+	return CTX_ACT_OK;
 }

@@ -3,6 +3,7 @@
 #pragma once
 
 #include "common.h"
+#include "config.h"
 
 /* One frontend (VIP, port, protocol) occupies slot 0 (the master) and
  * slots 1..total, each naming a backend id. New flows pick among slots
@@ -125,8 +126,7 @@ struct {
 } sp_affinity SEC(".maps");
 
 /* Maglev lookup tables: svc_id -> backend ids, cfg_maglev_size of them
- * (the loader sets the value size; 16381 is the default prime). */
-#define MAGLEV_DEFAULT_SIZE 16381
+ * (the loader sets the value size). */
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);

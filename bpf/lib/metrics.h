@@ -69,3 +69,12 @@ static __always_inline void count(enum metric m)
 	if (v)
 		*v += 1;
 }
+
+/* A packet passed on untouched, for reason. What XDP passes, tc looks at
+ * again and counts the reason of; XDP counts only the hand-over
+ * (xdp_to_tc, at its entry point), so each packet is counted once. */
+static __always_inline void count_pass(enum metric reason)
+{
+	if (!CTX_IS_XDP)
+		count(reason);
+}

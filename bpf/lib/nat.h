@@ -4,6 +4,13 @@
 #include "common.h"
 #include "csum.h"
 
+static __always_inline __u32 csum_diff_addr(const union v6addr *from, const union v6addr *to, __u8 family)
+{
+	__u32 size = family == SP_AF_INET ? 4 : 16;
+
+	return (__u32)bpf_csum_diff((__be32 *)from, size, (__be32 *)to, size, 0);
+}
+
 static __always_inline __u32 l4_csum_off(const struct pkt *p)
 {
 	switch (p->proto) {
@@ -29,7 +36,7 @@ static __always_inline __u64 l4_csum_flags(const struct pkt *p)
 /* Rewrites the source (is_src) or destination address, updating the IPv4
  * header checksum and the L4 pseudo-header checksum when the L4 header is
  * in this packet. */
-static __always_inline int nat_rewrite_addr(struct __sk_buff *skb, struct pkt *p, int is_src,
+static __always_inline int nat_rewrite_addr(struct __ctx_buff *ctx, struct pkt *p, int is_src,
 					    const union v6addr *to)
 {
 	union v6addr *from = is_src ? &p->saddr : &p->daddr;
@@ -38,12 +45,12 @@ static __always_inline int nat_rewrite_addr(struct __sk_buff *skb, struct pkt *p
 	if (p->family == SP_AF_INET) {
 		__u32 off = p->l3_off + (is_src ? offsetof(struct iphdr, saddr) : offsetof(struct iphdr, daddr));
 
-		if (csum_off && bpf_l4_csum_replace(skb, csum_off, from->p[0], to->p[0],
+		if (csum_off && ctx_l4_csum_replace(ctx, csum_off, from->p[0], to->p[0],
 						    BPF_F_PSEUDO_HDR | l4_csum_flags(p) | 4) < 0)
 			return -1;
-		if (bpf_l3_csum_replace(skb, p->l3_off + offsetof(struct iphdr, check), from->p[0], to->p[0], 4) < 0)
+		if (ctx_l3_csum_replace(ctx, p->l3_off + offsetof(struct iphdr, check), from->p[0], to->p[0], 4) < 0)
 			return -1;
-		if (bpf_skb_store_bytes(skb, off, &to->p[0], 4, 0) < 0)
+		if (ctx_store_bytes(ctx, off, &to->p[0], 4, 0) < 0)
 			return -1;
 	} else {
 		__u32 off = p->l3_off + (is_src ? offsetof(struct ipv6hdr, saddr) : offsetof(struct ipv6hdr, daddr));
@@ -51,26 +58,26 @@ static __always_inline int nat_rewrite_addr(struct __sk_buff *skb, struct pkt *p
 		if (csum_off) {
 			__s64 diff = bpf_csum_diff(from->p, 16, (__be32 *)to->p, 16, 0);
 
-			if (bpf_l4_csum_replace(skb, csum_off, 0, diff, BPF_F_PSEUDO_HDR) < 0)
+			if (ctx_l4_csum_replace(ctx, csum_off, 0, diff, BPF_F_PSEUDO_HDR) < 0)
 				return -1;
 		}
-		if (bpf_skb_store_bytes(skb, off, to, 16, 0) < 0)
+		if (ctx_store_bytes(ctx, off, to, 16, 0) < 0)
 			return -1;
 	}
 	*from = *to;
 	return 0;
 }
 
-static __always_inline int nat_rewrite_port(struct __sk_buff *skb, struct pkt *p, int is_src, __be16 to)
+static __always_inline int nat_rewrite_port(struct __ctx_buff *ctx, struct pkt *p, int is_src, __be16 to)
 {
 	__be16 *from = is_src ? &p->sport : &p->dport;
 	__u32 off = p->l4_off + (is_src ? 0 : 2);
 
 	if (!pkt_has_l4(p) || *from == to)
 		return 0;
-	if (bpf_l4_csum_replace(skb, l4_csum_off(p), *from, to, l4_csum_flags(p) | 2) < 0)
+	if (ctx_l4_csum_replace(ctx, l4_csum_off(p), *from, to, l4_csum_flags(p) | 2) < 0)
 		return -1;
-	if (bpf_skb_store_bytes(skb, off, &to, 2, 0) < 0)
+	if (ctx_store_bytes(ctx, off, &to, 2, 0) < 0)
 		return -1;
 	*from = to;
 	return 0;

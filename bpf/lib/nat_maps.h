@@ -18,7 +18,7 @@
 struct nat_entry {
 	union v6addr addr;
 	__be16 port;
-	__u16 pad;
+	__u8 pad[6];
 };
 
 struct {

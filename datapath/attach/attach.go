@@ -208,7 +208,7 @@ func (a *Attacher) detachTC(l netlink.Link, dir Direction) error {
 }
 
 // DetachAll removes every servicepath tc filter from every device of this
-// netns and every pinned tcx link.
+// netns and every pinned link: tcx, netkit and XDP.
 func (a *Attacher) DetachAll() error {
 	links, err := netlink.LinkList()
 	if err != nil {

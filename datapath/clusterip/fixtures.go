@@ -150,6 +150,8 @@ func Fixtures() []inject.Fixture {
 	for _, f := range Families {
 		out = append(out, familyFixtures(f)...)
 		out = append(out, affinityFixtures(f)...)
+		out = append(out, maglevFixtures(f)...)
+		out = append(out, sourceRangeFixtures(f)...)
 	}
 	return append(out, inject.Fixture{
 		Name:     "arp-passes",
@@ -288,7 +290,7 @@ func familyFixtures(f Family) []inject.Fixture {
 			Setup:    upsert(f.Service(service.TCP)),
 			Input:    syn,
 			Verdict:  inject.Redirect,
-			Output:   packet.ICMPError(packet.PortUnreachable, f.VIP, f.Client.Addr(), headerQuote(syn), reply()),
+			Output:   packet.ICMPError(packet.PortUnreachable, f.VIP, f.Client.Addr(), packet.HeaderQuote(syn), reply()),
 			Counters: inject.CountersOf("no_backend_reject", 1),
 		},
 		{
@@ -296,7 +298,7 @@ func familyFixtures(f Family) []inject.Fixture {
 			Setup:    upsert(f.Service(service.UDP)),
 			Input:    udp(f.Client, f.vip()),
 			Verdict:  inject.Redirect,
-			Output:   packet.ICMPError(packet.PortUnreachable, f.VIP, f.Client.Addr(), headerQuote(udp(f.Client, f.vip())), reply()),
+			Output:   packet.ICMPError(packet.PortUnreachable, f.VIP, f.Client.Addr(), packet.HeaderQuote(udp(f.Client, f.vip())), reply()),
 			Counters: inject.CountersOf("no_backend_reject", 1),
 		},
 		{
@@ -313,7 +315,7 @@ func familyFixtures(f Family) []inject.Fixture {
 			Setup:    upsert(f.Service(service.TCP, f.terminating(0))),
 			Input:    syn,
 			Verdict:  inject.Redirect,
-			Output:   packet.ICMPError(packet.PortUnreachable, f.VIP, f.Client.Addr(), headerQuote(syn), reply()),
+			Output:   packet.ICMPError(packet.PortUnreachable, f.VIP, f.Client.Addr(), packet.HeaderQuote(syn), reply()),
 			Counters: inject.CountersOf("no_backend_reject", 1),
 		},
 		{
@@ -422,16 +424,6 @@ func familyFixtures(f Family) []inject.Fixture {
 			Counters: inject.CountersOf("frag_not_found", 1),
 		},
 	}
-}
-
-// headerQuote is what the datapath's own port-unreachable quotes: the IP
-// header and 8 bytes of the offending packet.
-func headerQuote(frame []byte) []byte {
-	l3 := frame[14:]
-	if l3[0]>>4 == 4 {
-		return l3[:20+8]
-	}
-	return l3[:40+8]
 }
 
 // affine is a TCP service with ClientIP session affinity.

@@ -7,7 +7,6 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
-	"github.com/servicepath/servicepath/datapath/loader"
 	"github.com/servicepath/servicepath/datapath/service"
 	"github.com/servicepath/servicepath/harness/inject"
 	"github.com/servicepath/servicepath/harness/packet"
@@ -26,7 +25,7 @@ func TestNewFlowsSpreadOverBackends(t *testing.T) {
 	testenv.RequireRoot(t)
 	for _, f := range Families {
 		t.Run(f.Name, func(t *testing.T) {
-			e, err := inject.NewEnv(loader.DefaultConfig())
+			e, err := inject.NewEnv(inject.Config())
 			require.NoError(t, err, "load datapath")
 			t.Cleanup(func() { e.Close() })
 			require.NoError(t, e.Services.Upsert(f.Service(service.TCP, f.active(0), f.active(1), f.active(2))), "program service")
@@ -51,12 +50,4 @@ func TestNewFlowsSpreadOverBackends(t *testing.T) {
 			assert.Less(t, stat, stats.ChiSquareCritical(df, stats.SpreadAlpha), "spread %v is uniform", c)
 		})
 	}
-}
-
-func destination(frame []byte) (netip.Addr, bool) {
-	l3 := frame[14:]
-	if l3[0]>>4 == 4 {
-		return netip.AddrFromSlice(l3[16:20])
-	}
-	return netip.AddrFromSlice(l3[24:40])
 }

@@ -4,7 +4,6 @@ import (
 	"net/netip"
 	"testing"
 
-	"github.com/cilium/ebpf"
 	"github.com/google/gopacket/layers"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -27,13 +26,6 @@ import (
 // wire. Local pods are registered with the fixture MACs, so a packet
 // delivered into one reads as packet.Opts{FromHost: true}.
 
-// skbContext is the head of struct __sk_buff up to ifindex, the one field
-// set: the device the packet arrives on.
-type skbContext struct {
-	Head    [10]uint32 // len .. ingress_ifindex: zero
-	Ifindex uint32
-}
-
 type routeBed struct {
 	topo *topology.Topology
 	envs map[loader.HostRouting]*inject.Env
@@ -47,7 +39,7 @@ func newRouteBed(t *testing.T) *routeBed {
 	}})
 	b := &routeBed{topo: topo, envs: map[loader.HostRouting]*inject.Env{}}
 	for _, r := range []loader.HostRouting{loader.HostRoutingStack, loader.HostRoutingBPF} {
-		cfg := loader.DefaultConfig()
+		cfg := inject.Config()
 		cfg.HostRouting = r
 		e, err := inject.NewEnv(cfg)
 		require.NoError(t, err, "load datapath with %s routing", r)
@@ -66,15 +58,7 @@ func newRouteBed(t *testing.T) *routeBed {
 
 // inject runs pkt through from-pod as if it arrived on pod's host device.
 func (b *routeBed) inject(e *inject.Env, pod string, pkt []byte) (inject.Verdict, []byte, error) {
-	opts := &ebpf.RunOptions{Data: pkt, DataOut: make([]byte, len(pkt)+512),
-		Context: skbContext{Ifindex: uint32(b.topo.Pod(pod).HostIfIndex)}}
-	var ret uint32
-	err := b.topo.Node.Do(func() error {
-		var err error
-		ret, err = e.DP.FromPod.Run(opts)
-		return err
-	})
-	return inject.Verdict(ret), opts.DataOut, err
+	return e.InjectOn(&inject.Device{Do: b.topo.Node.Do, Ifindex: b.topo.Pod(pod).HostIfIndex}, inject.FromPod, pkt)
 }
 
 type routeFixture struct {

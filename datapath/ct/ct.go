@@ -26,6 +26,8 @@ func Now() (uint64, error) {
 
 // Entry is one CT entry in readable form.
 type Entry struct {
+	// Zone is the zone the entry is in (DumpZones; Dump leaves it empty).
+	Zone       string         `json:"zone,omitempty"`
 	Service    bool           `json:"service"`
 	Protocol   uint8          `json:"protocol"`
 	Source     netip.AddrPort `json:"source"`
@@ -51,6 +53,9 @@ func StateNames(s uint16) []string {
 		{maps.CTReplied, "replied"},
 		{maps.CTFwdFin, "fwd-fin"},
 		{maps.CTRevFin, "rev-fin"},
+		{maps.CTNSSNAT, "ns-snat"},
+		{maps.CTNSDSR, "ns-dsr"},
+		{maps.CTNSDSRIPIP, "ns-dsr-ipip"},
 		{maps.CTRst, "rst"},
 	} {
 		if s&b.bit != 0 {

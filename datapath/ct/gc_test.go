@@ -5,17 +5,18 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cilium/ebpf"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
 	"github.com/servicepath/servicepath/datapath/ct"
 	"github.com/servicepath/servicepath/datapath/maps"
-	"github.com/servicepath/servicepath/harness/inject"
 )
 
 // writePairs writes n synthetic flows (service + flow entry each) from
-// distinct client ports; flows i with expired(i) are past their lifetime.
-func writePairs(t *testing.T, env *inject.Env, n int, now uint64, expired func(i int) bool) {
+// distinct client ports into m; flows i with expired(i) are past their
+// lifetime.
+func writePairs(t *testing.T, m *ebpf.Map, n int, now uint64, expired func(i int) bool) {
 	t.Helper()
 	client, fam := maps.AddrFrom(netip.MustParseAddr("198.18.0.10"))
 	vip, _ := maps.AddrFrom(netip.MustParseAddr("198.19.0.10"))
@@ -35,7 +36,7 @@ func writePairs(t *testing.T, env *inject.Env, n int, now uint64, expired func(i
 			maps.CTEntry{Expires: exp, NATAddr: be, NATPort: maps.NewBE16(8080), BackendID: 1},
 			maps.CTEntry{Expires: exp, NATAddr: vip, NATPort: maps.NewBE16(80), BackendID: 1})
 	}
-	_, err := env.DP.Maps.CT.BatchUpdate(keys, vals, nil)
+	_, err := m.BatchUpdate(keys, vals, nil)
 	require.NoError(t, err, "write %d synthetic flows", n)
 }
 
@@ -43,7 +44,7 @@ func TestCollectorIncrementalPasses(t *testing.T) {
 	env := newEnv(t) // 4096 entries
 	require.NoError(t, env.Reset(), "reset maps")
 	n := now(t)
-	writePairs(t, env, 1500, n, func(i int) bool { return i%3 == 0 })
+	writePairs(t, env.DP.Maps.CT, 1500, n, func(i int) bool { return i%3 == 0 })
 
 	c := ct.NewCollector(env.DP.Maps.CT)
 	assert.Equal(t, -1, c.Estimate(0), "no estimate before a sweep")
@@ -77,7 +78,7 @@ func TestCollectorCountsOrphans(t *testing.T) {
 	env := newEnv(t)
 	require.NoError(t, env.Reset(), "reset maps")
 	n := now(t)
-	writePairs(t, env, 10, n, func(int) bool { return false })
+	writePairs(t, env.DP.Maps.CT, 10, n, func(int) bool { return false })
 	// Drop the service entries of three flows, as the LRU would.
 	var k maps.CTKey
 	var v maps.CTEntry

@@ -5,6 +5,9 @@ package loader
 import (
 	"errors"
 	"fmt"
+	"math/big"
+	"os"
+	"path/filepath"
 	"time"
 
 	"github.com/cilium/ebpf"
@@ -12,6 +15,7 @@ import (
 	"github.com/cilium/ebpf/features"
 	"golang.org/x/sys/unix"
 
+	"github.com/servicepath/servicepath/datapath/maglev"
 	"github.com/servicepath/servicepath/datapath/maps"
 	"github.com/servicepath/servicepath/datapath/mounts"
 )
@@ -91,6 +95,13 @@ type Config struct {
 	// evicts only from its own max/ncpus share (scenarios/lruscale measures
 	// both). Changing it needs an unload, like a size.
 	CTNoCommonLRU bool
+	// CTNorthSouthMapSize sizes the north-south conntrack zone, sp_ct_ns.
+	// The node-device objects get it in place of sp_ct, and every
+	// north-south flow is tracked by them alone (bpf/lib/ct_maps.h), so a
+	// flood of new north-south flows evicts only north-south entries. It
+	// costs a second preallocated map. 0: one map shared by both, as before
+	// zones. Turning zones on or off, like a size, needs an unload.
+	CTNorthSouthMapSize uint32
 
 	NoBackend NoBackendAction
 
@@ -106,19 +117,55 @@ type Config struct {
 
 	// HostRouting selects how pods' traffic is routed; Auto probes.
 	HostRouting HostRouting
+
+	// NATMapSize bounds sp_nat: two entries per SNATed north-south flow.
+	NATMapSize uint32
+	// NATPortMin and NATPortMax are the ports SNAT takes on the node's
+	// address. The default stays above Linux's default ephemeral range,
+	// so SNAT never takes the port of a node socket's connection.
+	NATPortMin, NATPortMax uint16
+
+	// XDP loads the node-device ingress path for XDP too (bpf_xdp.c,
+	// Datapath.XDPFromNetdev) where the kernel can run it (ProbeXDP). Off
+	// by default: it costs another large program to verify.
+	XDP bool
+
+	// MaglevTableSize is the slots of each Maglev service's lookup table:
+	// a prime from 251 to 131071, well above the backends a Maglev service
+	// has (its disruption on a change grows as size/backends shrinks).
+	// maglev.Small (16381, the default) and maglev.Large (65521) are the
+	// documented choices. Changing it needs an unload, like a size.
+	MaglevTableSize uint32
+
+	// SockState is where the socket hooks keep each socket's reverse
+	// translation: SockStateMap ("", the default), SockStateStorage, or
+	// SockStateAuto (storage where the kernel has it). Switching on a
+	// running node leaves sockets opened before it unrewritten.
+	SockState SockState
+	// SockRevNATMapSize bounds sp_sock_revnat, which map mode fills with
+	// one entry per socket and backend it translated.
+	SockRevNATMapSize uint32
 }
 
-// DefaultConfig has the sizes and Cilium's CT lifetimes.
+// DefaultConfig has the sizes and Cilium's CT lifetimes. Zones are
+// on: the north-south zone is sized like sp_nat, which bounds SNATed flows
+// at the same 64Ki (two entries each).
 func DefaultConfig() Config {
 	return Config{
-		ServiceMapSize:   65536,
-		BackendMapSize:   65536,
-		CTMapSize:        512 * 1024,
-		NoBackend:        Reject,
-		CTTCPSyn:         60 * time.Second,
-		CTTCPEstablished: 6 * time.Hour,
-		CTTCPClose:       10 * time.Second,
-		CTNonTCP:         60 * time.Second,
+		ServiceMapSize:      65536,
+		BackendMapSize:      65536,
+		CTMapSize:           512 * 1024,
+		CTNorthSouthMapSize: 128 * 1024,
+		SockRevNATMapSize:   256 * 1024,
+		NATMapSize:          128 * 1024,
+		NATPortMin:          61000,
+		NATPortMax:          65535,
+		MaglevTableSize:     maglev.Small,
+		NoBackend:           Reject,
+		CTTCPSyn:            60 * time.Second,
+		CTTCPEstablished:    6 * time.Hour,
+		CTTCPClose:          10 * time.Second,
+		CTNonTCP:            60 * time.Second,
 	}
 }
 
@@ -126,15 +173,24 @@ func (c Config) validate() error {
 	for _, s := range []struct {
 		name string
 		v    uint32
-	}{{"service map size", c.ServiceMapSize}, {"backend map size", c.BackendMapSize}, {"conntrack map size", c.CTMapSize}} {
+	}{{"service map size", c.ServiceMapSize}, {"backend map size", c.BackendMapSize}, {"conntrack map size", c.CTMapSize}, {"socket reverse-NAT map size", c.SockRevNATMapSize}, {"NAT map size", c.NATMapSize}} {
 		if s.v == 0 {
 			return fmt.Errorf("%s must be > 0", s.name)
 		}
+	}
+	if c.NATPortMin == 0 || c.NATPortMin > c.NATPortMax {
+		return fmt.Errorf("SNAT port range %d-%d: want 1 <= min <= max", c.NATPortMin, c.NATPortMax)
+	}
+	if n := c.MaglevTableSize; n < 251 || n > 131071 || !big.NewInt(int64(n)).ProbablyPrime(20) {
+		return fmt.Errorf("Maglev table size %d: want a prime from 251 to 131071 (16381 or 65521)", n)
 	}
 	switch c.HostRouting {
 	case HostRoutingAuto, HostRoutingStack, HostRoutingBPF:
 	default:
 		return fmt.Errorf("unknown host routing %q", c.HostRouting)
+	}
+	if !c.SockState.valid() {
+		return fmt.Errorf("unknown socket state %q", c.SockState)
 	}
 	if c.NoBackend != Reject && c.NoBackend != Drop {
 		return fmt.Errorf("unknown no-backend action %d", c.NoBackend)
@@ -169,9 +225,22 @@ type Datapath struct {
 	// Endpoints lists the node's local pods for BPF host routing
 	// (datapath/endpoints).
 	Endpoints *ebpf.Map
-	lxc       LxcObjects
-	sock      SockObjects
-	PinnedAt  string
+	// FromNetdev and ToNetdev are the node-device programs (north-south
+	// load balancing): tc ingress and egress of the node's own devices.
+	FromNetdev *ebpf.Program
+	ToNetdev   *ebpf.Program
+	// XDPFromNetdev is the node-device ingress path at XDP (bpf_xdp.c),
+	// ahead of FromNetdev, which must stay attached for what it passes
+	// on. Nil unless Config.XDP; nil too when the kernel cannot run it,
+	// and XDPMissing says why.
+	XDPFromNetdev *ebpf.Program
+	XDPMissing    error
+	lxc           LxcObjects
+	sock          SockObjects
+	host          HostObjects
+	xdp           XdpObjects
+	ctNS          *ebpf.Map
+	PinnedAt      string
 }
 
 // Load verifies and loads the programs with cfg applied. Both objects
@@ -201,11 +270,31 @@ func Load(cfg Config) (*Datapath, error) {
 	if err != nil {
 		return nil, fmt.Errorf("read BPF object: %w", err)
 	}
-	for _, spec := range []*ebpf.CollectionSpec{lxcSpec, sockSpec} {
+	hostSpec, err := LoadHost()
+	if err != nil {
+		return nil, fmt.Errorf("read BPF object: %w", err)
+	}
+	specs := []*ebpf.CollectionSpec{lxcSpec, sockSpec, hostSpec}
+	// The XDP object is optional: without it north-south runs in tc alone.
+	var xdpSpec *ebpf.CollectionSpec
+	var xdpMissing error
+	if cfg.XDP {
+		xdpMissing = ProbeXDP()
+		switch {
+		case xdpMissing == nil:
+			if xdpSpec, err = LoadXdp(); err != nil {
+				return nil, fmt.Errorf("read BPF object: %w", err)
+			}
+			specs = append(specs, xdpSpec)
+		case !errors.Is(xdpMissing, ebpf.ErrNotSupported):
+			return nil, fmt.Errorf("probe XDP: %w", xdpMissing)
+		}
+	}
+	for _, spec := range specs {
 		cfg.sizeMaps(spec)
 		for name, v := range knobs {
-			if spec.Variables[name] == nil && name == "cfg_host_routing" {
-				continue // only the pod-device object routes
+			if spec.Variables[name] == nil {
+				continue // a knob this object's code never reads
 			}
 			if err := spec.Variables[name].Set(v); err != nil {
 				return nil, fmt.Errorf("set %s: %w", name, err)
@@ -215,7 +304,7 @@ func Load(cfg Config) (*Datapath, error) {
 
 	var opts ebpf.CollectionOptions
 	if cfg.PinPath == "" {
-		for _, spec := range []*ebpf.CollectionSpec{lxcSpec, sockSpec} {
+		for _, spec := range specs {
 			for _, m := range spec.Maps {
 				m.Pinning = ebpf.PinNone
 			}
@@ -225,6 +314,10 @@ func Load(cfg Config) (*Datapath, error) {
 			return nil, err
 		}
 		opts.Maps.PinPath = cfg.PinPath
+	}
+
+	if err := cfg.checkPinnedZones(); err != nil {
+		return nil, loadError(cfg, err)
 	}
 
 	var dp Datapath
@@ -248,23 +341,53 @@ func Load(cfg Config) (*Datapath, error) {
 		dp.lxc.Close()
 		return nil, loadError(cfg, err)
 	}
+	opts.MapReplacements["sp_endpoints"] = shared.SpEndpoints
+	// Every node-device object (bpf_host.c, and the XDP one) gets the
+	// north-south zone as its sp_ct.
+	if nsSpec := cfg.ctZoneSpec(hostSpec); nsSpec != nil {
+		if dp.ctNS, err = ebpf.NewMapWithOptions(nsSpec, opts.Maps); err != nil {
+			dp.sock.Close()
+			dp.lxc.Close()
+			return nil, loadError(cfg, fmt.Errorf("north-south conntrack zone %s: %w", maps.CTNSName, err))
+		}
+		opts.MapReplacements[maps.CTName] = dp.ctNS
+	}
+	if err := hostSpec.LoadAndAssign(&dp.host, &opts); err != nil {
+		dp.closeCTNS()
+		dp.sock.Close()
+		dp.lxc.Close()
+		return nil, loadError(cfg, err)
+	}
+	if xdpSpec != nil {
+		if err := dp.loadXDP(xdpSpec, hostSpec, opts); err != nil {
+			dp.Close()
+			return nil, loadError(cfg, err)
+		}
+	}
 	dp.Maps = &maps.Maps{
 		Services:   shared.SpServices,
 		Backends:   shared.SpBackends,
 		SvcMeta:    shared.SpSvcMeta,
 		CT:         shared.SpCt,
+		CTNS:       dp.ctNS,
 		Frags:      shared.SpFrags,
 		Metrics:    shared.SpMetrics,
 		SockRevNAT: dp.sock.SpSockRevnat,
+		SockCtx:    dp.sock.SpSockCtx,
 		Affinity:   shared.SpAffinity,
 		NodeAddrs:  shared.SpNodeAddrs,
 		Maglev:     shared.SpMaglev,
 		SrcRanges:  shared.SpSrcRanges,
+		NAT:        dp.host.SpNat,
+		Netdevs:    dp.host.SpNetdevs,
 	}
 	dp.HostRouting = routing
 	dp.Endpoints = shared.SpEndpoints
 	dp.FromPod = dp.lxc.SpFromPod
 	dp.ToPod = dp.lxc.SpToPod
+	dp.FromNetdev = dp.host.SpFromNetdev
+	dp.ToNetdev = dp.host.SpToNetdev
+	dp.XDPFromNetdev, dp.XDPMissing = dp.xdp.SpXdpFromNetdev, xdpMissing
 	p := dp.sock.SockPrograms
 	dp.SockHooks = []SockHook{
 		{"connect4", ebpf.AttachCGroupInet4Connect, p.SpConnect4},
@@ -282,16 +405,58 @@ func Load(cfg Config) (*Datapath, error) {
 	return &dp, nil
 }
 
+// ctZoneSpec is the north-south zone: sp_ct's spec under its own name
+// and size, pinned by that name. The node-device object's sp_ct takes the
+// same size, since a replacement map must match its spec. Nil with zones
+// off.
+func (c Config) ctZoneSpec(host *ebpf.CollectionSpec) *ebpf.MapSpec {
+	if c.CTNorthSouthMapSize == 0 {
+		return nil
+	}
+	ct := host.Maps[maps.CTName]
+	ct.MaxEntries = c.CTNorthSouthMapSize
+	ns := ct.Copy()
+	ns.Name = maps.CTNSName
+	return ns
+}
+
+// checkPinnedZones refuses to turn zones on or off over pinned maps: the
+// node-device programs would look for established north-south flows in
+// the other map and break them.
+func (c Config) checkPinnedZones() error {
+	if c.PinPath == "" {
+		return nil
+	}
+	if _, err := os.Stat(filepath.Join(c.PinPath, maps.CTName)); err != nil {
+		return nil // nothing pinned yet
+	}
+	_, err := os.Stat(filepath.Join(c.PinPath, maps.CTNSName))
+	switch pinned := err == nil; {
+	case c.CTNorthSouthMapSize > 0 && !pinned:
+		return fmt.Errorf("conntrack zones asked for (a %d-entry north-south zone), but the pinned maps have one shared conntrack map: %w",
+			c.CTNorthSouthMapSize, ebpf.ErrMapIncompatible)
+	case c.CTNorthSouthMapSize == 0 && pinned:
+		return fmt.Errorf("one shared conntrack map asked for, but the pinned maps have a north-south zone (%s): %w",
+			maps.CTNSName, ebpf.ErrMapIncompatible)
+	}
+	return nil
+}
+
 func (c Config) sizeMaps(spec *ebpf.CollectionSpec) {
 	for name, size := range map[string]uint32{
 		maps.ServicesName: c.ServiceMapSize,
 		maps.SvcMetaName:  c.ServiceMapSize,
 		maps.BackendsName: c.BackendMapSize,
 		maps.CTName:       c.CTMapSize,
+		maps.SockRevName:  c.SockRevNATMapSize,
+		maps.NATName:      c.NATMapSize,
 	} {
 		if m, ok := spec.Maps[name]; ok {
 			m.MaxEntries = size
 		}
+	}
+	if m, ok := spec.Maps[maps.MaglevName]; ok {
+		m.ValueSize = 4 * c.MaglevTableSize // backend ids, read with cfg_maglev_size
 	}
 	if m, ok := spec.Maps[maps.CTName]; ok && c.CTNoCommonLRU {
 		m.Flags |= unix.BPF_F_NO_COMMON_LRU
@@ -314,6 +479,10 @@ func (c Config) knobs() (map[string]any, error) {
 	if err != nil && c.SockLBHostOnly {
 		return nil, fmt.Errorf("socket-LB in the host netns only needs this netns' cookie (SO_NETNS_COOKIE, Linux 5.14+): %w", err)
 	}
+	sockState, err := c.sockState()
+	if err != nil {
+		return nil, err
+	}
 	var hostOnly uint32
 	if c.SockLBHostOnly {
 		hostOnly = 1
@@ -327,6 +496,10 @@ func (c Config) knobs() (map[string]any, error) {
 		"cfg_have_set_retval":      haveSetRetval,
 		"cfg_sock_lb_host_only":    hostOnly,
 		"cfg_host_netns_cookie":    hostCookie,
+		"cfg_sock_state":           sockState.knob(),
+		"cfg_nat_port_min":         uint32(c.NATPortMin),
+		"cfg_nat_port_max":         uint32(c.NATPortMax),
+		"cfg_maglev_size":          c.MaglevTableSize,
 	}, nil
 }
 
@@ -403,7 +576,14 @@ func loadError(cfg Config, err error) error {
 	return fmt.Errorf("load BPF objects: %w", err)
 }
 
+func (d *Datapath) closeCTNS() error {
+	if d.ctNS == nil {
+		return nil
+	}
+	return d.ctNS.Close()
+}
+
 // Close releases file descriptors; pinned maps and attached links stay.
 func (d *Datapath) Close() error {
-	return errors.Join(d.sock.Close(), d.lxc.Close())
+	return errors.Join(d.xdp.Close(), d.host.Close(), d.closeCTNS(), d.sock.Close(), d.lxc.Close())
 }

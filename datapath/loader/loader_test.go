@@ -10,6 +10,7 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"golang.org/x/sys/unix"
 
 	"github.com/servicepath/servicepath/datapath/ct"
 	"github.com/servicepath/servicepath/datapath/loader"
@@ -101,6 +102,7 @@ func TestLoadRefusesIncompatiblePinnedMaps(t *testing.T) {
 		{"conntrack size", func(c *loader.Config) { c.CTMapSize *= 2 }},
 		{"service map size", func(c *loader.Config) { c.ServiceMapSize /= 2 }},
 		{"backend map size", func(c *loader.Config) { c.BackendMapSize /= 2 }},
+		{"Maglev table size", func(c *loader.Config) { c.MaglevTableSize = 65521 }},
 	} {
 		other := cfg
 		c.adjust(&other)
@@ -127,6 +129,10 @@ func TestLoadValidatesConfig(t *testing.T) {
 		{"negative close lifetime", func(c *loader.Config) { c.CTTCPClose = -time.Second }},
 		{"sub-second non-TCP lifetime", func(c *loader.Config) { c.CTNonTCP = time.Millisecond }},
 		{"lifetime past 2^32-1 s", func(c *loader.Config) { c.CTNonTCP = time.Duration(1<<32) * time.Second }},
+		{"Maglev table size not a prime", func(c *loader.Config) { c.MaglevTableSize = 16384 }},
+		{"Maglev table size below 251", func(c *loader.Config) { c.MaglevTableSize = 241 }},
+		{"Maglev table size above 131071", func(c *loader.Config) { c.MaglevTableSize = 131101 }},
+		{"zero Maglev table size", func(c *loader.Config) { c.MaglevTableSize = 0 }},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			cfg := loader.DefaultConfig()
@@ -140,6 +146,18 @@ func TestLoadValidatesConfig(t *testing.T) {
 			_, serr := os.Stat(cfg.PinPath)
 			assert.ErrorIs(t, serr, os.ErrNotExist, "%s is refused before the pin directory is created", c.name)
 		})
+	}
+}
+
+// The table size makes sp_maglev's values (cfg_maglev_size, which reads
+// them, is proved by the Maglev fixtures in datapath/clusterip).
+func TestLoadSizesMaglevTables(t *testing.T) {
+	testenv.RequireRoot(t)
+	for _, n := range []uint32{251, 65521} {
+		cfg := smallConfig()
+		cfg.MaglevTableSize = n
+		dp := load(t, cfg)
+		assert.Equal(t, 4*n, dp.Maps.Maglev.ValueSize(), "a table of %d slots holds %d backend ids", n, n)
 	}
 }
 
@@ -217,5 +235,106 @@ func TestLoadAppliesNoBackendAction(t *testing.T) {
 		require.NoError(t, err, "inject")
 		assert.Equal(t, want, v, "no-backend action %d gives verdict %s", action, want)
 		env.Close()
+	}
+}
+
+// uses says whether prog's object was given m.
+func uses(t *testing.T, prog *ebpf.Program, m *ebpf.Map) bool {
+	t.Helper()
+	info, err := prog.Info()
+	require.NoError(t, err, "program info")
+	ids, ok := info.MapIDs()
+	require.True(t, ok, "kernel reports a program's maps")
+	for _, id := range ids {
+		if id == mapID(t, m) {
+			return true
+		}
+	}
+	return false
+}
+
+// The north-south zone is a map of its own, pinned under its name and
+// re-used, sized apart and in sp_ct's LRU mode, and the node-device
+// programs (tc, and XDP where loaded) have it in place of sp_ct; with
+// zones off there is none, every program has sp_ct, and OpenPinned does
+// without it.
+func TestLoadCTZones(t *testing.T) {
+	for _, c := range []struct {
+		name        string
+		nsSize      uint32
+		noCommonLRU bool
+		xdp         bool
+	}{
+		{"zones", 1024, false, false},
+		{"zones with per-CPU LRU", 1024, true, false},
+		{"zones with XDP", 1024, false, true},
+		{"shared", 0, false, false},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			cfg := smallConfig()
+			cfg.PinPath = testenv.BPFFS(t)
+			cfg.CTNorthSouthMapSize, cfg.CTNoCommonLRU, cfg.XDP = c.nsSize, c.noCommonLRU, c.xdp
+			dp1 := load(t, cfg)
+			nodeDevice := []*ebpf.Program{dp1.FromNetdev, dp1.ToNetdev}
+			if c.xdp {
+				if dp1.XDPFromNetdev == nil {
+					t.Skipf("XDP not loaded: %v", dp1.XDPMissing)
+				}
+				nodeDevice = append(nodeDevice, dp1.XDPFromNetdev)
+			}
+			for _, p := range []*ebpf.Program{dp1.FromPod, dp1.ToPod} {
+				assert.True(t, uses(t, p, dp1.Maps.CT), "pod-device program %s has sp_ct", p)
+			}
+			for _, p := range nodeDevice {
+				assert.True(t, uses(t, p, dp1.Maps.NorthSouthCT()), "node-device program %s has the north-south map", p)
+				if dp1.Maps.CTNS != nil {
+					assert.False(t, uses(t, p, dp1.Maps.CT), "node-device program %s has no sp_ct with zones", p)
+					assert.False(t, uses(t, dp1.FromPod, dp1.Maps.CTNS), "from-pod has no sp_ct_ns")
+				}
+			}
+			opened, err := maps.OpenPinned(cfg.PinPath)
+			require.NoError(t, err, "OpenPinned finds every map")
+			t.Cleanup(func() { opened.Close() })
+			if c.nsSize == 0 {
+				assert.Nil(t, dp1.Maps.CTNS, "zones off: no north-south zone")
+				assert.Nil(t, opened.CTNS, "OpenPinned does without a zone never made")
+				assert.Equal(t, dp1.Maps.CT, dp1.Maps.NorthSouthCT(), "north-south flows are in sp_ct")
+				return
+			}
+			require.NotNil(t, dp1.Maps.CTNS, "zones on: a north-south zone")
+			assert.Equal(t, c.nsSize, dp1.Maps.CTNS.MaxEntries(), "the zone has its own size")
+			assert.Equal(t, cfg.CTMapSize, dp1.Maps.CT.MaxEntries(), "sp_ct keeps its size")
+			assert.Equal(t, dp1.Maps.CT.Flags(), dp1.Maps.CTNS.Flags(), "the zone's LRU mode is sp_ct's")
+			assert.Equal(t, c.noCommonLRU, dp1.Maps.CTNS.Flags()&unix.BPF_F_NO_COMMON_LRU != 0, "per-CPU LRU as configured")
+			assert.Equal(t, mapID(t, dp1.Maps.CTNS), mapID(t, opened.CTNS), "the zone is pinned as %s", maps.CTNSName)
+			assert.NotEqual(t, mapID(t, dp1.Maps.CT), mapID(t, dp1.Maps.CTNS), "two maps")
+			dp2 := load(t, cfg)
+			assert.Equal(t, mapID(t, dp1.Maps.CTNS), mapID(t, dp2.Maps.CTNS), "a second load re-uses the pinned zone")
+		})
+	}
+}
+
+// Turning zones on or off over pinned maps is refused, like a size
+// change: the node-device programs would look for established north-south
+// flows in the other map.
+func TestLoadRefusesSwitchingZones(t *testing.T) {
+	for _, c := range []struct {
+		name     string
+		from, to uint32
+	}{
+		{"zones on over a shared map", 0, 4096},
+		{"zones off over a zone", 4096, 0},
+		{"another zone size", 4096, 8192},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			cfg := smallConfig()
+			cfg.PinPath = testenv.BPFFS(t)
+			cfg.CTNorthSouthMapSize = c.from
+			load(t, cfg)
+			cfg.CTNorthSouthMapSize = c.to
+			_, err := loader.Load(cfg)
+			assert.ErrorContains(t, err, "unload", "%s: the error tells to unload", c.name)
+			assert.ErrorIs(t, err, ebpf.ErrMapIncompatible, "%s: the cause is kept", c.name)
+		})
 	}
 }

@@ -36,8 +36,12 @@ const (
 	LxcVarCfgHaveSetRetval     = "cfg_have_set_retval"
 	LxcVarCfgHostNetnsCookie   = "cfg_host_netns_cookie"
 	LxcVarCfgHostRouting       = "cfg_host_routing"
+	LxcVarCfgMaglevSize        = "cfg_maglev_size"
+	LxcVarCfgNatPortMax        = "cfg_nat_port_max"
+	LxcVarCfgNatPortMin        = "cfg_nat_port_min"
 	LxcVarCfgNoBackendAction   = "cfg_no_backend_action"
 	LxcVarCfgSockLbHostOnly    = "cfg_sock_lb_host_only"
+	LxcVarCfgSockState         = "cfg_sock_state"
 )
 
 // LoadLxc returns the embedded CollectionSpec for Lxc.
@@ -114,8 +118,12 @@ type LxcVariableSpecs struct {
 	CfgHaveSetRetval     *ebpf.VariableSpec `ebpf:"cfg_have_set_retval"`
 	CfgHostNetnsCookie   *ebpf.VariableSpec `ebpf:"cfg_host_netns_cookie"`
 	CfgHostRouting       *ebpf.VariableSpec `ebpf:"cfg_host_routing"`
+	CfgMaglevSize        *ebpf.VariableSpec `ebpf:"cfg_maglev_size"`
+	CfgNatPortMax        *ebpf.VariableSpec `ebpf:"cfg_nat_port_max"`
+	CfgNatPortMin        *ebpf.VariableSpec `ebpf:"cfg_nat_port_min"`
 	CfgNoBackendAction   *ebpf.VariableSpec `ebpf:"cfg_no_backend_action"`
 	CfgSockLbHostOnly    *ebpf.VariableSpec `ebpf:"cfg_sock_lb_host_only"`
+	CfgSockState         *ebpf.VariableSpec `ebpf:"cfg_sock_state"`
 }
 
 // LxcObjects contains all objects after they have been loaded into the kernel.
@@ -178,8 +186,12 @@ type LxcVariables struct {
 	CfgHaveSetRetval     *ebpf.Variable `ebpf:"cfg_have_set_retval"`
 	CfgHostNetnsCookie   *ebpf.Variable `ebpf:"cfg_host_netns_cookie"`
 	CfgHostRouting       *ebpf.Variable `ebpf:"cfg_host_routing"`
+	CfgMaglevSize        *ebpf.Variable `ebpf:"cfg_maglev_size"`
+	CfgNatPortMax        *ebpf.Variable `ebpf:"cfg_nat_port_max"`
+	CfgNatPortMin        *ebpf.Variable `ebpf:"cfg_nat_port_min"`
 	CfgNoBackendAction   *ebpf.Variable `ebpf:"cfg_no_backend_action"`
 	CfgSockLbHostOnly    *ebpf.Variable `ebpf:"cfg_sock_lb_host_only"`
+	CfgSockState         *ebpf.Variable `ebpf:"cfg_sock_state"`
 }
 
 // LxcPrograms contains all programs after they have been loaded into the kernel.

@@ -24,6 +24,7 @@ const (
 	SockMapSpMetrics            = "sp_metrics"
 	SockMapSpNodeAddrs          = "sp_node_addrs"
 	SockMapSpServices           = "sp_services"
+	SockMapSpSockCtx            = "sp_sock_ctx"
 	SockMapSpSockDestroy        = "sp_sock_destroy"
 	SockMapSpSockRevnat         = "sp_sock_revnat"
 	SockMapSpSrcRanges          = "sp_src_ranges"
@@ -45,8 +46,12 @@ const (
 	SockVarCfgHaveSetRetval     = "cfg_have_set_retval"
 	SockVarCfgHostNetnsCookie   = "cfg_host_netns_cookie"
 	SockVarCfgHostRouting       = "cfg_host_routing"
+	SockVarCfgMaglevSize        = "cfg_maglev_size"
+	SockVarCfgNatPortMax        = "cfg_nat_port_max"
+	SockVarCfgNatPortMin        = "cfg_nat_port_min"
 	SockVarCfgNoBackendAction   = "cfg_no_backend_action"
 	SockVarCfgSockLbHostOnly    = "cfg_sock_lb_host_only"
+	SockVarCfgSockState         = "cfg_sock_state"
 )
 
 // LoadSock returns the embedded CollectionSpec for Sock.
@@ -115,6 +120,7 @@ type SockMapSpecs struct {
 	SpMetrics     *ebpf.MapSpec `ebpf:"sp_metrics"`
 	SpNodeAddrs   *ebpf.MapSpec `ebpf:"sp_node_addrs"`
 	SpServices    *ebpf.MapSpec `ebpf:"sp_services"`
+	SpSockCtx     *ebpf.MapSpec `ebpf:"sp_sock_ctx"`
 	SpSockDestroy *ebpf.MapSpec `ebpf:"sp_sock_destroy"`
 	SpSockRevnat  *ebpf.MapSpec `ebpf:"sp_sock_revnat"`
 	SpSrcRanges   *ebpf.MapSpec `ebpf:"sp_src_ranges"`
@@ -132,8 +138,12 @@ type SockVariableSpecs struct {
 	CfgHaveSetRetval     *ebpf.VariableSpec `ebpf:"cfg_have_set_retval"`
 	CfgHostNetnsCookie   *ebpf.VariableSpec `ebpf:"cfg_host_netns_cookie"`
 	CfgHostRouting       *ebpf.VariableSpec `ebpf:"cfg_host_routing"`
+	CfgMaglevSize        *ebpf.VariableSpec `ebpf:"cfg_maglev_size"`
+	CfgNatPortMax        *ebpf.VariableSpec `ebpf:"cfg_nat_port_max"`
+	CfgNatPortMin        *ebpf.VariableSpec `ebpf:"cfg_nat_port_min"`
 	CfgNoBackendAction   *ebpf.VariableSpec `ebpf:"cfg_no_backend_action"`
 	CfgSockLbHostOnly    *ebpf.VariableSpec `ebpf:"cfg_sock_lb_host_only"`
+	CfgSockState         *ebpf.VariableSpec `ebpf:"cfg_sock_state"`
 }
 
 // SockObjects contains all objects after they have been loaded into the kernel.
@@ -164,6 +174,7 @@ type SockMaps struct {
 	SpMetrics     *ebpf.Map `ebpf:"sp_metrics"`
 	SpNodeAddrs   *ebpf.Map `ebpf:"sp_node_addrs"`
 	SpServices    *ebpf.Map `ebpf:"sp_services"`
+	SpSockCtx     *ebpf.Map `ebpf:"sp_sock_ctx"`
 	SpSockDestroy *ebpf.Map `ebpf:"sp_sock_destroy"`
 	SpSockRevnat  *ebpf.Map `ebpf:"sp_sock_revnat"`
 	SpSrcRanges   *ebpf.Map `ebpf:"sp_src_ranges"`
@@ -180,6 +191,7 @@ func (m *SockMaps) Close() error {
 		m.SpMetrics,
 		m.SpNodeAddrs,
 		m.SpServices,
+		m.SpSockCtx,
 		m.SpSockDestroy,
 		m.SpSockRevnat,
 		m.SpSrcRanges,
@@ -198,8 +210,12 @@ type SockVariables struct {
 	CfgHaveSetRetval     *ebpf.Variable `ebpf:"cfg_have_set_retval"`
 	CfgHostNetnsCookie   *ebpf.Variable `ebpf:"cfg_host_netns_cookie"`
 	CfgHostRouting       *ebpf.Variable `ebpf:"cfg_host_routing"`
+	CfgMaglevSize        *ebpf.Variable `ebpf:"cfg_maglev_size"`
+	CfgNatPortMax        *ebpf.Variable `ebpf:"cfg_nat_port_max"`
+	CfgNatPortMin        *ebpf.Variable `ebpf:"cfg_nat_port_min"`
 	CfgNoBackendAction   *ebpf.Variable `ebpf:"cfg_no_backend_action"`
 	CfgSockLbHostOnly    *ebpf.Variable `ebpf:"cfg_sock_lb_host_only"`
+	CfgSockState         *ebpf.Variable `ebpf:"cfg_sock_state"`
 }
 
 // SockPrograms contains all programs after they have been loaded into the kernel.

@@ -28,8 +28,14 @@ func LoadSockDestroyer(m *maps.Maps) (*SockDestroyer, error) {
 	for _, ms := range spec.Maps {
 		ms.Pinning = ebpf.PinNone
 	}
+	if m.SockCtx == nil {
+		return nil, fmt.Errorf("no %s map: `servicepath load` again", maps.SockCtxName)
+	}
+	// The hooks' own maps: the iterators read what the hooks wrote, in the
+	// socket's storage first, so they work whatever loader.SockState.
 	opts := &ebpf.CollectionOptions{MapReplacements: map[string]*ebpf.Map{
 		maps.SockRevName: m.SockRevNAT,
+		maps.SockCtxName: m.SockCtx,
 		maps.MetricsName: m.Metrics,
 	}}
 	var d SockDestroyer

@@ -17,6 +17,7 @@ import (
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
 	SockDestroyMapSpMetrics     = "sp_metrics"
+	SockDestroyMapSpSockCtx     = "sp_sock_ctx"
 	SockDestroyMapSpSockDestroy = "sp_sock_destroy"
 	SockDestroyMapSpSockRevnat  = "sp_sock_revnat"
 	SockDestroyProgSpDestroyTcp = "sp_destroy_tcp"
@@ -74,6 +75,7 @@ type SockDestroyProgramSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type SockDestroyMapSpecs struct {
 	SpMetrics     *ebpf.MapSpec `ebpf:"sp_metrics"`
+	SpSockCtx     *ebpf.MapSpec `ebpf:"sp_sock_ctx"`
 	SpSockDestroy *ebpf.MapSpec `ebpf:"sp_sock_destroy"`
 	SpSockRevnat  *ebpf.MapSpec `ebpf:"sp_sock_revnat"`
 }
@@ -105,6 +107,7 @@ func (o *SockDestroyObjects) Close() error {
 // It can be passed to LoadSockDestroyObjects or ebpf.CollectionSpec.LoadAndAssign.
 type SockDestroyMaps struct {
 	SpMetrics     *ebpf.Map `ebpf:"sp_metrics"`
+	SpSockCtx     *ebpf.Map `ebpf:"sp_sock_ctx"`
 	SpSockDestroy *ebpf.Map `ebpf:"sp_sock_destroy"`
 	SpSockRevnat  *ebpf.Map `ebpf:"sp_sock_revnat"`
 }
@@ -112,6 +115,7 @@ type SockDestroyMaps struct {
 func (m *SockDestroyMaps) Close() error {
 	return _SockDestroyClose(
 		m.SpMetrics,
+		m.SpSockCtx,
 		m.SpSockDestroy,
 		m.SpSockRevnat,
 	)

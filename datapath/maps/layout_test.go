@@ -55,7 +55,7 @@ func checkLayout(t *testing.T, what string, typ btf.Type, goType reflect.Type) {
 // keys and values, as the compiled object's BTF records it.
 func TestGoTypesMirrorBTFLayout(t *testing.T) {
 	all := map[string]*ebpf.MapSpec{}
-	for _, load := range []func() (*ebpf.CollectionSpec, error){loader.LoadLxc, loader.LoadSock, loader.LoadSockDestroy} {
+	for _, load := range []func() (*ebpf.CollectionSpec, error){loader.LoadLxc, loader.LoadSock, loader.LoadSockDestroy, loader.LoadHost} {
 		spec, err := load()
 		require.NoError(t, err, "read the compiled BPF objects")
 		for name, ms := range spec.Maps {
@@ -74,7 +74,11 @@ func TestGoTypesMirrorBTFLayout(t *testing.T) {
 		{maps.CTName, maps.CTKey{}, maps.CTEntry{}, "ct_key", "ct_entry"},
 		{maps.AffinityName, maps.AffinityKey{}, maps.AffinityValue{}, "lb_affinity_key", "lb_affinity_value"},
 		{"sp_sock_destroy", maps.SockDestroyKey{}, uint8(0), "sock_destroy_key", ""},
+		{maps.SockCtxName, int32(0), maps.SockCtx{}, "", "sock_ctx"},
+		{maps.SockRevName, maps.SockRevNATKey{}, maps.SockRevNATValue{}, "sock_revnat_key", "sock_revnat_value"},
 		{"sp_src_ranges", maps.SrcRangeKey{}, uint8(0), "src_range_key", ""},
+		{maps.NATName, maps.CTKey{}, maps.NATEntry{}, "ct_key", "nat_entry"},
+		{maps.NetdevsName, uint32(0), maps.NetdevInfo{}, "", "netdev_info"},
 	} {
 		t.Run(c.mapName, func(t *testing.T) {
 			ms, ok := all[c.mapName]

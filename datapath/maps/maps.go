@@ -15,9 +15,11 @@ const (
 	BackendsName = "sp_backends"
 	SvcMetaName  = "sp_svc_meta"
 	CTName       = "sp_ct"
+	CTNSName     = "sp_ct_ns"
 	FragsName    = "sp_frags"
 	MetricsName  = "sp_metrics"
 	SockRevName  = "sp_sock_revnat"
+	SockCtxName  = "sp_sock_ctx"
 	AffinityName = "sp_affinity"
 	NodeAddrName = "sp_node_addrs"
 	MaglevName   = "sp_maglev"
@@ -32,10 +34,17 @@ type Maps struct {
 	Backends *ebpf.Map
 	SvcMeta  *ebpf.Map
 	CT       *ebpf.Map
-	Frags    *ebpf.Map
-	Metrics  *ebpf.Map
+	// CTNS is the north-south conntrack zone, the node-device programs'
+	// sp_ct (loader.Config.CTNorthSouthMapSize); nil when zones are off
+	// and CT holds every flow.
+	CTNS    *ebpf.Map
+	Frags   *ebpf.Map
+	Metrics *ebpf.Map
 	// SockRevNAT maps a socket's backend peer back to the VIP.
 	SockRevNAT *ebpf.Map
+	// SockCtx is the same per socket, in socket storage (SockCtx values);
+	// it has no keys to walk, so Occupancy leaves it out.
+	SockCtx *ebpf.Map
 	// Affinity remembers each client's backend per service.
 	Affinity *ebpf.Map
 	// NodeAddrs holds the node's own addresses.
@@ -50,10 +59,22 @@ type Maps struct {
 	Netdevs *ebpf.Map
 }
 
+// NorthSouthCT is the conntrack map north-south flows are in: the zone
+// when zones are on, else the shared CT.
+func (m *Maps) NorthSouthCT() *ebpf.Map {
+	if m.CTNS != nil {
+		return m.CTNS
+	}
+	return m.CT
+}
+
 type namedMap struct {
 	name string
 	dst  **ebpf.Map
 }
+
+// optional maps exist only with some load settings (sp_ct_ns: zones on).
+var optional = map[string]bool{CTNSName: true}
 
 // named lists every map with its pinned name, in one place for open,
 // close and occupancy.
@@ -63,9 +84,11 @@ func (m *Maps) named() []namedMap {
 		{BackendsName, &m.Backends},
 		{SvcMetaName, &m.SvcMeta},
 		{CTName, &m.CT},
+		{CTNSName, &m.CTNS},
 		{FragsName, &m.Frags},
 		{MetricsName, &m.Metrics},
 		{SockRevName, &m.SockRevNAT},
+		{SockCtxName, &m.SockCtx},
 		{AffinityName, &m.Affinity},
 		{NodeAddrName, &m.NodeAddrs},
 		{MaglevName, &m.Maglev},
@@ -80,6 +103,9 @@ func OpenPinned(dir string) (*Maps, error) {
 	var m Maps
 	for _, x := range m.named() {
 		mp, err := ebpf.LoadPinnedMap(filepath.Join(dir, x.name), nil)
+		if optional[x.name] && errors.Is(err, os.ErrNotExist) {
+			continue
+		}
 		if err != nil {
 			m.Close()
 			if errors.Is(err, os.ErrNotExist) {
@@ -113,8 +139,8 @@ type Usage struct {
 func Occupancy(m *Maps) (map[string]Usage, error) {
 	out := map[string]Usage{}
 	for name, mp := range map[string]*ebpf.Map{
-		ServicesName: m.Services, BackendsName: m.Backends, CTName: m.CT, FragsName: m.Frags, SockRevName: m.SockRevNAT, AffinityName: m.Affinity,
-		NATName: m.NAT,
+		ServicesName: m.Services, BackendsName: m.Backends, CTName: m.CT, CTNSName: m.CTNS, FragsName: m.Frags, SockRevName: m.SockRevNAT,
+		AffinityName: m.Affinity, NATName: m.NAT,
 	} {
 		if mp == nil {
 			continue

@@ -181,7 +181,7 @@ const (
 type NATEntry struct {
 	Addr Addr
 	Port BE16
-	Pad  uint16
+	Pad  [6]uint8
 }
 
 // NetdevInfo is struct netdev_info: a node device's SNAT addresses.
@@ -219,6 +219,45 @@ type AffinityValue struct {
 	LastUsed  uint64
 	BackendID uint32
 	Pad       uint32
+}
+
+// SockRevNATKey is struct sock_revnat_key: a socket (by cookie) and the
+// backend it was sent to.
+type SockRevNATKey struct {
+	Cookie uint64
+	Addr   Addr
+	Port   BE16
+	Family Family
+	Pad    [5]uint8
+}
+
+// SockRevNATValue is struct sock_revnat_value: the VIP that backend
+// stands for.
+type SockRevNATValue struct {
+	Addr Addr
+	Port BE16
+	Pad  [6]uint8
+}
+
+// SockFlow is struct sock_flow: one translation a socket made.
+type SockFlow struct {
+	VIP         Addr
+	Backend     Addr
+	BackendID   uint32
+	VIPPort     BE16
+	BackendPort BE16
+	Family      Family
+	Proto       uint8
+	Pad         [6]uint8
+}
+
+// SockCtx is struct sock_ctx, a socket's storage: Flow[0] is connect()'s
+// while Conn is set; the others are unconnected sends.
+type SockCtx struct {
+	Flow [3]SockFlow
+	Conn uint8
+	Next uint8
+	Pad  [6]uint8
 }
 
 // SockDestroyKey is struct sock_destroy_key: a backend that left a frontend.

@@ -95,7 +95,7 @@ func TestNamesFollowEnumMetric(t *testing.T) {
 
 func TestReadFreshDatapathAllZero(t *testing.T) {
 	testenv.RequireRoot(t)
-	env, err := inject.NewEnv(loader.DefaultConfig())
+	env, err := inject.NewEnv(inject.Config())
 	require.NoError(t, err, "load datapath")
 	t.Cleanup(func() { env.Close() })
 
@@ -111,7 +111,7 @@ func TestReadFreshDatapathAllZero(t *testing.T) {
 // Read sums over CPUs under the right name.
 func TestReadSumsPerCPU(t *testing.T) {
 	testenv.RequireRoot(t)
-	env, err := inject.NewEnv(loader.DefaultConfig())
+	env, err := inject.NewEnv(inject.Config())
 	require.NoError(t, err, "load datapath")
 	t.Cleanup(func() { env.Close() })
 

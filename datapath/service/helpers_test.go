@@ -1,9 +1,12 @@
 package service_test
 
 import (
+	"cmp"
+	"encoding/binary"
 	"encoding/hex"
 	"fmt"
 	"net/netip"
+	"slices"
 	"testing"
 
 	"github.com/cilium/ebpf"
@@ -51,6 +54,28 @@ func frontend(addr string, port uint16, p service.Protocol) service.Frontend {
 	return service.Frontend{Addr: netip.MustParseAddr(addr), Port: port, Protocol: p}
 }
 
+func kindFrontend(addr string, port uint16, k service.Kind) service.Frontend {
+	f := frontend(addr, port, service.TCP)
+	f.Kind = k
+	return f
+}
+
+// lb4 is a LoadBalancer frontend, where every option applies.
+var lb4 = kindFrontend("192.0.2.10", 443, service.LoadBalancer)
+
+func with(s service.Service, fn func(*service.Service)) service.Service {
+	fn(&s)
+	return s
+}
+
+func ranges(prefixes ...string) func(*service.Service) {
+	return func(s *service.Service) {
+		for _, p := range prefixes {
+			s.SourceRanges = append(s.SourceRanges, netip.MustParsePrefix(p))
+		}
+	}
+}
+
 func active(addr string, port uint16) service.Backend {
 	return service.Backend{Addr: netip.MustParseAddr(addr), Port: port}
 }
@@ -78,6 +103,8 @@ func takeSnapshot(t *testing.T, m *maps.Maps) snapshot {
 		maps.SvcMetaName:  m.SvcMeta,
 		maps.CTName:       m.CT,
 		maps.FragsName:    m.Frags,
+		maps.MaglevName:   m.Maglev,
+		maps.SrcRangeName: m.SrcRanges,
 	} {
 		entries := map[string]string{}
 		var k, v []byte
@@ -97,6 +124,16 @@ type raw struct {
 	slots    map[maps.ServiceKey]maps.ServiceValue
 	backends map[uint32]maps.Backend
 	meta     map[maps.ServiceKey]maps.ServiceMeta
+	// tables are Maglev tables by svc id; ranges source ranges by svc id,
+	// sorted.
+	tables map[uint32][]uint32
+	ranges map[uint32][]netip.Prefix
+}
+
+// noID is a master without its svc id, which tests cannot know.
+func noID(v maps.ServiceValue) maps.ServiceValue {
+	v.SvcID = 0
+	return v
 }
 
 func readRaw(t *testing.T, m *maps.Maps) raw {
@@ -106,6 +143,8 @@ func readRaw(t *testing.T, m *maps.Maps) raw {
 		slots:    map[maps.ServiceKey]maps.ServiceValue{},
 		backends: map[uint32]maps.Backend{},
 		meta:     map[maps.ServiceKey]maps.ServiceMeta{},
+		tables:   map[uint32][]uint32{},
+		ranges:   map[uint32][]netip.Prefix{},
 	}
 	var k maps.ServiceKey
 	var v maps.ServiceValue
@@ -131,6 +170,29 @@ func readRaw(t *testing.T, m *maps.Maps) raw {
 		r.meta[k] = meta
 	}
 	require.NoError(t, mit.Err(), "iterate sp_svc_meta")
+	var svcID uint32
+	value := make([]byte, m.Maglev.ValueSize())
+	tit := m.Maglev.Iterate()
+	for tit.Next(&svcID, &value) {
+		table := make([]uint32, len(value)/4)
+		for i := range table {
+			table[i] = binary.NativeEndian.Uint32(value[4*i:])
+		}
+		r.tables[svcID] = table
+	}
+	require.NoError(t, tit.Err(), "iterate sp_maglev")
+	var rk maps.SrcRangeKey
+	var one uint8
+	rit := m.SrcRanges.Iterate()
+	for rit.Next(&rk, &one) {
+		r.ranges[rk.SvcID] = append(r.ranges[rk.SvcID], netip.PrefixFrom(rk.Addr.Netip(rk.Family), int(rk.PrefixLen)-64))
+	}
+	require.NoError(t, rit.Err(), "iterate sp_src_ranges")
+	for _, rs := range r.ranges {
+		slices.SortFunc(rs, func(a, b netip.Prefix) int {
+			return cmp.Or(a.Addr().Compare(b.Addr()), cmp.Compare(a.Bits(), b.Bits()))
+		})
+	}
 	return r
 }
 
@@ -153,9 +215,46 @@ func (r raw) slotIDs(t *testing.T, f service.Frontend) []uint32 {
 // and no others; every slot names a backend of the frontend's protocol and
 // family, active in slots 1..count and terminating after; no backend is
 // unnamed; every master has its owner's name and no name is orphaned.
+// Every master has its own nonzero svc id; a Maglev master with active
+// backends has a table naming only those, and no other table exists;
+// source ranges exist only for masters that say they have them.
 func checkInvariants(t *testing.T, r raw, when string) {
 	t.Helper()
 	named := map[uint32]int{}
+	bySvcID := map[uint32]maps.ServiceKey{}
+	for mk, mv := range r.masters {
+		if assert.NotZero(t, mv.SvcID, "%s: master %v has a svc id", when, mk.Addr.Netip(mk.Family)) {
+			_, dup := bySvcID[mv.SvcID]
+			assert.False(t, dup, "%s: svc id %d is one master's", when, mv.SvcID)
+			bySvcID[mv.SvcID] = mk
+		}
+		active := map[uint32]bool{}
+		for s := uint16(1); s <= mv.Count; s++ {
+			sk := mk
+			sk.Slot = s
+			active[r.slots[sk].BackendID] = true
+		}
+		table, hasTable := r.tables[mv.SvcID]
+		wantTable := mv.Flags&maps.SvcFlagMaglev != 0 && mv.Count > 0
+		assert.Equal(t, wantTable, hasTable, "%s: master %v (flags %#x, count %d) has a Maglev table exactly when it needs one",
+			when, mk.Addr.Netip(mk.Family), mv.Flags, mv.Count)
+		for i, id := range table {
+			if !active[id] {
+				assert.Fail(t, fmt.Sprintf("%s: Maglev slot %d names %d, not an active backend of %v", when, i, id, mk.Addr.Netip(mk.Family)))
+				break
+			}
+		}
+		assert.Equal(t, mv.Flags&maps.SvcFlagSourceRanges != 0, len(r.ranges[mv.SvcID]) > 0,
+			"%s: master %v has source ranges exactly when its flags say so", when, mk.Addr.Netip(mk.Family))
+	}
+	for id := range r.tables {
+		_, ok := bySvcID[id]
+		assert.True(t, ok, "%s: Maglev table %d belongs to a master", when, id)
+	}
+	for id := range r.ranges {
+		_, ok := bySvcID[id]
+		assert.True(t, ok, "%s: source ranges of svc id %d belong to a master", when, id)
+	}
 	for mk, mv := range r.masters {
 		assert.LessOrEqual(t, mv.Count, mv.Total, "%s: %s count <= total", when, mk.Addr.Netip(mk.Family))
 		assert.Zero(t, mv.BackendID, "%s: master carries no backend id", when)

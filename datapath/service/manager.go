@@ -1,15 +1,20 @@
 package service
 
 import (
+	"bytes"
+	"encoding/binary"
 	"errors"
 	"fmt"
+	"math"
 	"net/netip"
 	"slices"
 	"sort"
+	"strings"
 	"time"
 
 	"github.com/cilium/ebpf"
 
+	"github.com/servicepath/servicepath/datapath/maglev"
 	"github.com/servicepath/servicepath/datapath/maps"
 )
 
@@ -27,6 +32,18 @@ type Manager struct {
 	nextID   uint32
 	maxIDs   uint32
 	maxSlots uint32
+	// svcIDs are the frontends' svc ids (sp_maglev and sp_src_ranges keys),
+	// handed out from a cursor like backend ids, so an id is not reused
+	// while a packet may still hold it.
+	svcIDs    map[uint32]maps.ServiceKey
+	nextSvcID uint32
+	// tables and ranges count sp_maglev and sp_src_ranges entries in use.
+	tables, ranges       int
+	maxTables, maxRanges uint32
+	// maglevSize is the table size the loader gave sp_maglev (its value
+	// size / 4), which is what the datapath reads with: no separate
+	// setting can disagree with it.
+	maglevSize int
 }
 
 type frontend struct {
@@ -38,6 +55,15 @@ type frontend struct {
 	count int
 	// backends by id, as written to sp_backends.
 	backends map[uint32]maps.Backend
+	// svcID is 0 only for a frontend read from maps written before svc
+	// ids existed; its next write gives it one.
+	svcID uint32
+	// ranges are the source ranges in sp_src_ranges, masked and sorted.
+	ranges []netip.Prefix
+	// hasTable says sp_maglev holds a table for svcID; tableKey names the
+	// backends it was built from ("" when unknown: rewritten next time).
+	hasTable bool
+	tableKey string
 }
 
 func (f *frontend) slots() int { return len(f.ids) }
@@ -52,6 +78,15 @@ func NewManager(m *maps.Maps) (*Manager, error) {
 		nextID:    1,
 		maxIDs:    m.Backends.MaxEntries(),
 		maxSlots:  m.Services.MaxEntries(),
+		svcIDs:    map[uint32]maps.ServiceKey{},
+		nextSvcID: 1,
+	}
+	if m.Maglev != nil {
+		mgr.maglevSize = int(m.Maglev.ValueSize() / 4)
+		mgr.maxTables = m.Maglev.MaxEntries()
+	}
+	if m.SrcRanges != nil {
+		mgr.maxRanges = m.SrcRanges.MaxEntries()
 	}
 	if err := mgr.load(); err != nil {
 		return nil, fmt.Errorf("read service maps: %w", err)
@@ -112,6 +147,15 @@ func (mgr *Manager) load() error {
 			f.backends[id] = backends[id]
 			mgr.usedIDs[id] = true
 		}
+		// Two masters with one id (or none) cannot both keep it: the later
+		// is given a new one at its next write.
+		if _, dup := mgr.svcIDs[mv.SvcID]; mv.SvcID != 0 && !dup {
+			f.svcID = mv.SvcID
+			mgr.svcIDs[mv.SvcID] = mk
+			if mv.SvcID >= mgr.nextSvcID && mv.SvcID < math.MaxUint32 {
+				mgr.nextSvcID = mv.SvcID + 1
+			}
+		}
 		mgr.frontends[mk] = f
 		mgr.slots += f.slots() + 1
 	}
@@ -154,7 +198,156 @@ func (mgr *Manager) load() error {
 			return err
 		}
 	}
+	if err := mgr.loadRanges(); err != nil {
+		return fmt.Errorf("read source ranges: %w", err)
+	}
+	if err := mgr.loadTables(backends); err != nil {
+		return fmt.Errorf("read Maglev tables: %w", err)
+	}
 	return nil
+}
+
+// owner is the frontend whose master carries id and the flag, or nil.
+func (mgr *Manager) owner(id uint32, flag uint16) *frontend {
+	k, ok := mgr.svcIDs[id]
+	if !ok {
+		return nil
+	}
+	if f := mgr.frontends[k]; f.flags&flag != 0 {
+		return f
+	}
+	return nil
+}
+
+// loadRanges reads sp_src_ranges into the frontends; ranges of no
+// frontend that has SVC_F_SOURCE_RANGES are left from an interrupted
+// update and deleted.
+func (mgr *Manager) loadRanges() error {
+	if mgr.m.SrcRanges == nil {
+		return nil
+	}
+	var k maps.SrcRangeKey
+	var v uint8
+	var stale []maps.SrcRangeKey
+	it := mgr.m.SrcRanges.Iterate()
+	for it.Next(&k, &v) {
+		f := mgr.owner(k.SvcID, maps.SvcFlagSourceRanges)
+		if f == nil || k.PrefixLen < rangeKeyBits {
+			stale = append(stale, k)
+			continue
+		}
+		f.ranges = append(f.ranges, netip.PrefixFrom(k.Addr.Netip(k.Family), int(k.PrefixLen-rangeKeyBits)))
+	}
+	if err := it.Err(); err != nil {
+		return err
+	}
+	for _, f := range mgr.frontends {
+		slices.SortFunc(f.ranges, comparePrefix)
+		mgr.ranges += len(f.ranges)
+	}
+	for _, k := range stale {
+		if err := deleteIfPresent(mgr.m.SrcRanges, &k); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// loadTables notes which frontends have a Maglev table, and whether it is
+// the table their backends give (else the next write rewrites it). Tables
+// of no Maglev frontend with active backends are deleted.
+func (mgr *Manager) loadTables(backends map[uint32]maps.Backend) error {
+	if mgr.m.Maglev == nil {
+		return nil
+	}
+	var id uint32
+	value := make([]byte, mgr.m.Maglev.ValueSize())
+	var stale []uint32
+	it := mgr.m.Maglev.Iterate()
+	for it.Next(&id, &value) {
+		f := mgr.owner(id, maps.SvcFlagMaglev)
+		if f == nil || f.count == 0 {
+			stale = append(stale, id)
+			continue
+		}
+		f.hasTable = true
+		key, table, err := mgr.maglevTable(f.ids[:f.count], f.backends)
+		if err == nil && bytes.Equal(table, value) {
+			f.tableKey = key
+		}
+	}
+	if err := it.Err(); err != nil {
+		return err
+	}
+	for _, f := range mgr.frontends {
+		if f.hasTable {
+			mgr.tables++
+		}
+	}
+	for _, id := range stale {
+		if err := deleteIfPresent(mgr.m.Maglev, &id); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// rangeKeyBits is what a source range's prefix length counts before the
+// address: svc_id, family and padding.
+const rangeKeyBits = 64
+
+func rangeKey(svcID uint32, r netip.Prefix) maps.SrcRangeKey {
+	addr, fam := maps.AddrFrom(r.Addr())
+	return maps.SrcRangeKey{PrefixLen: uint32(rangeKeyBits + r.Bits()), SvcID: svcID, Family: fam, Addr: addr}
+}
+
+func comparePrefix(a, b netip.Prefix) int {
+	if c := a.Addr().Compare(b.Addr()); c != 0 {
+		return c
+	}
+	return a.Bits() - b.Bits()
+}
+
+// maglevName names a backend in a Maglev table. It depends on the
+// backend alone, so every node builds the same table from the same
+// backends, whatever ids they have there.
+func maglevName(b maps.Backend) string {
+	return netip.AddrPortFrom(b.Addr.Netip(b.Family), b.Port.Uint16()).String()
+}
+
+// maglevTable builds the table of the given active backends: backend ids
+// as the datapath reads them, and a key naming the input, so an unchanged
+// table is not rewritten. Backends are sorted by name first: the table
+// must not depend on slot order, which differs from node to node.
+func (mgr *Manager) maglevTable(active []uint32, backends map[uint32]maps.Backend) (string, []byte, error) {
+	if mgr.maglevSize == 0 {
+		return "", nil, errors.New("the datapath has no Maglev map")
+	}
+	type named struct {
+		name string
+		id   uint32
+	}
+	in := make([]named, 0, len(active))
+	for _, id := range active {
+		in = append(in, named{maglevName(backends[id]), id})
+	}
+	slices.SortFunc(in, func(a, b named) int { return strings.Compare(a.name, b.name) })
+	names := make([]string, len(in))
+	var key strings.Builder
+	fmt.Fprintf(&key, "%d", mgr.maglevSize)
+	for i, n := range in {
+		names[i] = n.name
+		fmt.Fprintf(&key, " %s=%d", n.name, n.id)
+	}
+	slots, err := maglev.Build(names, mgr.maglevSize)
+	if err != nil {
+		return "", nil, err
+	}
+	table := make([]byte, 4*len(slots))
+	for i, b := range slots {
+		binary.NativeEndian.PutUint32(table[4*i:], in[b].id)
+	}
+	return key.String(), table, nil
 }
 
 func deleteIfPresent(m *ebpf.Map, key any) error {
@@ -168,6 +361,47 @@ var kindFlags = map[Kind]uint16{
 	NodePort:     maps.SvcFlagNodePort,
 	ExternalIP:   maps.SvcFlagExternalIP,
 	LoadBalancer: maps.SvcFlagLoadBalancer,
+	HostPort:     maps.SvcFlagHostPort,
+}
+
+// behaviourFlags are the master's flags for what a service asks beyond
+// its kind.
+func behaviourFlags(s Service) uint16 {
+	var f uint16
+	if s.ExternalLocal {
+		f |= maps.SvcFlagETPLocal
+	}
+	if len(s.SourceRanges) > 0 {
+		f |= maps.SvcFlagSourceRanges
+	}
+	if s.Maglev {
+		f |= maps.SvcFlagMaglev
+	}
+	switch s.Mode {
+	case DSR:
+		f |= maps.SvcFlagDSR
+	case Hybrid:
+		f |= maps.SvcFlagDSR | maps.SvcFlagDSRHybrid
+	}
+	if s.Dispatch == IPIP {
+		f |= maps.SvcFlagDSRIPIP
+	}
+	return f
+}
+
+// fromFlags fills in what behaviourFlags wrote.
+func fromFlags(s *Service, f uint16) {
+	s.ExternalLocal = f&maps.SvcFlagETPLocal != 0
+	s.Maglev = f&maps.SvcFlagMaglev != 0
+	switch {
+	case f&maps.SvcFlagDSRHybrid != 0:
+		s.Mode = Hybrid
+	case f&maps.SvcFlagDSR != 0:
+		s.Mode = DSR
+	}
+	if f&maps.SvcFlagDSRIPIP != 0 {
+		s.Dispatch = IPIP
+	}
 }
 
 func kindOf(flags uint16) Kind {
@@ -210,6 +444,29 @@ type plan struct {
 	ids      []uint32
 	count    int
 	backends map[uint32]maps.Backend
+	svcID    uint32
+	ranges   []netip.Prefix
+	// tableKey is "" when the frontend has no table; table is nil when
+	// the one in the map is already right.
+	tableKey string
+	table    []byte
+}
+
+func (p *plan) hasTable() bool { return p.tableKey != "" }
+
+func (mgr *Manager) allocSvcID(reserved map[uint32]bool) uint32 {
+	for {
+		// Ids run 1..MaxUint32-1, so the cursor never wraps to 0; with at
+		// most ServiceMapSize frontends a free one is always near.
+		if mgr.nextSvcID == 0 || mgr.nextSvcID == math.MaxUint32 {
+			mgr.nextSvcID = 1
+		}
+		id := mgr.nextSvcID
+		mgr.nextSvcID++
+		if _, used := mgr.svcIDs[id]; !used && !reserved[id] {
+			return id
+		}
+	}
 }
 
 func (mgr *Manager) allocID(reserved map[uint32]bool) (uint32, error) {
@@ -227,7 +484,7 @@ func (mgr *Manager) allocID(reserved map[uint32]bool) (uint32, error) {
 	return 0, fmt.Errorf("backend map full (%d entries)", mgr.maxIDs)
 }
 
-func (mgr *Manager) plan(s Service, reserved map[uint32]bool) (*plan, error) {
+func (mgr *Manager) plan(s Service, reserved, reservedSvc map[uint32]bool) (*plan, error) {
 	if err := s.Validate(); err != nil {
 		return nil, err
 	}
@@ -239,8 +496,18 @@ func (mgr *Manager) plan(s Service, reserved map[uint32]bool) (*plan, error) {
 		return nil, fmt.Errorf("service %s: %w", s.Name, err)
 	}
 	p := &plan{key: frontendKey(s.Frontend), meta: meta, affinity: uint32(s.Affinity / time.Second),
-		flags: kindFlags[s.Frontend.Kind], backends: map[uint32]maps.Backend{}}
+		flags: kindFlags[s.Frontend.Kind] | behaviourFlags(s), backends: map[uint32]maps.Backend{}}
 	old := mgr.frontends[p.key]
+	if old != nil && old.svcID != 0 {
+		p.svcID = old.svcID
+	} else {
+		p.svcID = mgr.allocSvcID(reservedSvc)
+		reservedSvc[p.svcID] = true
+	}
+	for _, r := range s.SourceRanges {
+		p.ranges = append(p.ranges, r.Masked())
+	}
+	slices.SortFunc(p.ranges, comparePrefix)
 
 	ordered := slices.Clone(s.Backends)
 	sort.SliceStable(ordered, func(i, j int) bool { return ordered[i].State < ordered[j].State })
@@ -265,6 +532,18 @@ func (mgr *Manager) plan(s Service, reserved map[uint32]bool) (*plan, error) {
 		p.backends[id] = v
 		if b.State == Active {
 			p.count++
+		}
+	}
+	// The table is built here, so one that cannot be is refused before
+	// any write.
+	if s.Maglev && p.count > 0 {
+		key, table, err := mgr.maglevTable(p.ids[:p.count], p.backends)
+		if err != nil {
+			return nil, fmt.Errorf("service %s: Maglev: %w", s.Name, err)
+		}
+		p.tableKey = key
+		if old == nil || !old.hasTable || old.tableKey != key || old.svcID != p.svcID {
+			p.table = table
 		}
 	}
 	return p, nil
@@ -311,11 +590,11 @@ func (mgr *Manager) Upsert(s Service) error {
 }
 
 func (mgr *Manager) planAll(services []Service) ([]*plan, error) {
-	reserved := map[uint32]bool{}
+	reserved, reservedSvc := map[uint32]bool{}, map[uint32]bool{}
 	seen := map[maps.ServiceKey]bool{}
 	var plans []*plan
 	for _, s := range services {
-		p, err := mgr.plan(s, reserved)
+		p, err := mgr.plan(s, reserved, reservedSvc)
 		if err != nil {
 			return nil, err
 		}
@@ -331,27 +610,39 @@ func (mgr *Manager) planAll(services []Service) ([]*plan, error) {
 	return plans, nil
 }
 
-// usage is what a change needs of the two bounded maps.
-type usage struct{ slots, ids int }
+// usage is what a change needs of the bounded maps.
+type usage struct{ slots, ids, tables, ranges int }
+
+func (u usage) sum() int { return u.slots + u.ids + u.tables + u.ranges }
 
 // commit removes stale frontends, then writes plans, shrinking ones first.
 // Each write briefly holds old and new entries together, so the peak of
 // every step is checked, not only the end state, before a map is touched:
 // a change that cannot complete is refused whole.
 func (mgr *Manager) commit(plans []*plan, stale []maps.ServiceKey) error {
-	running := usage{slots: mgr.slots, ids: len(mgr.usedIDs)}
+	running := usage{slots: mgr.slots, ids: len(mgr.usedIDs), tables: mgr.tables, ranges: mgr.ranges}
 	for _, k := range stale {
 		f := mgr.frontends[k]
 		running.slots -= f.slots() + 1
 		running.ids -= len(f.backends)
+		running.ranges -= len(f.ranges)
+		if f.hasTable {
+			running.tables--
+		}
 	}
 	type step struct {
 		p           *plan
 		grow, delta usage
 	}
 	steps := make([]step, 0, len(plans))
+	b2i := func(b bool) int {
+		if b {
+			return 1
+		}
+		return 0
+	}
 	for _, p := range plans {
-		st := step{p: p, grow: usage{slots: len(p.ids) + 1, ids: len(p.ids)}}
+		st := step{p: p, grow: usage{slots: len(p.ids) + 1, ids: len(p.ids), tables: b2i(p.hasTable()), ranges: len(p.ranges)}}
 		st.delta = st.grow
 		if old := mgr.frontends[p.key]; old != nil {
 			newIDs := 0
@@ -360,14 +651,20 @@ func (mgr *Manager) commit(plans []*plan, stale []maps.ServiceKey) error {
 					newIDs++
 				}
 			}
-			st.grow = usage{slots: max(0, len(p.ids)-old.slots()), ids: newIDs}
-			st.delta = usage{slots: len(p.ids) - old.slots(), ids: len(p.ids) - len(old.backends)}
+			newRanges := len(p.ranges)
+			if old.svcID == p.svcID {
+				newRanges = len(slices.DeleteFunc(slices.Clone(p.ranges), func(r netip.Prefix) bool {
+					return slices.Contains(old.ranges, r)
+				}))
+			}
+			st.grow = usage{slots: max(0, len(p.ids)-old.slots()), ids: newIDs,
+				tables: b2i(p.hasTable() && !old.hasTable), ranges: newRanges}
+			st.delta = usage{slots: len(p.ids) - old.slots(), ids: len(p.ids) - len(old.backends),
+				tables: b2i(p.hasTable()) - b2i(old.hasTable), ranges: len(p.ranges) - len(old.ranges)}
 		}
 		steps = append(steps, st)
 	}
-	sort.SliceStable(steps, func(i, j int) bool {
-		return steps[i].delta.slots+steps[i].delta.ids < steps[j].delta.slots+steps[j].delta.ids
-	})
+	sort.SliceStable(steps, func(i, j int) bool { return steps[i].delta.sum() < steps[j].delta.sum() })
 	for _, st := range steps {
 		if n := running.slots + st.grow.slots; n > int(mgr.maxSlots) {
 			return fmt.Errorf("service map full: %s needs %d entries, %d available", keyString(st.p.key), n, mgr.maxSlots)
@@ -375,8 +672,16 @@ func (mgr *Manager) commit(plans []*plan, stale []maps.ServiceKey) error {
 		if n := running.ids + st.grow.ids; n > int(mgr.maxIDs) {
 			return fmt.Errorf("backend map full: %s needs %d entries, %d available", keyString(st.p.key), n, mgr.maxIDs)
 		}
+		if n := running.tables + st.grow.tables; n > int(mgr.maxTables) {
+			return fmt.Errorf("Maglev map full: %s needs %d tables, %d available", keyString(st.p.key), n, mgr.maxTables)
+		}
+		if n := running.ranges + st.grow.ranges; n > int(mgr.maxRanges) {
+			return fmt.Errorf("source range map full: %s needs %d entries, %d available", keyString(st.p.key), n, mgr.maxRanges)
+		}
 		running.slots += st.delta.slots
 		running.ids += st.delta.ids
+		running.tables += st.delta.tables
+		running.ranges += st.delta.ranges
 	}
 
 	for _, k := range stale {
@@ -403,8 +708,9 @@ func (mgr *Manager) DeleteOwned(owners []string) error {
 }
 
 // write moves a frontend to its planned layout in an order where no packet
-// sees a slot naming an unwritten or deleted backend, or a count covering
-// an unwritten slot: backends, slots, master, then removals.
+// sees a slot or Maglev table naming an unwritten or deleted backend, a
+// count covering an unwritten slot, or a flag whose table or ranges are
+// not written yet: backends, slots, table, ranges, master, then removals.
 func (mgr *Manager) write(p *plan) error {
 	old := mgr.frontends[p.key]
 	for id, b := range p.backends {
@@ -431,20 +737,64 @@ func (mgr *Manager) write(p *plan) error {
 			return fmt.Errorf("write slot %d: %w", i+1, err)
 		}
 	}
-	master := maps.ServiceValue{Count: uint16(p.count), Total: uint16(len(p.ids)), AffinityTimeout: p.affinity, Flags: p.flags}
+	if p.table != nil {
+		if err := mgr.m.Maglev.Put(p.svcID, p.table); err != nil {
+			return fmt.Errorf("write Maglev table: %w", err)
+		}
+	}
+	var oldRanges []netip.Prefix
+	if old != nil && old.svcID == p.svcID {
+		oldRanges = old.ranges
+	}
+	for _, r := range p.ranges {
+		if slices.Contains(oldRanges, r) {
+			continue
+		}
+		if err := mgr.m.SrcRanges.Put(rangeKey(p.svcID, r), uint8(1)); err != nil {
+			return fmt.Errorf("write source range %s: %w", r, err)
+		}
+	}
+	master := maps.ServiceValue{Count: uint16(p.count), Total: uint16(len(p.ids)), AffinityTimeout: p.affinity, Flags: p.flags,
+		SvcID: p.svcID}
 	if err := mgr.m.Services.Put(p.key, master); err != nil {
 		return fmt.Errorf("write service: %w", err)
 	}
 	name, portName := p.meta.Names()
 	next := &frontend{name: name, portName: portName, affinity: p.affinity, flags: p.flags, ids: p.ids, count: p.count,
-		backends: p.backends}
+		backends: p.backends, svcID: p.svcID, ranges: p.ranges, hasTable: p.hasTable(), tableKey: p.tableKey}
 	mgr.frontends[p.key] = next
+	mgr.svcIDs[p.svcID] = p.key
 	mgr.slots += next.slots() + 1
+	mgr.ranges += len(next.ranges)
+	if next.hasTable {
+		mgr.tables++
+	}
 	if old != nil {
 		mgr.slots -= old.slots() + 1
 	}
 	if old == nil {
 		return nil
+	}
+	// What the master no longer names: ranges, a table no longer used. The
+	// old ones stay counted until they are gone, erring on the safe side
+	// should a delete fail.
+	for _, r := range old.ranges {
+		if old.svcID == p.svcID && slices.Contains(p.ranges, r) {
+			continue
+		}
+		k := rangeKey(old.svcID, r)
+		if err := deleteIfPresent(mgr.m.SrcRanges, &k); err != nil {
+			return fmt.Errorf("delete source range %s: %w", r, err)
+		}
+	}
+	mgr.ranges -= len(old.ranges)
+	if old.hasTable {
+		if !next.hasTable || old.svcID != p.svcID {
+			if err := deleteIfPresent(mgr.m.Maglev, &old.svcID); err != nil {
+				return fmt.Errorf("delete Maglev table: %w", err)
+			}
+		}
+		mgr.tables--
 	}
 	for s := len(p.ids) + 1; s <= old.slots(); s++ {
 		sk := p.key
@@ -493,6 +843,17 @@ func (mgr *Manager) remove(k maps.ServiceKey) error {
 	if err := deleteIfPresent(mgr.m.Services, &k); err != nil {
 		return err
 	}
+	if f.hasTable {
+		if err := deleteIfPresent(mgr.m.Maglev, &f.svcID); err != nil {
+			return err
+		}
+	}
+	for _, r := range f.ranges {
+		rk := rangeKey(f.svcID, r)
+		if err := deleteIfPresent(mgr.m.SrcRanges, &rk); err != nil {
+			return err
+		}
+	}
 	for s := 1; s <= f.slots(); s++ {
 		sk := k
 		sk.Slot = uint16(s)
@@ -511,7 +872,12 @@ func (mgr *Manager) remove(k maps.ServiceKey) error {
 		return err
 	}
 	delete(mgr.frontends, k)
+	delete(mgr.svcIDs, f.svcID)
 	mgr.slots -= f.slots() + 1
+	mgr.ranges -= len(f.ranges)
+	if f.hasTable {
+		mgr.tables--
+	}
 	return nil
 }
 
@@ -531,8 +897,10 @@ func (mgr *Manager) List() []Programmed {
 			PortName: f.portName,
 			Frontend: Frontend{Addr: k.Addr.Netip(k.Family), Port: k.Port.Uint16(), Protocol: Protocol(k.Proto),
 				Kind: kindOf(f.flags)},
-			Affinity: time.Duration(f.affinity) * time.Second,
+			Affinity:     time.Duration(f.affinity) * time.Second,
+			SourceRanges: slices.Clone(f.ranges),
 		}}
+		fromFlags(&s.Service, f.flags)
 		for i, id := range f.ids {
 			b := f.backends[id]
 			state := Active

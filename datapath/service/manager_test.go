@@ -39,7 +39,7 @@ func TestUpsertWritesMasterSlotsAndBackends(t *testing.T) {
 
 			r := readRaw(t, env.DP.Maps)
 			checkInvariants(t, r, "after upsert")
-			assert.Equal(t, maps.ServiceValue{Count: 2, Total: 3}, r.masters[key(c.f, 0)], "master holds count=2 active, total=3")
+			assert.Equal(t, maps.ServiceValue{Count: 2, Total: 3}, noID(r.masters[key(c.f, 0)]), "master holds count=2 active, total=3")
 
 			// Slot order: active backends in given order, then terminating.
 			var want []service.Backend
@@ -86,7 +86,7 @@ func TestChangingBackendsReusesAndFreesIDs(t *testing.T) {
 
 	r := readRaw(t, env.DP.Maps)
 	checkInvariants(t, r, "after change")
-	assert.Equal(t, maps.ServiceValue{Count: 2, Total: 3}, r.masters[key(fe4, 0)], "master shrank to count 2, total 3")
+	assert.Equal(t, maps.ServiceValue{Count: 2, Total: 3}, noID(r.masters[key(fe4, 0)]), "master shrank to count 2, total 3")
 	_, ok := r.slots[key(fe4, 4)]
 	assert.False(t, ok, "slot 4, past the new total, is deleted")
 
@@ -130,6 +130,26 @@ func TestInvalidInputLeavesMapsUnchanged(t *testing.T) {
 		{"name too long", svc(strings.Repeat("n", 128), frontend("198.19.0.12", 80, service.TCP), active("198.18.0.11", 8080)), "longer than"},
 		{"port name too long", withPortName(svc("default/web", fe4, active("198.18.0.11", 8080)), strings.Repeat("p", 64)), "longer than"},
 		{"frontend owned by another service", svc("default/other", fe4, active("198.18.0.11", 8080)), "already belongs"},
+		{"ClusterIP on the unspecified address", svc("default/web", frontend("0.0.0.0", 80, service.TCP)), "only a NodePort or HostPort"},
+		{"NodePort on an address", svc("default/web", kindFrontend("198.19.0.11", 80, service.NodePort)), "a NodePort has the unspecified address"},
+		{"ExternalLocal on a ClusterIP", with(svc("default/web", fe4), func(s *service.Service) { s.ExternalLocal = true }),
+			"ExternalLocal: only for NodePort, ExternalIP and LoadBalancer frontends"},
+		{"ExternalLocal on a HostPort", with(svc("default/web", kindFrontend("0.0.0.0", 8080, service.HostPort)), func(s *service.Service) { s.ExternalLocal = true }),
+			"ExternalLocal"},
+		{"source ranges on a NodePort", with(svc("default/web", kindFrontend("0.0.0.0", 30080, service.NodePort)), ranges("10.0.0.0/8")),
+			"SourceRanges: only for LoadBalancer frontends"},
+		{"source range of the other family", with(svc("default/web", lb4), ranges("10.0.0.0/8", "fd00::/8")),
+			"SourceRanges[1]: fd00::/8 is not of the frontend's address family"},
+		{"IPv4-mapped source range", with(svc("default/web", lb4), ranges("::ffff:10.0.0.0/104")), "SourceRanges[0]"},
+		{"source range listed twice", with(svc("default/web", lb4), ranges("10.0.0.0/8", "10.1.0.0/8")), "SourceRanges[1]: 10.0.0.0/8 listed twice"},
+		{"invalid source range", with(svc("default/web", lb4), func(s *service.Service) { s.SourceRanges = []netip.Prefix{{}} }),
+			"SourceRanges[0]: invalid prefix"},
+		{"DSR on a ClusterIP", with(svc("default/web", fe4), func(s *service.Service) { s.Mode = service.DSR }), "Mode dsr: only for"},
+		{"IPIP dispatch with SNAT", with(svc("default/web", lb4), func(s *service.Service) { s.Dispatch = service.IPIP }),
+			"Dispatch ipip: only with Mode dsr or hybrid"},
+		{"unknown mode", with(svc("default/web", lb4), func(s *service.Service) { s.Mode = 9 }), "Mode: unknown mode 9"},
+		{"unknown dispatch", with(svc("default/web", lb4), func(s *service.Service) { s.Mode, s.Dispatch = service.DSR, 9 }), "Dispatch: unknown"},
+		{"unknown kind", svc("default/web", kindFrontend("198.19.0.11", 80, 9)), "unknown frontend kind"},
 	}
 	for _, c := range bad {
 		t.Run(c.name, func(t *testing.T) {
@@ -418,10 +438,16 @@ func TestNewManagerRemovesStrayEntries(t *testing.T) {
 	m := env.DP.Maps
 	s1 := svc("ns/a", fe4, active("198.18.0.1", 80), terminating("198.18.0.2", 80))
 	s2 := svc("ns/b", fe6, active("fd00:5e::1", 443))
-	require.NoError(t, env.Services.Upsert(s1), "upsert s1")
-	require.NoError(t, env.Services.Upsert(s2), "upsert s2")
+	s2.Maglev = true
+	s3 := svc("ns/b", lb4, active("198.18.0.6", 443))
+	s3.SourceRanges = []netip.Prefix{netip.MustParsePrefix("10.0.0.0/8")}
+	for _, s := range []service.Service{s1, s2, s3} {
+		require.NoError(t, env.Services.Upsert(s), "upsert %s", s.Frontend)
+	}
 	want := takeSnapshot(t, m)
 	wantList := env.Services.List()
+	r := readRaw(t, m)
+	s1ID, s2ID, s3ID := r.masters[key(fe4, 0)].SvcID, r.masters[key(fe6, 0)].SvcID, r.masters[key(lb4, 0)].SvcID
 
 	// What an interrupted update leaves behind.
 	put := func(mp interface{ Put(k, v any) error }, k, v any, what string) {
@@ -436,6 +462,16 @@ func TestNewManagerRemovesStrayEntries(t *testing.T) {
 	put(m.SvcMeta, key(gone, 0), meta, "name without a master")
 	put(m.Backends, uint32(300), backendValue(active("198.18.0.5", 80), service.TCP), "backend of a removed frontend")
 	put(m.Services, key(gone, 1), maps.ServiceValue{BackendID: 300}, "slot of a frontend whose master was removed")
+	table := make([]byte, m.Maglev.ValueSize())
+	put(m.Maglev, s2ID+100, table, "table of a removed frontend")
+	put(m.Maglev, s1ID, table, "table of a frontend without Maglev")
+	rangeOf := func(id uint32, p string) maps.SrcRangeKey {
+		pr := netip.MustParsePrefix(p)
+		addr, fam := maps.AddrFrom(pr.Addr())
+		return maps.SrcRangeKey{PrefixLen: uint32(64 + pr.Bits()), SvcID: id, Family: fam, Addr: addr}
+	}
+	put(m.SrcRanges, rangeOf(s3ID+100, "10.0.0.0/8"), uint8(1), "source range of a removed frontend")
+	put(m.SrcRanges, rangeOf(s2ID, "fd00::/8"), uint8(1), "source range of a frontend without ranges")
 	require.NotEqual(t, want, takeSnapshot(t, m), "the strays are in the maps")
 
 	mgr, err := service.NewManager(m)
@@ -488,8 +524,10 @@ func TestRandomOperationsKeepInvariants(t *testing.T) {
 		frontend("198.19.0.2", 443, service.TCP),
 		frontend("fd00:5f::1", 80, service.TCP),
 		frontend("fd00:5f::2", 53, service.UDP),
+		kindFrontend("192.0.2.10", 443, service.LoadBalancer),
 	}
 	owner := func(i int) string { return fmt.Sprintf("ns/svc%d", i%3) }
+	rangePool := []netip.Prefix{netip.MustParsePrefix("10.0.0.0/8"), netip.MustParsePrefix("172.16.0.0/12"), netip.MustParsePrefix("192.168.0.0/16")}
 	pool := func(f service.Frontend) []netip.Addr {
 		var out []netip.Addr
 		for i := range 8 {
@@ -513,6 +551,19 @@ func TestRandomOperationsKeepInvariants(t *testing.T) {
 				b.State = service.Terminating
 			}
 			s.Backends = append(s.Backends, b)
+		}
+		s.Maglev = rng.IntN(2) == 0
+		if f.Kind == service.LoadBalancer {
+			s.ExternalLocal = rng.IntN(2) == 0
+			s.Mode = service.Mode(rng.IntN(3))
+			if s.Mode != service.SNAT && rng.IntN(2) == 0 {
+				s.Dispatch = service.IPIP
+			}
+			for _, r := range rangePool {
+				if rng.IntN(2) == 0 {
+					s.SourceRanges = append(s.SourceRanges, r)
+				}
+			}
 		}
 		return s
 	}

@@ -47,6 +47,10 @@ const (
 	NodePort
 	ExternalIP
 	LoadBalancer
+	// HostPort is a pod's containers[].ports[].hostPort: like a NodePort,
+	// the unspecified address answers on every node address, unless the
+	// pod gave a hostIP. Its backends are pods of this node.
+	HostPort
 )
 
 func (k Kind) String() string {
@@ -57,8 +61,80 @@ func (k Kind) String() string {
 		return "ExternalIP"
 	case LoadBalancer:
 		return "LoadBalancer"
+	case HostPort:
+		return "HostPort"
 	}
 	return "ClusterIP"
+}
+
+// external is a frontend reached from outside the cluster, where the
+// traffic policy and the north-south mode apply.
+func (k Kind) external() bool {
+	return k == NodePort || k == ExternalIP || k == LoadBalancer
+}
+
+// Mode is how the node that takes a north-south flow reaches a backend on
+// another node.
+type Mode uint8
+
+const (
+	// SNAT rewrites the client's source to the node's address, so replies
+	// come back through this node.
+	SNAT Mode = iota
+	// DSR keeps the client's address; the backend's node replies straight
+	// to the client.
+	DSR
+	// Hybrid is DSR for TCP and SNAT for UDP.
+	Hybrid
+)
+
+func (m Mode) String() string {
+	switch m {
+	case DSR:
+		return "dsr"
+	case Hybrid:
+		return "hybrid"
+	}
+	return "snat"
+}
+
+// ParseMode reads the spelling String gives.
+func ParseMode(s string) (Mode, error) {
+	for _, m := range []Mode{SNAT, DSR, Hybrid} {
+		if s == m.String() {
+			return m, nil
+		}
+	}
+	return 0, fmt.Errorf("unknown load-balancing mode %q (want snat, dsr or hybrid)", s)
+}
+
+// Dispatch is how a DSR flow tells the backend's node the service it was
+// sent to.
+type Dispatch uint8
+
+const (
+	// Option carries the service in an IPv4 option or IPv6 extension
+	// header.
+	Option Dispatch = iota
+	// IPIP encapsulates the packet to the backend's node (IPIP/IP6IP6).
+	IPIP
+)
+
+func (d Dispatch) String() string {
+	if d == IPIP {
+		return "ipip"
+	}
+	return "option"
+}
+
+// ParseDispatch reads the spelling String gives.
+func ParseDispatch(s string) (Dispatch, error) {
+	for _, d := range []Dispatch{Option, IPIP} {
+		if s == d.String() {
+			return d, nil
+		}
+	}
+	return 0, fmt.Errorf("unknown DSR dispatch %q (want option or ipip)", s)
 }
 
 // Frontend is the address a client connects to: one (VIP, port, protocol).
@@ -116,6 +192,21 @@ type Service struct {
 	Backends []Backend
 	// Affinity is sessionAffinity ClientIP's timeout; 0 turns it off.
 	Affinity time.Duration
+	// ExternalLocal is externalTrafficPolicy Local on an external frontend:
+	// Backends are this node's only, and without any the node drops.
+	ExternalLocal bool
+	// SourceRanges are loadBalancerSourceRanges: only clients in them may
+	// use a LoadBalancer frontend. Empty lets everyone in.
+	SourceRanges []netip.Prefix
+	// Maglev picks new flows' backends from a Maglev table by flow hash,
+	// so every node picks alike; otherwise at random. The table is
+	// maglev.Build over the active backends' "addr:port", sorted, of the
+	// size the loader gave sp_maglev (loader.Config.MaglevTableSize).
+	Maglev bool
+	// Mode and Dispatch say how an external frontend reaches backends on
+	// other nodes.
+	Mode     Mode
+	Dispatch Dispatch
 }
 
 // MaxAffinity is Kubernetes' upper bound for timeoutSeconds.
@@ -134,17 +225,23 @@ func (s *Service) Validate() error {
 	if f.Port == 0 {
 		return fmt.Errorf("service %s: frontend port 0", s.Name)
 	}
-	if f.Kind > LoadBalancer {
+	if f.Kind > HostPort {
 		return fmt.Errorf("service %s: unknown frontend kind %d", s.Name, f.Kind)
 	}
-	if (f.Kind == NodePort) != f.Addr.IsUnspecified() {
-		return fmt.Errorf("service %s: frontend %s: a NodePort, and only a NodePort, has the unspecified address", s.Name, f)
+	switch {
+	case f.Kind == NodePort && !f.Addr.IsUnspecified():
+		return fmt.Errorf("service %s: frontend %s: a NodePort has the unspecified address", s.Name, f)
+	case f.Addr.IsUnspecified() && f.Kind != NodePort && f.Kind != HostPort:
+		return fmt.Errorf("service %s: frontend %s: only a NodePort or HostPort has the unspecified address", s.Name, f)
 	}
 	if f.Protocol != TCP && f.Protocol != UDP {
 		return fmt.Errorf("service %s: unsupported protocol %s", s.Name, f.Protocol)
 	}
 	if s.Affinity < 0 || s.Affinity > MaxAffinity || s.Affinity%time.Second != 0 {
 		return fmt.Errorf("service %s: session affinity timeout %s: want whole seconds from 1s to %s", s.Name, s.Affinity, MaxAffinity)
+	}
+	if err := s.validateBehaviour(); err != nil {
+		return fmt.Errorf("service %s: frontend %s: %w", s.Name, f, err)
 	}
 	seen := make(map[netip.AddrPort]bool, len(s.Backends))
 	for i, b := range s.Backends {
@@ -165,6 +262,45 @@ func (s *Service) Validate() error {
 			return fmt.Errorf("service %s: backend %s listed twice", s.Name, b)
 		}
 		seen[ap] = true
+	}
+	return nil
+}
+
+// validateBehaviour checks the fields that apply to some frontend kinds
+// only; the error names the field.
+func (s *Service) validateBehaviour() error {
+	k := s.Frontend.Kind
+	if s.ExternalLocal && !k.external() {
+		return fmt.Errorf("ExternalLocal: only for NodePort, ExternalIP and LoadBalancer frontends, not %s", k)
+	}
+	if len(s.SourceRanges) > 0 && k != LoadBalancer {
+		return fmt.Errorf("SourceRanges: only for LoadBalancer frontends, not %s", k)
+	}
+	seen := make(map[netip.Prefix]bool, len(s.SourceRanges))
+	for i, r := range s.SourceRanges {
+		switch {
+		case !r.IsValid() || r.Addr().Zone() != "":
+			return fmt.Errorf("SourceRanges[%d]: invalid prefix %q", i, r)
+		case r.Addr().Is4In6():
+			return fmt.Errorf("SourceRanges[%d]: %s: IPv4-mapped IPv6 prefix not allowed", i, r)
+		case r.Addr().Is4() != s.Frontend.Addr.Unmap().Is4():
+			return fmt.Errorf("SourceRanges[%d]: %s is not of the frontend's address family", i, r)
+		case seen[r.Masked()]:
+			return fmt.Errorf("SourceRanges[%d]: %s listed twice", i, r.Masked())
+		}
+		seen[r.Masked()] = true
+	}
+	if s.Mode > Hybrid {
+		return fmt.Errorf("Mode: unknown mode %d", s.Mode)
+	}
+	if s.Dispatch > IPIP {
+		return fmt.Errorf("Dispatch: unknown dispatch %d", s.Dispatch)
+	}
+	if s.Mode != SNAT && !k.external() {
+		return fmt.Errorf("Mode %s: only for NodePort, ExternalIP and LoadBalancer frontends, not %s", s.Mode, k)
+	}
+	if s.Dispatch != Option && s.Mode == SNAT {
+		return fmt.Errorf("Dispatch %s: only with Mode dsr or hybrid", s.Dispatch)
 	}
 	return nil
 }

@@ -12,6 +12,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/servicepath/servicepath/datapath/loader"
 	"github.com/servicepath/servicepath/datapath/service"
 	"github.com/servicepath/servicepath/harness/cluster"
 )
@@ -63,45 +64,48 @@ func TestResolverRoundTripThroughVIP(t *testing.T) {
 			t.Skipf("needs %s (make deps installs dnsmasq-base and bind9-dnsutils): %v", tool, err)
 		}
 	}
-	c := cluster.New(t, cluster.Options{SocketLB: true})
-	for i, name := range cluster.Backends {
-		p := c.Topo.Pod(name)
-		dnsmasq(t, p.NetnsName, fmt.Sprintf("--port=%d", dnsPort),
-			"--listen-address="+p.IPv4.String(), "--listen-address="+p.IPv6.String(),
-			"--address=/svc.test/"+answer(i, false), "--address=/svc.test/"+answer(i, true))
-	}
-	for fi, fam := range []struct {
-		vip   netip.Addr
-		qtype string
-		v6    bool
-	}{{netip.MustParseAddr("198.19.0.30"), "A", false}, {netip.MustParseAddr("fd00:5f::30"), "AAAA", true}} {
-		t.Run(fam.qtype, func(t *testing.T) {
-			c.ProgramTo(t, fam.vip, 53, service.UDP, dnsPort, cluster.Backends...)
-			fwdPort := 5300 + fi
-			dnsmasq(t, c.Client.NetnsName, fmt.Sprintf("--port=%d", fwdPort), "--listen-address=127.0.0.1",
-				"--cache-size=0", "--no-negcache", fmt.Sprintf("--server=%s#53", fam.vip))
+	forEachSockState(t, cluster.Options{SocketLB: true}, func(t *testing.T, mode loader.SockState, o cluster.Options) {
+		c := cluster.New(t, o)
+		for i, name := range cluster.Backends {
+			p := c.Topo.Pod(name)
+			dnsmasq(t, p.NetnsName, fmt.Sprintf("--port=%d", dnsPort),
+				"--listen-address="+p.IPv4.String(), "--listen-address="+p.IPv6.String(),
+				"--address=/svc.test/"+answer(i, false), "--address=/svc.test/"+answer(i, true))
+		}
+		for fi, fam := range []struct {
+			vip   netip.Addr
+			qtype string
+			v6    bool
+		}{{netip.MustParseAddr("198.19.0.30"), "A", false}, {netip.MustParseAddr("fd00:5f::30"), "AAAA", true}} {
+			t.Run(fam.qtype, func(t *testing.T) {
+				c.ProgramTo(t, fam.vip, 53, service.UDP, dnsPort, cluster.Backends...)
+				fwdPort := 5300 + fi
+				dnsmasq(t, c.Client.NetnsName, fmt.Sprintf("--port=%d", fwdPort), "--listen-address=127.0.0.1",
+					"--cache-size=0", "--no-negcache", fmt.Sprintf("--server=%s#53", fam.vip))
 
-			seen := map[string]bool{}
-			want := map[string]bool{}
-			for i := range cluster.Backends {
-				want[answer(i, fam.v6)] = true
-			}
-			loopback := netip.MustParseAddr("127.0.0.1")
-			deadline := time.Now().Add(20 * time.Second)
-			for len(seen) < len(want) && time.Now().Before(deadline) {
-				got, err := dig(c, loopback, fwdPort, fam.qtype)
-				if err != nil || got == "" {
-					continue // the forwarder may still be starting
+				seen := map[string]bool{}
+				want := map[string]bool{}
+				for i := range cluster.Backends {
+					want[answer(i, fam.v6)] = true
 				}
-				require.True(t, want[got], "answer %q comes from a backend", got)
-				seen[got] = true
-			}
-			assert.Equal(t, want, seen, "the forwarder's queries reached every backend and each reply was accepted as the VIP's")
+				loopback := netip.MustParseAddr("127.0.0.1")
+				deadline := time.Now().Add(20 * time.Second)
+				for len(seen) < len(want) && time.Now().Before(deadline) {
+					got, err := dig(c, loopback, fwdPort, fam.qtype)
+					if err != nil || got == "" {
+						continue // the forwarder may still be starting
+					}
+					require.True(t, want[got], "answer %q comes from a backend", got)
+					seen[got] = true
+				}
+				assert.Equal(t, want, seen, "the forwarder's queries reached every backend and each reply was accepted as the VIP's")
 
-			got, err := dig(c, fam.vip, 53, fam.qtype)
-			require.NoError(t, err, "dig straight at the VIP: %s", got)
-			assert.True(t, want[got], "dig's own (connected) socket gets a backend's answer: %q", got)
-		})
-	}
-	assert.Positive(t, c.Counters(t)["sock_rev_xlate"], "replies were rewritten to the VIP at recvmsg")
+				got, err := dig(c, fam.vip, 53, fam.qtype)
+				require.NoError(t, err, "dig straight at the VIP: %s", got)
+				assert.True(t, want[got], "dig's own (connected) socket gets a backend's answer: %q", got)
+			})
+		}
+		assert.Positive(t, c.Counters(t)["sock_rev_xlate"], "replies were rewritten to the VIP at recvmsg")
+		assertStateIn(t, c, mode)
+	})
 }

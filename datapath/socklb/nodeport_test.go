@@ -10,6 +10,7 @@ import (
 	"github.com/stretchr/testify/require"
 	"github.com/vishvananda/netlink"
 
+	"github.com/servicepath/servicepath/datapath/loader"
 	"github.com/servicepath/servicepath/datapath/nodeaddrs"
 	"github.com/servicepath/servicepath/datapath/service"
 	"github.com/servicepath/servicepath/harness/cluster"
@@ -35,30 +36,33 @@ func nodePort(addr string, port uint16, proto service.Protocol) service.Frontend
 // own, never the node's.
 func TestNodePortThroughSocketHooks(t *testing.T) {
 	cluster.RequireNetnsCookie(t)
-	cluster.ForEachKind(t, cluster.Options{SocketLB: true}, func(t *testing.T, c *cluster.Cluster) {
-		program(t, c, nodePort("0.0.0.0", 30080, service.TCP))
-		program(t, c, nodePort("::", 30080, service.TCP))
-		nodeAddr := netip.AddrPortFrom(topology.GatewayIPv4, 30080)
+	forEachSockState(t, cluster.Options{SocketLB: true}, func(t *testing.T, mode loader.SockState, o cluster.Options) {
+		eachKind(t, mode, o, func(t *testing.T, c *cluster.Cluster) {
+			program(t, c, nodePort("0.0.0.0", 30080, service.TCP))
+			program(t, c, nodePort("::", 30080, service.TCP))
+			nodeAddr := netip.AddrPortFrom(topology.GatewayIPv4, 30080)
 
-		for _, tc := range []struct {
-			name string
-			from traffic.Doer
-			dst  netip.AddrPort
-		}{
-			{"host via 127.0.0.1", c.Topo.Node, netip.MustParseAddrPort("127.0.0.1:30080")},
-			{"host via ::1", c.Topo.Node, netip.MustParseAddrPort("[::1]:30080")},
-			{"host via a node address", c.Topo.Node, nodeAddr},
-			{"pod via a node address", c.Client, nodeAddr},
-		} {
-			t.Run(tc.name, func(t *testing.T) {
-				r, err := traffic.TCPExchange(tc.from, tc.dst, []byte("np"), timeout)
-				require.NoError(t, err, "reach the NodePort at %s", tc.dst)
-				assert.Contains(t, cluster.Backends, r.Identity, "a backend answered")
-				assert.Equal(t, tc.dst, r.Peer, "the peer is what the client dialled")
-			})
-		}
-		_, err := traffic.TCPExchange(c.Client, netip.MustParseAddrPort("127.0.0.1:30080"), []byte("np"), timeout)
-		assert.ErrorIs(t, err, syscall.ECONNREFUSED, "a pod's loopback is its own: not translated, nothing listens")
+			for _, tc := range []struct {
+				name string
+				from traffic.Doer
+				dst  netip.AddrPort
+			}{
+				{"host via 127.0.0.1", c.Topo.Node, netip.MustParseAddrPort("127.0.0.1:30080")},
+				{"host via ::1", c.Topo.Node, netip.MustParseAddrPort("[::1]:30080")},
+				{"host via a node address", c.Topo.Node, nodeAddr},
+				{"pod via a node address", c.Client, nodeAddr},
+			} {
+				t.Run(tc.name, func(t *testing.T) {
+					r, err := traffic.TCPExchange(tc.from, tc.dst, []byte("np"), timeout)
+					require.NoError(t, err, "reach the NodePort at %s", tc.dst)
+					assert.Contains(t, cluster.Backends, r.Identity, "a backend answered")
+					assert.Equal(t, tc.dst, r.Peer, "the peer is what the client dialled")
+				})
+			}
+			_, err := traffic.TCPExchange(c.Client, netip.MustParseAddrPort("127.0.0.1:30080"), []byte("np"), timeout)
+			assert.ErrorIs(t, err, syscall.ECONNREFUSED, "a pod's loopback is its own: not translated, nothing listens")
+			assertStateIn(t, c, mode)
+		})
 	})
 }
 

@@ -30,116 +30,122 @@ var (
 // Socket hooks only: nothing rewrites packets, so every success below is
 // the socket layer's doing.
 func TestSocketLB(t *testing.T) {
-	cluster.ForEachKind(t, cluster.Options{SocketLB: true}, func(t *testing.T, c *cluster.Cluster) {
-		for _, vip := range []netip.Addr{vip4, vip6} {
-			c.Program(t, vip, 80, service.TCP, cluster.Backends...)
-			c.Program(t, vip, 53, service.UDP, cluster.Backends...)
-		}
-		for _, vip := range []netip.Addr{vip4, vip6} {
-			t.Run(vip.String(), func(t *testing.T) {
-				tcp := netip.AddrPortFrom(vip, 80)
-				udp := netip.AddrPortFrom(vip, 53)
-				spread := func(what string, fn func(i int) (traffic.Reply, error)) {
-					// Fewer under -short (vmtest's TCG guests run every kind);
-					// the chi-square bound keeps its error rate at any count.
-					n := 300
-					if testing.Short() {
-						n = 60
+	forEachSockState(t, cluster.Options{SocketLB: true}, func(t *testing.T, mode loader.SockState, o cluster.Options) {
+		eachKind(t, mode, o, func(t *testing.T, c *cluster.Cluster) {
+			for _, vip := range []netip.Addr{vip4, vip6} {
+				c.Program(t, vip, 80, service.TCP, cluster.Backends...)
+				c.Program(t, vip, 53, service.UDP, cluster.Backends...)
+			}
+			for _, vip := range []netip.Addr{vip4, vip6} {
+				t.Run(vip.String(), func(t *testing.T) {
+					tcp := netip.AddrPortFrom(vip, 80)
+					udp := netip.AddrPortFrom(vip, 53)
+					spread := func(what string, fn func(i int) (traffic.Reply, error)) {
+						// Fewer under -short (vmtest's TCG guests run every kind);
+						// the chi-square bound keeps its error rate at any count.
+						n := 300
+						if testing.Short() {
+							n = 60
+						}
+						tally, err := traffic.Run(n, fn)
+						require.NoError(t, err, "%s exchanges", what)
+						counts := tally.Counts(cluster.Backends...)
+						stat, df := stats.ChiSquareUniform(counts)
+						assert.Less(t, stat, stats.ChiSquareCritical(df, stats.SpreadAlpha), "%s spread %v is uniform", what, counts)
 					}
-					tally, err := traffic.Run(n, fn)
-					require.NoError(t, err, "%s exchanges", what)
-					counts := tally.Counts(cluster.Backends...)
-					stat, df := stats.ChiSquareUniform(counts)
-					assert.Less(t, stat, stats.ChiSquareCritical(df, stats.SpreadAlpha), "%s spread %v is uniform", what, counts)
-				}
-				spread("TCP", func(i int) (traffic.Reply, error) {
-					r, err := traffic.TCPExchange(c.Client, tcp, []byte("tcp"), timeout)
-					if err == nil && r.Peer != tcp {
-						err = fmt.Errorf("getpeername says %s, not the VIP", r.Peer)
-					}
-					return r, err
-				})
-				spread("connected UDP", func(i int) (traffic.Reply, error) {
-					r, err := traffic.ConnectedUDPExchange(c.Client, udp, []byte("cudp"), timeout)
-					if err == nil && r.Peer != udp {
-						err = fmt.Errorf("getpeername says %s, not the VIP", r.Peer)
-					}
-					return r, err
-				})
-				spread("unconnected UDP", func(i int) (traffic.Reply, error) {
-					r, err := traffic.UDPExchange(c.Client, udp, []byte("udp"), timeout)
-					if err == nil && r.Peer != udp {
-						err = fmt.Errorf("reply source %s, not the VIP", r.Peer)
-					}
-					return r, err
-				})
+					spread("TCP", func(i int) (traffic.Reply, error) {
+						r, err := traffic.TCPExchange(c.Client, tcp, []byte("tcp"), timeout)
+						if err == nil && r.Peer != tcp {
+							err = fmt.Errorf("getpeername says %s, not the VIP", r.Peer)
+						}
+						return r, err
+					})
+					spread("connected UDP", func(i int) (traffic.Reply, error) {
+						r, err := traffic.ConnectedUDPExchange(c.Client, udp, []byte("cudp"), timeout)
+						if err == nil && r.Peer != udp {
+							err = fmt.Errorf("getpeername says %s, not the VIP", r.Peer)
+						}
+						return r, err
+					})
+					spread("unconnected UDP", func(i int) (traffic.Reply, error) {
+						r, err := traffic.UDPExchange(c.Client, udp, []byte("udp"), timeout)
+						if err == nil && r.Peer != udp {
+							err = fmt.Errorf("reply source %s, not the VIP", r.Peer)
+						}
+						return r, err
+					})
 
-				direct := netip.AddrPortFrom(c.Addr(cluster.Backends[0], vip), cluster.BackendPort)
-				r, err := traffic.UDPExchange(c.Client, direct, []byte("direct"), timeout)
-				require.NoError(t, err, "UDP straight to a pod")
-				assert.Equal(t, direct, r.Peer, "a reply straight from a pod is never rewritten")
+					direct := netip.AddrPortFrom(c.Addr(cluster.Backends[0], vip), cluster.BackendPort)
+					r, err := traffic.UDPExchange(c.Client, direct, []byte("direct"), timeout)
+					require.NoError(t, err, "UDP straight to a pod")
+					assert.Equal(t, direct, r.Peer, "a reply straight from a pod is never rewritten")
 
-				// From the node itself ("the host") too, with no per-netns setup.
-				r, err = traffic.TCPExchange(c.Topo.Node, tcp, []byte("host"), timeout)
-				require.NoError(t, err, "TCP from the host netns")
-				assert.Equal(t, tcp, r.Peer, "host sees the VIP as its peer")
-			})
-		}
+					// From the node itself ("the host") too, with no per-netns setup.
+					r, err = traffic.TCPExchange(c.Topo.Node, tcp, []byte("host"), timeout)
+					require.NoError(t, err, "TCP from the host netns")
+					assert.Equal(t, tcp, r.Peer, "host sees the VIP as its peer")
+				})
+			}
 
-		entries, err := ct.Dump(c.DP.Maps.CT)
-		require.NoError(t, err, "dump conntrack")
-		assert.Empty(t, entries, "socket-level load balancing needs no per-packet conntrack")
-		got := c.Counters(t)
-		assert.Positive(t, got["sock_xlate"], "translations counted")
-		assert.Positive(t, got["sock_rev_xlate"], "reverse translations counted")
-		assert.Zero(t, got["lb_new"], "the per-packet path did nothing")
+			entries, err := ct.Dump(c.DP.Maps.CT)
+			require.NoError(t, err, "dump conntrack")
+			assert.Empty(t, entries, "socket-level load balancing needs no per-packet conntrack")
+			got := c.Counters(t)
+			assert.Positive(t, got["sock_xlate"], "translations counted")
+			assert.Positive(t, got["sock_rev_xlate"], "reverse translations counted")
+			assert.Zero(t, got["lb_new"], "the per-packet path did nothing")
+			assertStateIn(t, c, mode)
+		})
 	})
 }
 
 // A dual-stack IPv6 socket reaching an IPv4 service through its
 // v4-mapped address, and getpeername answering in the same form.
 func TestSocketLBV4MappedOnDualStackSocket(t *testing.T) {
-	cluster.ForEachKind(t, cluster.Options{SocketLB: true}, func(t *testing.T, c *cluster.Cluster) {
-		c.Program(t, vip4, 80, service.TCP, cluster.Backends...)
-		mapped := netip.AddrFrom16(vip4.As16())
+	forEachSockState(t, cluster.Options{SocketLB: true}, func(t *testing.T, mode loader.SockState, o cluster.Options) {
+		eachKind(t, mode, o, func(t *testing.T, c *cluster.Cluster) {
+			c.Program(t, vip4, 80, service.TCP, cluster.Backends...)
+			mapped := netip.AddrFrom16(vip4.As16())
 
-		var peer netip.AddrPort
-		var reply string
-		require.NoError(t, c.Client.Do(func() error {
-			fd, err := unix.Socket(unix.AF_INET6, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
-			if err != nil {
-				return err
-			}
-			defer unix.Close(fd)
-			if err := unix.SetsockoptInt(fd, unix.IPPROTO_IPV6, unix.IPV6_V6ONLY, 0); err != nil {
-				return err
-			}
-			tv := unix.NsecToTimeval(timeout.Nanoseconds())
-			if err := unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv); err != nil {
-				return err
-			}
-			if err := unix.Connect(fd, &unix.SockaddrInet6{Port: 80, Addr: mapped.As16()}); err != nil {
-				return fmt.Errorf("connect to %s: %w", mapped, err)
-			}
-			sa, err := unix.Getpeername(fd)
-			if err != nil {
-				return err
-			}
-			in6 := sa.(*unix.SockaddrInet6)
-			peer = netip.AddrPortFrom(netip.AddrFrom16(in6.Addr), uint16(in6.Port))
-			if _, err := unix.Write(fd, []byte("mapped")); err != nil {
-				return err
-			}
-			buf := make([]byte, 256)
-			n, err := unix.Read(fd, buf)
-			if err != nil {
-				return err
-			}
-			reply = string(buf[:n])
-			return nil
-		}), "exchange over a dual-stack socket")
-		assert.Equal(t, netip.AddrPortFrom(mapped, 80), peer, "getpeername reports the v4-mapped VIP")
-		assert.Regexp(t, `^backend-\d\n`, reply, "a backend answered")
+			var peer netip.AddrPort
+			var reply string
+			require.NoError(t, c.Client.Do(func() error {
+				fd, err := unix.Socket(unix.AF_INET6, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+				if err != nil {
+					return err
+				}
+				defer unix.Close(fd)
+				if err := unix.SetsockoptInt(fd, unix.IPPROTO_IPV6, unix.IPV6_V6ONLY, 0); err != nil {
+					return err
+				}
+				tv := unix.NsecToTimeval(timeout.Nanoseconds())
+				if err := unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv); err != nil {
+					return err
+				}
+				if err := unix.Connect(fd, &unix.SockaddrInet6{Port: 80, Addr: mapped.As16()}); err != nil {
+					return fmt.Errorf("connect to %s: %w", mapped, err)
+				}
+				sa, err := unix.Getpeername(fd)
+				if err != nil {
+					return err
+				}
+				in6 := sa.(*unix.SockaddrInet6)
+				peer = netip.AddrPortFrom(netip.AddrFrom16(in6.Addr), uint16(in6.Port))
+				if _, err := unix.Write(fd, []byte("mapped")); err != nil {
+					return err
+				}
+				buf := make([]byte, 256)
+				n, err := unix.Read(fd, buf)
+				if err != nil {
+					return err
+				}
+				reply = string(buf[:n])
+				return nil
+			}), "exchange over a dual-stack socket")
+			assert.Equal(t, netip.AddrPortFrom(mapped, 80), peer, "getpeername reports the v4-mapped VIP")
+			assert.Regexp(t, `^backend-\d\n`, reply, "a backend answered")
+			assertStateIn(t, c, mode)
+		})
 	})
 }
 

@@ -189,8 +189,14 @@ func (c *Cluster) attachPerPacket(mode attach.Mode, pinPath string) error {
 // and registers the pods reachable from the node side for BPF host
 // routing. Tests, the bench and scenarios share it.
 func AttachPods(topo *topology.Topology, dp *loader.Datapath, mode attach.Mode, pinPath string) error {
+	return AttachNodePods(topo, topo.Node, dp, mode, pinPath)
+}
+
+// AttachNodePods is AttachPods for the pods of one node, with that node's
+// datapath.
+func AttachNodePods(topo *topology.Topology, node *topology.Node, dp *loader.Datapath, mode attach.Mode, pinPath string) error {
 	for _, p := range topo.Pods {
-		if p.Node != topo.Node {
+		if p.Node != node {
 			continue
 		}
 		h := p.Hook()

@@ -21,20 +21,39 @@ type Fixture struct {
 	// share one loaded datapath.
 	Config func(*loader.Config)
 	// Setup programs services and may inject earlier packets of a flow.
-	Setup   func(e *Env) error
+	Setup func(e *Env) error
+	// On is the device the packet is seen on; nil: loopback of the
+	// caller's netns.
+	On      *Device
 	Hook    Hook
 	Input   []byte
 	Verdict Verdict
 	// Output is the expected packet; nil means the input, unchanged.
 	Output []byte
+	// Meta is the metadata an XDP program is expected to leave ahead of
+	// the packet; nil: not checked.
+	Meta []byte
 	// Counters that must have grown by exactly these amounts.
 	Counters map[string]uint64
 	// Check makes further assertions on the maps after the packet.
 	Check func(t testing.TB, e *Env)
 }
 
-func (f Fixture) config() loader.Config {
+// Config is the loader's default with flow maps sized for a few flows: a
+// preallocated LRU of the default size costs seconds to load in an
+// emulated vmtest guest, and a fixture holds a handful of entries.
+func Config() loader.Config {
 	cfg := loader.DefaultConfig()
+	cfg.CTMapSize = fixtureMapSize
+	cfg.CTNorthSouthMapSize = fixtureMapSize
+	cfg.NATMapSize = fixtureMapSize
+	return cfg
+}
+
+const fixtureMapSize = 16384
+
+func (f Fixture) config() loader.Config {
+	cfg := Config()
 	if f.Config != nil {
 		f.Config(&cfg)
 	}
@@ -75,9 +94,13 @@ func Run(t *testing.T, fixtures []Fixture) {
 			before, err := e.Counters()
 			require.NoError(t, err, "read counters before")
 
-			verdict, out, err := e.Inject(f.Hook, f.Input)
+			res, err := e.RunOn(f.On, f.Hook, f.Input)
 			require.NoError(t, err, "inject")
+			verdict, out := res.Verdict, res.Packet
 			assert.Equal(t, f.Verdict, verdict, "verdict")
+			if f.Meta != nil {
+				assert.Equal(t, f.Meta, res.Meta, "metadata left ahead of the packet")
+			}
 
 			want := f.Output
 			if want == nil {
@@ -86,7 +109,7 @@ func Run(t *testing.T, fixtures []Fixture) {
 			if d := packet.Diff(want, out); d != "" {
 				t.Errorf("output packet differs from expected: %s", d)
 			}
-			if verdict != Shot && string(out) != string(f.Input) {
+			if !verdict.Dropped() && string(out) != string(f.Input) {
 				assert.NoError(t, packet.VerifyChecksums(out), "checksums of the rewritten packet verify")
 			}
 
@@ -113,20 +136,19 @@ func Run(t *testing.T, fixtures []Fixture) {
 // rewritten packet would take another path on its second run; instead each
 // iteration runs once on a fresh copy of the input, with the flow state put
 // back afterwards, so every timed run is exactly the fixture. A single run
-// is dominated by the kernel's own timing overhead, so an empty tc program
-// is timed alongside and subtracted: ns/packet is the fixture's program
+// is dominated by the kernel's own timing overhead, so an empty program of
+// the same type is timed alongside and subtracted: ns/packet is the fixture's program
 // less the empty one, ns/empty what was subtracted.
 func Bench(b *testing.B, fixtures []Fixture) {
 	envs := envCache{}
 	b.Cleanup(envs.close)
-	empty, err := emptyProgram()
-	require.NoError(b, err, "load empty program")
-	b.Cleanup(func() { empty.Close() })
+	empty := emptyPrograms{}
+	b.Cleanup(empty.close)
 	for _, f := range fixtures {
 		b.Run(f.Name, func(b *testing.B) {
 			cfg := f.config()
 			// Restoring flow state walks the CT map's buckets every run.
-			cfg.CTMapSize = benchCTSize
+			benchSizes(&cfg)
 			e := envs.get(b, cfg)
 			require.NoError(b, e.Reset(), "reset maps")
 			if f.Setup != nil {
@@ -148,18 +170,26 @@ func Bench(b *testing.B, fixtures []Fixture) {
 // timeRuns runs f's packet n times, each once on a fresh copy with the
 // flow state put back after it, and returns the kernel's total time for
 // the fixture's program and for the empty one.
-func timeRuns(e *Env, empty *ebpf.Program, f Fixture, state flowState, n int) (prog, base time.Duration, err error) {
+func timeRuns(e *Env, empty emptyPrograms, f Fixture, state flowState, n int) (prog, base time.Duration, err error) {
+	p, err := e.prog(f.Hook)
+	if err != nil {
+		return 0, 0, err
+	}
+	none, err := empty.get(p.Type())
+	if err != nil {
+		return 0, 0, fmt.Errorf("load empty program: %w", err)
+	}
 	for range n {
-		_, d0, err := empty.Benchmark(f.Input, 1, nil)
+		_, d0, err := none.Benchmark(f.Input, 1, nil)
 		if err != nil {
 			return 0, 0, fmt.Errorf("run empty program: %w", err)
 		}
-		ret, d, err := e.prog(f.Hook).Benchmark(f.Input, 1, nil)
+		ret, d, err := p.Benchmark(f.Input, 1, nil)
 		if err != nil {
 			return 0, 0, fmt.Errorf("run: %w", err)
 		}
-		if Verdict(ret) != f.Verdict {
-			return 0, 0, fmt.Errorf("verdict %s, want %s", Verdict(ret), f.Verdict)
+		if v := f.Hook.verdict(ret); v != f.Verdict {
+			return 0, 0, fmt.Errorf("verdict %s, want %s", v, f.Verdict)
 		}
 		base += d0
 		prog += d
@@ -170,18 +200,43 @@ func timeRuns(e *Env, empty *ebpf.Program, f Fixture, state flowState, n int) (p
 	return prog, base, nil
 }
 
+// benchSizes keeps the CT maps small, the north-south zone too when on.
+func benchSizes(cfg *loader.Config) {
+	cfg.CTMapSize = benchCTSize
+	if cfg.CTNorthSouthMapSize > 0 {
+		cfg.CTNorthSouthMapSize = benchCTSize
+	}
+}
+
 // benchCTSize keeps the CT map small in benchmarks; fixtures hold a few
 // entries.
 const benchCTSize = 1024
 
-// emptyProgram returns TC_ACT_OK and does nothing else.
-func emptyProgram() (*ebpf.Program, error) {
-	return ebpf.NewProgram(&ebpf.ProgramSpec{
+// emptyPrograms do nothing but return (TC_ACT_OK, XDP_ABORTED: the value
+// is never looked at), one per program type, loaded when first asked for.
+type emptyPrograms map[ebpf.ProgramType]*ebpf.Program
+
+func (ep emptyPrograms) get(typ ebpf.ProgramType) (*ebpf.Program, error) {
+	if p, ok := ep[typ]; ok {
+		return p, nil
+	}
+	p, err := ebpf.NewProgram(&ebpf.ProgramSpec{
 		Name:         "sp_empty",
-		Type:         ebpf.SchedCLS,
+		Type:         typ,
 		License:      "GPL",
 		Instructions: asm.Instructions{asm.Mov.Imm(asm.R0, 0), asm.Return()},
 	})
+	if err != nil {
+		return nil, err
+	}
+	ep[typ] = p
+	return p, nil
+}
+
+func (ep emptyPrograms) close() {
+	for _, p := range ep {
+		p.Close()
+	}
 }
 
 // CountersOf is a readable helper for Fixture.Counters.

@@ -16,13 +16,24 @@ import (
 	"github.com/servicepath/servicepath/datapath/service"
 )
 
-// Verdict is a tc program's return code.
+// Verdict is a program's return code: a tc one, or an XDP one offset by
+// xdpVerdicts, since the two number alike (XDP_PASS is TC_ACT_SHOT's 2).
 type Verdict uint32
 
 const (
 	OK       Verdict = 0 // TC_ACT_OK
 	Shot     Verdict = 2 // TC_ACT_SHOT
 	Redirect Verdict = 7 // TC_ACT_REDIRECT
+)
+
+const xdpVerdicts Verdict = 1 << 16
+
+const (
+	XDPAborted  = xdpVerdicts + iota // XDP_ABORTED
+	XDPDrop                          // XDP_DROP
+	XDPPass                          // XDP_PASS: to tc, then the stack
+	XDPTX                            // XDP_TX: back out the device it came in on
+	XDPRedirect                      // XDP_REDIRECT
 )
 
 func (v Verdict) String() string {
@@ -33,9 +44,22 @@ func (v Verdict) String() string {
 		return "TC_ACT_SHOT"
 	case Redirect:
 		return "TC_ACT_REDIRECT"
+	case XDPAborted:
+		return "XDP_ABORTED"
+	case XDPDrop:
+		return "XDP_DROP"
+	case XDPPass:
+		return "XDP_PASS"
+	case XDPTX:
+		return "XDP_TX"
+	case XDPRedirect:
+		return "XDP_REDIRECT"
 	}
 	return fmt.Sprintf("verdict(%d)", uint32(v))
 }
+
+// Dropped is whether v drops the packet, at tc or at XDP.
+func (v Verdict) Dropped() bool { return v == Shot || v == XDPDrop || v == XDPAborted }
 
 // Hook names the program a packet is injected into.
 type Hook int
@@ -45,13 +69,27 @@ const (
 	FromPod Hook = iota
 	// ToPod is tc egress of the pod's host-side device.
 	ToPod
+	// FromNetdev is tc ingress of a node device.
+	FromNetdev
+	// ToNetdev is tc egress of a node device.
+	ToNetdev
+	// XDPFromNetdev is XDP of a node device, ahead of FromNetdev; its
+	// datapath must be loaded with loader.Config.XDP.
+	XDPFromNetdev
 )
 
 func (h Hook) String() string {
-	if h == ToPod {
-		return "to-pod"
+	return [...]string{"from-pod", "to-pod", "from-netdev", "to-netdev", "xdp-from-netdev"}[h]
+}
+
+func (h Hook) xdp() bool { return h == XDPFromNetdev }
+
+// verdict names a program's return code by the hook it ran at.
+func (h Hook) verdict(ret uint32) Verdict {
+	if h.xdp() {
+		return xdpVerdicts + Verdict(ret)
 	}
-	return "from-pod"
+	return Verdict(ret)
 }
 
 // Env is a loaded, unpinned datapath with a service manager over its maps.
@@ -101,7 +139,11 @@ func clearMap(m *ebpf.Map) error {
 // from nothing.
 func (e *Env) Reset() error {
 	m := e.DP.Maps
-	for _, mp := range []*ebpf.Map{m.Services, m.Backends, m.SvcMeta, m.CT, m.Frags, m.Affinity, m.SockRevNAT} {
+	for _, mp := range []*ebpf.Map{m.Services, m.Backends, m.SvcMeta, m.CT, m.Frags, m.Affinity, m.SockRevNAT,
+		m.NAT, m.Netdevs, m.NodeAddrs, m.Maglev, m.SrcRanges, m.CTNS} {
+		if mp == nil {
+			continue // a map of settings not in effect (CTNS: zones off)
+		}
 		if err := clearMap(mp); err != nil {
 			return fmt.Errorf("reset %s: %w", mp, err)
 		}
@@ -120,23 +162,107 @@ func (e *Env) Reset() error {
 	return nil
 }
 
-func (e *Env) prog(h Hook) *ebpf.Program {
-	if h == ToPod {
-		return e.DP.ToPod
+func (e *Env) prog(h Hook) (*ebpf.Program, error) {
+	p := [...]*ebpf.Program{e.DP.FromPod, e.DP.ToPod, e.DP.FromNetdev, e.DP.ToNetdev, e.DP.XDPFromNetdev}[h]
+	if p == nil && h.xdp() {
+		if e.DP.XDPMissing != nil {
+			return nil, fmt.Errorf("%s not loaded: %w", h, e.DP.XDPMissing)
+		}
+		return nil, fmt.Errorf("%s not loaded: the datapath was loaded without Config.XDP", h)
 	}
-	return e.DP.FromPod
+	return p, nil
+}
+
+// Device is where an injected packet is seen: a device of a netns.
+// bpf_fib_lookup then sees that netns' routes, and the program the
+// device's ifindex.
+type Device struct {
+	Do      func(fn func() error) error
+	Ifindex int
+}
+
+// skbContext is the head of struct __sk_buff up to ifindex, the one field
+// set: BPF_PROG_TEST_RUN takes it as the device the packet is on.
+type skbContext struct {
+	Head    [10]uint32 // len .. ingress_ifindex: zero
+	Ifindex uint32
+}
+
+// xdpContext is struct xdp_md. BPF_PROG_TEST_RUN (5.15+) takes
+// ingress_ifindex as the device the packet arrived on (0: loopback) and
+// wants data_end to be the packet's length; it gives back the offsets of
+// the packet behind the metadata the program put ahead of it.
+type xdpContext struct {
+	Data, DataEnd, DataMeta uint32
+	IngressIfindex, RxQueue uint32
+	EgressIfindex           uint32
 }
 
 // Inject runs one packet through the hook and returns the verdict and
 // the packet as the program left it.
 func (e *Env) Inject(h Hook, pkt []byte) (Verdict, []byte, error) {
-	// Room for programs that grow the packet (ICMP replies).
-	opts := &ebpf.RunOptions{Data: pkt, DataOut: make([]byte, len(pkt)+512)}
-	ret, err := e.prog(h).Run(opts)
+	return e.InjectOn(nil, h, pkt)
+}
+
+// InjectOn is Inject as if the packet were on dev (nil: the caller's
+// netns, loopback).
+func (e *Env) InjectOn(dev *Device, h Hook, pkt []byte) (Verdict, []byte, error) {
+	out, err := e.RunOn(dev, h, pkt)
+	return out.Verdict, out.Packet, err
+}
+
+// Output is what a program left: its verdict, the packet, and from XDP
+// the metadata ahead of the packet.
+type Output struct {
+	Verdict Verdict
+	Packet  []byte
+	Meta    []byte
+}
+
+// RunOn runs one packet through the hook as if it were on dev (nil: the
+// caller's netns, loopback).
+func (e *Env) RunOn(dev *Device, h Hook, pkt []byte) (Output, error) {
+	prog, err := e.prog(h)
 	if err != nil {
-		return 0, nil, fmt.Errorf("run %s: %w", h, err)
+		return Output{}, err
 	}
-	return Verdict(ret), opts.DataOut, nil
+	// Room for programs that grow the packet (ICMP replies, DSR) and, at
+	// XDP, for metadata.
+	opts := &ebpf.RunOptions{Data: pkt, DataOut: make([]byte, len(pkt)+512)}
+	var ifindex uint32
+	if dev != nil {
+		ifindex = uint32(dev.Ifindex)
+	}
+	var xctx xdpContext
+	switch {
+	case h.xdp():
+		opts.Context = xdpContext{DataEnd: uint32(len(pkt)), IngressIfindex: ifindex}
+		opts.ContextOut = &xctx
+	case dev != nil:
+		opts.Context = skbContext{Ifindex: ifindex}
+	}
+	var ret uint32
+	run := func() error {
+		var err error
+		ret, err = prog.Run(opts)
+		return err
+	}
+	if dev == nil {
+		err = run()
+	} else {
+		err = dev.Do(run)
+	}
+	if err != nil {
+		return Output{}, fmt.Errorf("run %s: %w", h, err)
+	}
+	out := Output{Verdict: h.verdict(ret), Packet: opts.DataOut}
+	if h.xdp() {
+		if xctx.Data > xctx.DataEnd || int(xctx.DataEnd) > len(opts.DataOut) {
+			return Output{}, fmt.Errorf("run %s: packet at %d-%d of %d bytes out", h, xctx.Data, xctx.DataEnd, len(opts.DataOut))
+		}
+		out.Meta, out.Packet = opts.DataOut[:xctx.Data], opts.DataOut[xctx.Data:xctx.DataEnd]
+	}
+	return out, nil
 }
 
 // Counters returns the per-reason counters summed over CPUs.
@@ -162,7 +288,7 @@ type flowState map[*ebpf.Map]map[string][]byte
 
 func snapshotFlows(e *Env) (flowState, error) {
 	st := flowState{}
-	for _, m := range []*ebpf.Map{e.DP.Maps.CT, e.DP.Maps.Frags} {
+	for _, m := range []*ebpf.Map{e.DP.Maps.CT, e.DP.Maps.Frags, e.DP.Maps.NorthSouthCT()} {
 		entries := map[string][]byte{}
 		var k, v []byte
 		it := m.Iterate()

@@ -35,11 +35,8 @@ func Measure(fixtures []Fixture, o MeasureOptions) ([]Timing, error) {
 	if o.Runs <= 0 {
 		return nil, fmt.Errorf("runs %d", o.Runs)
 	}
-	empty, err := emptyProgram()
-	if err != nil {
-		return nil, fmt.Errorf("load empty program: %w", err)
-	}
-	defer empty.Close()
+	empty := emptyPrograms{}
+	defer empty.close()
 	envs := map[loader.Config]*Env{}
 	defer func() {
 		for _, e := range envs {
@@ -49,12 +46,13 @@ func Measure(fixtures []Fixture, o MeasureOptions) ([]Timing, error) {
 	var out []Timing
 	for _, f := range fixtures {
 		cfg := f.config()
-		cfg.CTMapSize = benchCTSize
+		benchSizes(&cfg)
 		if o.Config != nil {
 			o.Config(&cfg)
 		}
 		e, ok := envs[cfg]
 		if !ok {
+			var err error
 			if e, err = NewEnv(cfg); err != nil {
 				return nil, fmt.Errorf("%s: load datapath: %w", f.Name, err)
 			}

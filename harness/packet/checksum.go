@@ -51,7 +51,11 @@ func VerifyChecksums(frame []byte) error {
 	default:
 		return nil // nothing of ours to verify
 	}
-	l3 := frame[14:]
+	return verifyL3(frame[14:])
+}
+
+// verifyL3 checks an IP packet; tunnelled ones inside out.
+func verifyL3(l3 []byte) error {
 	var proto uint8
 	var l4 []byte
 	fragmented := false
@@ -67,6 +71,9 @@ func VerifyChecksums(frame []byte) error {
 	case 6:
 		proto = l3[6]
 		l4 = l3[40 : 40+int(binary.BigEndian.Uint16(l3[4:]))]
+		if proto == 60 { // destination options: the DSR option
+			proto, l4 = l4[0], l4[(int(l4[1])+1)*8:]
+		}
 		if proto == 44 {
 			fragmented = true
 			proto, l4 = l4[0], l4[8:]
@@ -76,6 +83,9 @@ func VerifyChecksums(frame []byte) error {
 	}
 	if fragmented {
 		return nil
+	}
+	if proto == 4 || proto == 41 {
+		return verifyL3(l4)
 	}
 	return verifyL4(l3, proto, l4)
 }

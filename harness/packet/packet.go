@@ -38,6 +38,23 @@ type Opts struct {
 	IPID uint16
 	// FromHost reverses the Ethernet direction (host side to pod).
 	FromHost bool
+	// DSR carries a service address in the DSR IPv4 option or IPv6
+	// destination option (bpf/lib/dsr.h) when valid.
+	DSR netip.AddrPort
+}
+
+// DSR option types (bpf/lib/dsr.h).
+const (
+	DSROptionV4 = 0x9a
+	DSROptionV6 = 0x1b
+)
+
+// dsrOption6 is the 24-byte destination options header carrying the
+// service: next header, length, the option, and two Pad1 bytes.
+func dsrOption6(next layers.IPProtocol, svc netip.AddrPort) []byte {
+	b := []byte{byte(next), 2, DSROptionV6, 18}
+	b = append(b, svc.Addr().AsSlice()...)
+	return binary.BigEndian.AppendUint16(b, svc.Port())
 }
 
 // ethHeader is written by hand: gopacket's Ethernet layer pads a frame
@@ -91,6 +108,16 @@ func tcpLayer(src, dst netip.AddrPort, f TCPFlags) *layers.TCP {
 // inside ICMP errors and for fragmenting.
 func L3(proto layers.IPProtocol, src, dst netip.AddrPort, f TCPFlags, payload []byte, o Opts) []byte {
 	ip := IP(src.Addr(), dst.Addr(), proto, o)
+	var ext []gopacket.SerializableLayer
+	if o.DSR.IsValid() {
+		if v4, ok := ip.(*layers.IPv4); ok {
+			data := binary.BigEndian.AppendUint16(nil, o.DSR.Port())
+			v4.Options = []layers.IPv4Option{{OptionType: DSROptionV4, OptionLength: 8, OptionData: append(data, o.DSR.Addr().Unmap().AsSlice()...)}}
+		} else {
+			ip.(*layers.IPv6).NextHeader = layers.IPProtocolIPv6Destination
+			ext = append(ext, gopacket.Payload(append(dsrOption6(proto, o.DSR), 0, 0)))
+		}
+	}
 	var l4 gopacket.SerializableLayer
 	switch proto {
 	case layers.IPProtocolTCP:
@@ -104,11 +131,26 @@ func L3(proto layers.IPProtocol, src, dst netip.AddrPort, f TCPFlags, payload []
 	default:
 		panic("L3: TCP or UDP only")
 	}
-	b := serialize(ip, l4, gopacket.Payload(payload))
+	b := serialize(append(append([]gopacket.SerializableLayer{ip}, ext...), l4, gopacket.Payload(payload))...)
 	if proto == layers.IPProtocolUDP && o.ZeroUDPChecksum && src.Addr().Unmap().Is4() {
 		b[20+6], b[20+7] = 0, 0
 	}
 	return b
+}
+
+// Tunnel wraps an IP packet in IPIP or IPv6-in-IPv6 as DSR dispatches it
+// (bpf/lib/dsr.h): the outer source is the service address, DF, TTL 64,
+// the service port in the IPv4 ID or the IPv6 flow label, the inner
+// packet's traffic class.
+func Tunnel(svc netip.AddrPort, dst netip.Addr, inner []byte) []byte {
+	if svc.Addr().Unmap().Is4() {
+		return serialize(&layers.IPv4{Version: 4, IHL: 5, TOS: inner[1], Id: svc.Port(), Flags: layers.IPv4DontFragment,
+			TTL: 64, Protocol: layers.IPProtocolIPv4, SrcIP: svc.Addr().Unmap().AsSlice(), DstIP: dst.Unmap().AsSlice()},
+			gopacket.Payload(inner))
+	}
+	tc := uint8(binary.BigEndian.Uint32(inner) >> 20)
+	return serialize(&layers.IPv6{Version: 6, TrafficClass: tc, FlowLabel: uint32(svc.Port()), NextHeader: layers.IPProtocolIPv6,
+		HopLimit: 64, SrcIP: svc.Addr().AsSlice(), DstIP: dst.AsSlice()}, gopacket.Payload(inner))
 }
 
 // WithEthernet prefixes an IP packet with the fixture Ethernet header.
@@ -231,4 +273,14 @@ func Diff(want, got []byte) string {
 	}
 	return fmt.Sprintf("first difference at byte %d (want len %d, got len %d)\n--- want\n%s--- got\n%s",
 		off, len(want), len(got), Describe(want), Describe(got))
+}
+
+// HeaderQuote is what an ICMP error quotes of frame: its IP header and the
+// 8 bytes after it (no IPv4 options, no IPv6 extension headers).
+func HeaderQuote(frame []byte) []byte {
+	l3 := frame[14:]
+	if l3[0]>>4 == 4 {
+		return l3[:20+8]
+	}
+	return l3[:40+8]
 }

@@ -38,6 +38,7 @@ type Server struct {
 	udp      *net.UDPConn
 
 	tcpServed atomic.Uint64
+	peers     sync.Map // netip.Addr of TCP clients
 	udpServed atomic.Uint64
 
 	mu        sync.Mutex
@@ -171,6 +172,16 @@ func (s *Server) handle(c net.Conn) {
 	if _, err := c.Write(s.reply(buf[:n])); err == nil {
 		s.tcpServed.Add(1)
 	}
+	if ap, err := netip.ParseAddrPort(c.RemoteAddr().String()); err == nil {
+		s.peers.Store(ap.Addr().Unmap().WithZone(""), true)
+	}
+}
+
+// SawPeer reports whether a TCP connection came from a: what a
+// source-preserving path must show.
+func (s *Server) SawPeer(a netip.Addr) bool {
+	_, ok := s.peers.Load(a)
+	return ok
 }
 
 func (s *Server) udpLoop() {

@@ -1,0 +1,262 @@
+/* North-south load balancing on a node's own device: NodePort, HostPort,
+ * ExternalIP and LoadBalancer traffic from outside the node.
+ *  - A local backend gets the packet DNATed, into its pod (redirect_peer
+ *    with BPF host routing, else the stack); the egress program answers
+ *    the client from the service address (lb_reply).
+ *  - A remote backend gets it DNATed and SNATed to the node's address, or,
+ *    with DSR, dispatched to the backend's node, which answers itself; then
+ *    bpf_fib_lookup + bpf_redirect_neigh. Replies to SNATed flows come back
+ *    here, get the client and the service address back, and are sent on.
+ *  - The backend's node learns DSR flows from the option or tunnel.
+ * The same code runs in XDP (bpf_xdp.c) ahead of tc: there it sends what
+ * it translated itself when the FIB knows the next hop's MAC (XDP_TX or
+ * bpf_redirect), and hands the rest to tc with a word saying what is left
+ * (np_handover): local pods (bpf_redirect_peer is tc's) and unresolved
+ * neighbours (bpf_redirect_neigh is tc's). */
+#pragma once
+
+#include "common.h"
+#include "config.h"
+#include "dsr.h"
+#include "fib.h"
+#include "lb.h"
+#include "metrics.h"
+#include "nat_maps.h"
+#include "snat.h"
+
+/* What XDP leaves tc to do with a packet it translated, in a word ahead
+ * of the packet (its metadata): the translation is done, tc only sends it
+ * on, so nothing is translated twice. */
+enum np_handover {
+	NP_HANDOVER_NONE = 0,
+	NP_HANDOVER_DELIVER = 1, /* for this node: into the backend's pod */
+	NP_HANDOVER_ROUTE = 2,   /* for elsewhere, neighbour unknown: redirect_neigh */
+};
+
+/* The word's low half names this node's datapath (its netns): virtual
+ * devices keep metadata on a packet leaving the node, and the next node's
+ * tc must not take another node's word for its own. */
+#define NP_HANDOVER_MAGIC 0x5e9a0000
+
+static __always_inline __u32 np_handover_tag(void)
+{
+	return NP_HANDOVER_MAGIC ^ (__u32)cfg_host_netns_cookie;
+}
+
+#if CTX_IS_XDP
+/* Passes p to tc with what is left to do. */
+static __always_inline int np_handover(struct __ctx_buff *ctx, enum np_handover what)
+{
+	/* The entry point made sure there is room (bpf_xdp.c); without the
+	 * word tc would translate the packet again. */
+	if (ctx_set_xfer(ctx, (__u64)what << 32 | np_handover_tag()) < 0) {
+		count(METRIC_MALFORMED);
+		return CTX_ACT_DROP;
+	}
+	return CTX_ACT_OK;
+}
+#else
+/* What XDP left tc to do with the packet (NP_HANDOVER_NONE: everything). */
+static __always_inline enum np_handover np_handed_over(struct __ctx_buff *ctx)
+{
+	__u64 word = ctx_xfer(ctx);
+
+	if ((__u32)word != np_handover_tag())
+		return NP_HANDOVER_NONE;
+	return word >> 32;
+}
+#endif
+
+/* Sends a translated p where fib_egress said: tc has bpf_redirect_neigh
+ * resolve the neighbour; XDP writes the neighbour's MAC and sends it back
+ * out its device (XDP_TX) or to another (bpf_redirect), or, neighbour
+ * unknown, hands it to tc. */
+static __always_inline int np_send(struct __ctx_buff *ctx, const struct fib_next *nh)
+{
+#if CTX_IS_XDP
+	if (!nh->neigh)
+		return np_handover(ctx, NP_HANDOVER_ROUTE);
+	if (ctx_store_bytes(ctx, 0, nh->mac, sizeof(nh->mac), 0) < 0) {
+		count(METRIC_MALFORMED);
+		return CTX_ACT_DROP;
+	}
+	if (nh->ifindex == ctx_ifindex(ctx)) {
+		count(METRIC_XDP_TX);
+		return XDP_TX;
+	}
+	count(METRIC_XDP_REDIRECT);
+	return bpf_redirect(nh->ifindex, 0);
+#else
+	return redirect_neigh(nh->ifindex);
+#endif
+}
+
+/* Sends p to wherever the FIB says, or drops it: past SNAT or DSR the
+ * stack would take the packet for a martian. */
+static __always_inline int np_redirect(struct __ctx_buff *ctx, const struct pkt *p)
+{
+	struct fib_next nh;
+
+	if (fib_egress(ctx, p, &nh) < 0) {
+		count(METRIC_FIB_FAILED);
+		return CTX_ACT_DROP;
+	}
+	return np_send(ctx, &nh);
+}
+
+/* Into a local backend's pod: straight in when it is registered
+ * (sp_endpoints) and BPF routes, else by the stack. XDP hands it to tc,
+ * whose bpf_redirect_peer it cannot use. */
+static __always_inline int np_into_pod(struct __ctx_buff *ctx, const struct endpoint_info *ep)
+{
+#if CTX_IS_XDP
+	return np_handover(ctx, NP_HANDOVER_DELIVER);
+#else
+	if (ep && cfg_host_routing == HOST_ROUTING_BPF && (ep->flags & EP_F_TC_INGRESS))
+		return redirect_to_pod(ctx, ep, 1);
+	return CTX_ACT_OK;
+#endif
+}
+
+static __always_inline int np_deliver_local(struct __ctx_buff *ctx, const struct endpoint_info *ep)
+{
+	count(METRIC_NP_LOCAL);
+	return np_into_pod(ctx, ep);
+}
+
+/* How a new flow to a remote backend leaves: DSR where the frontend asks
+ * for it and the packet can carry it, else SNAT. */
+static __always_inline __u16 np_mode(struct __ctx_buff *ctx, const struct pkt *p, __u16 flags)
+{
+	if (!(flags & SVC_F_DSR) || ((flags & SVC_F_DSR_HYBRID) && p->proto != IPPROTO_TCP))
+		return CT_S_NS_SNAT;
+	if (flags & SVC_F_DSR_IPIP)
+		return CT_S_NS_DSR | CT_S_NS_DSR_IPIP;
+	if (!dsr_opt_fits(ctx, p)) {
+		count(METRIC_DSR_FALLBACK);
+		return CT_S_NS_SNAT;
+	}
+	return CT_S_NS_DSR;
+}
+
+/* The address SNAT gives a flow leaving through ifindex; none when
+ * ifindex is no node device, so the destination is on this node. */
+static __always_inline const union v6addr *np_snat_addr(__u32 ifindex, __u8 family)
+{
+	struct netdev_info *dev = bpf_map_lookup_elem(&sp_netdevs, &ifindex);
+	if (!dev)
+		return 0;
+	const union v6addr *a = family == SP_AF_INET ? &dev->v4 : &dev->v6;
+	if (!a->d[0] && !a->d[1])
+		return 0;
+	return a;
+}
+
+/* A reply of a SNATed flow: back to the client, from the service. */
+static __always_inline int np_reply(struct __ctx_buff *ctx, struct pkt *p)
+{
+	int ret = snat_reverse(ctx, p);
+
+	if (ret == 0)
+		return -1;
+	if (ret < 0) {
+		count(METRIC_MALFORMED);
+		return CTX_ACT_DROP;
+	}
+	count(METRIC_NP_REV_SNAT);
+	ret = lb_reply(ctx, p);
+	if (ret != CTX_ACT_OK)
+		return ret;
+	return np_redirect(ctx, p);
+}
+
+/* Whether p's destination is on this node: a registered pod, or routed
+ * to a device that is no node device. */
+static __always_inline int np_to_this_node(struct __ctx_buff *ctx, const struct pkt *p)
+{
+	struct fib_next nh;
+
+	if (endpoint_of(&p->daddr, p->family))
+		return 1;
+	return fib_egress(ctx, p, &nh) == 0 && !np_snat_addr(nh.ifindex, p->family);
+}
+
+#if !CTX_IS_XDP
+/* What tc does with a packet XDP handed over (np_handover); -1 when XDP
+ * left it everything. */
+static __always_inline int np_from_xdp(struct __ctx_buff *ctx, const struct pkt *p)
+{
+	switch (np_handed_over(ctx)) {
+	case NP_HANDOVER_DELIVER:
+		return np_into_pod(ctx, endpoint_of(&p->daddr, p->family));
+	case NP_HANDOVER_ROUTE:
+		return np_redirect(ctx, p);
+	default:
+		return -1;
+	}
+}
+#endif
+
+/* What comes in on a node device. */
+static __always_inline int np_from_netdev(struct __ctx_buff *ctx, struct pkt *p)
+{
+	struct dsr_info d;
+	int ret = 0;
+
+	/* DSR to a backend on this node: tunnelled to it, or with the
+	 * option. */
+	if ((p->proto == IPPROTO_IPIP || p->proto == IPPROTO_IPV6) && np_to_this_node(ctx, p))
+		ret = dsr_decap(ctx, p, &d);
+	if (ret < 0) {
+		count(METRIC_MALFORMED);
+		return CTX_ACT_DROP;
+	}
+	if (ret > 0 || dsr_read_opt(ctx, p, &d)) {
+		dsr_learn(ctx, p, &d);
+		return np_deliver_local(ctx, endpoint_of(&p->daddr, p->family));
+	}
+
+	ret = np_reply(ctx, p);
+	if (ret >= 0)
+		return ret;
+
+	struct lb_result r;
+	ret = lb_translate(ctx, p, &r);
+	if (ret != CTX_ACT_OK || !r.t.backend_id)
+		return ret;
+
+	struct endpoint_info *ep = endpoint_of(&r.t.addr, p->family);
+	if (ep)
+		return np_deliver_local(ctx, ep);
+	struct fib_next nh;
+	if (fib_egress(ctx, p, &nh) < 0) {
+		count(METRIC_FIB_FAILED);
+		return CTX_ACT_DROP;
+	}
+	const union v6addr *node = np_snat_addr(nh.ifindex, p->family);
+	if (!node)
+		return np_deliver_local(ctx, 0);
+
+	__u16 mode = r.flow ? r.flow->state & CT_S_NS_MASK : 0;
+	if (r.new_flow || !mode) {
+		mode = np_mode(ctx, p, r.svc_flags);
+		if (r.flow)
+			r.flow->state |= mode;
+	}
+	if (mode & CT_S_NS_DSR) {
+		/* The service address is the one the client used: the flow entry
+		 * keeps it for reverse translation. */
+		d.addr = r.flow ? r.flow->nat_addr : p->daddr;
+		d.port = r.flow ? r.flow->nat_port : p->dport;
+		d.state = mode;
+		if (!r.flow || dsr_dispatch(ctx, p, &d) < 0) {
+			count(METRIC_MALFORMED);
+			return CTX_ACT_DROP;
+		}
+		return np_send(ctx, &nh);
+	}
+	if (snat_forward(ctx, p, node) != 0)
+		return CTX_ACT_DROP;
+	count(METRIC_NP_SNAT);
+	return np_send(ctx, &nh);
+}

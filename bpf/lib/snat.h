@@ -1,0 +1,118 @@
+/* Source NAT of north-south flows to remote backends: port allocation on
+ * the node's address and the reverse mapping replies are found by. */
+#pragma once
+
+#include "common.h"
+#include "config.h"
+#include "conntrack.h"
+#include "metrics.h"
+#include "nat.h"
+#include "nat_maps.h"
+
+/* Tries per new mapping: the client's port (or a random one), then one
+ * more random, then linear probing. Bounded so a full range costs a
+ * known amount per packet. */
+#define SNAT_TRIES 32
+
+static __always_inline __u16 snat_random_port(void)
+{
+	return cfg_nat_port_min + bpf_get_prandom_u32() % (cfg_nat_port_max - cfg_nat_port_min + 1);
+}
+
+static __always_inline void snat_count_tries(__u32 retries)
+{
+	if (retries == 0)
+		count(METRIC_NAT_RETRY_0);
+	else if (retries == 1)
+		count(METRIC_NAT_RETRY_1);
+	else if (retries < 4)
+		count(METRIC_NAT_RETRY_2_3);
+	else if (retries < 8)
+		count(METRIC_NAT_RETRY_4_7);
+	else
+		count(METRIC_NAT_RETRY_8_PLUS);
+}
+
+/* Claims a port for p (client to backend, after DNAT) on node: the reply
+ * key is inserted with BPF_NOEXIST, so two CPUs never share a port. A reply
+ * key already naming this client is the flow's own (its out entry was
+ * evicted) and is kept. Returns 0 with *out set, -1 when every try found
+ * the port taken. */
+static __always_inline int snat_claim(const struct pkt *p, const union v6addr *node, struct nat_entry *out)
+{
+	struct nat_entry rev;
+	__u16 port = bpf_ntohs(p->sport);
+	struct ct_key ik;
+
+	__builtin_memset(&rev, 0, sizeof(rev));
+	rev.addr = p->saddr;
+	rev.port = p->sport;
+	if (port < cfg_nat_port_min || port > cfg_nat_port_max)
+		port = snat_random_port();
+	for (__u32 i = 0; i < SNAT_TRIES; i++) {
+		ct_key_init(&ik, &p->daddr, node, p->dport, bpf_htons(port), p, NAT_F_IN);
+		int ok = bpf_map_update_elem(&sp_nat, &ik, &rev, BPF_NOEXIST) == 0;
+		if (!ok) {
+			struct nat_entry *cur = bpf_map_lookup_elem(&sp_nat, &ik);
+
+			ok = cur && addr_equal(&cur->addr, &p->saddr) && cur->port == p->sport;
+		}
+		if (ok) {
+			__builtin_memset(out, 0, sizeof(*out));
+			out->addr = *node;
+			out->port = bpf_htons(port);
+			snat_count_tries(i);
+			return 0;
+		}
+		if (i == 0)
+			port = snat_random_port();
+		else
+			port = port >= cfg_nat_port_max ? cfg_nat_port_min : port + 1;
+	}
+	count(METRIC_NAT_EXHAUSTED);
+	return -1;
+}
+
+/* SNATs p (client to backend, after DNAT) to node: the flow's mapping, or
+ * a new one. 0 when done; CTX_ACT_DROP when no port is free. */
+static __always_inline int snat_forward(struct __ctx_buff *ctx, struct pkt *p, const union v6addr *node)
+{
+	struct ct_key ok;
+	struct nat_entry m;
+
+	ct_key_init(&ok, &p->saddr, &p->daddr, p->sport, p->dport, p, NAT_F_OUT);
+	struct nat_entry *e = bpf_map_lookup_elem(&sp_nat, &ok);
+	if (e && addr_equal(&e->addr, node)) {
+		m = *e;
+	} else {
+		if (snat_claim(p, node, &m) < 0)
+			return CTX_ACT_DROP;
+		if (bpf_map_update_elem(&sp_nat, &ok, &m, BPF_ANY) < 0)
+			count(METRIC_CT_CREATE_FAILED);
+	}
+	if (nat_rewrite_addr(ctx, p, 1, &m.addr) < 0 || nat_rewrite_port(ctx, p, 1, m.port) < 0) {
+		count(METRIC_MALFORMED);
+		return CTX_ACT_DROP;
+	}
+	return 0;
+}
+
+/* A reply to a SNATed flow (backend to node:port) gets the client back as
+ * its destination. 1 when p was one (and is now backend to client), 0 when
+ * it was not, CTX_ACT_DROP-style negative on a rewrite failure. */
+static __always_inline int snat_reverse(struct __ctx_buff *ctx, struct pkt *p)
+{
+	struct ct_key ik;
+
+	if (!is_tcp_or_udp(p->proto) || !pkt_has_l4(p))
+		return 0;
+	ct_key_init(&ik, &p->saddr, &p->daddr, p->sport, p->dport, p, NAT_F_IN);
+	struct nat_entry *e = bpf_map_lookup_elem(&sp_nat, &ik);
+	if (!e)
+		return 0;
+	union v6addr client = e->addr;
+	__be16 port = e->port;
+	if (nat_rewrite_addr(ctx, p, 0, &client) < 0 || nat_rewrite_port(ctx, p, 0, port) < 0)
+		return -1;
+	return 1;
+}

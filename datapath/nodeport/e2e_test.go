@@ -1,0 +1,199 @@
+package nodeport
+
+import (
+	"fmt"
+	"net/netip"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+	"github.com/vishvananda/netlink"
+
+	"github.com/servicepath/servicepath/datapath/service"
+	"github.com/servicepath/servicepath/harness/cluster"
+	"github.com/servicepath/servicepath/harness/topology"
+	"github.com/servicepath/servicepath/harness/traffic"
+)
+
+const timeout = 3 * time.Second
+
+// e2eFamily picks one family's addresses of the bed.
+type e2eFamily struct {
+	name        string
+	client      netip.Addr
+	nodes       []netip.Addr // wire addresses, by node
+	lbVIP       netip.Addr
+	unspecified netip.Addr
+}
+
+func e2eFamilies(ns *cluster.NorthSouth) []e2eFamily {
+	var v4, v6 []netip.Addr
+	for _, n := range ns.Nodes {
+		v4, v6 = append(v4, n.WireIPv4), append(v6, n.WireIPv6)
+	}
+	e := ns.Topo.External
+	return []e2eFamily{
+		{"ipv4", e.IPv4, v4, netip.MustParseAddr("198.19.1.10"), netip.IPv4Unspecified()},
+		{"ipv6", e.IPv6, v6, netip.MustParseAddr("fd00:5f:1::10"), netip.IPv6Unspecified()},
+	}
+}
+
+// program gives every node the same frontend (TCP and UDP) over both
+// backends, or only its own with ExternalLocal; edit adjusts it. The
+// frontend goes when the subtest ends: with a port of its own, a subtest
+// never sees a late packet of an earlier one's flows translated.
+func program(t *testing.T, ns *cluster.NorthSouth, fe service.Frontend, edit func(*service.Service)) {
+	for _, n := range ns.Nodes {
+		for _, proto := range []service.Protocol{service.TCP, service.UDP} {
+			s := service.Service{Name: "default/ns", Frontend: fe}
+			s.Frontend.Protocol = proto
+			if edit != nil {
+				edit(&s)
+			}
+			for _, b := range []string{"backend-0", "backend-1"} {
+				if !s.ExternalLocal || b == n.Backend {
+					s.Backends = append(s.Backends, ns.Backend(b, fe.Addr))
+				}
+			}
+			require.NoError(t, n.Services.Upsert(s), "program %s on %s", s.Frontend, n.Name)
+			t.Cleanup(func() { assert.NoError(t, n.Services.Delete(s.Frontend), "remove %s from %s", s.Frontend, n.Name) })
+		}
+	}
+}
+
+// exchange runs n TCP and n UDP exchanges from the external client to dst
+// and tallies who answered; every UDP reply must come from dst.
+func exchange(t *testing.T, ns *cluster.NorthSouth, dst netip.AddrPort, n int) traffic.Tally {
+	all := traffic.Tally{}
+	tally, err := traffic.Run(n, func(i int) (traffic.Reply, error) {
+		return traffic.TCPExchange(ns.Topo.External, dst, []byte(fmt.Sprintf("tcp %d", i)), timeout)
+	})
+	require.NoError(t, err, "TCP from the external client to %s", dst)
+	for k, v := range tally {
+		all[k] += v
+	}
+	tally, err = traffic.Run(n, func(i int) (traffic.Reply, error) {
+		r, err := traffic.UDPExchange(ns.Topo.External, dst, []byte(fmt.Sprintf("udp %d", i)), timeout)
+		if err == nil && r.Peer != dst {
+			err = fmt.Errorf("UDP reply came from %s, not %s", r.Peer, dst)
+		}
+		return r, err
+	})
+	require.NoError(t, err, "UDP from the external client to %s, every reply from it", dst)
+	for k, v := range tally {
+		all[k] += v
+	}
+	return all
+}
+
+func grew(before, after map[string]uint64, name string) uint64 { return after[name] - before[name] }
+
+func TestNorthSouthEndToEnd(t *testing.T) {
+	ns := cluster.NewNorthSouth(t, nil)
+	n := 40
+	if testing.Short() {
+		n = 16
+	}
+	port := uint16(NodePort)
+	for _, f := range e2eFamilies(ns) {
+		var np service.Frontend
+		nodePort := func(i int) netip.AddrPort { return netip.AddrPortFrom(f.nodes[i], np.Port) }
+		// fresh gives each subtest a NodePort of its own.
+		fresh := func() {
+			port++
+			np = service.Frontend{Addr: f.unspecified, Port: port, Kind: service.NodePort}
+		}
+
+		t.Run(f.name+"/nodeport-snat-spreads-over-both-nodes-backends", func(t *testing.T) {
+			fresh()
+			program(t, ns, np, nil)
+			for i := range ns.Nodes {
+				before := ns.Counters(t, i)
+				tally := exchange(t, ns, nodePort(i), n)
+				assert.Positive(t, tally["backend-0"], "entry node %d reached backend-0: %v", i, tally)
+				assert.Positive(t, tally["backend-1"], "entry node %d reached backend-1: %v", i, tally)
+				after := ns.Counters(t, i)
+				assert.Positive(t, grew(before, after, "np_snat"), "node %d SNATed flows to the other node's backend", i)
+				assert.Positive(t, grew(before, after, "np_rev_snat"), "node %d translated their replies back", i)
+				assert.Positive(t, grew(before, after, "np_local"), "node %d served flows locally", i)
+			}
+		})
+
+		for _, d := range []service.Dispatch{service.Option, service.IPIP} {
+			t.Run(f.name+"/dsr-"+d.String()+"-replies-bypass-the-entry-node", func(t *testing.T) {
+				fresh()
+				program(t, ns, np, func(s *service.Service) { s.Mode, s.Dispatch = service.DSR, d })
+				entry, backend := ns.Counters(t, 0), ns.Counters(t, 1)
+				tally := exchange(t, ns, nodePort(0), n)
+				assert.Positive(t, tally["backend-1"], "node 0 handed flows to backend-1: %v", tally)
+				entry2, backend2 := ns.Counters(t, 0), ns.Counters(t, 1)
+				metric := map[service.Dispatch]string{service.Option: "dsr_opt", service.IPIP: "dsr_ipip"}[d]
+				assert.Positive(t, grew(entry, entry2, metric), "node 0 dispatched by %s", d)
+				assert.Zero(t, grew(entry, entry2, "np_snat"), "node 0 SNATed nothing")
+				assert.Zero(t, grew(entry, entry2, "np_rev_snat"), "no reply came back through node 0")
+				assert.Positive(t, grew(backend, backend2, "dsr_learned"), "node 1 learned the DSR flows")
+				assert.Positive(t, grew(backend, backend2, "rev_nat"), "node 1 answered from node 0's NodePort itself")
+			})
+		}
+
+		t.Run(f.name+"/etp-local-serves-locally-and-keeps-the-client-address", func(t *testing.T) {
+			fresh()
+			program(t, ns, np, func(s *service.Service) { s.ExternalLocal = true })
+			for i, node := range ns.Nodes {
+				tally := exchange(t, ns, nodePort(i), n/2)
+				assert.Equal(t, traffic.Tally{node.Backend: n}, tally, "node %d sent everything to its own backend", i)
+				assert.True(t, ns.Servers[node.Backend].SawPeer(f.client), "%s saw the external client's own address", node.Backend)
+			}
+		})
+
+		t.Run(f.name+"/loadbalancer-source-ranges", func(t *testing.T) {
+			routeVIP(t, ns, f.lbVIP, f.nodes[0])
+			lb := service.Frontend{Addr: f.lbVIP, Port: NodePort, Kind: service.LoadBalancer}
+			dst := netip.AddrPortFrom(f.lbVIP, NodePort)
+			program(t, ns, lb, func(s *service.Service) {
+				s.SourceRanges = []netip.Prefix{netip.PrefixFrom(f.client, f.client.BitLen())}
+			})
+			tally := exchange(t, ns, dst, n/2)
+			assert.Equal(t, n, tally["backend-0"]+tally["backend-1"], "an allowed client reaches the LoadBalancer address: %v", tally)
+
+			other := netip.PrefixFrom(f.nodes[1], f.nodes[1].BitLen())
+			program(t, ns, lb, func(s *service.Service) { s.SourceRanges = []netip.Prefix{other} })
+			before := ns.Counters(t, 0)
+			_, err := traffic.TCPExchange(ns.Topo.External, dst, []byte("denied"), time.Second)
+			assert.Error(t, err, "a client outside the ranges gets nowhere")
+			assert.Positive(t, grew(before, ns.Counters(t, 0), "source_range_denied"), "node 0 counted the denial")
+		})
+
+		t.Run(f.name+"/externalip", func(t *testing.T) {
+			routeVIP(t, ns, f.lbVIP, f.nodes[0])
+			program(t, ns, service.Frontend{Addr: f.lbVIP, Port: NodePort + 1, Kind: service.ExternalIP}, nil)
+			tally := exchange(t, ns, netip.AddrPortFrom(f.lbVIP, NodePort+1), n/2)
+			assert.Equal(t, n, tally["backend-0"]+tally["backend-1"], "the ExternalIP answers: %v", tally)
+		})
+
+		t.Run(f.name+"/hostport-reaches-its-pod", func(t *testing.T) {
+			const hostPort = 8081
+			hp := service.Service{Name: "pod:default/backend-1", Frontend: service.Frontend{Addr: f.unspecified, Port: hostPort, Protocol: service.TCP, Kind: service.HostPort},
+				Backends: []service.Backend{ns.Backend("backend-1", f.client)}}
+			require.NoError(t, ns.Nodes[1].Services.Upsert(hp), "program the HostPort on node 1")
+			r, err := traffic.TCPExchange(ns.Topo.External, netip.AddrPortFrom(f.nodes[1], hostPort), []byte("hostport"), timeout)
+			require.NoError(t, err, "TCP to node 1's HostPort")
+			assert.Equal(t, "backend-1", r.Identity, "the HostPort's pod answered")
+		})
+	}
+}
+
+// routeVIP routes vip from the external client through the node at via,
+// as a LoadBalancer's announcement would.
+func routeVIP(t *testing.T, ns *cluster.NorthSouth, vip, via netip.Addr) {
+	err := ns.Topo.External.Do(func() error {
+		l, err := netlink.LinkByName(topology.WireIfName)
+		if err != nil {
+			return err
+		}
+		return netlink.RouteReplace(&netlink.Route{LinkIndex: l.Attrs().Index,
+			Dst: netipPrefixNet(netip.PrefixFrom(vip, vip.BitLen())), Gw: via.AsSlice()})
+	})
+	require.NoError(t, err, "route %s via %s on the external client", vip, via)
+}

@@ -1,0 +1,371 @@
+package nodeport
+
+import (
+	"net"
+	"net/netip"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/servicepath/servicepath/datapath/loader"
+	"github.com/servicepath/servicepath/datapath/service"
+	"github.com/servicepath/servicepath/harness/inject"
+	"github.com/servicepath/servicepath/harness/packet"
+)
+
+// Fixtures is the north-south table for both families, entering by tc.
+func (b *Bed) Fixtures() []inject.Fixture {
+	return b.table(ingress{hook: inject.FromNetdev, bed: b}, nil)
+}
+
+// XDPFixtures is the same table entering by XDP, ahead of tc: where XDP
+// ends a packet as tc would, only the verdict differs; where it hands the
+// packet to tc, the row expects the hand-over.
+func (b *Bed) XDPFixtures(t testing.TB) []inject.Fixture {
+	via := ingress{hook: inject.XDPFromNetdev, xdp: true, bed: b, handover: map[uint32][]byte{0: make([]byte, 8)}}
+	for _, a := range []uint32{loader.HandoverDeliver, loader.HandoverRoute} {
+		meta, err := loader.HandoverMeta(a)
+		require.NoError(t, err, "hand-over word of this netns")
+		via.handover[a] = meta
+	}
+	return b.table(via, func(c *loader.Config) { c.XDP = true })
+}
+
+func (b *Bed) table(via ingress, cfg func(*loader.Config)) []inject.Fixture {
+	var out []inject.Fixture
+	for _, f := range b.Families() {
+		out = append(out, b.familyFixtures(f, via)...)
+	}
+	for i := range out {
+		rowCfg := out[i].Config
+		if rowCfg == nil {
+			rowCfg = stackRouting
+		}
+		out[i].Config = func(c *loader.Config) {
+			rowCfg(c)
+			if cfg != nil {
+				cfg(c)
+			}
+		}
+	}
+	return out
+}
+
+// ingress is the program north-south packets enter a node by: tc's
+// from-netdev, or XDP's ahead of it. Rows are written once; the ingress
+// says how each outcome looks at its program.
+type ingress struct {
+	hook inject.Hook
+	xdp  bool
+	bed  *Bed
+	// handover is the metadata XDP leaves by hand-over action (0: none).
+	handover map[uint32][]byte
+}
+
+// outcome is what a row expects of the program its packet enters.
+type outcome struct {
+	verdict  inject.Verdict
+	output   []byte
+	meta     []byte
+	counters map[string]uint64
+}
+
+func (via ingress) row(f inject.Fixture, o outcome) inject.Fixture {
+	f.Hook = via.hook
+	f.Verdict, f.Output, f.Meta, f.Counters = o.verdict, o.output, o.meta, o.counters
+	return f
+}
+
+// hop is where a translated packet leaves for: the next hop's MAC, and
+// the MAC of the device it leaves by, when that is not the one it came in
+// on (nil: back out the wire).
+type hop struct{ dst, dev net.HardwareAddr }
+
+// sent: translated and sent off the node. tc leaves the MACs to
+// bpf_redirect_neigh; XDP writes the FIB's and sends the frame itself.
+func (via ingress) sent(to hop, out []byte, counters map[string]uint64) outcome {
+	if !via.xdp {
+		return outcome{inject.Redirect, out, nil, plus(counters, "redirect_neigh", 1)}
+	}
+	if to.dev == nil {
+		return outcome{inject.XDPTX, withMACs(out, to.dst, via.bed.NodeMAC), via.handover[0], plus(counters, "xdp_tx", 1)}
+	}
+	return outcome{inject.XDPRedirect, withMACs(out, to.dst, to.dev), via.handover[0], plus(counters, "xdp_redirect", 1)}
+}
+
+// unresolved: translated for a next hop whose neighbour is unknown. XDP
+// has no bpf_redirect_neigh: it hands the packet to tc to send.
+func (via ingress) unresolved(out []byte, counters map[string]uint64) outcome {
+	if !via.xdp {
+		return outcome{inject.Redirect, out, nil, plus(counters, "redirect_neigh", 1)}
+	}
+	return outcome{inject.XDPPass, out, via.handover[loader.HandoverRoute], plus(counters, "xdp_to_tc", 1)}
+}
+
+// local: translated for this node, delivered by the stack. XDP hands it
+// to tc, which delivers it.
+func (via ingress) local(out []byte, counters map[string]uint64) outcome {
+	if !via.xdp {
+		return outcome{inject.OK, out, nil, counters}
+	}
+	return outcome{inject.XDPPass, out, via.handover[loader.HandoverDeliver], plus(counters, "xdp_to_tc", 1)}
+}
+
+// intoPod: translated for this node with BPF host routing: tc sends the
+// frame, rewritten for the pod (peerOut), straight in with
+// bpf_redirect_peer; XDP, which cannot, hands out to tc to do that.
+func (via ingress) intoPod(out, peerOut []byte, counters map[string]uint64) outcome {
+	if !via.xdp {
+		return outcome{inject.Redirect, peerOut, nil, plus(counters, "redirect_peer", 1)}
+	}
+	return via.local(out, counters)
+}
+
+// passed: not for north-south, untouched. XDP leaves the reason to tc,
+// which sees the packet next, and counts the hand-over alone.
+func (via ingress) passed(counters map[string]uint64) outcome {
+	if !via.xdp {
+		return outcome{inject.OK, nil, nil, counters}
+	}
+	return outcome{inject.XDPPass, nil, via.handover[0], inject.CountersOf("xdp_to_tc", 1)}
+}
+
+// rejected: a service without backends answers with port unreachable.
+// The reply grows the packet, for which XDP may have no room: it passes
+// the packet, untranslated, to tc to answer.
+func (via ingress) rejected(reply []byte, counters map[string]uint64) outcome {
+	if !via.xdp {
+		return outcome{inject.Redirect, reply, nil, counters}
+	}
+	return via.passed(counters)
+}
+
+// overMTU: a frame longer than the device's MTU, which only GRO makes
+// (generic XDP runs after it) and whose checksums are then partial: XDP
+// leaves it to tc, where o is what happens.
+func (via ingress) overMTU(o outcome) outcome {
+	if !via.xdp {
+		return o
+	}
+	return via.passed(o.counters)
+}
+
+func (via ingress) dropped(out []byte, counters map[string]uint64) outcome {
+	if !via.xdp {
+		return outcome{inject.Shot, out, nil, counters}
+	}
+	return outcome{inject.XDPDrop, out, nil, counters}
+}
+
+// plus is counters with more; nil (counters not checked) stays nil.
+func plus(counters map[string]uint64, kv ...any) map[string]uint64 {
+	if counters == nil {
+		return nil
+	}
+	out := inject.CountersOf(kv...)
+	for k, v := range counters {
+		out[k] += v
+	}
+	return out
+}
+
+func withMACs(frame []byte, dst, src net.HardwareAddr) []byte {
+	out := append([]byte(nil), frame...)
+	copy(out[0:6], dst)
+	copy(out[6:12], src)
+	return out
+}
+
+func (b *Bed) familyFixtures(f Family, via ingress) []inject.Fixture {
+	dev := b.wire()
+	node := b.node(dev)
+	name := func(s string) string { return f.Name + "/" + s }
+	local, remote := f.at(f.Local), f.at(f.Remote)
+	in := packet.Opts{}
+	out := packet.Opts{FromHost: true} // the frame as redirect_peer leaves it for the pod
+	syn := tcp(f.Client, f.nodePort(), packet.SYN, in)
+	otherClient := netip.AddrPortFrom(f.Client.Addr().Next(), ClientPort)
+	// SNAT keeps the client's port when it lies in the range and is free.
+	keepPorts := natPorts(ClientPort, ClientPort+1)
+	snatted := f.snat(ClientPort)
+	toPeer, toClient := hop{dst: b.PeerMAC}, hop{dst: b.ClientMAC}
+	counters := inject.CountersOf
+	// Two segments' worth, as GRO hands a merged frame to the stack (and
+	// within what BPF_PROG_TEST_RUN takes: a page less head and tail room).
+	merged := make([]byte, 2*1448)
+	// Earlier packets of a row's flow enter as its packet does.
+	first := func(pkt []byte) func(e *inject.Env) error { return send(dev, via.hook, pkt) }
+
+	return []inject.Fixture{via.row(inject.Fixture{
+		Name:  name("nodeport-local-backend-dnat-to-stack"),
+		Setup: steps(node, upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Local}))),
+		On:    dev,
+		Input: syn,
+		Check: checkFlow(f.Client, local, f.nodePort()),
+	}, via.local(tcp(f.Client, local, packet.SYN, in), counters("lb_new", 1, "np_local", 1))), via.row(inject.Fixture{
+		Name:  name("gro-merged-frame-over-the-mtu"),
+		Setup: steps(node, upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Local}))),
+		On:    dev,
+		Input: packet.TCP(f.Client, f.nodePort(), packet.ACK, merged, in),
+	}, via.overMTU(via.local(packet.TCP(f.Client, local, packet.ACK, merged, in), counters("lb_new", 1, "np_local", 1)))), via.row(inject.Fixture{
+		Name:   name("nodeport-local-backend-redirect-peer-with-bpf-routing"),
+		Config: bpfRouting,
+		Setup:  steps(node, upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Local}))),
+		On:     dev,
+		Input:  syn,
+	}, via.intoPod(tcp(f.Client, local, packet.SYN, in), tcp(f.Client, local, packet.SYN, out), counters("lb_new", 1, "np_local", 1))), {
+		Name: name("local-backend-reply-leaves-from-nodeport"),
+		Setup: steps(node, upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Local})),
+			first(syn)),
+		On:       dev,
+		Hook:     inject.ToNetdev,
+		Input:    tcp(local, f.Client, packet.SYNACK, in),
+		Verdict:  inject.OK,
+		Output:   tcp(f.nodePort(), f.Client, packet.SYNACK, in),
+		Counters: counters("rev_nat", 1),
+	}, via.row(inject.Fixture{
+		Name:   name("remote-backend-snat-keeps-client-port"),
+		Config: keepPorts,
+		Setup:  steps(node, upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Remote}))),
+		On:     dev,
+		Input:  syn,
+		Check:  checkFlow(f.Client, remote, f.nodePort(), "ns-snat"),
+	}, via.sent(toPeer, tcp(snatted, remote, packet.SYN, in), counters("lb_new", 1, "np_snat", 1, "nat_retry_0", 1))), via.row(inject.Fixture{
+		Name:   name("remote-backend-udp-snat"),
+		Config: keepPorts,
+		Setup:  steps(node, upsert(f.nodePortSvc(service.UDP, []netip.Addr{f.Remote}))),
+		On:     dev,
+		Input:  udp(f.Client, f.nodePort(), in),
+	}, via.sent(toPeer, udp(snatted, remote, in), counters("lb_new", 1, "np_snat", 1, "nat_retry_0", 1))), via.row(inject.Fixture{
+		Name:   name("snat-established-keeps-its-port"),
+		Config: keepPorts,
+		Setup: steps(node, upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Remote})),
+			first(syn)),
+		On:    dev,
+		Input: tcp(f.Client, f.nodePort(), packet.ACK, in),
+	}, via.sent(toPeer, tcp(snatted, remote, packet.ACK, in), counters("lb_established", 1, "np_snat", 1))), via.row(inject.Fixture{
+		Name:   name("snat-reply-back-to-client-from-nodeport"),
+		Config: keepPorts,
+		Setup: steps(node, upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Remote})),
+			first(syn)),
+		On:    dev,
+		Input: tcp(remote, snatted, packet.SYNACK, in),
+	}, via.sent(toClient, tcp(f.nodePort(), f.Client, packet.SYNACK, in), counters("np_rev_snat", 1, "rev_nat", 1))), via.row(inject.Fixture{
+		// The client's port is taken by another client's flow to the same
+		// backend: the next free port, after one or two retries.
+		Name:   name("snat-port-collision-takes-another-port"),
+		Config: keepPorts,
+		Setup: steps(node, upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Remote})),
+			first(tcp(otherClient, f.nodePort(), packet.SYN, in))),
+		On:    dev,
+		Input: syn,
+		Check: func(t testing.TB, e *inject.Env) {
+			c, err := e.Counters()
+			require.NoError(t, err)
+			assert.Equal(t, uint64(1), c["nat_retry_1"]+c["nat_retry_2_3"], "the second port was found after 1 or 2 retries")
+		},
+	}, via.sent(toPeer, tcp(f.snat(ClientPort+1), remote, packet.SYN, in), nil)), via.row(inject.Fixture{
+		Name:   name("snat-ports-exhausted-drop"),
+		Config: natPorts(ClientPort, ClientPort),
+		Setup: steps(node, upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Remote})),
+			first(tcp(otherClient, f.nodePort(), packet.SYN, in))),
+		On:    dev,
+		Input: syn,
+	}, via.dropped(tcp(f.Client, remote, packet.SYN, in), counters("lb_new", 1, "nat_exhausted", 1))), via.row(inject.Fixture{
+		Name:   name("snat-to-an-unresolved-next-hop"),
+		Config: keepPorts,
+		Setup:  steps(node, upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Unresolved}))),
+		On:     dev,
+		Input:  syn,
+	}, via.unresolved(tcp(snatted, f.at(f.Unresolved), packet.SYN, in), counters("lb_new", 1, "np_snat", 1, "nat_retry_0", 1))), via.row(inject.Fixture{
+		Name:   name("snat-out-another-node-device"),
+		Config: keepPorts,
+		Setup:  steps(node, b.sideNetdev, upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Side}))),
+		On:     dev,
+		Input:  syn,
+	}, via.sent(hop{sideMAC, b.SideMAC}, tcp(netip.AddrPortFrom(f.SideNode, ClientPort), f.at(f.Side), packet.SYN, in),
+		counters("lb_new", 1, "np_snat", 1, "nat_retry_0", 1))), via.row(inject.Fixture{
+		Name:  name("no-route-to-backend-drop"),
+		Setup: steps(node, upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Unroutable}))),
+		On:    dev,
+		Input: syn,
+	}, via.dropped(tcp(f.Client, f.at(f.Unroutable), packet.SYN, in), counters("lb_new", 1, "fib_failed", 1))), via.row(inject.Fixture{
+		Name:  name("no-backend-rejected-with-port-unreachable"),
+		Setup: steps(node, upsert(f.nodePortSvc(service.TCP, nil))),
+		On:    dev,
+		Input: syn,
+	}, via.rejected(packet.ICMPError(packet.PortUnreachable, f.Node, f.Client.Addr(), packet.HeaderQuote(syn), out),
+		counters("no_backend_reject", 1))), via.row(inject.Fixture{
+		Name:  name("dsr-option-carries-the-service"),
+		Setup: steps(node, upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Remote}, dsr(service.Option)))),
+		On:    dev,
+		Input: syn,
+		Check: checkFlow(f.Client, remote, f.nodePort(), "ns-dsr"),
+	}, via.sent(toPeer, tcp(f.Client, remote, packet.SYN, packet.Opts{DSR: f.nodePort()}), counters("lb_new", 1, "dsr_opt", 1))), via.row(inject.Fixture{
+		Name:  name("dsr-ipip-tunnels-to-the-backend"),
+		Setup: steps(node, upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Remote}, dsr(service.IPIP)))),
+		On:    dev,
+		Input: syn,
+		Check: checkFlow(f.Client, remote, f.nodePort(), "ns-dsr", "ns-dsr-ipip"),
+	}, via.sent(toPeer, packet.WithEthernet(packet.Tunnel(f.nodePort(), f.Remote, packet.L3(6, f.Client, remote, packet.SYN, payload, in)), false),
+		counters("lb_new", 1, "dsr_ipip", 1))), via.row(inject.Fixture{
+		Name:   name("hybrid-snats-udp"),
+		Config: keepPorts,
+		Setup:  steps(node, upsert(f.nodePortSvc(service.UDP, []netip.Addr{f.Remote}, hybrid))),
+		On:     dev,
+		Input:  udp(f.Client, f.nodePort(), in),
+	}, via.sent(toPeer, udp(snatted, remote, in), counters("lb_new", 1, "np_snat", 1, "nat_retry_0", 1))), via.row(inject.Fixture{
+		Name:  name("hybrid-dsr-for-tcp"),
+		Setup: steps(node, upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Remote}, hybrid))),
+		On:    dev,
+		Input: syn,
+	}, via.sent(toPeer, tcp(f.Client, remote, packet.SYN, packet.Opts{DSR: f.nodePort()}), counters("lb_new", 1, "dsr_opt", 1))), via.row(inject.Fixture{
+		// This node as the backend's: the option tells it the service.
+		Name:  name("backend-node-learns-dsr-option"),
+		Setup: node,
+		On:    dev,
+		Input: tcp(f.Client, local, packet.SYN, packet.Opts{DSR: f.lb()}),
+		Check: checkFlow(f.Client, local, f.lb(), "ns-dsr"),
+	}, via.local(nil, counters("dsr_learned", 1, "np_local", 1))), via.row(inject.Fixture{
+		Name:  name("backend-node-decapsulates-ipip"),
+		Setup: node,
+		On:    dev,
+		Input: packet.WithEthernet(packet.Tunnel(f.lb(), f.Local, packet.L3(6, f.Client, local, packet.SYN, payload, in)), false),
+		Check: checkFlow(f.Client, local, f.lb(), "ns-dsr", "ns-dsr-ipip"),
+	}, via.local(tcp(f.Client, local, packet.SYN, in), counters("dsr_learned", 1, "np_local", 1))), {
+		Name:     name("backend-node-answers-dsr-from-the-service"),
+		Setup:    steps(node, first(tcp(f.Client, local, packet.SYN, packet.Opts{DSR: f.lb()}))),
+		On:       dev,
+		Hook:     inject.ToNetdev,
+		Input:    tcp(local, f.Client, packet.SYNACK, in),
+		Verdict:  inject.OK,
+		Output:   tcp(f.lb(), f.Client, packet.SYNACK, in),
+		Counters: counters("rev_nat", 1),
+	}, via.row(inject.Fixture{
+		Name:  name("etp-local-without-local-backends-drop"),
+		Setup: steps(node, upsert(f.nodePortSvc(service.TCP, nil, externalLocal))),
+		On:    dev,
+		Input: syn,
+	}, via.dropped(nil, counters("etp_local_drop", 1))), via.row(inject.Fixture{
+		Name:  name("etp-local-keeps-client-source"),
+		Setup: steps(node, upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Local}, externalLocal))),
+		On:    dev,
+		Input: syn,
+	}, via.local(tcp(f.Client, local, packet.SYN, in), counters("lb_new", 1, "np_local", 1))), via.row(inject.Fixture{
+		Name:  name("source-range-allows-listed-client"),
+		Setup: steps(node, upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Local}, f.loadBalancer(f.AllowedClients)))),
+		On:    dev,
+		Input: tcp(f.Client, f.lb(), packet.SYN, in),
+	}, via.local(tcp(f.Client, local, packet.SYN, in), counters("lb_new", 1, "np_local", 1))), via.row(inject.Fixture{
+		Name:  name("source-range-denies-other-client"),
+		Setup: steps(node, upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Local}, f.loadBalancer(f.AllowedClients)))),
+		On:    dev,
+		Input: tcp(otherClient, f.lb(), packet.SYN, in),
+	}, via.dropped(nil, counters("source_range_denied", 1))), via.row(inject.Fixture{
+		Name:  name("direct-traffic-to-a-pod-passes"),
+		Setup: node,
+		On:    dev,
+		Input: tcp(f.Client, local, packet.SYN, in),
+	}, via.passed(counters("pass", 1)))}
+}
