@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http"
+	"net/netip"
 	"slices"
 	"strings"
 	"sync"
@@ -386,6 +387,24 @@ func (a *Agent) report(svc *corev1.Service, res k8s.Result, err error) {
 	}
 }
 
+// sameRanges compares source ranges as the manager stores them: masked,
+// as a set.
+func sameRanges(have, want []netip.Prefix) bool {
+	set := make(map[netip.Prefix]bool, len(want))
+	for _, r := range want {
+		set[r.Masked()] = true
+	}
+	if len(set) != len(have) {
+		return false
+	}
+	for _, r := range have {
+		if !set[r] {
+			return false
+		}
+	}
+	return true
+}
+
 // sameServices says whether the maps already hold exactly want, so that an
 // unchanged Service costs no map write at all.
 func sameServices(have []service.Programmed, want []service.Service) bool {
@@ -398,7 +417,9 @@ func sameServices(have []service.Programmed, want []service.Service) bool {
 	}
 	for _, w := range want {
 		h, ok := byFrontend[w.Frontend]
-		if !ok || h.PortName != w.PortName || h.Affinity != w.Affinity || len(h.Backends) != len(w.Backends) {
+		if !ok || h.PortName != w.PortName || h.Affinity != w.Affinity || len(h.Backends) != len(w.Backends) ||
+			h.ExternalLocal != w.ExternalLocal || h.Maglev != w.Maglev || h.Mode != w.Mode || h.Dispatch != w.Dispatch ||
+			!sameRanges(h.SourceRanges, w.SourceRanges) {
 			return false
 		}
 		// Slot order is the manager's business; the set is what matters.

@@ -4,6 +4,8 @@ import (
 	"context"
 	"fmt"
 	"net/http"
+	"net/netip"
+	"slices"
 	"testing"
 
 	"github.com/prometheus/client_golang/prometheus/testutil"
@@ -344,4 +346,27 @@ func TestSameServices(t *testing.T) {
 		"a port name change is a change")
 	assert.False(t, sameServices(have, nil), "a removed frontend is a change")
 	assert.True(t, sameServices(nil, nil), "nothing stays nothing")
+
+	lb := service.Service{Name: "a", Frontend: fe, Backends: []service.Backend{b1}, Maglev: true, Mode: service.DSR,
+		SourceRanges: []netip.Prefix{netip.MustParsePrefix("10.0.0.0/8"), netip.MustParsePrefix("192.168.0.0/16")}}
+	haveLB := []service.Programmed{{Service: lb}}
+	for _, c := range []struct {
+		name string
+		mod  func(*service.Service)
+		same bool
+	}{
+		{"ranges in another order, unmasked", func(s *service.Service) {
+			s.SourceRanges = []netip.Prefix{netip.MustParsePrefix("192.168.1.1/16"), netip.MustParsePrefix("10.0.0.0/8")}
+		}, true},
+		{"a range less", func(s *service.Service) { s.SourceRanges = s.SourceRanges[:1] }, false},
+		{"Maglev off", func(s *service.Service) { s.Maglev = false }, false},
+		{"another mode", func(s *service.Service) { s.Mode = service.Hybrid }, false},
+		{"another dispatch", func(s *service.Service) { s.Dispatch = service.IPIP }, false},
+		{"externalTrafficPolicy Local", func(s *service.Service) { s.ExternalLocal = true }, false},
+	} {
+		want := lb
+		want.SourceRanges = slices.Clone(lb.SourceRanges)
+		c.mod(&want)
+		assert.Equal(t, c.same, sameServices(haveLB, []service.Service{want}), "%s: same is %v", c.name, c.same)
+	}
 }

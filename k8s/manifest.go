@@ -19,12 +19,15 @@ import (
 type Objects struct {
 	Services       []*corev1.Service
 	EndpointSlices []*discoveryv1.EndpointSlice
+	// Pods are read for their hostPorts (TranslatePods).
+	Pods []*corev1.Pod
 	// Ignored lists objects of other kinds, e.g.
 	// "deploy.yaml: document 2: apps/v1 Deployment default/web".
 	Ignored []string
 }
 
-// ReadManifests reads Services and EndpointSlices from YAML or JSON files.
+// ReadManifests reads Services, EndpointSlices and Pods from YAML or JSON
+// files.
 // A directory contributes its *.yaml, *.yml and *.json files, sorted, not
 // recursing. Documents are numbered from 1, counting only non-empty ones.
 func ReadManifests(paths ...string) (*Objects, error) {
@@ -166,6 +169,12 @@ func (o *Objects) addObject(where string, js []byte) error {
 			return fmt.Errorf("%s: EndpointSlice %s: %w", where, name, err)
 		}
 		o.EndpointSlices = append(o.EndpointSlices, es)
+	case h.APIVersion == "v1" && h.Kind == "Pod":
+		pod := &corev1.Pod{}
+		if err := decodeStrict(js, pod); err != nil {
+			return fmt.Errorf("%s: Pod %s: %w", where, name, err)
+		}
+		o.Pods = append(o.Pods, pod)
 	case h.APIVersion == "v1" && h.Kind == "List":
 		var l list
 		if err := decodeStrict(js, &l); err != nil {

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"net/netip"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/servicepath/servicepath/datapath/service"
@@ -18,6 +19,23 @@ import (
 // LabelServiceProxyName marks a Service as handled by another proxy;
 // kube-proxy leaves such Services alone, and so does servicepath.
 const LabelServiceProxyName = "service.kubernetes.io/service-proxy-name"
+
+// Annotations that choose how a Service's external frontends (NodePort,
+// external IPs, load-balancer IPs) balance; cluster IPs keep the defaults.
+const (
+	// AnnotationLBMode is snat (default), dsr or hybrid (DSR for TCP, SNAT
+	// for UDP): how a node reaches a backend on another node.
+	AnnotationLBMode = "servicepath.io/lb-mode"
+	// AnnotationDSRDispatch is option (default) or ipip: how a DSR flow
+	// names its service to the backend's node.
+	AnnotationDSRDispatch = "servicepath.io/dsr-dispatch"
+	// AnnotationLBAlgorithm is random (default) or maglev: Maglev makes
+	// every node pick the same backend for a flow.
+	AnnotationLBAlgorithm = "servicepath.io/lb-algorithm"
+	// AnnotationSourceRanges is the older spelling of
+	// spec.loadBalancerSourceRanges, comma-separated; the field wins.
+	AnnotationSourceRanges = "service.beta.kubernetes.io/load-balancer-source-ranges"
+)
 
 // Result is the datapath's view of a set of Services.
 type Result struct {
@@ -227,11 +245,18 @@ type frontAddr struct {
 
 type parsedService struct {
 	name string
-	// localOnly is internalTrafficPolicy Local.
-	localOnly bool
-	addrs     []frontAddr
-	ports     []servicePort
-	affinity  time.Duration
+	// localOnly is internalTrafficPolicy Local; externalLocal is
+	// externalTrafficPolicy Local.
+	localOnly, externalLocal bool
+	addrs                    []frontAddr
+	ports                    []servicePort
+	affinity                 time.Duration
+	// sourceRanges are masked and deduplicated, both families; a family
+	// with an allow-all range has none.
+	sourceRanges []netip.Prefix
+	maglev       bool
+	mode         service.Mode
+	dispatch     service.Dispatch
 }
 
 // frontends lists every (frontend, fields) a parsed Service produces: each
@@ -270,8 +295,9 @@ func skipReason(svc *corev1.Service) string {
 // protocol the datapath lacks are returned as unsupported, not as errors.
 func parseService(svc *corev1.Service) (*parsedService, []string, []error) {
 	ps := &parsedService{
-		name:      objectName(svc.Namespace, svc.Name),
-		localOnly: ptrValue(svc.Spec.InternalTrafficPolicy) == corev1.ServiceInternalTrafficPolicyLocal,
+		name:          objectName(svc.Namespace, svc.Name),
+		localOnly:     ptrValue(svc.Spec.InternalTrafficPolicy) == corev1.ServiceInternalTrafficPolicyLocal,
+		externalLocal: svc.Spec.ExternalTrafficPolicy == corev1.ServiceExternalTrafficPolicyLocal,
 	}
 	var errs []error
 	var unsupported []string
@@ -286,6 +312,12 @@ func parseService(svc *corev1.Service) (*parsedService, []string, []error) {
 	default:
 		fail("spec.type", "unknown type %q", svc.Spec.Type)
 	}
+	switch svc.Spec.ExternalTrafficPolicy {
+	case "", corev1.ServiceExternalTrafficPolicyCluster, corev1.ServiceExternalTrafficPolicyLocal:
+	default:
+		fail("spec.externalTrafficPolicy", "unknown policy %q", svc.Spec.ExternalTrafficPolicy)
+	}
+	parseBalancing(svc, ps, fail)
 
 	ips, field := svc.Spec.ClusterIPs, "spec.clusterIPs"
 	switch {
@@ -402,12 +434,76 @@ func parseService(svc *corev1.Service) (*parsedService, []string, []error) {
 	return ps, unsupported, errs
 }
 
+// parseBalancing reads the source ranges and servicepath's annotations.
+func parseBalancing(svc *corev1.Service, ps *parsedService, fail func(field, format string, args ...any)) {
+	annotation := func(key string) string { return "metadata.annotations[" + key + "]" }
+	// The field wins over the annotation, as in Kubernetes; both may be
+	// padded with spaces, which the API lets through.
+	ranges, field := svc.Spec.LoadBalancerSourceRanges, "spec.loadBalancerSourceRanges"
+	if a, ok := svc.Annotations[AnnotationSourceRanges]; ok && len(ranges) == 0 {
+		ranges, field = strings.Split(a, ","), annotation(AnnotationSourceRanges)
+	}
+	allowAll := map[bool]bool{}
+	for i, r := range ranges {
+		f := field
+		if field == "spec.loadBalancerSourceRanges" {
+			f = fmt.Sprintf("%s[%d]", field, i)
+		}
+		p, err := netip.ParsePrefix(strings.TrimSpace(r))
+		switch {
+		case err != nil:
+			fail(f, "invalid CIDR %q", r)
+			continue
+		case p.Addr().Is4In6():
+			fail(f, "invalid CIDR %q: IPv4-mapped IPv6 not allowed", r)
+			continue
+		case p.Bits() == 0:
+			allowAll[p.Addr().Is4()] = true // kube-proxy: the family is not restricted
+		}
+		if p = p.Masked(); !slices.Contains(ps.sourceRanges, p) {
+			ps.sourceRanges = append(ps.sourceRanges, p)
+		}
+	}
+	ps.sourceRanges = slices.DeleteFunc(ps.sourceRanges, func(p netip.Prefix) bool { return allowAll[p.Addr().Is4()] })
+	slices.SortFunc(ps.sourceRanges, func(a, b netip.Prefix) int {
+		return cmp.Or(a.Addr().Compare(b.Addr()), cmp.Compare(a.Bits(), b.Bits()))
+	})
+
+	if v, ok := svc.Annotations[AnnotationLBMode]; ok {
+		m, err := service.ParseMode(v)
+		if err != nil {
+			fail(annotation(AnnotationLBMode), "%v", err)
+		}
+		ps.mode = m
+	}
+	if v, ok := svc.Annotations[AnnotationDSRDispatch]; ok {
+		d, err := service.ParseDispatch(v)
+		switch {
+		case err != nil:
+			fail(annotation(AnnotationDSRDispatch), "%v", err)
+		case d == service.IPIP && ps.mode == service.SNAT:
+			fail(annotation(AnnotationDSRDispatch), "%s needs %s dsr or hybrid", d, AnnotationLBMode)
+		}
+		ps.dispatch = d
+	}
+	switch v, ok := svc.Annotations[AnnotationLBAlgorithm]; {
+	case !ok || v == "random":
+	case v == "maglev":
+		ps.maglev = true
+	default:
+		fail(annotation(AnnotationLBAlgorithm), "unknown algorithm %q (want random or maglev)", v)
+	}
+}
+
 // Options adapt a translation to the node whose datapath it programs.
 type Options struct {
-	// NodeName is the node the datapath runs on. When set, a Service with
-	// internalTrafficPolicy Local gets only the endpoints whose nodeName is
-	// this node, as kube-proxy does. Manifests name no node: every endpoint
-	// is used.
+	// NodeName is the node the datapath runs on. When set, as kube-proxy
+	// does, a Service with internalTrafficPolicy Local gets only the
+	// endpoints whose nodeName is this node on its cluster IPs, and one
+	// with externalTrafficPolicy Local the same on its external frontends,
+	// which then say ExternalLocal (no local endpoint: the node drops).
+	// Manifests name no node: every endpoint is used, and both policies
+	// act as Cluster. Only this node's Pods give HostPort frontends.
 	NodeName string
 }
 
@@ -417,7 +513,9 @@ type Options struct {
 // errors found, each naming the object and field, and no result.
 // Besides cluster IPs, NodePorts (every node address), external IPs and
 // load-balancer ingress IPs become frontends; sessionAffinity ClientIP
-// carries its timeout.
+// carries its timeout. The external frontends also carry
+// externalTrafficPolicy (with a node name), loadBalancerSourceRanges
+// (load-balancer IPs only) and the servicepath.io annotations.
 func Translate(services []*corev1.Service, endpointSlices []*discoveryv1.EndpointSlice) (Result, error) {
 	return TranslateWith(Options{}, services, endpointSlices)
 }
@@ -494,8 +592,19 @@ func TranslateWith(opts Options, services []*corev1.Service, endpointSlices []*d
 				Name:     ps.name,
 				PortName: p.name,
 				Frontend: fe,
-				Backends: backends(slicesOf[ps.name], fe.Addr.Is4(), p, localNode(ps, opts)),
+				Backends: backends(slicesOf[ps.name], fe.Addr.Is4(), p, localNode(ps, fe.Kind, opts)),
 				Affinity: ps.affinity,
+			}
+			if fe.Kind != service.ClusterIP {
+				s.ExternalLocal = ps.externalLocal && opts.NodeName != ""
+				s.Maglev, s.Mode, s.Dispatch = ps.maglev, ps.mode, ps.dispatch
+			}
+			if fe.Kind == service.LoadBalancer {
+				for _, r := range ps.sourceRanges {
+					if r.Addr().Is4() == fe.Addr.Is4() {
+						s.SourceRanges = append(s.SourceRanges, r)
+					}
+				}
 			}
 			if err := s.Validate(); err != nil {
 				errs = append(errs, fmt.Errorf("Service %s: %w", ps.name, err))
@@ -519,9 +628,11 @@ func TranslateWith(opts Options, services []*corev1.Service, endpointSlices []*d
 	return res, nil
 }
 
-// localNode is the node whose endpoints alone serve ps, or "" for all.
-func localNode(ps *parsedService, opts Options) string {
-	if ps.localOnly {
+// localNode is the node whose endpoints alone serve ps's frontends of a
+// kind, or "" for all: internalTrafficPolicy covers cluster IPs,
+// externalTrafficPolicy the rest.
+func localNode(ps *parsedService, kind service.Kind, opts Options) string {
+	if kind == service.ClusterIP && ps.localOnly || kind != service.ClusterIP && ps.externalLocal {
 		return opts.NodeName
 	}
 	return ""

@@ -541,6 +541,50 @@ func TestTranslateErrors(t *testing.T) {
 			want: []string{`EndpointSlice default/gone-1: endpoints[0].addresses[0]: invalid IP "not-an-ip"`},
 		},
 		{
+			name: "bad source range in the field",
+			services: web(func(s *corev1.Service) {
+				s.Spec.LoadBalancerSourceRanges = []string{"10.0.0.0/8", "10.0.0.0/33", "::ffff:10.0.0.0/104"}
+			}),
+			want: []string{
+				`Service default/web: spec.loadBalancerSourceRanges[1]: invalid CIDR "10.0.0.0/33"`,
+				`Service default/web: spec.loadBalancerSourceRanges[2]: invalid CIDR "::ffff:10.0.0.0/104": IPv4-mapped IPv6 not allowed`,
+			},
+		},
+		{
+			name: "bad source range in the annotation",
+			services: web(func(s *corev1.Service) {
+				s.Annotations = map[string]string{AnnotationSourceRanges: "10.0.0.0/8,10.0.0.1"}
+			}),
+			want: []string{`Service default/web: metadata.annotations[service.beta.kubernetes.io/load-balancer-source-ranges]: invalid CIDR "10.0.0.1"`},
+		},
+		{
+			name:     "unknown lb-mode",
+			services: web(func(s *corev1.Service) { s.Annotations = map[string]string{AnnotationLBMode: "DSR"} }),
+			want:     []string{`Service default/web: metadata.annotations[servicepath.io/lb-mode]: unknown load-balancing mode "DSR" (want snat, dsr or hybrid)`},
+		},
+		{
+			name: "unknown dsr-dispatch",
+			services: web(func(s *corev1.Service) {
+				s.Annotations = map[string]string{AnnotationLBMode: "dsr", AnnotationDSRDispatch: "gre"}
+			}),
+			want: []string{`Service default/web: metadata.annotations[servicepath.io/dsr-dispatch]: unknown DSR dispatch "gre" (want option or ipip)`},
+		},
+		{
+			name:     "ipip dispatch without DSR",
+			services: web(func(s *corev1.Service) { s.Annotations = map[string]string{AnnotationDSRDispatch: "ipip"} }),
+			want:     []string{"Service default/web: metadata.annotations[servicepath.io/dsr-dispatch]: ipip needs servicepath.io/lb-mode dsr or hybrid"},
+		},
+		{
+			name:     "unknown lb-algorithm",
+			services: web(func(s *corev1.Service) { s.Annotations = map[string]string{AnnotationLBAlgorithm: "round-robin"} }),
+			want:     []string{`Service default/web: metadata.annotations[servicepath.io/lb-algorithm]: unknown algorithm "round-robin" (want random or maglev)`},
+		},
+		{
+			name:     "unknown externalTrafficPolicy",
+			services: web(func(s *corev1.Service) { s.Spec.ExternalTrafficPolicy = "Nearest" }),
+			want:     []string{`Service default/web: spec.externalTrafficPolicy: unknown policy "Nearest"`},
+		},
+		{
 			name: "every error is reported, slices first, then Services by name",
 			services: []*corev1.Service{
 				svc("z", []string{"10.96.0.300"}, httpSvc),

@@ -2,14 +2,18 @@
 // and three backend pods on a node (all network namespaces of its own),
 // the datapath loaded and a Service + EndpointSlice manifest applied with
 // the servicepath CLI, then thousands of real TCP and UDP exchanges
-// through the VIP, per packet and then at the socket. It prints the spread
-// over backends and fails unless every reply came from the VIP.
+// through the VIP, per packet and then at the socket. Then north-south: two
+// nodes, each with the node-device programs on its wire, and an external
+// client using a NodePort Service at either node's address. It prints the
+// spread over backends and fails unless every reply came from the address
+// the client used.
 package main
 
 import (
 	"errors"
 	"flag"
 	"fmt"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
@@ -20,14 +24,21 @@ import (
 	"github.com/servicepath/servicepath/datapath/maps"
 	"github.com/servicepath/servicepath/datapath/metrics"
 	"github.com/servicepath/servicepath/datapath/mounts"
+	"github.com/servicepath/servicepath/datapath/service"
+	"github.com/servicepath/servicepath/harness/topology"
 )
 
 func main() {
 	bin := flag.String("servicepath", "bin/servicepath", "the servicepath binary")
 	manifest := flag.String("manifest", "deploy/examples/demo.yaml", "Service + EndpointSlice manifest (its endpoints must be the demo pods' addresses)")
+	nodePortManifest := flag.String("nodeport-manifest", "deploy/examples/nodeport.yaml", "NodePort Service + EndpointSlices for the two-node part")
 	n := flag.Int("n", 2000, "exchanges per protocol and address family")
 	flag.Parse()
-	if err := run(*bin, *manifest, *n); err != nil {
+	err := run(*bin, *manifest, *n)
+	if err == nil {
+		err = northSouth(*bin, *nodePortManifest, *n/4)
+	}
+	if err != nil {
 		fmt.Fprintf(os.Stderr, "demo failed: %v\n", err)
 		os.Exit(1)
 	}
@@ -109,7 +120,56 @@ func run(bin, manifest string, n int) error {
 	if failed {
 		return errors.New("some exchanges failed or were not spread uniformly (see above)")
 	}
-	fmt.Println("\ndemo passed: every exchange went through the VIP to a backend and came back from the VIP")
+	fmt.Println("\nper-node demo passed: every exchange went through the VIP to a backend and came back from the VIP")
+	return nil
+}
+
+// northSouth runs an external client against a NodePort Service on two
+// nodes, each running servicepath with its wire as the node device.
+func northSouth(bin, manifest string, n int) error {
+	bed, err := demo.StartNorthSouth("demons", bin, manifest)
+	if err != nil {
+		return err
+	}
+	defer bed.Close()
+
+	demo.Step("loading each node's datapath, with its wire as the node device, and applying " + manifest)
+	for _, node := range bed.Nodes {
+		if err := bed.SPOn(node, "load", "--bpffs", node.BPFFS, "--device", strings.Join(node.Devices, ","),
+			"--node-device", topology.WireIfName); err != nil {
+			return err
+		}
+		defer bed.SPOn(node, "unload", "--bpffs", node.BPFFS)
+		if err := bed.SPOn(node, "apply", "--bpffs", node.BPFFS, "-f", manifest); err != nil {
+			return err
+		}
+	}
+
+	demo.Step("an external client uses the NodePort at each node's address")
+	want := demo.Backends[:2]
+	failed := false
+	for _, node := range bed.Nodes {
+		for _, s := range bed.Services {
+			if s.Frontend.Kind != service.NodePort {
+				continue
+			}
+			addr := node.WireIPv4
+			if s.Frontend.Addr.Is6() {
+				addr = node.WireIPv6
+			}
+			dst := netip.AddrPortFrom(addr, s.Frontend.Port)
+			failed = demo.ExchangesTo(bed.Topo.External, "the external client", dst, s.Frontend.Protocol, s.Name, want, n) || failed
+		}
+	}
+
+	demo.Step("node 0's counters: flows to its own backend, and SNATed flows to node 1's")
+	if err := bed.SP("stats", "--bpffs", bed.BPFFS); err != nil {
+		return err
+	}
+	if failed {
+		return errors.New("some north-south exchanges failed or were not spread uniformly (see above)")
+	}
+	fmt.Println("\ndemo passed: every exchange reached a backend on either node and came back from the address the client used")
 	return nil
 }
 

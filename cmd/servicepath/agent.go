@@ -12,13 +12,13 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/cilium/ebpf"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/clientcmd"
 
 	"github.com/servicepath/servicepath/agent"
 	"github.com/servicepath/servicepath/datapath/ct"
+	"github.com/servicepath/servicepath/datapath/maps"
 	"github.com/servicepath/servicepath/datapath/service"
 )
 
@@ -31,7 +31,7 @@ func cmdAgent(args []string, o output) error {
 	syncPeriod := fs.Duration("sync-period", 30*time.Second, "interval of the full comparison of the API with the maps")
 	healthzAddr := fs.String("healthz-bind-address", "0.0.0.0:10256", "address of /healthz (empty: off)")
 	metricsAddr := fs.String("metrics-bind-address", "127.0.0.1:10249", "address of /metrics (empty: off)")
-	gcInterval := fs.Duration("ct-gc-interval", 30*time.Second, "interval between passes deleting expired conntrack entries (0: off)")
+	gcInterval := fs.Duration("ct-gc-interval", 30*time.Second, "interval between conntrack GC passes when calm, shortened under pressure, per zone (0: off)")
 	verbose := fs.Bool("v", false, "log every Service programmed")
 	if err := parse(fs, args); err != nil {
 		return err
@@ -100,7 +100,7 @@ func cmdAgent(args []string, o output) error {
 		return err
 	}
 	if *gcInterval > 0 {
-		go gcLoop(ctx, dp.Maps.CT, *gcInterval, log)
+		go gcLoop(ctx, dp.Maps, *gcInterval, log)
 	}
 	log.Info("agent started", "node", name, "api", restCfg.Host)
 	go func() { errc <- a.Run(ctx) }()
@@ -124,22 +124,24 @@ func resolveNodeName(flagValue string) (string, error) {
 	return os.Hostname()
 }
 
-// gcLoop deletes expired conntrack entries, as `servicepath gc --interval`.
-func gcLoop(ctx context.Context, m *ebpf.Map, interval time.Duration, log *slog.Logger) {
-	tick := time.NewTicker(interval)
-	defer tick.Stop()
+// gcLoop deletes expired conntrack entries and their SNAT mappings, as
+// `servicepath gc --interval`: one collector and pacer per zone. A failed
+// pass is logged and the loop starts over after an interval.
+func gcLoop(ctx context.Context, m *maps.Maps, interval time.Duration, log *slog.Logger) {
+	loop := &ct.Loop{Maps: m, Base: interval, Report: func(p ct.LoopPass) {
+		log.Debug("conntrack gc", "zone", p.Zone, "scanned", p.Result.Scanned, "deleted", p.Result.Deleted,
+			"orphans", p.Result.Orphans, "snat", p.NAT, "next", p.Decision.Interval, "pressure", p.Decision.Pressure)
+	}}
 	for {
+		err := loop.Run(ctx)
+		if ctx.Err() != nil {
+			return
+		}
+		log.Error("conntrack gc", "err", err)
 		select {
 		case <-ctx.Done():
 			return
-		case <-tick.C:
-		}
-		now, err := ct.Now()
-		if err == nil {
-			_, err = ct.GC(m, now)
-		}
-		if err != nil {
-			log.Error("conntrack gc", "err", err)
+		case <-time.After(interval):
 		}
 	}
 }

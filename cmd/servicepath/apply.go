@@ -65,9 +65,14 @@ func cmdApply(args []string, o output) error {
 	if err != nil {
 		return fmt.Errorf("nothing applied:\n%w", err)
 	}
+	// Manifests name no node: every Pod's hostPorts are this node's.
+	pods, err := k8s.TranslatePods(k8s.Options{}, objs.Pods)
+	if err != nil {
+		return fmt.Errorf("nothing applied:\n%w", err)
+	}
 	warn(o.errOut, "ignored", objs.Ignored)
-	warn(o.errOut, "skipped", res.Skipped)
-	warn(o.errOut, "unsupported", res.Unsupported)
+	warn(o.errOut, "skipped", append(res.Skipped, pods.Skipped...))
+	warn(o.errOut, "unsupported", append(res.Unsupported, pods.Unsupported...))
 	if len(objs.Services) == 0 && len(objs.EndpointSlices) > 0 {
 		return errors.New("nothing applied: EndpointSlices without their Service; apply them together")
 	}
@@ -77,13 +82,14 @@ func cmdApply(args []string, o output) error {
 		return err
 	}
 	defer m.Close()
-	if err := mgr.Apply(k8s.ServiceNames(objs.Services), res.Services); err != nil {
+	services := append(res.Services, pods.Services...)
+	if err := mgr.Apply(append(k8s.ServiceNames(objs.Services), k8s.PodNames(objs.Pods)...), services); err != nil {
 		return err
 	}
 	if err := destroyStaleSockets(o, bpffs, m, mgr.TakeRemoved()); err != nil {
 		return err
 	}
-	for _, s := range res.Services {
+	for _, s := range services {
 		active := 0
 		for _, b := range s.Backends {
 			if b.State == service.Active {
@@ -104,7 +110,7 @@ func cmdDelete(args []string, o output) error {
 	if err != nil {
 		return err
 	}
-	names := k8s.ServiceNames(objs.Services)
+	names := append(k8s.ServiceNames(objs.Services), k8s.PodNames(objs.Pods)...)
 	mgr, m, err := openManager(bpffs)
 	if err != nil {
 		return err

@@ -3,9 +3,11 @@ package main
 import (
 	"bytes"
 	"encoding/json"
+	"maps"
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -40,7 +42,10 @@ func TestUsageErrors(t *testing.T) {
 		{"bad output format", []string{"services", "-o", "yaml"}, 2, `-o "yaml"`},
 		{"bad attach mode", []string{"load", "--attach-mode", "xdp"}, 1, `attach mode "xdp"`},
 		{"bad no-backend", []string{"load", "--no-backend", "ignore"}, 1, `no-backend action "ignore"`},
+		{"bad sock-state", []string{"load", "--sock-state", "lru"}, 1, `socket state "lru"`},
+		{"bad node-device-xdp", []string{"load", "--node-device-xdp", "driver"}, 1, `XDP mode "driver"`},
 		{"zero map size", []string{"load", "--ct-size", "0"}, 2, "positive 32-bit integer"},
+		{"Maglev table size not a prime", []string{"load", "--maglev-table-size", "16384"}, 1, "Maglev table size 16384: want a prime"},
 		{"stray argument", []string{"gc", "extra"}, 2, `unexpected argument "extra"`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -130,17 +135,25 @@ func TestCLILifeCycle(t *testing.T) {
 	var entries []ct.Entry
 	require.NoError(t, json.Unmarshal([]byte(mustRun("ct", "--bpffs", bpffs, "-o", "json")), &entries), "ct json")
 	assert.Len(t, entries, 2, "one flow: service and flow entries")
+	for _, e := range entries {
+		assert.Equal(t, ct.ZoneEastWest, e.Zone, "a pod's flow is east-west")
+	}
 
 	var st statsJSON
 	require.NoError(t, json.Unmarshal([]byte(mustRun("stats", "--bpffs", bpffs, "-o", "json")), &st), "stats json")
 	assert.Equal(t, uint64(1), st.Counters["lb_new"], "one new flow counted")
 	assert.Equal(t, 16, st.Maps["sp_services"].Entries, "4 masters + 12 slots")
+	assert.Equal(t, mapStats{Entries: 0, MaxEntries: 128 * 1024}, st.Maps["sp_ct_ns"], "the north-south zone is listed, empty")
+	assert.Equal(t, 2, st.Conntrack[ct.ZoneEastWest].Entries, "east-west pressure sees the flow")
+	assert.Equal(t, "sp_ct_ns", st.Conntrack[ct.ZoneNorthSouth].Map, "a pressure block per zone")
 
 	// A restarted load keeps the maps and so the tracked flows.
 	mustRun("load", "--bpffs", bpffs, "--device", strings.Join(devices, ","))
 	require.NoError(t, json.Unmarshal([]byte(mustRun("ct", "--bpffs", bpffs, "-o", "json")), &entries), "ct json")
 	assert.Len(t, entries, 2, "flows survive a reload")
-	assert.Contains(t, mustRun("gc", "--bpffs", bpffs), "deleted 0", "nothing expired yet")
+	gc := mustRun("gc", "--bpffs", bpffs)
+	assert.Contains(t, gc, "gc ew: scanned 2, deleted 0", "nothing expired yet")
+	assert.Contains(t, gc, "gc ns: scanned 0", "each zone collected")
 
 	// Re-applying is idempotent; deleting removes every frontend.
 	mustRun("apply", "--bpffs", bpffs, "-f", demoManifest)
@@ -203,4 +216,30 @@ endpoints: [{addresses: [198.18.0.11]}]
 	}, got, "one frontend of each kind")
 	code, _, errOut = runCLI("unload", "--bpffs", bpffs)
 	require.Zero(t, code, "unload: %s", errOut)
+}
+
+// Zones off: one shared map, shown and collected as one zone; turning
+// zones on over it is refused until an unload.
+func TestCLIZonesOff(t *testing.T) {
+	testenv.RequireRoot(t)
+	bpffs := filepath.Join(testenv.BPFFS(t), "sp")
+	mustRun := func(args ...string) string {
+		code, out, errOut := runCLI(args...)
+		require.Zero(t, code, "servicepath %s: %s", strings.Join(args, " "), errOut)
+		return out
+	}
+	mustRun("load", "--bpffs", bpffs, "--ct-ns-size", "0")
+	var st statsJSON
+	require.NoError(t, json.Unmarshal([]byte(mustRun("stats", "--bpffs", bpffs, "-o", "json")), &st), "stats json")
+	assert.Equal(t, []string{ct.ZoneShared}, slices.Collect(maps.Keys(st.Conntrack)), "one shared zone")
+	assert.NotContains(t, st.Maps, "sp_ct_ns", "no north-south zone")
+	assert.Contains(t, mustRun("gc", "--bpffs", bpffs), "gc shared: scanned 0", "the shared map is collected")
+	assert.Contains(t, mustRun("ct", "--bpffs", bpffs), "ZONE", "ct has a zone column")
+
+	code, _, errOut := runCLI("load", "--bpffs", bpffs)
+	assert.Equal(t, 1, code, "turning zones on over pinned maps fails")
+	assert.Contains(t, errOut, "unload", "and says to unload first")
+	mustRun("unload", "--bpffs", bpffs)
+	mustRun("load", "--bpffs", bpffs)
+	mustRun("unload", "--bpffs", bpffs)
 }

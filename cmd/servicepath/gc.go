@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"io"
 	"os"
@@ -10,7 +11,6 @@ import (
 
 	"github.com/servicepath/servicepath/datapath/ct"
 	"github.com/servicepath/servicepath/datapath/maps"
-	"github.com/servicepath/servicepath/datapath/metrics"
 )
 
 func cmdGC(args []string, o output) error {
@@ -34,108 +34,81 @@ func cmdGC(args []string, o output) error {
 			return err
 		}
 		start := time.Now()
-		res, err := ct.NewCollector(m.CT).Pass(now, 0)
+		for _, z := range ct.Zones(m) {
+			res, err := ct.NewCollector(z.Map).Pass(now, 0)
+			if err != nil {
+				return fmt.Errorf("zone %s: %w", z.Name, err)
+			}
+			fmt.Fprintf(o.out, "gc %s: scanned %d, deleted %d expired entries, %d orphaned\n", z.Name, res.Scanned, res.Deleted, res.Orphans)
+		}
+		nat, err := ct.GCNAT(m)
 		if err != nil {
 			return err
 		}
-		fmt.Fprintf(o.out, "gc: scanned %d, deleted %d expired entries, %d orphaned in %s\n",
-			res.Scanned, res.Deleted, res.Orphans, time.Since(start).Round(time.Microsecond))
+		fmt.Fprintf(o.out, "gc: %d SNAT entries in %s\n", nat, time.Since(start).Round(time.Microsecond))
 		return nil
 	}
 
-	pacer := ct.DefaultPacer(*interval)
-	if *minInterval > 0 {
-		pacer.Min = *minInterval
-	}
-	c := ct.NewCollector(m.CT)
-	stop := make(chan os.Signal, 1)
-	signal.Notify(stop, os.Interrupt, syscall.SIGTERM)
-	prev, err := metrics.Read(m.Metrics)
-	if err != nil {
-		return err
-	}
-	d := ct.Decision{Interval: *interval} // the first pass reads the whole map
-	for {
-		now, err := ct.Now()
-		if err != nil {
-			return err
-		}
-		start := time.Now()
-		res, err := c.Pass(now, d.Budget)
-		if err != nil {
-			return err
-		}
-		took := time.Since(start)
-		cur, err := metrics.Read(m.Metrics)
-		if err != nil {
-			return err
-		}
-		sig := pressureSignals(c, prev, cur, int(m.CT.MaxEntries()), res)
-		prev = cur
-		if *fixed {
-			d = ct.Decision{Interval: *interval}
-		} else {
-			d = pacer.Next(sig)
-		}
-		writeGCPass(o.out, res, sig, d, took)
-		select {
-		case <-stop:
-			return nil
-		case <-time.After(d.Interval):
-		}
-	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	loop := &ct.Loop{Maps: m, Base: *interval, Min: *minInterval, Fixed: *fixed,
+		Report: func(p ct.LoopPass) { writeGCPass(o.out, p) }}
+	return loop.Run(ctx)
 }
 
-// pressureSignals turns two counter readings and a pass into the pacer's
-// input.
-func pressureSignals(c *ct.Collector, prev, cur map[string]uint64, maxEntries int, res ct.PassResult) ct.Signals {
-	s := ct.Signals{
-		NewFlows:     cur["lb_new"] - prev["lb_new"],
-		CreateFailed: cur["ct_create_failed"] - prev["ct_create_failed"],
-		MaxEntries:   maxEntries,
-		Last:         res,
-		Fill:         -1,
-	}
-	if e := c.Estimate(0); e >= 0 && maxEntries > 0 {
-		s.Fill = float64(e) / float64(maxEntries)
-	}
-	return s
-}
-
-func writeGCPass(w io.Writer, res ct.PassResult, s ct.Signals, d ct.Decision, took time.Duration) {
+func writeGCPass(w io.Writer, p ct.LoopPass) {
 	fill := "?"
-	if s.Fill >= 0 {
-		fill = fmt.Sprintf("%.1f%%", 100*s.Fill)
+	if p.Signals.Fill >= 0 {
+		fill = fmt.Sprintf("%.1f%%", 100*p.Signals.Fill)
 	}
 	budget := "whole map"
-	if d.Budget > 0 {
-		budget = fmt.Sprintf("%d entries", d.Budget)
+	if p.Decision.Budget > 0 {
+		budget = fmt.Sprintf("%d entries", p.Decision.Budget)
 	}
 	why := "calm"
-	if d.Pressure != "" {
-		why = "pressure: " + d.Pressure
+	if p.Decision.Pressure != "" {
+		why = "pressure: " + p.Decision.Pressure
 	}
-	fmt.Fprintf(w, "gc: scanned %d, deleted %d, orphaned %d in %s; fill ~%s, new flows %d, insert failures %d; next in %s over %s (%s)\n",
-		res.Scanned, res.Deleted, res.Orphans, took.Round(time.Microsecond), fill, s.NewFlows, s.CreateFailed,
-		d.Interval, budget, why)
+	nat := ""
+	if p.NorthSouth {
+		nat = fmt.Sprintf(", %d SNAT entries", p.NAT)
+	}
+	fmt.Fprintf(w, "gc %s: scanned %d, deleted %d, orphaned %d%s in %s; fill ~%s, new flows %d, insert failures %d; next in %s over %s (%s)\n",
+		p.Zone, p.Result.Scanned, p.Result.Deleted, p.Result.Orphans, nat, p.Took.Round(time.Microsecond), fill, p.Signals.NewFlows,
+		p.Signals.CreateFailed, p.Decision.Interval, budget, why)
 }
 
-// ctPressureLines is `servicepath stats`' conntrack pressure block.
-func ctPressureLines(w io.Writer, m *maps.Maps, counters map[string]uint64) (ct.Pressure, error) {
+// zonePressure is one zone's line of `servicepath stats -o json`.
+type zonePressure struct {
+	Map string `json:"map"`
+	ct.Pressure
+}
+
+// ctPressureLines is `servicepath stats`' conntrack pressure block, one
+// per zone.
+func ctPressureLines(w io.Writer, m *maps.Maps, counters map[string]uint64) (map[string]zonePressure, error) {
 	now, err := ct.Now()
 	if err != nil {
-		return ct.Pressure{}, err
+		return nil, err
 	}
-	p, err := ct.ReadPressure(m.CT, now)
-	if err != nil {
-		return p, err
-	}
+	out := map[string]zonePressure{}
 	if w != nil {
 		fmt.Fprintf(w, "\nCONNTRACK PRESSURE\n")
+		fmt.Fprintf(w, "insert failures %d (ct_create_failed, every zone)\n", counters["ct_create_failed"])
+	}
+	for _, z := range ct.Zones(m) {
+		p, err := ct.ReadPressure(z.Map, now)
+		if err != nil {
+			return nil, fmt.Errorf("zone %s: %w", z.Name, err)
+		}
+		out[z.Name] = zonePressure{Map: z.MapName, Pressure: p}
+		if w == nil {
+			continue
+		}
+		fmt.Fprintf(w, "\nzone %s (%s)\n", z.Name, z.MapName)
 		fmt.Fprintf(w, "fill            %d/%d (%.1f%%)\n", p.Entries, p.MaxEntries, 100*float64(p.Entries)/float64(max(p.MaxEntries, 1)))
 		fmt.Fprintf(w, "expired         %d (awaiting gc)\n", p.Expired)
 		fmt.Fprintf(w, "orphaned        %d (half a flow evicted by the LRU, or a reused tuple forgotten)\n", p.Orphans)
-		fmt.Fprintf(w, "insert failures %d (ct_create_failed)\n", counters["ct_create_failed"])
 	}
-	return p, nil
+	return out, nil
 }

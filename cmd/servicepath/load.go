@@ -6,14 +6,31 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strconv"
+	"strings"
 
 	"github.com/cilium/ebpf/rlimit"
+	"github.com/vishvananda/netlink"
 
 	"github.com/servicepath/servicepath/datapath/attach"
 	"github.com/servicepath/servicepath/datapath/loader"
-	"github.com/servicepath/servicepath/datapath/maps"
+	"github.com/servicepath/servicepath/datapath/netdev"
 	"github.com/servicepath/servicepath/datapath/nodeaddrs"
 )
+
+// parsePortRange reads MIN-MAX.
+func parsePortRange(s string) (lo, hi uint16, err error) {
+	a, b, ok := strings.Cut(s, "-")
+	if !ok {
+		return 0, 0, fmt.Errorf("port range %q: want MIN-MAX", s)
+	}
+	l, err1 := strconv.ParseUint(a, 10, 16)
+	h, err2 := strconv.ParseUint(b, 10, 16)
+	if err1 != nil || err2 != nil || l == 0 || l > h {
+		return 0, 0, fmt.Errorf("port range %q: want MIN-MAX with 1 <= MIN <= MAX <= 65535", s)
+	}
+	return uint16(l), uint16(h), nil
+}
 
 func linkDir(bpffs string) string { return filepath.Join(bpffs, "links") }
 
@@ -23,9 +40,13 @@ type loadOptions struct {
 	cfg       loader.Config
 	bpffs     string
 	devices   stringList
+	netdevs   stringList
+	netdevXDP string
+	natPorts  string
 	cgroup    string
 	mode      string
 	noBackend string
+	sockState string
 }
 
 func addLoadFlags(fs *flag.FlagSet) *loadOptions {
@@ -33,17 +54,25 @@ func addLoadFlags(fs *flag.FlagSet) *loadOptions {
 	def := &lo.cfg
 	fs.StringVar(&lo.bpffs, "bpffs", defaultBPFFS, "bpffs directory for pinned maps and links (bpffs is mounted there if absent)")
 	fs.Var(&lo.devices, "device", "pod host-side device to attach to (repeatable, or comma-separated)")
+	fs.Var(&lo.netdevs, "node-device", "node device for NodePort, ExternalIP, LoadBalancer and HostPort traffic from outside (repeatable, or comma-separated)")
+	fs.StringVar(&lo.netdevXDP, "node-device-xdp", string(attach.XDPOff), "XDP ahead of tc on the node devices: off; native (in the driver); generic (on the skb: any device, no faster than tc); auto (native, else generic; tc alone on a kernel without XDP's helpers, 5.18+)")
+	fs.StringVar(&lo.natPorts, "nat-ports", fmt.Sprintf("%d-%d", def.NATPortMin, def.NATPortMax), "ports SNAT of north-south flows takes on a node device's address, MIN-MAX")
+	fs.Var((*uint32Flag)(&def.NATMapSize), "nat-size", "SNAT entries (two per SNATed north-south flow)")
 	fs.StringVar(&lo.cgroup, "cgroup", "", "cgroup2 directory whose sockets get socket-level load balancing (a node: the cgroup2 root)")
 	fs.BoolVar(&def.SockLBHostOnly, "socket-lb-host-only", false, "translate at the socket only in this netns; pods use the per-packet path")
 	fs.StringVar(&lo.mode, "attach-mode", string(attach.Auto), "auto (tcx, else tc), tcx, or tc (clsact + cls_bpf)")
 	fs.StringVar(&lo.noBackend, "no-backend", "reject", "new flows to a service without ready backends: reject (ICMP unreachable) or drop")
 	fs.Var((*uint32Flag)(&def.ServiceMapSize), "services-size", "service map entries (frontends plus their backend slots)")
 	fs.Var((*uint32Flag)(&def.BackendMapSize), "backends-size", "backend map entries")
-	fs.Var((*uint32Flag)(&def.CTMapSize), "ct-size", "connection tracking entries (two per load-balanced flow)")
+	fs.Var((*uint32Flag)(&def.CTMapSize), "ct-size", "connection tracking entries (two per load-balanced flow); with zones, the east-west zone's")
+	fs.Var((*sizeOrOffFlag)(&def.CTNorthSouthMapSize), "ct-ns-size", "entries of the north-south conntrack zone (node devices), so a north-south flood never evicts east-west flows; 0: one map for both (changing it needs unload)")
+	fs.Var((*uint32Flag)(&def.MaglevTableSize), "maglev-table-size", "slots of each Maglev service's table: a prime from 251 to 131071, 16381 or 65521 advised (changing it needs unload)")
 	fs.DurationVar(&def.CTTCPSyn, "ct-tcp-syn", def.CTTCPSyn, "lifetime of a TCP flow before it is established")
 	fs.DurationVar(&def.CTTCPEstablished, "ct-tcp-established", def.CTTCPEstablished, "lifetime of an idle established TCP flow")
 	fs.DurationVar(&def.CTTCPClose, "ct-tcp-close", def.CTTCPClose, "lifetime of a closing TCP flow")
 	fs.DurationVar(&def.CTNonTCP, "ct-non-tcp", def.CTNonTCP, "lifetime of an idle UDP flow")
+	fs.StringVar(&lo.sockState, "sock-state", string(loader.SockStateMap), "where socket-LB keeps each socket's reverse translation: map (sp_sock_revnat LRU), storage (the socket's own BPF storage, Linux 5.10+) or auto")
+	fs.Var((*uint32Flag)(&def.SockRevNATMapSize), "sock-revnat-size", "socket reverse-NAT entries (map mode: one per socket and backend)")
 	return lo
 }
 
@@ -67,9 +96,26 @@ func loadDatapath(lo *loadOptions, o output) (*loader.Datapath, error) {
 	if err != nil {
 		return nil, err
 	}
+	xdp, err := attach.ParseXDPMode(lo.netdevXDP)
+	if err != nil {
+		return nil, fmt.Errorf("--node-device-xdp: %w", err)
+	}
 	def := lo.cfg
+	def.XDP = xdp != attach.XDPOff && len(lo.netdevs) > 0
 	if def.NoBackend, err = loader.ParseNoBackendAction(lo.noBackend); err != nil {
 		return nil, err
+	}
+	if def.SockState, err = loader.ParseSockState(lo.sockState); err != nil {
+		return nil, err
+	}
+	if def.NATPortMin, def.NATPortMax, err = parsePortRange(lo.natPorts); err != nil {
+		return nil, fmt.Errorf("--nat-ports: %w", err)
+	}
+	// Every device is checked before anything is loaded or attached.
+	for _, dev := range append(append([]string{}, lo.devices...), lo.netdevs...) {
+		if _, err := netlink.LinkByName(dev); err != nil {
+			return nil, fmt.Errorf("device %s: %w", dev, err)
+		}
 	}
 	def.PinPath = lo.bpffs
 	if err := rlimit.RemoveMemlock(); err != nil {
@@ -84,15 +130,21 @@ func loadDatapath(lo *loadOptions, o output) (*loader.Datapath, error) {
 		dp.Close()
 		return nil, err
 	}
-	if err := attachDatapath(dp, lo, m, o); err != nil {
+	if err := attachDatapath(dp, lo, m, xdp, o); err != nil {
 		dp.Close()
 		return nil, err
+	}
+	if lo.cgroup != "" {
+		// auto is resolved by probing; say what it chose.
+		if st, err := def.ResolveSockState(); err == nil {
+			fmt.Fprintf(o.out, "socket state kept in: %s\n", st)
+		}
 	}
 	fmt.Fprintf(o.out, "maps pinned under %s\n", lo.bpffs)
 	return dp, nil
 }
 
-func attachDatapath(dp *loader.Datapath, lo *loadOptions, m attach.Mode, o output) error {
+func attachDatapath(dp *loader.Datapath, lo *loadOptions, m attach.Mode, xdp attach.XDPMode, o output) error {
 	a := &attach.Attacher{LinkDir: linkDir(lo.bpffs), Mode: m}
 	for _, dev := range lo.devices {
 		for _, h := range []struct {
@@ -108,6 +160,19 @@ func attachDatapath(dp *loader.Datapath, lo *loadOptions, m attach.Mode, o outpu
 				return err
 			}
 			fmt.Fprintf(o.out, "attached %s to %s %s (%s)\n", h.name, dev, h.dir, used)
+		}
+	}
+	for _, dev := range lo.netdevs {
+		used, err := netdev.Attach(a, dp, dev, xdp)
+		if err != nil {
+			return err
+		}
+		fmt.Fprintf(o.out, "attached from-netdev and to-netdev to %s (%s)\n", dev, used.TC)
+		switch {
+		case used.XDP != attach.XDPOff:
+			fmt.Fprintf(o.out, "attached xdp-from-netdev to %s (%s)\n", dev, used.XDP)
+		case xdp != attach.XDPOff:
+			fmt.Fprintf(o.out, "no XDP on %s, tc alone: %v\n", dev, dp.XDPMissing)
 		}
 	}
 	if lo.cgroup != "" {
@@ -130,8 +195,17 @@ func cmdUnload(args []string, o output) error {
 	a := &attach.Attacher{LinkDir: linkDir(*bpffs)}
 	var errs []error
 	errs = append(errs, a.DetachAll())
-	for _, name := range []string{maps.ServicesName, maps.BackendsName, maps.SvcMetaName, maps.CTName, maps.FragsName, maps.MetricsName, maps.SockRevName, maps.AffinityName, maps.NodeAddrName} {
-		if err := os.Remove(filepath.Join(*bpffs, name)); err != nil && !errors.Is(err, os.ErrNotExist) {
+	// Every map the objects pin is named sp_*: removing by prefix cannot
+	// miss one a newer object added.
+	entries, err := os.ReadDir(*bpffs)
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		errs = append(errs, err)
+	}
+	for _, e := range entries {
+		if e.IsDir() || !strings.HasPrefix(e.Name(), "sp_") {
+			continue
+		}
+		if err := os.Remove(filepath.Join(*bpffs, e.Name())); err != nil && !errors.Is(err, os.ErrNotExist) {
 			errs = append(errs, err)
 		}
 	}
@@ -153,4 +227,17 @@ func (u *uint32Flag) Set(s string) error {
 	}
 	*u = uint32Flag(v)
 	return nil
+}
+
+// sizeOrOffFlag is a size where 0 turns the feature off.
+type sizeOrOffFlag uint32
+
+func (u *sizeOrOffFlag) String() string { return fmt.Sprint(uint32(*u)) }
+
+func (u *sizeOrOffFlag) Set(s string) error {
+	if s == "0" {
+		*u = 0
+		return nil
+	}
+	return (*uint32Flag)(u).Set(s)
 }

@@ -50,6 +50,12 @@ type serviceJSON struct {
 	// AffinitySeconds is sessionAffinity ClientIP's timeout (0: none).
 	AffinitySeconds int           `json:"affinitySeconds,omitempty"`
 	Backends        []backendJSON `json:"backends"`
+	// North-south options; absent when the defaults.
+	ExternalLocal bool     `json:"externalLocal,omitempty"`
+	SourceRanges  []string `json:"sourceRanges,omitempty"`
+	Maglev        bool     `json:"maglev,omitempty"`
+	Mode          string   `json:"mode,omitempty"`
+	Dispatch      string   `json:"dispatch,omitempty"`
 }
 
 type backendJSON struct {
@@ -73,7 +79,14 @@ func cmdServices(args []string, o output) error {
 		sj := serviceJSON{Name: s.Name, PortName: s.PortName, Protocol: s.Frontend.Protocol.String(),
 			Frontend: netip.AddrPortFrom(s.Frontend.Addr, s.Frontend.Port).String(), Backends: []backendJSON{},
 			Kind:            s.Frontend.Kind.String(),
-			AffinitySeconds: int(s.Affinity / time.Second)}
+			AffinitySeconds: int(s.Affinity / time.Second),
+			ExternalLocal:   s.ExternalLocal, Maglev: s.Maglev}
+		for _, r := range s.SourceRanges {
+			sj.SourceRanges = append(sj.SourceRanges, r.String())
+		}
+		if s.Mode != service.SNAT {
+			sj.Mode, sj.Dispatch = s.Mode.String(), s.Dispatch.String()
+		}
 		for i, b := range s.Backends {
 			sj.Backends = append(sj.Backends, backendJSON{ID: s.BackendIDs[i], Address: b.String(), State: b.State.String()})
 		}
@@ -128,12 +141,15 @@ func cmdCT(args []string, o output) error {
 		return err
 	}
 	defer m.Close()
-	entries, err := ct.Dump(m.CT)
+	entries, err := ct.DumpZones(m)
 	if err != nil {
 		return err
 	}
 	sort.Slice(entries, func(i, j int) bool {
 		a, b := entries[i], entries[j]
+		if a.Zone != b.Zone {
+			return a.Zone < b.Zone
+		}
 		if a.Source != b.Source {
 			return a.Source.Compare(b.Source) < 0
 		}
@@ -146,13 +162,13 @@ func cmdCT(args []string, o output) error {
 		return writeJSON(o.out, entries)
 	}
 	tw := tabwriter.NewWriter(o.out, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "KIND\tPROTO\tSOURCE\tDESTINATION\tNAT\tSTATE\tEXPIRES\tPKTS(FWD/REV)")
+	fmt.Fprintln(tw, "ZONE\tKIND\tPROTO\tSOURCE\tDESTINATION\tNAT\tSTATE\tEXPIRES\tPKTS(FWD/REV)")
 	for _, e := range entries {
 		kind := "flow"
 		if e.Service {
 			kind = "service"
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%d/%d\n", kind, protoName(e.Protocol), e.Source, e.Dest, e.NAT,
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%d/%d\n", e.Zone, kind, protoName(e.Protocol), e.Source, e.Dest, e.NAT,
 			dash(strings.Join(e.State, ",")), e.ExpiresIn.Round(time.Second), e.FwdPackets, e.RevPackets)
 	}
 	return tw.Flush()
@@ -161,8 +177,9 @@ func cmdCT(args []string, o output) error {
 type statsJSON struct {
 	Counters map[string]uint64   `json:"counters"`
 	Maps     map[string]mapStats `json:"maps"`
-	// Conntrack is sp_ct's pressure: fill, expired, orphaned (evictions).
-	Conntrack ct.Pressure `json:"conntrack"`
+	// Conntrack is each zone's pressure (ew and ns, or shared with zones
+	// off): fill, expired, orphaned (evictions).
+	Conntrack map[string]zonePressure `json:"conntrack"`
 }
 
 type mapStats struct {
