@@ -1,9 +1,9 @@
 // Package scenarios holds the conntrack experiments of issue 7, one
-// package each (collision, lruscale, churn). Each has a small form that
-// runs in `go test ./...` and a full form (`-scenario.full`, or `make
-// scenarios`) that writes results/scenarios/<name>/: JSON, Markdown with a
-// verdict, and SVG where a curve helps, stamped with kernel, CPU and
-// commit by bench.NewStamp.
+// package each (collision, lruscale, zones, sockstate, churn). Each has a
+// small form that runs in `go test ./...` and a full form
+// (`-scenario.full`, or `make scenarios`) that writes
+// results/scenarios/<name>/: JSON, Markdown with a verdict, and SVG where
+// a curve helps, stamped with kernel, CPU and commit by bench.NewStamp.
 package scenarios
 
 import (

@@ -86,7 +86,9 @@ type Result struct {
 }
 
 var (
-	vip        = netip.MustParseAddrPort("198.19.0.10:80")
+	// VIP is the east-west service the established flows (and this
+	// scenario's flood) use.
+	VIP        = netip.MustParseAddrPort("198.19.0.10:80")
 	estClient  = netip.MustParseAddr("198.18.0.10")
 	floodBase  = netip.MustParseAddr("198.18.128.0").As4()
 	backendNet = netip.MustParseAddr("198.18.1.0").As4()
@@ -98,8 +100,9 @@ func backendAddr(i int) netip.Addr {
 	return netip.AddrFrom4(a)
 }
 
-// floodFlow is new flow i's client.
-func floodFlow(i int) netip.AddrPort {
+// FloodClient is new flow i's client: distinct up to 60000 ports per
+// address, then the next address.
+func FloodClient(i int) netip.AddrPort {
 	a := floodBase
 	host := i / 60000
 	a[2] += byte(host >> 8)
@@ -107,10 +110,156 @@ func floodFlow(i int) netip.AddrPort {
 	return netip.AddrPortFrom(netip.AddrFrom4(a), uint16(1024+i%60000))
 }
 
+// ProgramVIP programs VIP over backends backends.
+func ProgramVIP(env *inject.Env, backends int) error {
+	svc := service.Service{Name: "default/lruscale", Frontend: service.Frontend{Addr: VIP.Addr(), Port: VIP.Port(), Protocol: service.TCP}}
+	for i := range backends {
+		svc.Backends = append(svc.Backends, service.Backend{Addr: backendAddr(i), Port: 8080})
+	}
+	return env.Services.Upsert(svc)
+}
+
 type estFlow struct {
 	client  netip.AddrPort
 	backend netip.Addr
 	lost    bool
+}
+
+// Tally is what happened to a set of established flows so far.
+type Tally struct {
+	// Lost flows lost their state at least once; Moved ones went to
+	// another backend (a TCP flow breaks); Reselected re-picked (possibly
+	// the same backend); Unxlated saw a reply leave untranslated.
+	Lost, Moved, Reselected, Unxlated int
+	// Evicted counts the flows' entries found missing from sp_ct just
+	// before they talked: every eviction, since only a talk re-creates
+	// them.
+	Evicted int
+}
+
+// Flows are long-lived flows to VIP through the pod-device programs that
+// talk in turn: a reply (to-pod), then a forward packet (from-pod).
+type Flows struct {
+	env   *inject.Env
+	flows []*estFlow
+	next  int
+	Tally
+}
+
+// OpenFlows opens n flows to VIP (programmed already): SYN, SYN-ACK, ACK.
+func OpenFlows(env *inject.Env, n int) (*Flows, error) {
+	fs := &Flows{env: env}
+	for i := range n {
+		c := netip.AddrPortFrom(estClient, uint16(20000+i))
+		out, err := forward(env, packet.TCP(c, VIP, packet.SYN, nil, packet.Opts{}))
+		if err != nil {
+			return nil, err
+		}
+		f := &estFlow{client: c, backend: out}
+		fs.flows = append(fs.flows, f)
+		if _, err := reply(env, f, packet.SYNACK); err != nil {
+			return nil, err
+		}
+		if _, err := forward(env, packet.TCP(c, VIP, packet.ACK, nil, packet.Opts{})); err != nil {
+			return nil, err
+		}
+	}
+	return fs, nil
+}
+
+// Len is the number of flows.
+func (fs *Flows) Len() int { return len(fs.flows) }
+
+// Probe is the first flow's forward packet, for timing an established
+// packet (it leaves the flow as it was).
+func (fs *Flows) Probe() []byte {
+	return packet.TCP(fs.flows[0].client, VIP, packet.ACK, []byte("keepalive"), packet.Opts{})
+}
+
+// Talk has the next flow in turn talk, and tallies what it found.
+func (fs *Flows) Talk() error {
+	f := fs.flows[fs.next%len(fs.flows)]
+	fs.next++
+	missing, err := fs.missing(f)
+	if err != nil {
+		return err
+	}
+	fs.Evicted += missing
+	before, err := fs.env.Counters()
+	if err != nil {
+		return err
+	}
+	translated, err := reply(fs.env, f, packet.ACK)
+	if err != nil {
+		return err
+	}
+	to, err := forward(fs.env, packet.TCP(f.client, VIP, packet.ACK, []byte("keepalive"), packet.Opts{}))
+	if err != nil {
+		return err
+	}
+	after, err := fs.env.Counters()
+	if err != nil {
+		return err
+	}
+	bad := false
+	if !translated {
+		fs.Unxlated++
+		bad = true
+	}
+	if after["lb_new"] > before["lb_new"] {
+		fs.Reselected++
+		bad = true
+	}
+	if to != f.backend {
+		fs.Moved++
+		f.backend = to // the flow lives on there, broken
+		bad = true
+	}
+	if bad && !f.lost {
+		f.lost = true
+		fs.Lost++
+	}
+	return nil
+}
+
+// Observe is the tally as the flows' next talks would find it, without
+// touching them: entries now missing from sp_ct count as evicted, and
+// their flows, if not lost yet, as lost.
+func (fs *Flows) Observe() (Tally, error) {
+	t := fs.Tally
+	for _, f := range fs.flows {
+		n, err := fs.missing(f)
+		if err != nil {
+			return t, err
+		}
+		t.Evicted += n
+		if n > 0 && !f.lost {
+			t.Lost++
+		}
+	}
+	return t, nil
+}
+
+// missing counts f's service and flow entries absent from sp_ct. A
+// lookup from user space does not mark an LRU entry used.
+func (fs *Flows) missing(f *estFlow) (int, error) {
+	c, fam := maps.AddrFrom(f.client.Addr())
+	v, _ := maps.AddrFrom(VIP.Addr())
+	b, _ := maps.AddrFrom(f.backend)
+	n := 0
+	for _, k := range []maps.CTKey{
+		{SAddr: c, DAddr: v, SPort: maps.NewBE16(f.client.Port()), DPort: maps.NewBE16(VIP.Port()), Proto: 6, Family: fam, Flags: maps.CTFlagService},
+		{SAddr: c, DAddr: b, SPort: maps.NewBE16(f.client.Port()), DPort: maps.NewBE16(8080), Proto: 6, Family: fam},
+	} {
+		var e maps.CTEntry
+		switch err := fs.env.DP.Maps.CT.Lookup(&k, &e); {
+		case errors.Is(err, ebpf.ErrKeyNotExist):
+			n++
+		case err != nil:
+			return 0, fmt.Errorf("look up an established flow's entry: %w", err)
+		}
+	}
+	return n, nil
 }
 
 // pinned is the CPU the run's thread is on (-1: not pinned yet).
@@ -147,89 +296,33 @@ func Run(o Options) (*Result, error) {
 		return nil, fmt.Errorf("load datapath: %w", err)
 	}
 	defer env.Close()
-	empty, err := emptyProgram()
+	empty, err := EmptyProgram()
 	if err != nil {
 		return nil, err
 	}
 	defer empty.Close()
 
-	svc := service.Service{Name: "default/lruscale", Frontend: service.Frontend{Addr: vip.Addr(), Port: vip.Port(), Protocol: service.TCP}}
-	for i := range o.Backends {
-		svc.Backends = append(svc.Backends, service.Backend{Addr: backendAddr(i), Port: 8080})
-	}
-	if err := env.Services.Upsert(svc); err != nil {
+	if err := ProgramVIP(env, o.Backends); err != nil {
 		return nil, err
 	}
 	res := &Result{Mode: modeName(o), LRU: strings.SplitN(modeName(o), "/talk", 2)[0], Period: o.Period, MapSize: o.MapSize, Established: o.Established}
 
-	// Open the established flows: SYN, SYN-ACK, ACK.
 	if err := pin(o.EstablishedCPU); err != nil {
 		return nil, err
 	}
-	flows := make([]*estFlow, o.Established)
-	for i := range flows {
-		c := netip.AddrPortFrom(estClient, uint16(20000+i))
-		out, err := forward(env, packet.TCP(c, vip, packet.SYN, nil, packet.Opts{}))
-		if err != nil {
-			return nil, err
-		}
-		f := &estFlow{client: c, backend: out}
-		flows[i] = f
-		if _, err := reply(env, f, packet.SYNACK); err != nil {
-			return nil, err
-		}
-		if _, err := forward(env, packet.TCP(c, vip, packet.ACK, nil, packet.Opts{})); err != nil {
-			return nil, err
-		}
+	flows, err := OpenFlows(env, o.Established)
+	if err != nil {
+		return nil, err
 	}
-	emptyNs, err := meanNs(empty, packet.TCP(flows[0].client, vip, packet.ACK, nil, packet.Opts{}), 2000)
+	emptyNs, err := MeanNs(empty, flows.Probe(), 2000)
 	if err != nil {
 		return nil, err
 	}
 	res.EmptyNs = emptyNs
 
-	var cp Checkpoint
-	talk := func(f *estFlow) error {
-		before, err := env.Counters()
-		if err != nil {
-			return err
-		}
-		translated, err := reply(env, f, packet.ACK)
-		if err != nil {
-			return err
-		}
-		to, err := forward(env, packet.TCP(f.client, vip, packet.ACK, []byte("keepalive"), packet.Opts{}))
-		if err != nil {
-			return err
-		}
-		after, err := env.Counters()
-		if err != nil {
-			return err
-		}
-		bad := false
-		if !translated {
-			cp.Unxlated++
-			bad = true
-		}
-		if after["lb_new"] > before["lb_new"] {
-			cp.Reselected++
-			bad = true
-		}
-		if to != f.backend {
-			cp.Moved++
-			f.backend = to // the flow lives on there, broken
-			bad = true
-		}
-		if bad && !f.lost {
-			f.lost = true
-			cp.Lost++
-		}
-		return nil
-	}
-
 	period := max(int(o.Period*float64(o.MapSize)), 2)
 	every := max(period/2/max(o.Established, 1), 1) // new flows between two talks
-	next, talker := 0, 0
+	next := 0
 	for _, fill := range o.Fills {
 		target := int(fill * float64(o.MapSize) / 2)
 		var synNs time.Duration
@@ -239,7 +332,7 @@ func Run(o Options) (*Result, error) {
 			if err := pin(o.FloodCPU); err != nil {
 				return nil, err
 			}
-			syn := packet.TCP(floodFlow(next), vip, packet.SYN, nil, packet.Opts{})
+			syn := packet.TCP(FloodClient(next), VIP, packet.SYN, nil, packet.Opts{})
 			ret, d, err := env.DP.FromPod.Benchmark(syn, 1, nil)
 			if err != nil {
 				return nil, fmt.Errorf("inject new flow %d: %w", next, err)
@@ -253,15 +346,14 @@ func Run(o Options) (*Result, error) {
 				if err := pin(o.EstablishedCPU); err != nil {
 					return nil, err
 				}
-				if err := talk(flows[talker%len(flows)]); err != nil {
+				if err := flows.Talk(); err != nil {
 					return nil, err
 				}
-				talker++
 			}
 		}
 		wall := time.Since(start)
-		c := cp
-		c.Fill = fill
+		t := flows.Tally
+		c := Checkpoint{Fill: fill, Lost: t.Lost, Moved: t.Moved, Reselected: t.Reselected, Unxlated: t.Unxlated}
 		if syns > 0 {
 			c.NewFlowNs = float64(synNs.Nanoseconds())/float64(syns) - emptyNs
 			c.FloodRate = float64(syns) / wall.Seconds()
@@ -269,8 +361,7 @@ func Run(o Options) (*Result, error) {
 		if err := pin(o.EstablishedCPU); err != nil {
 			return nil, err
 		}
-		est := packet.TCP(flows[0].client, vip, packet.ACK, []byte("keepalive"), packet.Opts{})
-		if ns, err := meanNs(env.DP.FromPod, est, o.Samples); err != nil {
+		if ns, err := MeanNs(env.DP.FromPod, flows.Probe(), o.Samples); err != nil {
 			return nil, err
 		} else {
 			c.EstablishedNs = ns - emptyNs
@@ -295,7 +386,6 @@ func Run(o Options) (*Result, error) {
 		}
 		c.GCMs, c.GCCPUMs = ms(wallGC), ms(cpuGC)
 		res.Checkpoints = append(res.Checkpoints, c)
-		// Lost, Moved... accumulate; the rest is per checkpoint.
 	}
 	return res, nil
 }
@@ -336,16 +426,16 @@ func reply(env *inject.Env, f *estFlow, flags packet.TCPFlags) (bool, error) {
 	if v != inject.OK {
 		return false, fmt.Errorf("reply: verdict %s", v)
 	}
-	return srcOf(out) == vip.Addr(), nil
+	return srcOf(out) == VIP.Addr(), nil
 }
 
 // IPv4 addresses of an Ethernet frame.
 func dstOf(frame []byte) netip.Addr { return netip.AddrFrom4([4]byte(frame[30:34])) }
 func srcOf(frame []byte) netip.Addr { return netip.AddrFrom4([4]byte(frame[26:30])) }
 
-// meanNs is the kernel's mean time for one run of prog on pkt, each run
+// MeanNs is the kernel's mean time for one run of prog on pkt, each run
 // on a fresh copy (an established packet leaves the flow as it was).
-func meanNs(prog *ebpf.Program, pkt []byte, n int) (float64, error) {
+func MeanNs(prog *ebpf.Program, pkt []byte, n int) (float64, error) {
 	var total time.Duration
 	for range n {
 		_, d, err := prog.Benchmark(pkt, 1, nil)
@@ -376,7 +466,9 @@ func timeGC(m *ebpf.Map, now uint64) (wall, cpu time.Duration, err error) {
 	return wall, cpu, nil
 }
 
-func emptyProgram() (*ebpf.Program, error) {
+// EmptyProgram returns TC_ACT_OK and does nothing else: what the
+// scenarios subtract from a program's kernel-timed cost.
+func EmptyProgram() (*ebpf.Program, error) {
 	return ebpf.NewProgram(&ebpf.ProgramSpec{
 		Name: "sp_empty", Type: ebpf.SchedCLS, License: "GPL",
 		Instructions: asm.Instructions{asm.Mov.Imm(asm.R0, 0), asm.Return()},
@@ -467,7 +559,7 @@ func fill(m *ebpf.Map, pairs int, now uint64) error {
 			return err
 		}
 	}
-	vipA, fam := maps.AddrFrom(vip.Addr())
+	vipA, fam := maps.AddrFrom(VIP.Addr())
 	ks := make([]maps.CTKey, 0, 2*pairs)
 	vs := make([]maps.CTEntry, 0, 2*pairs)
 	for i := range pairs {
@@ -475,9 +567,9 @@ func fill(m *ebpf.Map, pairs int, now uint64) error {
 		if i%3 == 0 {
 			exp = now - uint64(time.Second)
 		}
-		c, _ := maps.AddrFrom(floodFlow(i).Addr())
+		c, _ := maps.AddrFrom(FloodClient(i).Addr())
 		b, _ := maps.AddrFrom(backendAddr(i % 16))
-		sp := maps.NewBE16(floodFlow(i).Port())
+		sp := maps.NewBE16(FloodClient(i).Port())
 		ks = append(ks,
 			maps.CTKey{SAddr: c, DAddr: vipA, SPort: sp, DPort: maps.NewBE16(80), Proto: 6, Family: fam, Flags: maps.CTFlagService},
 			maps.CTKey{SAddr: c, DAddr: b, SPort: sp, DPort: maps.NewBE16(8080), Proto: 6, Family: fam})
