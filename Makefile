@@ -64,7 +64,7 @@ bench:
 bench-fixtures:
 	$(GO) test -run '^$$' -bench . -benchtime 20000x -count 5 ./bench/...
 
-# Conntrack scenarios (collision, LRU scale, churn), full forms:
+# Conntrack scenarios (collision, LRU scale, zones, socket state, churn), full forms:
 # results/scenarios/<name>/ with verdicts. Small forms run in make test.
 scenarios:
 	$(GO) test -p 1 -count=1 -timeout 30m ./scenarios/... -args -scenario.full
