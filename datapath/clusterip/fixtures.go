@@ -83,33 +83,6 @@ func (f Family) terminating(i int) service.Backend {
 	return b
 }
 
-// steps chains setup actions.
-func steps(fns ...func(e *inject.Env) error) func(e *inject.Env) error {
-	return func(e *inject.Env) error {
-		for _, fn := range fns {
-			if err := fn(e); err != nil {
-				return err
-			}
-		}
-		return nil
-	}
-}
-
-func upsert(s service.Service) func(e *inject.Env) error {
-	return func(e *inject.Env) error { return e.Services.Upsert(s) }
-}
-
-// send injects an earlier packet of the flow and insists it passed.
-func send(h inject.Hook, pkt []byte) func(e *inject.Env) error {
-	return func(e *inject.Env) error {
-		v, _, err := e.Inject(h, pkt)
-		if err == nil && v == inject.Shot {
-			err = fmt.Errorf("setup packet into %s dropped", h)
-		}
-		return err
-	}
-}
-
 func reply() packet.Opts { return packet.Opts{FromHost: true} }
 
 func udp(src, dst netip.AddrPort) []byte { return packet.UDP(src, dst, payload, packet.Opts{}) }
@@ -155,20 +128,20 @@ func Fixtures() []inject.Fixture {
 	}
 	return append(out, inject.Fixture{
 		Name:     "arp-passes",
-		Setup:    upsert(V4.Service(service.TCP, V4.active(0))),
+		Setup:    inject.Upsert(V4.Service(service.TCP, V4.active(0))),
 		Input:    arp(),
 		Verdict:  inject.OK,
 		Counters: inject.CountersOf("pass", 1),
 	}, inject.Fixture{
 		Name:     "ipv4/udp-without-checksum-keeps-none",
-		Setup:    upsert(V4.Service(service.UDP, V4.active(0))),
+		Setup:    inject.Upsert(V4.Service(service.UDP, V4.active(0))),
 		Input:    packet.UDP(V4.Client, V4.vip(), payload, packet.Opts{ZeroUDPChecksum: true}),
 		Verdict:  inject.OK,
 		Output:   packet.UDP(V4.Client, V4.backend(0), payload, packet.Opts{ZeroUDPChecksum: true}),
 		Counters: inject.CountersOf("lb_new", 1),
 	}, inject.Fixture{
 		Name:     "ipv4/bad-header-length-passes-as-malformed",
-		Setup:    upsert(V4.Service(service.TCP, V4.active(0))),
+		Setup:    inject.Upsert(V4.Service(service.TCP, V4.active(0))),
 		Input:    badIHL(packet.TCP(V4.Client, V4.vip(), packet.SYN, nil, packet.Opts{})),
 		Verdict:  inject.OK,
 		Counters: inject.CountersOf("malformed", 1),
@@ -208,7 +181,7 @@ func familyFixtures(f Family) []inject.Fixture {
 	return []inject.Fixture{
 		{
 			Name:     name("tcp-syn-to-vip-dnat-to-backend"),
-			Setup:    upsert(tcpSvc),
+			Setup:    inject.Upsert(tcpSvc),
 			Input:    syn,
 			Verdict:  inject.OK,
 			Output:   packet.TCP(f.Client, f.backend(0), packet.SYN, nil, packet.Opts{}),
@@ -217,7 +190,7 @@ func familyFixtures(f Family) []inject.Fixture {
 		},
 		{
 			Name:     name("udp-to-vip-dnat-to-backend"),
-			Setup:    upsert(udpSvc),
+			Setup:    inject.Upsert(udpSvc),
 			Input:    udp(f.Client, f.vip()),
 			Verdict:  inject.OK,
 			Output:   udp(f.Client, f.backend(0)),
@@ -227,8 +200,8 @@ func familyFixtures(f Family) []inject.Fixture {
 		{
 			// Backends added after the SYN must not move the flow.
 			Name: name("tcp-established-keeps-backend"),
-			Setup: steps(upsert(tcpSvc), send(inject.FromPod, syn),
-				upsert(f.Service(service.TCP, f.active(0), f.active(1), f.active(2)))),
+			Setup: inject.Steps(inject.Upsert(tcpSvc), inject.Send(nil, inject.FromPod, syn),
+				inject.Upsert(f.Service(service.TCP, f.active(0), f.active(1), f.active(2)))),
 			Input:    ack,
 			Verdict:  inject.OK,
 			Output:   packet.TCP(f.Client, f.backend(0), packet.ACK, payload, packet.Opts{}),
@@ -236,7 +209,7 @@ func familyFixtures(f Family) []inject.Fixture {
 		},
 		{
 			Name:     name("tcp-reply-source-back-to-vip"),
-			Setup:    steps(upsert(tcpSvc), send(inject.FromPod, syn)),
+			Setup:    inject.Steps(inject.Upsert(tcpSvc), inject.Send(nil, inject.FromPod, syn)),
 			Hook:     inject.ToPod,
 			Input:    packet.TCP(f.backend(0), f.Client, packet.SYNACK, nil, reply()),
 			Verdict:  inject.OK,
@@ -255,7 +228,7 @@ func familyFixtures(f Family) []inject.Fixture {
 		},
 		{
 			Name:     name("udp-reply-source-back-to-vip"),
-			Setup:    steps(upsert(udpSvc), send(inject.FromPod, udp(f.Client, f.vip()))),
+			Setup:    inject.Steps(inject.Upsert(udpSvc), inject.Send(nil, inject.FromPod, udp(f.Client, f.vip()))),
 			Hook:     inject.ToPod,
 			Input:    packet.UDP(f.backend(0), f.Client, payload, reply()),
 			Verdict:  inject.OK,
@@ -264,14 +237,14 @@ func familyFixtures(f Family) []inject.Fixture {
 		},
 		{
 			Name:     name("not-a-service-passes-untouched"),
-			Setup:    upsert(tcpSvc),
+			Setup:    inject.Upsert(tcpSvc),
 			Input:    packet.TCP(f.Client, netip.AddrPortFrom(f.Other, VIPPort), packet.SYN, nil, packet.Opts{}),
 			Verdict:  inject.OK,
 			Counters: inject.CountersOf("pass", 1),
 		},
 		{
 			Name:     name("other-port-of-vip-passes-untouched"),
-			Setup:    upsert(tcpSvc),
+			Setup:    inject.Upsert(tcpSvc),
 			Input:    packet.TCP(f.Client, netip.AddrPortFrom(f.VIP, VIPPort+1), packet.SYN, nil, packet.Opts{}),
 			Verdict:  inject.OK,
 			Counters: inject.CountersOf("pass", 1),
@@ -279,7 +252,7 @@ func familyFixtures(f Family) []inject.Fixture {
 		{
 			// Straight to a pod: no flow, so nothing is rewritten.
 			Name:     name("direct-reply-without-flow-untouched"),
-			Setup:    upsert(udpSvc),
+			Setup:    inject.Upsert(udpSvc),
 			Hook:     inject.ToPod,
 			Input:    packet.UDP(f.backend(0), f.Client, payload, reply()),
 			Verdict:  inject.OK,
@@ -287,7 +260,7 @@ func familyFixtures(f Family) []inject.Fixture {
 		},
 		{
 			Name:     name("tcp-no-backend-rejected-with-port-unreachable"),
-			Setup:    upsert(f.Service(service.TCP)),
+			Setup:    inject.Upsert(f.Service(service.TCP)),
 			Input:    syn,
 			Verdict:  inject.Redirect,
 			Output:   packet.ICMPError(packet.PortUnreachable, f.VIP, f.Client.Addr(), packet.HeaderQuote(syn), reply()),
@@ -295,7 +268,7 @@ func familyFixtures(f Family) []inject.Fixture {
 		},
 		{
 			Name:     name("udp-no-backend-rejected-with-port-unreachable"),
-			Setup:    upsert(f.Service(service.UDP)),
+			Setup:    inject.Upsert(f.Service(service.UDP)),
 			Input:    udp(f.Client, f.vip()),
 			Verdict:  inject.Redirect,
 			Output:   packet.ICMPError(packet.PortUnreachable, f.VIP, f.Client.Addr(), packet.HeaderQuote(udp(f.Client, f.vip())), reply()),
@@ -304,7 +277,7 @@ func familyFixtures(f Family) []inject.Fixture {
 		{
 			Name:     name("no-backend-dropped-when-configured"),
 			Config:   func(c *loader.Config) { c.NoBackend = loader.Drop },
-			Setup:    upsert(f.Service(service.TCP)),
+			Setup:    inject.Upsert(f.Service(service.TCP)),
 			Input:    syn,
 			Verdict:  inject.Shot,
 			Counters: inject.CountersOf("no_backend_drop", 1),
@@ -312,7 +285,7 @@ func familyFixtures(f Family) []inject.Fixture {
 		{
 			// Only terminating backends: no new flows.
 			Name:     name("only-terminating-backends-rejects-new-flow"),
-			Setup:    upsert(f.Service(service.TCP, f.terminating(0))),
+			Setup:    inject.Upsert(f.Service(service.TCP, f.terminating(0))),
 			Input:    syn,
 			Verdict:  inject.Redirect,
 			Output:   packet.ICMPError(packet.PortUnreachable, f.VIP, f.Client.Addr(), packet.HeaderQuote(syn), reply()),
@@ -320,8 +293,8 @@ func familyFixtures(f Family) []inject.Fixture {
 		},
 		{
 			Name: name("terminating-backend-keeps-its-flow"),
-			Setup: steps(upsert(tcpSvc), send(inject.FromPod, syn),
-				upsert(f.Service(service.TCP, f.terminating(0), f.active(1)))),
+			Setup: inject.Steps(inject.Upsert(tcpSvc), inject.Send(nil, inject.FromPod, syn),
+				inject.Upsert(f.Service(service.TCP, f.terminating(0), f.active(1)))),
 			Input:    ack,
 			Verdict:  inject.OK,
 			Output:   packet.TCP(f.Client, f.backend(0), packet.ACK, payload, packet.Opts{}),
@@ -329,8 +302,8 @@ func familyFixtures(f Family) []inject.Fixture {
 		},
 		{
 			Name: name("new-flow-avoids-terminating-backend"),
-			Setup: steps(upsert(tcpSvc), send(inject.FromPod, syn),
-				upsert(f.Service(service.TCP, f.terminating(0), f.active(1)))),
+			Setup: inject.Steps(inject.Upsert(tcpSvc), inject.Send(nil, inject.FromPod, syn),
+				inject.Upsert(f.Service(service.TCP, f.terminating(0), f.active(1)))),
 			Input:    packet.TCP(otherClient, f.vip(), packet.SYN, nil, packet.Opts{}),
 			Verdict:  inject.OK,
 			Output:   packet.TCP(otherClient, f.backend(1), packet.SYN, nil, packet.Opts{}),
@@ -338,8 +311,8 @@ func familyFixtures(f Family) []inject.Fixture {
 		},
 		{
 			Name: name("removed-backend-flow-reselected"),
-			Setup: steps(upsert(tcpSvc), send(inject.FromPod, syn),
-				upsert(f.Service(service.TCP, f.active(1)))),
+			Setup: inject.Steps(inject.Upsert(tcpSvc), inject.Send(nil, inject.FromPod, syn),
+				inject.Upsert(f.Service(service.TCP, f.active(1)))),
 			Input:    ack,
 			Verdict:  inject.OK,
 			Output:   packet.TCP(f.Client, f.backend(1), packet.ACK, payload, packet.Opts{}),
@@ -348,8 +321,8 @@ func familyFixtures(f Family) []inject.Fixture {
 		{
 			// The client's port is reused after an RST: a new connection.
 			Name: name("syn-after-rst-reopens-flow"),
-			Setup: steps(upsert(tcpSvc), send(inject.FromPod, syn),
-				send(inject.FromPod, packet.TCP(f.Client, f.vip(), packet.RSTACK, nil, packet.Opts{}))),
+			Setup: inject.Steps(inject.Upsert(tcpSvc), inject.Send(nil, inject.FromPod, syn),
+				inject.Send(nil, inject.FromPod, packet.TCP(f.Client, f.vip(), packet.RSTACK, nil, packet.Opts{}))),
 			Input:    syn,
 			Verdict:  inject.OK,
 			Output:   packet.TCP(f.Client, f.backend(0), packet.SYN, nil, packet.Opts{}),
@@ -358,7 +331,7 @@ func familyFixtures(f Family) []inject.Fixture {
 		{
 			// A new socket got the port of an old VIP flow to the same backend.
 			Name:     name("direct-flow-reusing-a-translated-tuple-takes-it-over"),
-			Setup:    steps(upsert(udpSvc), send(inject.FromPod, udp(f.Client, f.vip()))),
+			Setup:    inject.Steps(inject.Upsert(udpSvc), inject.Send(nil, inject.FromPod, udp(f.Client, f.vip()))),
 			Input:    udp(f.Client, f.backend(0)),
 			Verdict:  inject.OK,
 			Counters: inject.CountersOf("pass", 1, "ct_tuple_reused", 1),
@@ -375,7 +348,7 @@ func familyFixtures(f Family) []inject.Fixture {
 		},
 		{
 			Name:     name("icmp-port-unreachable-from-backend-quotes-vip"),
-			Setup:    steps(upsert(udpSvc), send(inject.FromPod, udp(f.Client, f.vip()))),
+			Setup:    inject.Steps(inject.Upsert(udpSvc), inject.Send(nil, inject.FromPod, udp(f.Client, f.vip()))),
 			Hook:     inject.ToPod,
 			Input:    packet.ICMPError(packet.PortUnreachable, f.Backends[0], f.Client.Addr(), quote(fwdUDP), reply()),
 			Verdict:  inject.OK,
@@ -385,7 +358,7 @@ func familyFixtures(f Family) []inject.Fixture {
 		{
 			// A router on the path keeps its own source address.
 			Name:     name("icmp-frag-needed-from-router-quotes-vip"),
-			Setup:    steps(upsert(tcpSvc), send(inject.FromPod, syn)),
+			Setup:    inject.Steps(inject.Upsert(tcpSvc), inject.Send(nil, inject.FromPod, syn)),
 			Hook:     inject.ToPod,
 			Input:    packet.ICMPError(packet.FragNeeded, f.Router, f.Client.Addr(), quote(fwdTCP), reply()),
 			Verdict:  inject.OK,
@@ -394,7 +367,7 @@ func familyFixtures(f Family) []inject.Fixture {
 		},
 		{
 			Name:     name("icmp-error-for-unknown-flow-untouched"),
-			Setup:    upsert(udpSvc),
+			Setup:    inject.Upsert(udpSvc),
 			Hook:     inject.ToPod,
 			Input:    packet.ICMPError(packet.PortUnreachable, f.Backends[0], f.Client.Addr(), quote(fwdUDP), reply()),
 			Verdict:  inject.OK,
@@ -402,7 +375,7 @@ func familyFixtures(f Family) []inject.Fixture {
 		},
 		{
 			Name:     name("udp-first-fragment-dnat"),
-			Setup:    upsert(udpSvc),
+			Setup:    inject.Upsert(udpSvc),
 			Input:    vipFrags[0],
 			Verdict:  inject.OK,
 			Output:   fwdFrags[0],
@@ -410,7 +383,7 @@ func familyFixtures(f Family) []inject.Fixture {
 		},
 		{
 			Name:     name("udp-later-fragment-follows-first"),
-			Setup:    steps(upsert(udpSvc), send(inject.FromPod, vipFrags[0])),
+			Setup:    inject.Steps(inject.Upsert(udpSvc), inject.Send(nil, inject.FromPod, vipFrags[0])),
 			Input:    vipFrags[1],
 			Verdict:  inject.OK,
 			Output:   fwdFrags[1],
@@ -418,7 +391,7 @@ func familyFixtures(f Family) []inject.Fixture {
 		},
 		{
 			Name:     name("udp-later-fragment-without-first-dropped"),
-			Setup:    upsert(udpSvc),
+			Setup:    inject.Upsert(udpSvc),
 			Input:    vipFrags[1],
 			Verdict:  inject.Shot,
 			Counters: inject.CountersOf("frag_not_found", 1),
@@ -471,7 +444,7 @@ func affinityFixtures(f Family) []inject.Fixture {
 	return []inject.Fixture{
 		{
 			Name:     name("affinity-keeps-client-on-its-backend"),
-			Setup:    steps(upsert(f.affine(f.active(0))), send(inject.FromPod, first), upsert(all)),
+			Setup:    inject.Steps(inject.Upsert(f.affine(f.active(0))), inject.Send(nil, inject.FromPod, first), inject.Upsert(all)),
 			Input:    packet.TCP(second, f.vip(), packet.SYN, nil, packet.Opts{}),
 			Verdict:  inject.OK,
 			Output:   packet.TCP(second, f.backend(0), packet.SYN, nil, packet.Opts{}),
@@ -480,7 +453,7 @@ func affinityFixtures(f Family) []inject.Fixture {
 		{
 			// Expired, though its backend is alive: chosen afresh, no hit.
 			Name:     name("affinity-expired-chooses-afresh"),
-			Setup:    steps(upsert(shortAffinity), send(inject.FromPod, first), ageAffinity),
+			Setup:    inject.Steps(inject.Upsert(shortAffinity), inject.Send(nil, inject.FromPod, first), ageAffinity),
 			Input:    packet.TCP(second, f.vip(), packet.SYN, nil, packet.Opts{}),
 			Verdict:  inject.OK,
 			Output:   packet.TCP(second, f.backend(0), packet.SYN, nil, packet.Opts{}),
@@ -489,8 +462,8 @@ func affinityFixtures(f Family) []inject.Fixture {
 		{
 			// A terminating backend takes no new connections, affinity or not.
 			Name: name("affinity-never-picks-terminating-backend"),
-			Setup: steps(upsert(f.affine(f.active(0))), send(inject.FromPod, first),
-				upsert(f.affine(f.terminating(0), f.active(1)))),
+			Setup: inject.Steps(inject.Upsert(f.affine(f.active(0))), inject.Send(nil, inject.FromPod, first),
+				inject.Upsert(f.affine(f.terminating(0), f.active(1)))),
 			Input:    packet.TCP(second, f.vip(), packet.SYN, nil, packet.Opts{}),
 			Verdict:  inject.OK,
 			Output:   packet.TCP(second, f.backend(1), packet.SYN, nil, packet.Opts{}),
@@ -498,7 +471,7 @@ func affinityFixtures(f Family) []inject.Fixture {
 		},
 		{
 			Name:     name("no-affinity-no-entry"),
-			Setup:    upsert(f.Service(service.TCP, f.active(0))),
+			Setup:    inject.Upsert(f.Service(service.TCP, f.active(0))),
 			Input:    first,
 			Verdict:  inject.OK,
 			Output:   packet.TCP(f.Client, f.backend(0), packet.SYN, nil, packet.Opts{}),

@@ -143,7 +143,7 @@ func maglevFixtures(f Family) []inject.Fixture {
 	return []inject.Fixture{
 		{
 			Name:     name("maglev-table-naming-one-backend-takes-every-flow"),
-			Setup:    steps(upsert(three), setTable(f, func(int, int) int { return 2 })),
+			Setup:    inject.Steps(inject.Upsert(three), setTable(f, func(int, int) int { return 2 })),
 			Input:    syn(f.Client),
 			Verdict:  inject.OK,
 			Output:   to(f.Client, f.backend(2)),
@@ -152,7 +152,7 @@ func maglevFixtures(f Family) []inject.Fixture {
 		},
 		{
 			Name:     name("maglev-go-and-c-flow-hash-agree"),
-			Setup:    steps(upsert(three), setTable(f, onlyItsSlot(f.Client))),
+			Setup:    inject.Steps(inject.Upsert(three), setTable(f, onlyItsSlot(f.Client))),
 			Input:    syn(f.Client),
 			Verdict:  inject.OK,
 			Output:   to(f.Client, f.backend(1)),
@@ -162,7 +162,7 @@ func maglevFixtures(f Family) []inject.Fixture {
 			// The knob reaches the program: the slot is hash % 251.
 			Name:     name("maglev-table-size-from-the-loader"),
 			Config:   func(c *loader.Config) { c.MaglevTableSize = small },
-			Setup:    steps(upsert(three), setTable(f, onlyItsSlot(f.Client))),
+			Setup:    inject.Steps(inject.Upsert(three), setTable(f, onlyItsSlot(f.Client))),
 			Input:    syn(f.Client),
 			Verdict:  inject.OK,
 			Output:   to(f.Client, f.backend(1)),
@@ -170,7 +170,7 @@ func maglevFixtures(f Family) []inject.Fixture {
 		},
 		{
 			Name:     name("maglev-flow-hashing-into-lower-half"),
-			Setup:    steps(upsert(three), setTable(f, halves)),
+			Setup:    inject.Steps(inject.Upsert(three), setTable(f, halves)),
 			Input:    syn(lower),
 			Verdict:  inject.OK,
 			Output:   to(lower, f.backend(0)),
@@ -178,7 +178,7 @@ func maglevFixtures(f Family) []inject.Fixture {
 		},
 		{
 			Name:     name("maglev-flow-hashing-into-upper-half"),
-			Setup:    steps(upsert(three), setTable(f, halves)),
+			Setup:    inject.Steps(inject.Upsert(three), setTable(f, halves)),
 			Input:    syn(upper),
 			Verdict:  inject.OK,
 			Output:   to(upper, f.backend(1)),
@@ -187,7 +187,7 @@ func maglevFixtures(f Family) []inject.Fixture {
 		{
 			// The manager's own table, predicted from the backends alone.
 			Name:     name("maglev-manager-table-picks-predicted-backend"),
-			Setup:    upsert(three),
+			Setup:    inject.Upsert(three),
 			Input:    syn(f.Client),
 			Verdict:  inject.OK,
 			Output:   to(f.Client, managerTableBackend(managed, f.Client, f.vip(), size)),
@@ -195,7 +195,7 @@ func maglevFixtures(f Family) []inject.Fixture {
 		},
 		{
 			Name:     name("maglev-table-naming-no-backend-falls-back-to-random"),
-			Setup:    steps(upsert(f.maglevSvc(f.active(0))), setTable(f, func(int, int) int { return missingBackend })),
+			Setup:    inject.Steps(inject.Upsert(f.maglevSvc(f.active(0))), setTable(f, func(int, int) int { return missingBackend })),
 			Input:    syn(f.Client),
 			Verdict:  inject.OK,
 			Output:   to(f.Client, f.backend(0)),
@@ -206,7 +206,7 @@ func maglevFixtures(f Family) []inject.Fixture {
 			// may while an update is under way) is not followed: the one
 			// active backend takes the flow.
 			Name: name("maglev-table-naming-terminating-backend-falls-back"),
-			Setup: steps(upsert(f.maglevSvc(f.terminating(0), f.active(1))),
+			Setup: inject.Steps(inject.Upsert(f.maglevSvc(f.terminating(0), f.active(1))),
 				setTable(f, func(int, int) int { return 0 })),
 			Input:    syn(f.Client),
 			Verdict:  inject.OK,
@@ -227,7 +227,7 @@ func sourceRangeFixtures(f Family) []inject.Fixture {
 	return []inject.Fixture{
 		{
 			Name:     name("source-range-allowed-client-dnat"),
-			Setup:    upsert(f.lbSvc(out, in)),
+			Setup:    inject.Upsert(f.lbSvc(out, in)),
 			Input:    syn,
 			Verdict:  inject.OK,
 			Output:   packet.TCP(f.Client, f.backend(0), packet.SYN, nil, packet.Opts{}),
@@ -235,7 +235,7 @@ func sourceRangeFixtures(f Family) []inject.Fixture {
 		},
 		{
 			Name:     name("source-range-host-route-allows-client"),
-			Setup:    upsert(f.lbSvc(netip.PrefixFrom(f.Client.Addr(), f.Client.Addr().BitLen()).String())),
+			Setup:    inject.Upsert(f.lbSvc(netip.PrefixFrom(f.Client.Addr(), f.Client.Addr().BitLen()).String())),
 			Input:    syn,
 			Verdict:  inject.OK,
 			Output:   packet.TCP(f.Client, f.backend(0), packet.SYN, nil, packet.Opts{}),
@@ -243,7 +243,7 @@ func sourceRangeFixtures(f Family) []inject.Fixture {
 		},
 		{
 			Name:     name("source-range-denied-client-dropped"),
-			Setup:    upsert(f.lbSvc(out)),
+			Setup:    inject.Upsert(f.lbSvc(out)),
 			Input:    syn,
 			Verdict:  inject.Shot,
 			Counters: inject.CountersOf("source_range_denied", 1),
@@ -255,7 +255,7 @@ func sourceRangeFixtures(f Family) []inject.Fixture {
 		},
 		{
 			Name:     name("no-source-ranges-lets-everyone-in"),
-			Setup:    upsert(f.lbSvc()),
+			Setup:    inject.Upsert(f.lbSvc()),
 			Input:    syn,
 			Verdict:  inject.OK,
 			Output:   packet.TCP(f.Client, f.backend(0), packet.SYN, nil, packet.Opts{}),

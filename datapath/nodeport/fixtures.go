@@ -4,7 +4,6 @@
 package nodeport
 
 import (
-	"errors"
 	"fmt"
 	"net"
 	"net/netip"
@@ -273,42 +272,12 @@ func (b *Bed) sideNetdev(e *inject.Env) error {
 	return e.DP.Maps.Netdevs.Put(uint32(ifindex), info)
 }
 
-func errDropped(h inject.Hook) error {
-	return errors.New("setup packet into " + h.String() + " dropped")
-}
-
 func netIfindex(name string) (int, error) {
 	i, err := net.InterfaceByName(name)
 	if err != nil {
 		return 0, err
 	}
 	return i.Index, nil
-}
-
-func steps(fns ...func(e *inject.Env) error) func(e *inject.Env) error {
-	return func(e *inject.Env) error {
-		for _, fn := range fns {
-			if err := fn(e); err != nil {
-				return err
-			}
-		}
-		return nil
-	}
-}
-
-func upsert(s service.Service) func(e *inject.Env) error {
-	return func(e *inject.Env) error { return e.Services.Upsert(s) }
-}
-
-// send injects an earlier packet and insists it was not dropped.
-func send(dev *inject.Device, h inject.Hook, pkt []byte) func(e *inject.Env) error {
-	return func(e *inject.Env) error {
-		v, _, err := e.InjectOn(dev, h, pkt)
-		if err == nil && v.Dropped() {
-			err = errDropped(h)
-		}
-		return err
-	}
 }
 
 var payload = []byte("servicepath north-south fixture payload")

@@ -33,8 +33,8 @@ func TestSNATEntriesGoWithTheirFlow(t *testing.T) {
 			e, err := inject.NewEnv(cfg)
 			require.NoError(t, err, "load datapath")
 			t.Cleanup(func() { e.Close() })
-			require.NoError(t, steps(b.node(dev), upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Remote})),
-				send(dev, inject.FromNetdev, tcp(f.Client, f.nodePort(), packet.SYN, packet.Opts{})))(e), "SNAT one flow")
+			require.NoError(t, inject.Steps(b.node(dev), inject.Upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Remote})),
+				inject.Send(dev, inject.FromNetdev, tcp(f.Client, f.nodePort(), packet.SYN, packet.Opts{})))(e), "SNAT one flow")
 
 			natEntries := func() int {
 				n := 0

@@ -195,28 +195,28 @@ func (b *Bed) familyFixtures(f Family, via ingress) []inject.Fixture {
 	// within what BPF_PROG_TEST_RUN takes: a page less head and tail room).
 	merged := make([]byte, 2*1448)
 	// Earlier packets of a row's flow enter as its packet does.
-	first := func(pkt []byte) func(e *inject.Env) error { return send(dev, via.hook, pkt) }
+	first := func(pkt []byte) func(e *inject.Env) error { return inject.Send(dev, via.hook, pkt) }
 
 	return []inject.Fixture{via.row(inject.Fixture{
 		Name:  name("nodeport-local-backend-dnat-to-stack"),
-		Setup: steps(node, upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Local}))),
+		Setup: inject.Steps(node, inject.Upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Local}))),
 		On:    dev,
 		Input: syn,
 		Check: checkFlow(f.Client, local, f.nodePort()),
 	}, via.local(tcp(f.Client, local, packet.SYN, in), counters("lb_new", 1, "np_local", 1))), via.row(inject.Fixture{
 		Name:  name("gro-merged-frame-over-the-mtu"),
-		Setup: steps(node, upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Local}))),
+		Setup: inject.Steps(node, inject.Upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Local}))),
 		On:    dev,
 		Input: packet.TCP(f.Client, f.nodePort(), packet.ACK, merged, in),
 	}, via.overMTU(via.local(packet.TCP(f.Client, local, packet.ACK, merged, in), counters("lb_new", 1, "np_local", 1)))), via.row(inject.Fixture{
 		Name:   name("nodeport-local-backend-redirect-peer-with-bpf-routing"),
 		Config: bpfRouting,
-		Setup:  steps(node, upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Local}))),
+		Setup:  inject.Steps(node, inject.Upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Local}))),
 		On:     dev,
 		Input:  syn,
 	}, via.intoPod(tcp(f.Client, local, packet.SYN, in), tcp(f.Client, local, packet.SYN, out), counters("lb_new", 1, "np_local", 1))), {
 		Name: name("local-backend-reply-leaves-from-nodeport"),
-		Setup: steps(node, upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Local})),
+		Setup: inject.Steps(node, inject.Upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Local})),
 			first(syn)),
 		On:       dev,
 		Hook:     inject.ToNetdev,
@@ -227,27 +227,27 @@ func (b *Bed) familyFixtures(f Family, via ingress) []inject.Fixture {
 	}, via.row(inject.Fixture{
 		Name:   name("remote-backend-snat-keeps-client-port"),
 		Config: keepPorts,
-		Setup:  steps(node, upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Remote}))),
+		Setup:  inject.Steps(node, inject.Upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Remote}))),
 		On:     dev,
 		Input:  syn,
 		Check:  checkFlow(f.Client, remote, f.nodePort(), "ns-snat"),
 	}, via.sent(toPeer, tcp(snatted, remote, packet.SYN, in), counters("lb_new", 1, "np_snat", 1, "nat_retry_0", 1))), via.row(inject.Fixture{
 		Name:   name("remote-backend-udp-snat"),
 		Config: keepPorts,
-		Setup:  steps(node, upsert(f.nodePortSvc(service.UDP, []netip.Addr{f.Remote}))),
+		Setup:  inject.Steps(node, inject.Upsert(f.nodePortSvc(service.UDP, []netip.Addr{f.Remote}))),
 		On:     dev,
 		Input:  udp(f.Client, f.nodePort(), in),
 	}, via.sent(toPeer, udp(snatted, remote, in), counters("lb_new", 1, "np_snat", 1, "nat_retry_0", 1))), via.row(inject.Fixture{
 		Name:   name("snat-established-keeps-its-port"),
 		Config: keepPorts,
-		Setup: steps(node, upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Remote})),
+		Setup: inject.Steps(node, inject.Upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Remote})),
 			first(syn)),
 		On:    dev,
 		Input: tcp(f.Client, f.nodePort(), packet.ACK, in),
 	}, via.sent(toPeer, tcp(snatted, remote, packet.ACK, in), counters("lb_established", 1, "np_snat", 1))), via.row(inject.Fixture{
 		Name:   name("snat-reply-back-to-client-from-nodeport"),
 		Config: keepPorts,
-		Setup: steps(node, upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Remote})),
+		Setup: inject.Steps(node, inject.Upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Remote})),
 			first(syn)),
 		On:    dev,
 		Input: tcp(remote, snatted, packet.SYNACK, in),
@@ -256,7 +256,7 @@ func (b *Bed) familyFixtures(f Family, via ingress) []inject.Fixture {
 		// backend: the next free port, after one or two retries.
 		Name:   name("snat-port-collision-takes-another-port"),
 		Config: keepPorts,
-		Setup: steps(node, upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Remote})),
+		Setup: inject.Steps(node, inject.Upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Remote})),
 			first(tcp(otherClient, f.nodePort(), packet.SYN, in))),
 		On:    dev,
 		Input: syn,
@@ -268,43 +268,43 @@ func (b *Bed) familyFixtures(f Family, via ingress) []inject.Fixture {
 	}, via.sent(toPeer, tcp(f.snat(ClientPort+1), remote, packet.SYN, in), nil)), via.row(inject.Fixture{
 		Name:   name("snat-ports-exhausted-drop"),
 		Config: natPorts(ClientPort, ClientPort),
-		Setup: steps(node, upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Remote})),
+		Setup: inject.Steps(node, inject.Upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Remote})),
 			first(tcp(otherClient, f.nodePort(), packet.SYN, in))),
 		On:    dev,
 		Input: syn,
 	}, via.dropped(tcp(f.Client, remote, packet.SYN, in), counters("lb_new", 1, "nat_exhausted", 1))), via.row(inject.Fixture{
 		Name:   name("snat-to-an-unresolved-next-hop"),
 		Config: keepPorts,
-		Setup:  steps(node, upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Unresolved}))),
+		Setup:  inject.Steps(node, inject.Upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Unresolved}))),
 		On:     dev,
 		Input:  syn,
 	}, via.unresolved(tcp(snatted, f.at(f.Unresolved), packet.SYN, in), counters("lb_new", 1, "np_snat", 1, "nat_retry_0", 1))), via.row(inject.Fixture{
 		Name:   name("snat-out-another-node-device"),
 		Config: keepPorts,
-		Setup:  steps(node, b.sideNetdev, upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Side}))),
+		Setup:  inject.Steps(node, b.sideNetdev, inject.Upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Side}))),
 		On:     dev,
 		Input:  syn,
 	}, via.sent(hop{sideMAC, b.SideMAC}, tcp(netip.AddrPortFrom(f.SideNode, ClientPort), f.at(f.Side), packet.SYN, in),
 		counters("lb_new", 1, "np_snat", 1, "nat_retry_0", 1))), via.row(inject.Fixture{
 		Name:  name("no-route-to-backend-drop"),
-		Setup: steps(node, upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Unroutable}))),
+		Setup: inject.Steps(node, inject.Upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Unroutable}))),
 		On:    dev,
 		Input: syn,
 	}, via.dropped(tcp(f.Client, f.at(f.Unroutable), packet.SYN, in), counters("lb_new", 1, "fib_failed", 1))), via.row(inject.Fixture{
 		Name:  name("no-backend-rejected-with-port-unreachable"),
-		Setup: steps(node, upsert(f.nodePortSvc(service.TCP, nil))),
+		Setup: inject.Steps(node, inject.Upsert(f.nodePortSvc(service.TCP, nil))),
 		On:    dev,
 		Input: syn,
 	}, via.rejected(packet.ICMPError(packet.PortUnreachable, f.Node, f.Client.Addr(), packet.HeaderQuote(syn), out),
 		counters("no_backend_reject", 1))), via.row(inject.Fixture{
 		Name:  name("dsr-option-carries-the-service"),
-		Setup: steps(node, upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Remote}, dsr(service.Option)))),
+		Setup: inject.Steps(node, inject.Upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Remote}, dsr(service.Option)))),
 		On:    dev,
 		Input: syn,
 		Check: checkFlow(f.Client, remote, f.nodePort(), "ns-dsr"),
 	}, via.sent(toPeer, tcp(f.Client, remote, packet.SYN, packet.Opts{DSR: f.nodePort()}), counters("lb_new", 1, "dsr_opt", 1))), via.row(inject.Fixture{
 		Name:  name("dsr-ipip-tunnels-to-the-backend"),
-		Setup: steps(node, upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Remote}, dsr(service.IPIP)))),
+		Setup: inject.Steps(node, inject.Upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Remote}, dsr(service.IPIP)))),
 		On:    dev,
 		Input: syn,
 		Check: checkFlow(f.Client, remote, f.nodePort(), "ns-dsr", "ns-dsr-ipip"),
@@ -312,12 +312,12 @@ func (b *Bed) familyFixtures(f Family, via ingress) []inject.Fixture {
 		counters("lb_new", 1, "dsr_ipip", 1))), via.row(inject.Fixture{
 		Name:   name("hybrid-snats-udp"),
 		Config: keepPorts,
-		Setup:  steps(node, upsert(f.nodePortSvc(service.UDP, []netip.Addr{f.Remote}, hybrid))),
+		Setup:  inject.Steps(node, inject.Upsert(f.nodePortSvc(service.UDP, []netip.Addr{f.Remote}, hybrid))),
 		On:     dev,
 		Input:  udp(f.Client, f.nodePort(), in),
 	}, via.sent(toPeer, udp(snatted, remote, in), counters("lb_new", 1, "np_snat", 1, "nat_retry_0", 1))), via.row(inject.Fixture{
 		Name:  name("hybrid-dsr-for-tcp"),
-		Setup: steps(node, upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Remote}, hybrid))),
+		Setup: inject.Steps(node, inject.Upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Remote}, hybrid))),
 		On:    dev,
 		Input: syn,
 	}, via.sent(toPeer, tcp(f.Client, remote, packet.SYN, packet.Opts{DSR: f.nodePort()}), counters("lb_new", 1, "dsr_opt", 1))), via.row(inject.Fixture{
@@ -335,7 +335,7 @@ func (b *Bed) familyFixtures(f Family, via ingress) []inject.Fixture {
 		Check: checkFlow(f.Client, local, f.lb(), "ns-dsr", "ns-dsr-ipip"),
 	}, via.local(tcp(f.Client, local, packet.SYN, in), counters("dsr_learned", 1, "np_local", 1))), {
 		Name:     name("backend-node-answers-dsr-from-the-service"),
-		Setup:    steps(node, first(tcp(f.Client, local, packet.SYN, packet.Opts{DSR: f.lb()}))),
+		Setup:    inject.Steps(node, first(tcp(f.Client, local, packet.SYN, packet.Opts{DSR: f.lb()}))),
 		On:       dev,
 		Hook:     inject.ToNetdev,
 		Input:    tcp(local, f.Client, packet.SYNACK, in),
@@ -344,22 +344,22 @@ func (b *Bed) familyFixtures(f Family, via ingress) []inject.Fixture {
 		Counters: counters("rev_nat", 1),
 	}, via.row(inject.Fixture{
 		Name:  name("etp-local-without-local-backends-drop"),
-		Setup: steps(node, upsert(f.nodePortSvc(service.TCP, nil, externalLocal))),
+		Setup: inject.Steps(node, inject.Upsert(f.nodePortSvc(service.TCP, nil, externalLocal))),
 		On:    dev,
 		Input: syn,
 	}, via.dropped(nil, counters("etp_local_drop", 1))), via.row(inject.Fixture{
 		Name:  name("etp-local-keeps-client-source"),
-		Setup: steps(node, upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Local}, externalLocal))),
+		Setup: inject.Steps(node, inject.Upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Local}, externalLocal))),
 		On:    dev,
 		Input: syn,
 	}, via.local(tcp(f.Client, local, packet.SYN, in), counters("lb_new", 1, "np_local", 1))), via.row(inject.Fixture{
 		Name:  name("source-range-allows-listed-client"),
-		Setup: steps(node, upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Local}, f.loadBalancer(f.AllowedClients)))),
+		Setup: inject.Steps(node, inject.Upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Local}, f.loadBalancer(f.AllowedClients)))),
 		On:    dev,
 		Input: tcp(f.Client, f.lb(), packet.SYN, in),
 	}, via.local(tcp(f.Client, local, packet.SYN, in), counters("lb_new", 1, "np_local", 1))), via.row(inject.Fixture{
 		Name:  name("source-range-denies-other-client"),
-		Setup: steps(node, upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Local}, f.loadBalancer(f.AllowedClients)))),
+		Setup: inject.Steps(node, inject.Upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Local}, f.loadBalancer(f.AllowedClients)))),
 		On:    dev,
 		Input: tcp(otherClient, f.lb(), packet.SYN, in),
 	}, via.dropped(nil, counters("source_range_denied", 1))), via.row(inject.Fixture{

@@ -92,20 +92,20 @@ func (b *Bed) zoneFixtures(f Family) []inject.Fixture {
 	name := func(s string) string { return f.Name + "/" + s }
 	local, remote := f.at(f.Local), f.at(f.Remote)
 	in := packet.Opts{}
-	npLocal := upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Local}))
+	npLocal := inject.Upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Local}))
 	nsSYN := tcp(f.Client, f.nodePort(), packet.SYN, in)
 	localReply := tcp(local, f.Client, packet.SYNACK, in)
 	dsrSYN := tcp(f.Client, local, packet.SYN, packet.Opts{DSR: f.lb()})
 	podClient := netip.AddrPortFrom(f.Local, ClientPort)
 	ewSYN := tcp(podClient, f.clusterIP(), packet.SYN, in)
-	ewRemote := steps(node, upsert(f.clusterIPSvc(f.Remote)), send(pod, inject.FromPod, ewSYN))
+	ewRemote := inject.Steps(node, inject.Upsert(f.clusterIPSvc(f.Remote)), inject.Send(pod, inject.FromPod, ewSYN))
 	ewReply := tcp(remote, podClient, packet.SYNACK, in)
 	udpFwd := packet.L3(layers.IPProtocolUDP, f.Client, local, packet.TCPFlags{}, payload, in)
 	udpNP := packet.L3(layers.IPProtocolUDP, f.Client, f.nodePort(), packet.TCPFlags{}, payload, in)
 
 	return []inject.Fixture{{
 		Name:    name("nodeport-flow-tracked-north-south"),
-		Setup:   steps(node, npLocal),
+		Setup:   inject.Steps(node, npLocal),
 		On:      wire,
 		Hook:    inject.FromNetdev,
 		Input:   nsSYN,
@@ -122,7 +122,7 @@ func (b *Bed) zoneFixtures(f Family) []inject.Fixture {
 		Check:   inZones(0, 1),
 	}, {
 		Name:    name("clusterip-flow-tracked-east-west"),
-		Setup:   steps(node, upsert(f.clusterIPSvc(f.Remote))),
+		Setup:   inject.Steps(node, inject.Upsert(f.clusterIPSvc(f.Remote))),
 		On:      pod,
 		Hook:    inject.FromPod,
 		Input:   ewSYN,
@@ -132,7 +132,7 @@ func (b *Bed) zoneFixtures(f Family) []inject.Fixture {
 	}, {
 		// A pod reaching a NodePort is load-balanced at its own device.
 		Name:    name("nodeport-from-a-pod-tracked-east-west"),
-		Setup:   steps(node, upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Remote}))),
+		Setup:   inject.Steps(node, inject.Upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Remote}))),
 		On:      pod,
 		Hook:    inject.FromPod,
 		Input:   tcp(podClient, f.nodePort(), packet.SYN, in),
@@ -143,7 +143,7 @@ func (b *Bed) zoneFixtures(f Family) []inject.Fixture {
 		// The pod-device object has no entry for it and must neither
 		// translate it nor forget the node-device object's flow.
 		Name:     name("local-backend-reply-passes-from-pod"),
-		Setup:    steps(node, npLocal, send(wire, inject.FromNetdev, nsSYN)),
+		Setup:    inject.Steps(node, npLocal, inject.Send(wire, inject.FromNetdev, nsSYN)),
 		On:       pod,
 		Hook:     inject.FromPod,
 		Input:    localReply,
@@ -154,7 +154,7 @@ func (b *Bed) zoneFixtures(f Family) []inject.Fixture {
 		// With BPF host routing the reply is sent to the wire's egress.
 		Name:     name("local-backend-reply-routed-untranslated-with-bpf-routing"),
 		Config:   bpfRouting,
-		Setup:    steps(node, npLocal, send(wire, inject.FromNetdev, nsSYN)),
+		Setup:    inject.Steps(node, npLocal, inject.Send(wire, inject.FromNetdev, nsSYN)),
 		On:       pod,
 		Hook:     inject.FromPod,
 		Input:    localReply,
@@ -163,7 +163,7 @@ func (b *Bed) zoneFixtures(f Family) []inject.Fixture {
 		Check:    inZones(0, 2),
 	}, {
 		Name:     name("local-backend-reply-translated-at-the-wire"),
-		Setup:    steps(node, npLocal, send(wire, inject.FromNetdev, nsSYN), send(pod, inject.FromPod, localReply)),
+		Setup:    inject.Steps(node, npLocal, inject.Send(wire, inject.FromNetdev, nsSYN), inject.Send(pod, inject.FromPod, localReply)),
 		On:       wire,
 		Hook:     inject.ToNetdev,
 		Input:    localReply,
@@ -172,8 +172,8 @@ func (b *Bed) zoneFixtures(f Family) []inject.Fixture {
 		Counters: inject.CountersOf("rev_nat", 1),
 	}, {
 		Name: name("local-backend-icmp-error-translated-at-the-wire"),
-		Setup: steps(node, upsert(f.nodePortSvc(service.UDP, []netip.Addr{f.Local})),
-			send(wire, inject.FromNetdev, udp(f.Client, f.nodePort(), in))),
+		Setup: inject.Steps(node, inject.Upsert(f.nodePortSvc(service.UDP, []netip.Addr{f.Local})),
+			inject.Send(wire, inject.FromNetdev, udp(f.Client, f.nodePort(), in))),
 		On:       wire,
 		Hook:     inject.ToNetdev,
 		Input:    packet.ICMPError(packet.PortUnreachable, f.Local, f.Client.Addr(), icmpQuote(udpFwd), in),
@@ -182,7 +182,7 @@ func (b *Bed) zoneFixtures(f Family) []inject.Fixture {
 		Counters: inject.CountersOf("icmp_rev_nat", 1),
 	}, {
 		Name:     name("dsr-reply-passes-from-pod"),
-		Setup:    steps(node, send(wire, inject.FromNetdev, dsrSYN)),
+		Setup:    inject.Steps(node, inject.Send(wire, inject.FromNetdev, dsrSYN)),
 		On:       pod,
 		Hook:     inject.FromPod,
 		Input:    localReply,
@@ -191,7 +191,7 @@ func (b *Bed) zoneFixtures(f Family) []inject.Fixture {
 		Check:    inZones(0, 1),
 	}, {
 		Name:     name("dsr-reply-translated-at-the-wire"),
-		Setup:    steps(node, send(wire, inject.FromNetdev, dsrSYN), send(pod, inject.FromPod, localReply)),
+		Setup:    inject.Steps(node, inject.Send(wire, inject.FromNetdev, dsrSYN), inject.Send(pod, inject.FromPod, localReply)),
 		On:       wire,
 		Hook:     inject.ToNetdev,
 		Input:    localReply,
@@ -218,7 +218,7 @@ func (b *Bed) zoneFixtures(f Family) []inject.Fixture {
 		Check:    inZones(2, 0),
 	}, {
 		Name:     name("east-west-reply-translated-at-to-pod"),
-		Setup:    steps(ewRemote, send(wire, inject.FromNetdev, ewReply)),
+		Setup:    inject.Steps(ewRemote, inject.Send(wire, inject.FromNetdev, ewReply)),
 		On:       pod,
 		Hook:     inject.ToPod,
 		Input:    ewReply,

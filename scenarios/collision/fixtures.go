@@ -41,10 +41,6 @@ func terminating(a netip.AddrPort) service.Backend {
 	return b
 }
 
-func upsert(s service.Service) func(*inject.Env) error {
-	return func(e *inject.Env) error { return e.Services.Upsert(s) }
-}
-
 func fwd(flags packet.TCPFlags) []byte { return packet.TCP(client, vipAP, flags, nil, packet.Opts{}) }
 func rev(from netip.AddrPort, flags packet.TCPFlags) []byte {
 	return packet.TCP(from, client, flags, nil, packet.Opts{FromHost: true})
@@ -89,7 +85,7 @@ var handshake = []step{{inject.FromPod, fwd(packet.SYN)}, {inject.ToPod, rev(b0,
 func with(a []step, b ...step) []step { return append(append([]step(nil), a...), b...) }
 
 // moveToB1 leaves b0 terminating and b1 the only backend new flows get.
-var moveToB1 = upsert(svc(service.TCP, terminating(b0), active(b1)))
+var moveToB1 = inject.Upsert(svc(service.TCP, terminating(b0), active(b1)))
 
 // expireAll moves every CT entry's expiry into the past, as an idle flow
 // past its lifetime that no GC pass has deleted yet.
@@ -120,7 +116,7 @@ func expireAll(e *inject.Env) error {
 
 // Fixtures are the exact reuse sequences, run by TestCollisionFixtures.
 func Fixtures() []inject.Fixture {
-	start := upsert(svc(service.TCP, active(b0)))
+	start := inject.Upsert(svc(service.TCP, active(b0)))
 	return []inject.Fixture{
 		{
 			// Server closes first (server TIME_WAIT), the client's port is free
@@ -157,7 +153,7 @@ func Fixtures() []inject.Fixture {
 		{
 			// A retransmitted SYN of a flow still opening stays on its backend.
 			Name:     "syn-retransmit-keeps-backend",
-			Setup:    chain(start, seq([]step{{inject.FromPod, fwd(packet.SYN)}}, upsert(svc(service.TCP, active(b0), active(b1))))),
+			Setup:    chain(start, seq([]step{{inject.FromPod, fwd(packet.SYN)}}, inject.Upsert(svc(service.TCP, active(b0), active(b1))))),
 			Input:    fwd(packet.SYN),
 			Verdict:  inject.OK,
 			Output:   packet.TCP(client, b0, packet.SYN, nil, packet.Opts{}),
@@ -185,9 +181,9 @@ func Fixtures() []inject.Fixture {
 			// or not GC has deleted its entries yet, so it must not go to a
 			// terminating backend.
 			Name: "expired-udp-flow-not-yet-collected-is-a-new-flow",
-			Setup: chain(upsert(svc(service.UDP, active(b0))),
+			Setup: chain(inject.Upsert(svc(service.UDP, active(b0))),
 				seq([]step{{inject.FromPod, packet.UDP(client, vipAP, payload, packet.Opts{})}}),
-				upsert(svc(service.UDP, terminating(b0), active(b1))), expireAll),
+				inject.Upsert(svc(service.UDP, terminating(b0), active(b1))), expireAll),
 			Input:    packet.UDP(client, vipAP, payload, packet.Opts{}),
 			Verdict:  inject.OK,
 			Output:   packet.UDP(client, b1, payload, packet.Opts{}),
@@ -199,7 +195,7 @@ func Fixtures() []inject.Fixture {
 			// one masqueraded to its address) is a new connection. The RST is
 			// recorded on the flow entry, which decides.
 			Name:     "backend-rst-then-port-reuse-reselects",
-			Setup:    chain(upsert(svc(service.TCP, active(b0))), seq(with(handshake, step{inject.ToPod, rev(b0, packet.RSTACK)}), moveToB1)),
+			Setup:    chain(inject.Upsert(svc(service.TCP, active(b0))), seq(with(handshake, step{inject.ToPod, rev(b0, packet.RSTACK)}), moveToB1)),
 			Input:    fwd(packet.SYN),
 			Verdict:  inject.OK,
 			Output:   packet.TCP(client, b1, packet.SYN, nil, packet.Opts{}),
@@ -209,8 +205,8 @@ func Fixtures() []inject.Fixture {
 			// The same for TCP: a bare SYN on an expired (idle past its
 			// lifetime) established entry is a new connection.
 			Name: "syn-on-expired-established-flow-is-a-new-flow",
-			Setup: chain(upsert(svc(service.TCP, active(b0))), seq(handshake),
-				upsert(svc(service.TCP, terminating(b0), active(b1))), expireAll),
+			Setup: chain(inject.Upsert(svc(service.TCP, active(b0))), seq(handshake),
+				inject.Upsert(svc(service.TCP, terminating(b0), active(b1))), expireAll),
 			Input:    fwd(packet.SYN),
 			Verdict:  inject.OK,
 			Output:   packet.TCP(client, b1, packet.SYN, nil, packet.Opts{}),
@@ -221,7 +217,7 @@ func Fixtures() []inject.Fixture {
 			// client reused the port from TIME_WAIT before sending it): the
 			// backend's FIN, seen only on the reply side, closed the flow.
 			Name: "time-wait-reuse-before-final-ack-reselects",
-			Setup: chain(upsert(svc(service.TCP, active(b0))), seq(with(handshake,
+			Setup: chain(inject.Upsert(svc(service.TCP, active(b0))), seq(with(handshake,
 				step{inject.FromPod, fwd(packet.FINACK)}, step{inject.ToPod, rev(b0, packet.FINACK)})), moveToB1),
 			Input:    fwd(packet.SYN),
 			Verdict:  inject.OK,
