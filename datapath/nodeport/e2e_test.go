@@ -1,11 +1,14 @@
 package nodeport
 
 import (
+	"encoding/binary"
 	"fmt"
 	"net/netip"
 	"testing"
 	"time"
 
+	"github.com/google/gopacket"
+	"github.com/google/gopacket/layers"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	"github.com/vishvananda/netlink"
@@ -125,8 +128,18 @@ func TestNorthSouthEndToEnd(t *testing.T) {
 				fresh()
 				program(t, ns, np, func(s *service.Service) { s.Mode, s.Dispatch = service.DSR, d })
 				entry, backend := ns.Counters(t, 0), ns.Counters(t, 1)
+				wire, err := traffic.StartCapture(ns.Topo.External, topology.WireIfName)
+				require.NoError(t, err, "capture at the external client")
 				tally := exchange(t, ns, nodePort(0), n)
+				frames, err := wire.Stop()
+				require.NoError(t, err, "capture at the external client")
 				assert.Positive(t, tally["backend-1"], "node 0 handed flows to backend-1: %v", tally)
+				// On the wire: replies from node 0's NodePort address that
+				// node 1 sent, so they never passed node 0.
+				fromMAC := repliesByMAC(frames, nodePort(0))
+				node1, err := wireMAC(ns.Nodes[1].Do)
+				require.NoError(t, err, "node 1's wire MAC")
+				assert.Positive(t, fromMAC[node1.String()], "replies from %s arrived from node 1's MAC (all: %v)", nodePort(0), fromMAC)
 				entry2, backend2 := ns.Counters(t, 0), ns.Counters(t, 1)
 				metric := map[service.Dispatch]string{service.Option: "dsr_opt", service.IPIP: "dsr_ipip"}[d]
 				assert.Positive(t, grew(entry, entry2, metric), "node 0 dispatched by %s", d)
@@ -148,14 +161,17 @@ func TestNorthSouthEndToEnd(t *testing.T) {
 		})
 
 		t.Run(f.name+"/loadbalancer-source-ranges", func(t *testing.T) {
-			routeVIP(t, ns, f.lbVIP, f.nodes[0])
 			lb := service.Frontend{Addr: f.lbVIP, Port: NodePort, Kind: service.LoadBalancer}
 			dst := netip.AddrPortFrom(f.lbVIP, NodePort)
 			program(t, ns, lb, func(s *service.Service) {
 				s.SourceRanges = []netip.Prefix{netip.PrefixFrom(f.client, f.client.BitLen())}
 			})
-			tally := exchange(t, ns, dst, n/2)
-			assert.Equal(t, n, tally["backend-0"]+tally["backend-1"], "an allowed client reaches the LoadBalancer address: %v", tally)
+			for i := range ns.Nodes {
+				routeVIP(t, ns, f.lbVIP, f.nodes[i])
+				tally := exchange(t, ns, dst, n/2)
+				assert.Equal(t, n, tally["backend-0"]+tally["backend-1"], "an allowed client reaches the LoadBalancer address through node %d: %v", i, tally)
+			}
+			routeVIP(t, ns, f.lbVIP, f.nodes[0])
 
 			other := netip.PrefixFrom(f.nodes[1], f.nodes[1].BitLen())
 			program(t, ns, lb, func(s *service.Service) { s.SourceRanges = []netip.Prefix{other} })
@@ -166,10 +182,12 @@ func TestNorthSouthEndToEnd(t *testing.T) {
 		})
 
 		t.Run(f.name+"/externalip", func(t *testing.T) {
-			routeVIP(t, ns, f.lbVIP, f.nodes[0])
 			program(t, ns, service.Frontend{Addr: f.lbVIP, Port: NodePort + 1, Kind: service.ExternalIP}, nil)
-			tally := exchange(t, ns, netip.AddrPortFrom(f.lbVIP, NodePort+1), n/2)
-			assert.Equal(t, n, tally["backend-0"]+tally["backend-1"], "the ExternalIP answers: %v", tally)
+			for i := range ns.Nodes {
+				routeVIP(t, ns, f.lbVIP, f.nodes[i])
+				tally := exchange(t, ns, netip.AddrPortFrom(f.lbVIP, NodePort+1), n/2)
+				assert.Equal(t, n, tally["backend-0"]+tally["backend-1"], "the ExternalIP answers through node %d: %v", i, tally)
+			}
 		})
 
 		t.Run(f.name+"/hostport-reaches-its-pod", func(t *testing.T) {
@@ -182,6 +200,25 @@ func TestNorthSouthEndToEnd(t *testing.T) {
 			assert.Equal(t, "backend-1", r.Identity, "the HostPort's pod answered")
 		})
 	}
+}
+
+// repliesByMAC counts the frames from svc (TCP or UDP) by source MAC.
+func repliesByMAC(frames [][]byte, svc netip.AddrPort) map[string]int {
+	out := map[string]int{}
+	for _, f := range frames {
+		pkt := gopacket.NewPacket(f, layers.LayerTypeEthernet, gopacket.NoCopy)
+		eth, _ := pkt.Layer(layers.LayerTypeEthernet).(*layers.Ethernet)
+		nl, tl := pkt.NetworkLayer(), pkt.TransportLayer()
+		if eth == nil || nl == nil || tl == nil {
+			continue
+		}
+		src, _ := netip.AddrFromSlice(nl.NetworkFlow().Src().Raw())
+		port := binary.BigEndian.Uint16(tl.TransportFlow().Src().Raw())
+		if src.Unmap() == svc.Addr() && port == svc.Port() {
+			out[eth.SrcMAC.String()]++
+		}
+	}
+	return out
 }
 
 // routeVIP routes vip from the external client through the node at via,
