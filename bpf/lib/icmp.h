@@ -127,6 +127,97 @@ static __always_inline int store_addr(struct __ctx_buff *ctx, __u32 off, const u
 	return ctx_store_bytes(ctx, off, a, 16, 0);
 }
 
+/* Parses the packet the ICMP error p quotes into in. 1 when p is an
+ * error quoting the ports of a TCP or UDP packet, else 0. */
+static __always_inline int icmp_error_quote(struct __ctx_buff *ctx, const struct pkt *p, struct pkt *in)
+{
+	__u8 type;
+
+	if (!pkt_has_l4(p) || ctx_load_bytes(ctx, p->l4_off, &type, 1) < 0 || !icmp_is_error(p, type))
+		return 0;
+
+	/* ICMP and ICMPv6 headers are both 8 bytes before the quote. */
+	__builtin_memset(in, 0, sizeof(*in));
+	in->l3_off = p->l4_off + 8;
+	if ((p->family == SP_AF_INET ? parse_ipv4(ctx, in) : parse_ipv6(ctx, in)) < 0)
+		return 0;
+	if (in->frag == FRAG_LATER || !is_tcp_or_udp(in->proto))
+		return 0;
+	if (ctx_load_bytes(ctx, in->l4_off, &in->sport, 2) < 0 || ctx_load_bytes(ctx, in->l4_off + 2, &in->dport, 2) < 0)
+		return 0;
+	return 1;
+}
+
+/* Rewrites the quoted source (is_src) or destination of in, inside the
+ * error p, to addr:port: the quoted IPv4 header checksum, the quoted L4
+ * checksum, the ICMP checksum. The outer header is the caller's. */
+static __always_inline int icmp_quote_rewrite(struct __ctx_buff *ctx, const struct pkt *p, struct pkt *in, int is_src,
+					      const union v6addr *addr, __be16 port)
+{
+	union v6addr *from = is_src ? &in->saddr : &in->daddr;
+	__be16 *from_port = is_src ? &in->sport : &in->dport;
+	__u32 d_addr = csum_diff_addr(from, addr, in->family);
+	__u32 d_icmp = d_addr;
+	__u16 old, new;
+
+	if (in->family == SP_AF_INET) {
+		__u32 off = in->l3_off + offsetof(struct iphdr, check);
+
+		if (ctx_load_bytes(ctx, off, &old, 2) < 0)
+			return -1;
+		new = csum_apply(old, d_addr);
+		if (ctx_store_bytes(ctx, off, &new, 2, 0) < 0)
+			return -1;
+		d_icmp = csum_add32(d_icmp, csum_diff16(old, new));
+		off = in->l3_off + (is_src ? offsetof(struct iphdr, saddr) : offsetof(struct iphdr, daddr));
+		if (store_addr(ctx, off, addr, SP_AF_INET) < 0)
+			return -1;
+	} else if (store_addr(ctx, in->l3_off + (is_src ? offsetof(struct ipv6hdr, saddr) : offsetof(struct ipv6hdr, daddr)),
+			      addr, SP_AF_INET6) < 0) {
+		return -1;
+	}
+
+	/* The quoted L4 checksum is there only if the quote is long enough. */
+	__u32 l4c = in->l4_off + (in->proto == IPPROTO_TCP ? offsetof(struct tcphdr, check) : offsetof(struct udphdr, check));
+	if (ctx_load_bytes(ctx, l4c, &old, 2) == 0 && !(in->proto == IPPROTO_UDP && old == 0)) {
+		new = csum_apply(old, csum_add32(d_addr, csum_diff16(*from_port, port)));
+		if (in->proto == IPPROTO_UDP && new == 0)
+			new = 0xffff;
+		if (ctx_store_bytes(ctx, l4c, &new, 2, 0) < 0)
+			return -1;
+		d_icmp = csum_add32(d_icmp, csum_diff16(old, new));
+	}
+	if (ctx_store_bytes(ctx, in->l4_off + (is_src ? 0 : 2), &port, 2, 0) < 0)
+		return -1;
+	d_icmp = csum_add32(d_icmp, csum_diff16(*from_port, port));
+
+	__u32 icmp_csum = p->l4_off + 2;
+	if (ctx_load_bytes(ctx, icmp_csum, &old, 2) < 0)
+		return -1;
+	new = csum_apply(old, d_icmp);
+	if (ctx_store_bytes(ctx, icmp_csum, &new, 2, 0) < 0)
+		return -1;
+	*from = *addr;
+	*from_port = port;
+	return 0;
+}
+
+/* The quote in (client -> backend, after DNAT) of an error on its way to
+ * the client gets vip:vport, the service the client used, back as its
+ * destination; so does the outer source when the backend itself sent the
+ * error, as the client knows no backend. */
+static __always_inline int icmp_quote_to_service(struct __ctx_buff *ctx, struct pkt *p, struct pkt *in,
+						 const union v6addr *vip, __be16 vport)
+{
+	union v6addr backend = in->daddr;
+
+	if (icmp_quote_rewrite(ctx, p, in, 0, vip, vport) < 0)
+		return -1;
+	if (addr_equal(&p->saddr, &backend) && nat_rewrite_addr(ctx, p, 1, vip) < 0)
+		return -1;
+	return 0;
+}
+
 /* An ICMP error on its way to the client quotes the client's packet as it
  * left after DNAT (client -> backend). Rewrites the quoted destination
  * back to the VIP, the quoted checksums, the ICMP checksum, and the outer
@@ -135,71 +226,13 @@ static __always_inline int icmp_error_rev_nat(struct __ctx_buff *ctx, struct pkt
 {
 	struct pkt in;
 	struct ct_key k;
-	__u8 type;
 
-	if (!pkt_has_l4(p) || ctx_load_bytes(ctx, p->l4_off, &type, 1) < 0 || !icmp_is_error(p, type))
+	if (!icmp_error_quote(ctx, p, &in))
 		return 0;
-
-	/* ICMP and ICMPv6 headers are both 8 bytes before the quote. */
-	__builtin_memset(&in, 0, sizeof(in));
-	in.l3_off = p->l4_off + 8;
-	if ((p->family == SP_AF_INET ? parse_ipv4(ctx, &in) : parse_ipv6(ctx, &in)) < 0)
-		return 0;
-	if (in.frag == FRAG_LATER || !is_tcp_or_udp(in.proto))
-		return 0;
-	if (ctx_load_bytes(ctx, in.l4_off, &in.sport, 2) < 0 ||
-	    ctx_load_bytes(ctx, in.l4_off + 2, &in.dport, 2) < 0)
-		return 0;
-
 	ct_key_init(&k, &in.saddr, &in.daddr, in.sport, in.dport, &in, 0);
 	struct ct_entry *e = bpf_map_lookup_elem(&sp_ct, &k);
 	if (!e)
 		return 0;
-	union v6addr backend = in.daddr;
 	union v6addr vip = e->nat_addr;
-	__be16 vport = e->nat_port;
-
-	__u32 d_addr = csum_diff_addr(&in.daddr, &vip, in.family);
-	__u32 d_icmp = d_addr;
-	__u16 old, new;
-
-	if (in.family == SP_AF_INET) {
-		__u32 off = in.l3_off + offsetof(struct iphdr, check);
-
-		if (ctx_load_bytes(ctx, off, &old, 2) < 0)
-			return 0;
-		new = csum_apply(old, d_addr);
-		if (ctx_store_bytes(ctx, off, &new, 2, 0) < 0)
-			return 0;
-		d_icmp = csum_add32(d_icmp, csum_diff16(old, new));
-		if (store_addr(ctx, in.l3_off + offsetof(struct iphdr, daddr), &vip, SP_AF_INET) < 0)
-			return 0;
-	} else if (store_addr(ctx, in.l3_off + offsetof(struct ipv6hdr, daddr), &vip, SP_AF_INET6) < 0) {
-		return 0;
-	}
-
-	/* The quoted L4 checksum is there only if the quote is long enough. */
-	__u32 l4c = in.l4_off + (in.proto == IPPROTO_TCP ? offsetof(struct tcphdr, check) : offsetof(struct udphdr, check));
-	if (ctx_load_bytes(ctx, l4c, &old, 2) == 0 && !(in.proto == IPPROTO_UDP && old == 0)) {
-		new = csum_apply(old, csum_add32(d_addr, csum_diff16(in.dport, vport)));
-		if (in.proto == IPPROTO_UDP && new == 0)
-			new = 0xffff;
-		if (ctx_store_bytes(ctx, l4c, &new, 2, 0) < 0)
-			return 0;
-		d_icmp = csum_add32(d_icmp, csum_diff16(old, new));
-	}
-	if (ctx_store_bytes(ctx, in.l4_off + 2, &vport, 2, 0) < 0)
-		return 0;
-	d_icmp = csum_add32(d_icmp, csum_diff16(in.dport, vport));
-
-	__u32 icmp_csum = p->l4_off + 2;
-	if (ctx_load_bytes(ctx, icmp_csum, &old, 2) < 0)
-		return 0;
-	new = csum_apply(old, d_icmp);
-	if (ctx_store_bytes(ctx, icmp_csum, &new, 2, 0) < 0)
-		return 0;
-
-	if (addr_equal(&p->saddr, &backend) && nat_rewrite_addr(ctx, p, 1, &vip) < 0)
-		return 0;
-	return 1;
+	return icmp_quote_to_service(ctx, p, &in, &vip, e->nat_port) == 0;
 }

@@ -50,6 +50,8 @@ enum metric {
 	METRIC_XDP_TX,            /* XDP: sent back out the device it came in on */
 	METRIC_XDP_REDIRECT,      /* XDP: redirected to another device */
 	METRIC_XDP_TO_TC,         /* XDP: passed to tc (local backend, or needs the stack) */
+	METRIC_NP_ICMP_REV_SNAT,  /* north-south: ICMP error about a SNATed flow sent on to the client */
+	METRIC_NP_ICMP_SNAT,      /* north-south: ICMP error about a SNATed flow's reply sent on to the backend */
 	METRIC_MAX,
 };
 

@@ -152,9 +152,40 @@ static __always_inline const union v6addr *np_snat_addr(__u32 ifindex, __u8 fami
 	return a;
 }
 
+/* An ICMP error about a SNATed flow: to the client, about its own packet
+ * to the service (snat_icmp_error_reverse), or, about a reply, to the
+ * backend, about its own reply (snat_icmp_error_forward). -1 when p is
+ * none. XDP passes ICMP on to tc, which translates it: errors are rare,
+ * and XDP's program stays smaller without the quote rewrites. */
+static __always_inline int np_icmp_error(struct __ctx_buff *ctx, struct pkt *p)
+{
+#if CTX_IS_XDP
+	return CTX_ACT_OK;
+#else
+	enum metric m = METRIC_NP_ICMP_REV_SNAT;
+	int ret = snat_icmp_error_reverse(ctx, p);
+
+	if (ret == 0) {
+		m = METRIC_NP_ICMP_SNAT;
+		ret = snat_icmp_error_forward(ctx, p);
+	}
+	if (ret == 0)
+		return -1;
+	if (ret < 0) {
+		count(METRIC_MALFORMED);
+		return CTX_ACT_DROP;
+	}
+	count(m);
+	return np_redirect(ctx, p);
+#endif
+}
+
 /* A reply of a SNATed flow: back to the client, from the service. */
 static __always_inline int np_reply(struct __ctx_buff *ctx, struct pkt *p)
 {
+	if (p->proto == (p->family == SP_AF_INET ? IPPROTO_ICMP : IPPROTO_ICMPV6))
+		return np_icmp_error(ctx, p);
+
 	int ret = snat_reverse(ctx, p);
 
 	if (ret == 0)

@@ -55,6 +55,8 @@ var Names = []string{
 	"xdp_tx",
 	"xdp_redirect",
 	"xdp_to_tc",
+	"np_icmp_rev_snat",
+	"np_icmp_snat",
 }
 
 // Read sums each counter over CPUs, keyed by name.

@@ -151,6 +151,15 @@ func (via ingress) overMTU(o outcome) outcome {
 	return via.passed(o.counters)
 }
 
+// icmpError: an ICMP error about a SNATed flow, translated for the client
+// or the backend and sent to it by tc. XDP passes ICMP on to tc untouched.
+func (via ingress) icmpError(to hop, out []byte, counters map[string]uint64) outcome {
+	if via.xdp {
+		return via.passed(counters)
+	}
+	return via.sent(to, out, counters)
+}
+
 func (via ingress) dropped(out []byte, counters map[string]uint64) outcome {
 	if !via.xdp {
 		return outcome{inject.Shot, out, nil, counters}
@@ -196,6 +205,9 @@ func (b *Bed) familyFixtures(f Family, via ingress) []inject.Fixture {
 	merged := make([]byte, 2*1448)
 	// Earlier packets of a row's flow enter as its packet does.
 	first := func(pkt []byte) func(e *inject.Env) error { return inject.Send(dev, via.hook, pkt) }
+	// An on-path router's address: any that is not the backend's.
+	router := f.Unroutable
+	l3 := func(frame []byte) []byte { return frame[14:] }
 
 	return []inject.Fixture{via.row(inject.Fixture{
 		Name:  name("nodeport-local-backend-dnat-to-stack"),
@@ -252,6 +264,41 @@ func (b *Bed) familyFixtures(f Family, via ingress) []inject.Fixture {
 		On:    dev,
 		Input: tcp(remote, snatted, packet.SYNACK, in),
 	}, via.sent(toClient, tcp(f.nodePort(), f.Client, packet.SYNACK, in), counters("np_rev_snat", 1, "rev_nat", 1))), via.row(inject.Fixture{
+		// The backend itself refuses: the client hears it from the service.
+		Name:   name("snat-port-unreachable-from-backend-back-to-client"),
+		Config: keepPorts,
+		Setup: inject.Steps(node, inject.Upsert(f.nodePortSvc(service.UDP, []netip.Addr{f.Remote})),
+			first(udp(f.Client, f.nodePort(), in))),
+		On:    dev,
+		Input: packet.ICMPError(packet.PortUnreachable, f.Remote, f.Node, packet.HeaderQuote(udp(snatted, remote, in)), in),
+	}, via.icmpError(toClient, packet.ICMPError(packet.PortUnreachable, f.Node, f.Client.Addr(), packet.HeaderQuote(udp(f.Client, f.nodePort(), in)), in),
+		counters("np_icmp_rev_snat", 1))), via.row(inject.Fixture{
+		// A router's error keeps its source; the whole packet is quoted, so
+		// the quoted TCP checksum is rewritten too.
+		Name:   name("snat-frag-needed-from-router-back-to-client"),
+		Config: keepPorts,
+		Setup: inject.Steps(node, inject.Upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Remote})),
+			first(syn)),
+		On:    dev,
+		Input: packet.ICMPError(packet.FragNeeded, router, f.Node, l3(tcp(snatted, remote, packet.SYN, in)), in),
+	}, via.icmpError(toClient, packet.ICMPError(packet.FragNeeded, router, f.Client.Addr(), l3(syn), in),
+		counters("np_icmp_rev_snat", 1))), via.row(inject.Fixture{
+		// About a reply on its way to the client: the backend hears it about
+		// its own reply to this node.
+		Name:   name("snat-frag-needed-about-reply-on-to-backend"),
+		Config: keepPorts,
+		Setup: inject.Steps(node, inject.Upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Remote})),
+			first(syn)),
+		On:    dev,
+		Input: packet.ICMPError(packet.FragNeeded, router, f.Node, l3(tcp(f.nodePort(), f.Client, packet.SYNACK, in)), in),
+	}, via.icmpError(toPeer, packet.ICMPError(packet.FragNeeded, router, f.Remote, l3(tcp(remote, snatted, packet.SYNACK, in)), in),
+		counters("np_icmp_snat", 1))), via.row(inject.Fixture{
+		Name:   name("icmp-error-about-an-unknown-flow-passes"),
+		Config: keepPorts,
+		Setup:  inject.Steps(node, inject.Upsert(f.nodePortSvc(service.UDP, []netip.Addr{f.Remote}))),
+		On:     dev,
+		Input:  packet.ICMPError(packet.PortUnreachable, f.Remote, f.Node, packet.HeaderQuote(udp(snatted, remote, in)), in),
+	}, via.passed(counters("pass", 1))), via.row(inject.Fixture{
 		// The client's port is taken by another client's flow to the same
 		// backend: the next free port, after one or two retries.
 		Name:   name("snat-port-collision-takes-another-port"),
