@@ -118,6 +118,9 @@ func loadDatapath(lo *loadOptions, o output) (*loader.Datapath, error) {
 		}
 	}
 	def.PinPath = lo.bpffs
+	if err := def.Validate(); err != nil {
+		return nil, fmt.Errorf("load config: %w", err)
+	}
 	if err := rlimit.RemoveMemlock(); err != nil {
 		return nil, fmt.Errorf("raise memlock limit: %w", err)
 	}

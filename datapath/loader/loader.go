@@ -169,7 +169,9 @@ func DefaultConfig() Config {
 	}
 }
 
-func (c Config) validate() error {
+// Validate checks the settings without touching the kernel, so a caller
+// can refuse bad input before it changes anything.
+func (c Config) Validate() error {
 	for _, s := range []struct {
 		name string
 		v    uint32
@@ -247,7 +249,7 @@ type Datapath struct {
 // share their maps: the pod-device object creates (or re-uses the pinned)
 // maps and the socket object is given the same ones.
 func Load(cfg Config) (*Datapath, error) {
-	if err := cfg.validate(); err != nil {
+	if err := cfg.Validate(); err != nil {
 		return nil, fmt.Errorf("load config: %w", err)
 	}
 	knobs, err := cfg.knobs()

@@ -63,6 +63,7 @@ func TestLoadXDP(t *testing.T) {
 }
 
 func TestHandoverMeta(t *testing.T) {
+	testenv.RequireRoot(t)
 	// The word's tag is the netns cookie (5.14), there wherever XDP is.
 	testenv.RequireFeature(t, "the XDP node-device program", loader.XDPMinKernel, loader.ProbeXDP())
 	a, err := loader.HandoverMeta(loader.HandoverDeliver)
