@@ -116,7 +116,8 @@ func NewEnv(cfg loader.Config) (*Env, error) {
 // Close unloads the datapath.
 func (e *Env) Close() error { return e.DP.Close() }
 
-func clearMap(m *ebpf.Map) error {
+// ClearMap deletes every entry of m.
+func ClearMap(m *ebpf.Map) error {
 	var keys [][]byte
 	var k []byte
 	it := m.Iterate()
@@ -144,7 +145,7 @@ func (e *Env) Reset() error {
 		if mp == nil {
 			continue // a map of settings not in effect (CTNS: zones off)
 		}
-		if err := clearMap(mp); err != nil {
+		if err := ClearMap(mp); err != nil {
 			return fmt.Errorf("reset %s: %w", mp, err)
 		}
 	}

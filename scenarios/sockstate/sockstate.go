@@ -8,7 +8,6 @@ package sockstate
 
 import (
 	"bufio"
-	"errors"
 	"fmt"
 	"math/rand/v2"
 	"net/netip"
@@ -29,6 +28,7 @@ import (
 	"github.com/servicepath/servicepath/datapath/maps"
 	"github.com/servicepath/servicepath/datapath/service"
 	"github.com/servicepath/servicepath/harness/cluster"
+	"github.com/servicepath/servicepath/harness/inject"
 	"github.com/servicepath/servicepath/harness/netperf"
 	"github.com/servicepath/servicepath/harness/testenv"
 )
@@ -166,24 +166,7 @@ func (b *Bed) RevNATEntries() (int, error) {
 }
 
 // ClearRevNAT empties sp_sock_revnat.
-func (b *Bed) ClearRevNAT() error {
-	m := b.C.DP.Maps.SockRevNAT
-	var keys [][]byte
-	var k, v []byte
-	it := m.Iterate()
-	for it.Next(&k, &v) {
-		keys = append(keys, slices.Clone(k))
-	}
-	if err := it.Err(); err != nil {
-		return err
-	}
-	for _, k := range keys {
-		if err := m.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-			return err
-		}
-	}
-	return nil
-}
+func (b *Bed) ClearRevNAT() error { return inject.ClearMap(b.C.DP.Maps.SockRevNAT) }
 
 // FillRevNAT fills sp_sock_revnat to its size with entries of sockets
 // that do not exist, as a node's map stands once closed sockets' entries
