@@ -78,6 +78,12 @@ type Options struct {
 	// Dial, when set, makes the connections to the API server, e.g. from
 	// inside Netns.
 	Dial func(ctx context.Context, network, addr string) (net.Conn, error)
+	// Address, when set, is where kube-apiserver listens and what it
+	// advertises (the kubernetes Service's endpoint), so that other hosts
+	// reach it; default 127.0.0.1, advertising an address nobody answers on.
+	Address string
+	// ExtraArgs are appended to kube-apiserver's flags (a later flag wins).
+	ExtraArgs []string
 }
 
 // Server is a running etcd and kube-apiserver.
@@ -224,28 +230,33 @@ func (s *Server) spawn(name, bin string, args ...string) (*proc, error) {
 // StartAPIServer starts kube-apiserver (again, on the same port, after
 // StopAPIServer) and waits until it is ready.
 func (s *Server) StartAPIServer() error {
-	var err error
-	s.apiserver, err = s.spawn("kube-apiserver", s.apiserverPath,
-		"--etcd-servers="+s.etcdURL,
-		"--bind-address=127.0.0.1", "--secure-port="+strconv.Itoa(s.port),
-		// Not loopback, or the built-in kubernetes Service's endpoints are
-		// refused; a documentation address nobody answers on.
-		"--advertise-address=192.0.2.1",
-		"--cert-dir="+s.path("certs"),
+	// Not loopback, or the built-in kubernetes Service's endpoints are
+	// refused; a documentation address nobody answers on.
+	bind, advertise := "127.0.0.1", "192.0.2.1"
+	if s.opts.Address != "" {
+		bind, advertise = s.opts.Address, s.opts.Address
+	}
+	args := []string{
+		"--etcd-servers=" + s.etcdURL,
+		"--bind-address=" + bind, "--secure-port=" + strconv.Itoa(s.port),
+		"--advertise-address=" + advertise,
+		"--cert-dir=" + s.path("certs"),
 		"--service-account-issuer=https://kubernetes.default.svc",
-		"--service-account-key-file="+s.path("sa.pub"),
-		"--service-account-signing-key-file="+s.path("sa.key"),
-		"--token-auth-file="+s.path("tokens.csv"),
+		"--service-account-key-file=" + s.path("sa.pub"),
+		"--service-account-signing-key-file=" + s.path("sa.key"),
+		"--token-auth-file=" + s.path("tokens.csv"),
 		// RBAC, so deploy/'s ClusterRole is really what the agent gets.
 		"--authorization-mode=RBAC",
-		"--service-cluster-ip-range="+cmp.Or(s.opts.ServiceCIDRs, "10.96.0.0/16,fd00:10:96::/112"),
+		"--service-cluster-ip-range=" + cmp.Or(s.opts.ServiceCIDRs, "10.96.0.0/16,fd00:10:96::/112"),
 		"--enable-priority-and-fairness=false",
-	)
+	}
+	var err error
+	s.apiserver, err = s.spawn("kube-apiserver", s.apiserverPath, append(args, s.opts.ExtraArgs...)...)
 	if err != nil {
 		return err
 	}
 	s.Config = &rest.Config{
-		Host:            fmt.Sprintf("https://127.0.0.1:%d", s.port),
+		Host:            "https://" + net.JoinHostPort(bind, strconv.Itoa(s.port)),
 		BearerToken:     s.token,
 		TLSClientConfig: rest.TLSClientConfig{Insecure: true},
 		QPS:             -1, // tests create objects in bursts
