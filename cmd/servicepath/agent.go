@@ -55,10 +55,11 @@ func cmdAgent(args []string, o output) error {
 	}
 	log := slog.New(slog.NewTextHandler(o.errOut, &slog.HandlerOptions{Level: level}))
 
-	dp, err := loadDatapath(lo, o)
+	dp, lock, err := loadDatapath(lo, o)
 	if err != nil {
 		return err
 	}
+	defer lock.Release()
 	defer dp.Close()
 	a, err := agent.New(client, dp.Maps, agent.Config{
 		NodeName: name, MinSyncPeriod: *minSync, SyncPeriod: *syncPeriod, Logger: log,

@@ -1,10 +1,8 @@
 package main
 
 import (
-	"errors"
 	"flag"
 	"fmt"
-	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -13,6 +11,7 @@ import (
 	"github.com/vishvananda/netlink"
 
 	"github.com/servicepath/servicepath/datapath/attach"
+	"github.com/servicepath/servicepath/datapath/coexist"
 	"github.com/servicepath/servicepath/datapath/loader"
 	"github.com/servicepath/servicepath/datapath/netdev"
 	"github.com/servicepath/servicepath/datapath/nodeaddrs"
@@ -47,6 +46,8 @@ type loadOptions struct {
 	mode      string
 	noBackend string
 	sockState string
+	// allowKubeProxy loads next to kube-proxy (a migration window).
+	allowKubeProxy bool
 }
 
 func addLoadFlags(fs *flag.FlagSet) *loadOptions {
@@ -73,6 +74,7 @@ func addLoadFlags(fs *flag.FlagSet) *loadOptions {
 	fs.DurationVar(&def.CTNonTCP, "ct-non-tcp", def.CTNonTCP, "lifetime of an idle UDP flow")
 	fs.StringVar(&lo.sockState, "sock-state", string(loader.SockStateMap), "where socket-LB keeps each socket's reverse translation: map (sp_sock_revnat LRU), storage (the socket's own BPF storage, Linux 5.10+) or auto")
 	fs.Var((*uint32Flag)(&def.SockRevNATMapSize), "sock-revnat-size", "socket reverse-NAT entries (map mode: one per socket and backend)")
+	fs.BoolVar(&lo.allowKubeProxy, "allow-kube-proxy", false, "load even though kube-proxy's rules or ports are found (a migration window: both translate until kube-proxy is gone)")
 	return lo
 }
 
@@ -82,60 +84,72 @@ func cmdLoad(args []string, o output) error {
 	if err := parse(fs, args); err != nil {
 		return err
 	}
-	dp, err := loadDatapath(lo, o)
+	dp, lock, err := loadDatapath(lo, o)
 	if err != nil {
 		return err
 	}
+	defer lock.Release()
 	return dp.Close()
 }
 
 // loadDatapath loads the datapath (re-using maps already pinned, so flows
-// survive) and attaches it. The caller closes the result.
-func loadDatapath(lo *loadOptions, o output) (*loader.Datapath, error) {
+// survive) and attaches it, unless kube-proxy or another servicepath is
+// found. The caller closes the result and releases the pin directory's
+// lock when it exits.
+func loadDatapath(lo *loadOptions, o output) (_ *loader.Datapath, _ *coexist.Lock, err error) {
 	m, err := attach.ParseMode(lo.mode)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	xdp, err := attach.ParseXDPMode(lo.netdevXDP)
 	if err != nil {
-		return nil, fmt.Errorf("--node-device-xdp: %w", err)
+		return nil, nil, fmt.Errorf("--node-device-xdp: %w", err)
 	}
 	def := lo.cfg
 	def.XDP = xdp != attach.XDPOff && len(lo.netdevs) > 0
 	if def.NoBackend, err = loader.ParseNoBackendAction(lo.noBackend); err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	if def.SockState, err = loader.ParseSockState(lo.sockState); err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	if def.NATPortMin, def.NATPortMax, err = parsePortRange(lo.natPorts); err != nil {
-		return nil, fmt.Errorf("--nat-ports: %w", err)
+		return nil, nil, fmt.Errorf("--nat-ports: %w", err)
 	}
 	// Every device is checked before anything is loaded or attached.
 	for _, dev := range append(append([]string{}, lo.devices...), lo.netdevs...) {
 		if _, err := netlink.LinkByName(dev); err != nil {
-			return nil, fmt.Errorf("device %s: %w", dev, err)
+			return nil, nil, fmt.Errorf("device %s: %w", dev, err)
 		}
 	}
 	def.PinPath = lo.bpffs
 	if err := def.Validate(); err != nil {
-		return nil, fmt.Errorf("load config: %w", err)
+		return nil, nil, fmt.Errorf("load config: %w", err)
 	}
+	lock, err := coexist.Preflight(lo.bpffs, lo.allowKubeProxy, o.errOut)
+	if err != nil {
+		return nil, nil, err
+	}
+	defer func() {
+		if err != nil {
+			lock.Release()
+		}
+	}()
 	if err := rlimit.RemoveMemlock(); err != nil {
-		return nil, fmt.Errorf("raise memlock limit: %w", err)
+		return nil, nil, fmt.Errorf("raise memlock limit: %w", err)
 	}
 
 	dp, err := loader.Load(def)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	if err := nodeaddrs.SyncLocal(dp.Maps.NodeAddrs); err != nil {
 		dp.Close()
-		return nil, err
+		return nil, nil, err
 	}
 	if err := attachDatapath(dp, lo, m, xdp, o); err != nil {
 		dp.Close()
-		return nil, err
+		return nil, nil, err
 	}
 	if lo.cgroup != "" {
 		// auto is resolved by probing; say what it chose.
@@ -144,7 +158,7 @@ func loadDatapath(lo *loadOptions, o output) (*loader.Datapath, error) {
 		}
 	}
 	fmt.Fprintf(o.out, "maps pinned under %s\n", lo.bpffs)
-	return dp, nil
+	return dp, lock, nil
 }
 
 func attachDatapath(dp *loader.Datapath, lo *loadOptions, m attach.Mode, xdp attach.XDPMode, o output) error {
@@ -195,24 +209,7 @@ func cmdUnload(args []string, o output) error {
 	if err := parse(fs, args); err != nil {
 		return err
 	}
-	a := &attach.Attacher{LinkDir: linkDir(*bpffs)}
-	var errs []error
-	errs = append(errs, a.DetachAll())
-	// Every map the objects pin is named sp_*: removing by prefix cannot
-	// miss one a newer object added.
-	entries, err := os.ReadDir(*bpffs)
-	if err != nil && !errors.Is(err, os.ErrNotExist) {
-		errs = append(errs, err)
-	}
-	for _, e := range entries {
-		if e.IsDir() || !strings.HasPrefix(e.Name(), "sp_") {
-			continue
-		}
-		if err := os.Remove(filepath.Join(*bpffs, e.Name())); err != nil && !errors.Is(err, os.ErrNotExist) {
-			errs = append(errs, err)
-		}
-	}
-	if err := errors.Join(errs...); err != nil {
+	if _, err := coexist.RemoveServicepath(*bpffs, linkDir(*bpffs)); err != nil {
 		return err
 	}
 	fmt.Fprintf(o.out, "detached servicepath from every device of this network namespace and removed %s\n", *bpffs)

@@ -25,6 +25,7 @@ type command struct {
 var commands = []command{
 	{"load", "load the datapath, pin its maps, attach to pod devices", cmdLoad},
 	{"unload", "detach everything and remove the pinned maps", cmdUnload},
+	{"cleanup", "remove servicepath (and with --kube-proxy, kube-proxy's rules) before a migration or uninstall", cmdCleanup},
 	{"apply", "program Services and EndpointSlices from manifests", cmdApply},
 	{"delete", "remove the Services named in manifests", cmdDelete},
 	{"services", "list programmed frontends and backends", cmdServices},
