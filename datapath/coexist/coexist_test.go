@@ -22,23 +22,48 @@ import (
 	"github.com/servicepath/servicepath/harness/topology"
 )
 
-// listenEnv makes the test binary a stand-in for another process holding
-// a port: it listens on the address, says so, and exits when stdin closes.
-const listenEnv = "COEXIST_TEST_LISTEN"
+// listenEnv and lockEnv make the test binary a stand-in for another
+// process: it listens on the address, or locks the pin directory, says
+// so, and exits when stdin closes.
+const (
+	listenEnv = "COEXIST_TEST_LISTEN"
+	lockEnv   = "COEXIST_TEST_LOCK"
+)
 
 func TestMain(m *testing.M) {
-	if addr := os.Getenv(listenEnv); addr != "" {
-		ln, err := net.Listen("tcp4", addr)
+	if addr, dir := os.Getenv(listenEnv), os.Getenv(lockEnv); addr != "" || dir != "" {
+		var err error
+		if addr != "" {
+			_, err = net.Listen("tcp4", addr)
+		} else {
+			_, err = Acquire(dir)
+		}
 		if err != nil {
 			fmt.Println(err)
 			os.Exit(1)
 		}
-		fmt.Println("listening")
+		fmt.Println("ready")
 		io.Copy(io.Discard, os.Stdin)
-		ln.Close()
 		os.Exit(0)
 	}
 	os.Exit(m.Run())
+}
+
+// helper starts the test binary as another process with env set, from
+// the calling thread (so in its netns), once it is ready.
+func helper(t *testing.T, env string) *exec.Cmd {
+	t.Helper()
+	child := exec.Command(os.Args[0])
+	child.Env = append(os.Environ(), env)
+	stdin, err := child.StdinPipe()
+	require.NoError(t, err, "helper stdin")
+	out, err := child.StdoutPipe()
+	require.NoError(t, err, "helper stdout")
+	require.NoError(t, child.Start(), "start helper")
+	t.Cleanup(func() { stdin.Close(); child.Wait() })
+	line, _ := bufio.NewReader(out).ReadString('\n')
+	require.Equal(t, "ready\n", line, "helper with %s is ready", env)
+	return child
 }
 
 // newNode is a fresh node netns; every iptables and nft call of a test
@@ -166,28 +191,10 @@ func TestFindListeners(t *testing.T) {
 	testenv.RequireRoot(t)
 	topo := newNode(t)
 	var child *exec.Cmd
-	var stdin io.WriteCloser
 	require.NoError(t, topo.Node.Do(func() error {
-		child = exec.Command(os.Args[0])
-		child.Env = append(os.Environ(), listenEnv+"=0.0.0.0:10256")
-		var err error
-		if stdin, err = child.StdinPipe(); err != nil {
-			return err
-		}
-		out, err := child.StdoutPipe()
-		if err != nil {
-			return err
-		}
-		if err := child.Start(); err != nil {
-			return err
-		}
-		line, _ := bufio.NewReader(out).ReadString('\n')
-		if line != "listening\n" {
-			return fmt.Errorf("helper: %q", line)
-		}
+		child = helper(t, listenEnv+"=0.0.0.0:10256")
 		return nil
 	}), "start a listener on 10256 in the node")
-	t.Cleanup(func() { stdin.Close(); child.Wait() })
 
 	require.NoError(t, topo.Node.Do(func() error {
 		ours, err := net.Listen("tcp", "127.0.0.1:10249")
@@ -225,4 +232,15 @@ func TestLock(t *testing.T) {
 	require.NoError(t, err, "a directory without a holder is free")
 	require.NoError(t, l.Release(), "release again")
 	assert.NoError(t, (*Lock)(nil).Release(), "nil is released")
+
+	// Another process holds it, then dies without releasing it.
+	other := helper(t, lockEnv+"="+dir)
+	_, err = Acquire(dir)
+	require.ErrorAs(t, err, &inUse, "held by another process")
+	assert.Equal(t, other.Process.Pid, inUse.PID, "which is named")
+	require.NoError(t, other.Process.Kill(), "the holder crashes")
+	_, _ = other.Process.Wait()
+	l, err = Acquire(dir)
+	require.NoError(t, err, "the pin directory of a crashed holder is free")
+	require.NoError(t, l.Release(), "release")
 }
