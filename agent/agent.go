@@ -21,6 +21,7 @@ import (
 	discoveryv1 "k8s.io/api/discovery/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/labels"
+	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/kubernetes/scheme"
@@ -47,7 +48,11 @@ type Config struct {
 	// OnRemoved, when set, is given the backends each sync removed from
 	// their frontends (to close the sockets still connected to them).
 	OnRemoved func([]service.Removed) error
-	Logger    *slog.Logger
+	// Pods, when set, has the agent watch its node's Pods: their hostPorts
+	// are programmed, and the pod devices and sp_endpoints kept as
+	// PodNetwork says. Nil: no Pod is watched.
+	Pods   *PodNetwork
+	Logger *slog.Logger
 }
 
 const (
@@ -68,6 +73,7 @@ type Agent struct {
 	factory     informers.SharedInformerFactory
 	services    corelisters.ServiceLister
 	slices      cache.Indexer
+	pods        *pods // nil without Config.Pods
 	broadcaster record.EventBroadcaster
 	recorder    record.EventRecorder
 
@@ -123,6 +129,11 @@ func New(client kubernetes.Interface, m *maps.Maps, cfg Config) (*Agent, error) 
 	}
 	a.services = svcInformer.Lister()
 	a.slices = sliceInformer.GetIndexer()
+	if cfg.Pods != nil {
+		if a.pods, err = newPods(client, cfg.Pods, cfg.NodeName, cfg.SyncPeriod, cfg.Logger, a.changed); err != nil {
+			return nil, err
+		}
+	}
 
 	a.broadcaster = record.NewBroadcaster()
 	a.broadcaster.StartRecordingToSink(&typedcorev1.EventSinkImpl{Interface: client.CoreV1().Events("")})
@@ -159,18 +170,42 @@ func (a *Agent) Healthy() (bool, string) { return a.health.Healthy() }
 // ends. Nothing is removed from the maps before the caches are complete.
 func (a *Agent) Run(ctx context.Context) error {
 	defer a.broadcaster.Shutdown()
-	a.factory.Start(ctx.Done())
-	defer a.factory.Shutdown()
-	for typ, ok := range a.factory.WaitForCacheSync(ctx.Done()) {
-		if !ok {
-			if ctx.Err() != nil {
-				return nil
+	ctx, cancel := context.WithCancel(ctx)
+	var wg sync.WaitGroup
+	factories := []informers.SharedInformerFactory{a.factory}
+	if a.pods != nil {
+		factories = append(factories, a.pods.factory)
+		wg.Go(func() {
+			if err := a.pods.run(ctx); err != nil {
+				a.log.Error("pod devices and endpoints", "err", err)
 			}
-			return fmt.Errorf("cache of %v never synced", typ)
+		})
+	}
+	defer func() {
+		cancel()
+		wg.Wait()
+		for _, f := range factories {
+			f.Shutdown()
+		}
+	}()
+	for _, f := range factories {
+		f.Start(ctx.Done())
+	}
+	for _, f := range factories {
+		for typ, ok := range f.WaitForCacheSync(ctx.Done()) {
+			if !ok {
+				if ctx.Err() != nil {
+					return nil
+				}
+				return fmt.Errorf("cache of %v never synced", typ)
+			}
 		}
 	}
 	a.log.Info("caches synced; first full sync")
 	a.markAll()
+	if a.pods != nil {
+		a.pods.signal()
+	}
 	return a.loop(ctx)
 }
 
@@ -192,6 +227,8 @@ func (a *Agent) changed(obj any) {
 		name = k8s.ServiceName(o)
 	case *discoveryv1.EndpointSlice:
 		name = k8s.SliceOwner(o)
+	case *corev1.Pod:
+		name = k8s.PodName(o)
 	}
 	if name == "" {
 		return
@@ -268,6 +305,15 @@ func (a *Agent) sync() error {
 		for _, svc := range svcs {
 			keys[k8s.ServiceName(svc)] = true
 		}
+		if a.pods != nil {
+			pods, err := a.pods.list()
+			if err != nil {
+				return err
+			}
+			for _, p := range pods {
+				keys[k8s.PodName(p)] = true
+			}
+		}
 		// Owners the API no longer has: stale, removed.
 		for name := range programmed {
 			keys[name] = true
@@ -335,6 +381,9 @@ func (a *Agent) sync() error {
 // desired translates one Service with its slices. ok is false when the
 // translation was refused: the Service's frontends are then left alone.
 func (a *Agent) desired(name string) (services []service.Service, ok bool) {
+	if strings.HasPrefix(name, "pod:") {
+		return a.hostPorts(name)
+	}
 	ns, n, _ := strings.Cut(name, "/")
 	svc, err := a.services.Services(ns).Get(n)
 	if apierrors.IsNotFound(err) {
@@ -355,17 +404,16 @@ func (a *Agent) desired(name string) (services []service.Service, ok bool) {
 		eps = append(eps, o.(*discoveryv1.EndpointSlice))
 	}
 	res, err := k8s.TranslateWith(k8s.Options{NodeName: a.cfg.NodeName}, []*corev1.Service{svc}, eps)
-	a.report(svc, res, err)
+	a.report(svc, name, "InvalidService", res, err)
 	if err != nil {
 		return nil, false
 	}
 	return res.Services, true
 }
 
-// report logs a Service's problems, sends them as Events and counts them,
-// once per change.
-func (a *Agent) report(svc *corev1.Service, res k8s.Result, err error) {
-	name := k8s.ServiceName(svc)
+// report logs the problems of obj (a Service, or a Pod's hostPorts), sends
+// them as Events and counts them, once per change.
+func (a *Agent) report(obj runtime.Object, name, invalid string, res k8s.Result, err error) {
 	msgs := slices.Clone(res.Unsupported)
 	if err != nil {
 		msgs = append(msgs, err.Error())
@@ -376,13 +424,13 @@ func (a *Agent) report(svc *corev1.Service, res k8s.Result, err error) {
 	}
 	a.reported[name] = joined
 	for _, u := range res.Unsupported {
-		a.log.Warn("service port not programmed", "service", name, "reason", u)
-		a.recorder.Event(svc, corev1.EventTypeWarning, "UnsupportedProtocol", u)
+		a.log.Warn("port not programmed", "owner", name, "reason", u)
+		a.recorder.Event(obj, corev1.EventTypeWarning, "UnsupportedProtocol", u)
 		a.Metrics.UnsupportedPorts.Inc()
 	}
 	if err != nil {
-		a.log.Error("service not programmed; its frontends are left as they were", "service", name, "err", err)
-		a.recorder.Event(svc, corev1.EventTypeWarning, "InvalidService", err.Error())
+		a.log.Error("not programmed; its frontends are left as they were", "owner", name, "err", err)
+		a.recorder.Event(obj, corev1.EventTypeWarning, invalid, err.Error())
 		a.Metrics.InvalidServices.Inc()
 	}
 }

@@ -17,6 +17,7 @@ import (
 	"k8s.io/client-go/tools/clientcmd"
 
 	"github.com/servicepath/servicepath/agent"
+	"github.com/servicepath/servicepath/datapath/attach"
 	"github.com/servicepath/servicepath/datapath/ct"
 	"github.com/servicepath/servicepath/datapath/maps"
 	"github.com/servicepath/servicepath/datapath/service"
@@ -32,8 +33,17 @@ func cmdAgent(args []string, o output) error {
 	healthzAddr := fs.String("healthz-bind-address", "0.0.0.0:10256", "address of /healthz (empty: off)")
 	metricsAddr := fs.String("metrics-bind-address", "127.0.0.1:10249", "address of /metrics (empty: off)")
 	gcInterval := fs.Duration("ct-gc-interval", 30*time.Second, "interval between conntrack GC passes when calm, shortened under pressure, per zone (0: off)")
+	podDevices := fs.String("pod-device-pattern", agent.DefaultPodDevices, "host-side pod devices (veths) attached to as they appear, and BPF host routing delivers to: comma-separated globs, none of them a node device (empty: none)")
 	verbose := fs.Bool("v", false, "log every Service programmed")
 	if err := parse(fs, args); err != nil {
+		return err
+	}
+	pattern, err := agent.ParseDevicePattern(*podDevices)
+	if err != nil {
+		return fmt.Errorf("--pod-device-pattern: %w", err)
+	}
+	mode, err := attach.ParseMode(lo.mode)
+	if err != nil {
 		return err
 	}
 	name, err := resolveNodeName(*nodeName)
@@ -65,6 +75,11 @@ func cmdAgent(args []string, o output) error {
 		NodeName: name, MinSyncPeriod: *minSync, SyncPeriod: *syncPeriod, Logger: log,
 		OnRemoved: func(removed []service.Removed) error {
 			return destroyStaleSockets(o, lo.bpffs, dp.Maps, removed)
+		},
+		Pods: &agent.PodNetwork{
+			Devices: pattern, NodeDevices: lo.netdevs,
+			Attacher: &attach.Attacher{LinkDir: linkDir(lo.bpffs), Mode: mode},
+			FromPod:  dp.FromPod, ToPod: dp.ToPod, Endpoints: dp.Endpoints,
 		},
 	})
 	if err != nil {

@@ -37,12 +37,15 @@ func TestAgentFlags(t *testing.T) {
 	code, _, errOut := runCLI("agent", "-h")
 	assert.Zero(t, code, "agent -h exits 0")
 	for _, f := range []string{"-kubeconfig", "-node-name", "-device", "-cgroup", "-bpffs", "-attach-mode",
-		"-min-sync-period", "-sync-period", "-healthz-bind-address", "-metrics-bind-address"} {
+		"-min-sync-period", "-sync-period", "-healthz-bind-address", "-metrics-bind-address", "-pod-device-pattern"} {
 		assert.Contains(t, errOut, f, "agent -h lists %s", f)
 	}
 	code, _, errOut = runCLI("agent", "--kubeconfig", filepath.Join(t.TempDir(), "missing"))
 	assert.Equal(t, 1, code, "a missing kubeconfig fails")
 	assert.Contains(t, errOut, "kubernetes client config", "the message says what is wrong")
+	code, _, errOut = runCLI("agent", "--pod-device-pattern", "veth*,[x")
+	assert.Equal(t, 1, code, "a bad pod device pattern fails")
+	assert.Contains(t, errOut, `--pod-device-pattern: device pattern "[x"`, "the message names the flag and the glob")
 }
 
 func freePort(t *testing.T) int {
@@ -77,7 +80,8 @@ func TestAgentCommand(t *testing.T) {
 	done := make(chan int, 1)
 	go func() {
 		code, out, errOut := runCLI("agent", "--kubeconfig", srv.Kubeconfig, "--node-name", "node-1", "--bpffs", pin,
-			"--min-sync-period", "50ms", "--healthz-bind-address", healthz, "--metrics-bind-address", metrics)
+			"--min-sync-period", "50ms", "--healthz-bind-address", healthz, "--metrics-bind-address", metrics,
+			"--pod-device-pattern", "") // this is the machine's own netns: no pod devices of ours
 		t.Logf("agent output:\n%s%s", out, errOut)
 		done <- code
 	}()

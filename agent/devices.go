@@ -1,0 +1,259 @@
+package agent
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"path"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netlink/nl"
+	"golang.org/x/sys/unix"
+
+	"github.com/servicepath/servicepath/datapath/attach"
+)
+
+// DefaultPodDevices names the host-side veths of common CNIs: the
+// reference ptp and bridge plugins (veth<hex>, also under kindnet and
+// flannel), Calico (cali*), Cilium (lxc*), the AWS VPC CNI (eni*) and GKE
+// (gke*). Only veths are taken, so bridges such as cni0 never match.
+const DefaultPodDevices = "veth*,cali*,lxc*,eni*,gke*"
+
+// DevicePattern selects devices by name: comma-separated globs (path.Match
+// syntax), any of which may match. Globs, not regexps: they are what
+// device names are written with elsewhere (iptables' veth+, Cilium's
+// --devices), and a prefix is all a CNI's naming needs.
+type DevicePattern []string
+
+// ParseDevicePattern reads "veth*,cali*"; empty selects nothing.
+func ParseDevicePattern(s string) (DevicePattern, error) {
+	var p DevicePattern
+	for _, g := range strings.Split(s, ",") {
+		g = strings.TrimSpace(g)
+		if g == "" {
+			continue
+		}
+		if _, err := path.Match(g, ""); err != nil {
+			return nil, fmt.Errorf("device pattern %q: %w", g, err)
+		}
+		p = append(p, g)
+	}
+	return p, nil
+}
+
+// Match says whether name is selected.
+func (p DevicePattern) Match(name string) bool {
+	for _, g := range p {
+		if ok, _ := path.Match(g, name); ok {
+			return true
+		}
+	}
+	return false
+}
+
+// podDevices keeps FromPod and ToPod on every pod device of the netns it
+// runs in: a veth whose name matches the pattern and is no node device.
+// It is used from one goroutine, on a thread in that netns.
+type podDevices struct {
+	cfg *PodNetwork
+	log *slog.Logger
+	// attached maps the ifindex of each device carrying the programs to
+	// its name, which the pins are named by.
+	attached map[int]string
+}
+
+var podHooks = []attach.Direction{attach.Ingress, attach.Egress}
+
+func (d *podDevices) prog(dir attach.Direction) *ebpf.Program {
+	if dir == attach.Egress {
+		return d.cfg.ToPod
+	}
+	return d.cfg.FromPod
+}
+
+func (d *podDevices) selects(name string) bool {
+	return d.cfg.Devices.Match(name) && !slices.Contains(d.cfg.NodeDevices, name)
+}
+
+func (d *podDevices) isPodDevice(l netlink.Link) bool {
+	return l.Type() == "veth" && d.selects(l.Attrs().Name)
+}
+
+// subscribe subscribes to link updates and only then lists the links, so
+// that no device appearing or going in between is missed, and brings the
+// programs in line with the list: on every pod device, off every device
+// that went while nobody listened (pins a previous agent left included).
+func (d *podDevices) subscribe(done <-chan struct{}) (<-chan netlink.LinkUpdate, error) {
+	ch := make(chan netlink.LinkUpdate, 256)
+	err := netlink.LinkSubscribeWithOptions(ch, done, netlink.LinkSubscribeOptions{
+		ErrorCallback: func(err error) {
+			select {
+			case <-done: // the socket was closed on purpose
+			default:
+				d.log.Warn("link updates", "err", err)
+			}
+		},
+	})
+	if err != nil {
+		return nil, fmt.Errorf("subscribe to link updates: %w", err)
+	}
+	links, err := listLinks()
+	if err != nil {
+		return nil, err
+	}
+	present := map[int]bool{}
+	names := map[string]bool{}
+	for _, l := range links {
+		present[l.Attrs().Index] = true
+		names[l.Attrs().Name] = true
+		d.add(l)
+	}
+	for idx := range d.attached {
+		if !present[idx] {
+			d.remove(idx)
+		}
+	}
+	d.removeStalePins(names)
+	return ch, nil
+}
+
+// listLinks lists the links, again when the dump was interrupted by a
+// change (the kernel then returns a partial list).
+func listLinks() ([]netlink.Link, error) {
+	for range 10 {
+		links, err := netlink.LinkList()
+		if !errors.Is(err, netlink.ErrDumpInterrupted) {
+			if err != nil {
+				return nil, fmt.Errorf("list links: %w", err)
+			}
+			return links, nil
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	return nil, fmt.Errorf("list links: %w", netlink.ErrDumpInterrupted)
+}
+
+// removeStalePins detaches the pinned links of selected devices that no
+// longer exist: a device that went while no agent ran.
+func (d *podDevices) removeStalePins(present map[string]bool) {
+	entries, err := os.ReadDir(d.cfg.Attacher.LinkDir)
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		d.log.Warn("read pinned links", "dir", d.cfg.Attacher.LinkDir, "err", err)
+	}
+	for _, e := range entries {
+		for _, dir := range podHooks {
+			dev, ok := strings.CutSuffix(e.Name(), "-"+string(dir))
+			if !ok || present[dev] || !d.selects(dev) {
+				continue
+			}
+			if err := d.cfg.Attacher.Detach(dev, dir); err != nil {
+				d.log.Warn("remove the pin of a pod device that is gone", "device", dev, "err", err)
+			}
+		}
+	}
+}
+
+// update applies one link update and says whether a pod device came,
+// changed or went (the endpoints then need another look).
+func (d *podDevices) update(u netlink.LinkUpdate) bool {
+	idx := u.Link.Attrs().Index
+	switch u.Header.Type {
+	case unix.RTM_NEWLINK:
+		return d.add(u.Link)
+	case unix.RTM_DELLINK:
+		if _, ok := d.attached[idx]; ok {
+			d.remove(idx)
+			return true
+		}
+	}
+	return false
+}
+
+// add attaches to l if it is a pod device without the programs yet; true
+// when l is (or was, before a rename) a pod device.
+func (d *podDevices) add(l netlink.Link) bool {
+	idx, name := l.Attrs().Index, l.Attrs().Name
+	was := false
+	if old, ok := d.attached[idx]; ok {
+		if old == name {
+			return true
+		}
+		d.remove(idx) // renamed: the pins carry the old name
+		was = true
+	}
+	if !d.isPodDevice(l) {
+		return was
+	}
+	modes := make([]string, 0, len(podHooks))
+	for _, dir := range podHooks {
+		used, err := d.cfg.Attacher.Attach(d.prog(dir), name, dir)
+		if err != nil {
+			// Retried on the device's next update (it may be going).
+			d.log.Warn("attach to pod device", "device", name, "err", errors.Join(err, d.detach(name)))
+			return true
+		}
+		modes = append(modes, fmt.Sprintf("%s %s", dir, used))
+	}
+	d.attached[idx] = name
+	d.log.Info("attached to pod device", "device", name, "hooks", strings.Join(modes, ", "))
+	return true
+}
+
+func (d *podDevices) detach(name string) error {
+	var errs []error
+	for _, dir := range podHooks {
+		errs = append(errs, d.cfg.Attacher.Detach(name, dir))
+	}
+	return errors.Join(errs...)
+}
+
+func (d *podDevices) remove(idx int) {
+	name := d.attached[idx]
+	delete(d.attached, idx)
+	if err := d.detach(name); err != nil {
+		d.log.Warn("detach from pod device", "device", name, "err", err)
+		return
+	}
+	d.log.Info("detached from pod device", "device", name)
+}
+
+// peerMAC is the MAC of the other end of the veth l, the pod's own device.
+// That end lives in the pod's netns, which l names by its netns id
+// (IFLA_LINK_NETNSID); the kernel answers for it given that id as
+// IFLA_TARGET_NETNSID (4.20+), which vishvananda/netlink has no call for.
+func peerMAC(l netlink.Link) (net.HardwareAddr, error) {
+	a := l.Attrs()
+	if a.ParentIndex == 0 {
+		return nil, fmt.Errorf("veth %s: peer unknown", a.Name)
+	}
+	if a.NetNsID < 0 { // the peer is in this netns
+		p, err := netlink.LinkByIndex(a.ParentIndex)
+		if err != nil {
+			return nil, fmt.Errorf("peer of %s: %w", a.Name, err)
+		}
+		return p.Attrs().HardwareAddr, nil
+	}
+	req := nl.NewNetlinkRequest(unix.RTM_GETLINK, unix.NLM_F_ACK)
+	msg := nl.NewIfInfomsg(unix.AF_UNSPEC)
+	msg.Index = int32(a.ParentIndex)
+	req.AddData(msg)
+	req.AddData(nl.NewRtAttr(unix.IFLA_TARGET_NETNSID, nl.Uint32Attr(uint32(a.NetNsID))))
+	msgs, err := req.Execute(unix.NETLINK_ROUTE, unix.RTM_NEWLINK)
+	if err != nil {
+		return nil, fmt.Errorf("peer of %s in netns id %d: %w", a.Name, a.NetNsID, err)
+	}
+	if len(msgs) == 0 {
+		return nil, fmt.Errorf("peer of %s in netns id %d: no answer", a.Name, a.NetNsID)
+	}
+	p, err := netlink.LinkDeserialize(nil, msgs[0])
+	if err != nil {
+		return nil, fmt.Errorf("peer of %s: %w", a.Name, err)
+	}
+	return p.Attrs().HardwareAddr, nil
+}
