@@ -257,3 +257,45 @@ func peerMAC(l netlink.Link) (net.HardwareAddr, error) {
 	}
 	return p.Attrs().HardwareAddr, nil
 }
+
+// AutoNodeDevices is the --node-device value that asks for DetectNodeDevices.
+const AutoNodeDevices = "auto"
+
+// DetectNodeDevices names the devices of this netns that hold a default
+// route (any family, every nexthop of a multipath one): the node's ways
+// out, where NodePort and the other north-south traffic arrive.
+func DetectNodeDevices() ([]string, error) {
+	routes, err := netlink.RouteListFiltered(netlink.FAMILY_ALL, &netlink.Route{Table: unix.RT_TABLE_MAIN}, netlink.RT_FILTER_TABLE)
+	if err != nil {
+		return nil, fmt.Errorf("list routes: %w", err)
+	}
+	var idxs []int
+	for _, r := range routes {
+		if r.Dst != nil {
+			if ones, _ := r.Dst.Mask.Size(); ones != 0 {
+				continue // not a default route
+			}
+		}
+		if r.LinkIndex > 0 {
+			idxs = append(idxs, r.LinkIndex)
+		}
+		for _, nh := range r.MultiPath {
+			idxs = append(idxs, nh.LinkIndex)
+		}
+	}
+	var names []string
+	for _, idx := range idxs {
+		l, err := netlink.LinkByIndex(idx)
+		if err != nil {
+			return nil, fmt.Errorf("device of a default route: %w", err)
+		}
+		if n := l.Attrs().Name; !slices.Contains(names, n) {
+			names = append(names, n)
+		}
+	}
+	if len(names) == 0 {
+		return nil, errors.New("no default route to find the node devices by: name them")
+	}
+	slices.Sort(names)
+	return names, nil
+}

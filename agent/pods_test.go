@@ -37,30 +37,6 @@ import (
 
 const testNode = "node-a"
 
-func TestParseDevicePattern(t *testing.T) {
-	p, err := ParseDevicePattern(DefaultPodDevices)
-	require.NoError(t, err, "the default pattern parses")
-	for name, want := range map[string]bool{
-		"veth1a2b3c4d": true, "cali12345": true, "lxc0f": true, "eni9": true, "gke3": true,
-		"eth0": false, "cni0": false, "wire0": false, "": false,
-	} {
-		assert.Equal(t, want, p.Match(name), "default pattern on %q", name)
-	}
-	p, err = ParseDevicePattern(" h[0-9]*, tap? ,")
-	require.NoError(t, err, "globs with spaces and an empty item")
-	assert.Equal(t, DevicePattern{"h[0-9]*", "tap?"}, p, "parsed globs")
-	assert.True(t, p.Match("h0-web"), "h[0-9]* matches h0-web")
-	assert.False(t, p.Match("tap10"), "tap? matches one character")
-
-	p, err = ParseDevicePattern("")
-	require.NoError(t, err, "empty pattern")
-	assert.False(t, p.Match("veth0"), "the empty pattern selects nothing")
-
-	_, err = ParseDevicePattern("veth*,[x")
-	require.Error(t, err, "a bad glob is refused")
-	assert.Contains(t, err.Error(), `"[x"`, "the error names the bad glob")
-}
-
 func TestPodIPs(t *testing.T) {
 	for _, c := range []struct {
 		name string

@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
 	"time"
 
@@ -65,6 +66,12 @@ func cmdAgent(args []string, o output) error {
 	}
 	log := slog.New(slog.NewTextHandler(o.errOut, &slog.HandlerOptions{Level: level}))
 
+	if len(lo.netdevs) == 1 && lo.netdevs[0] == agent.AutoNodeDevices {
+		if lo.netdevs, err = agent.DetectNodeDevices(); err != nil {
+			return fmt.Errorf("--node-device %s: %w", agent.AutoNodeDevices, err)
+		}
+		fmt.Fprintf(o.out, "node devices (holding a default route): %s\n", strings.Join(lo.netdevs, ","))
+	}
 	dp, lock, err := loadDatapath(lo, o)
 	if err != nil {
 		return err
