@@ -1,8 +1,8 @@
 // Package agent is servicepath as a kube-proxy replacement: it watches
 // Services and EndpointSlices through shared informers and keeps the
 // datapath's maps equal to what k8s.TranslateWith makes of them, in
-// coalesced, rate-limited syncs, with kube-proxy's /healthz and
-// Prometheus metrics.
+// coalesced, rate-limited syncs, with liveness, readiness, kube-proxy's
+// /healthz and Prometheus metrics.
 package agent
 
 import (
@@ -45,6 +45,10 @@ type Config struct {
 	// SyncPeriod is how often everything is compared with the maps, which
 	// undoes changes made behind the agent's back (kube-proxy: 30s).
 	SyncPeriod time.Duration
+	// HealthzTimeout is how long a change may stay unsynced before
+	// /healthz fails, and a sync run before /livez does (kube-proxy: two
+	// SyncPeriods).
+	HealthzTimeout time.Duration
 	// OnRemoved, when set, is given the backends each sync removed from
 	// their frontends (to close the sockets still connected to them).
 	OnRemoved func([]service.Removed) error
@@ -92,6 +96,7 @@ type Agent struct {
 func New(client kubernetes.Interface, m *maps.Maps, cfg Config) (*Agent, error) {
 	cfg.MinSyncPeriod = cmpOr(cfg.MinSyncPeriod, defaultMinSyncPeriod)
 	cfg.SyncPeriod = cmpOr(cfg.SyncPeriod, defaultSyncPeriod)
+	cfg.HealthzTimeout = cmpOr(cfg.HealthzTimeout, 2*cfg.SyncPeriod)
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
@@ -108,6 +113,10 @@ func New(client kubernetes.Interface, m *maps.Maps, cfg Config) (*Agent, error) 
 	}
 	// No informer resync: the agent's own full sync compares with the maps.
 	a.factory = informers.NewSharedInformerFactory(client, 0)
+	a.health = health{timeout: cfg.HealthzTimeout, probe: func() error { return probeMaps(m) }}
+	if cfg.NodeName != "" {
+		a.health.node = nodeLister(a.factory, cfg.NodeName)
+	}
 	svcInformer := a.factory.Core().V1().Services()
 	sliceInformer := a.factory.Discovery().V1().EndpointSlices().Informer()
 	if err := sliceInformer.AddIndexers(cache.Indexers{byServiceIndex: sliceOwnerIndex}); err != nil {
@@ -159,17 +168,19 @@ func sliceOwnerIndex(obj any) ([]string, error) {
 	return nil, nil
 }
 
-// Healthz serves kube-proxy's /healthz: 200 once the first full sync is
-// done and while syncs succeed, 503 otherwise.
-func (a *Agent) Healthz() http.Handler { return &a.health }
+// HealthHandler serves /livez, /readyz and kube-proxy's /healthz (see
+// health).
+func (a *Agent) HealthHandler() http.Handler { return a.health.handler() }
 
-// Healthy is what Healthz serves, and why when unhealthy.
-func (a *Agent) Healthy() (bool, string) { return a.health.Healthy() }
+// Ready is what /readyz serves: the first full sync done and the last sync
+// successful, and why not when not.
+func (a *Agent) Ready() (bool, string) { return a.health.Ready() }
 
 // Run starts the informers, waits for their caches, then syncs until ctx
 // ends. Nothing is removed from the maps before the caches are complete.
 func (a *Agent) Run(ctx context.Context) error {
 	defer a.broadcaster.Shutdown()
+	a.health.started()
 	ctx, cancel := context.WithCancel(ctx)
 	var wg sync.WaitGroup
 	factories := []informers.SharedInformerFactory{a.factory}
@@ -235,6 +246,7 @@ func (a *Agent) changed(obj any) {
 	}
 	a.mu.Lock()
 	a.dirty[name] = true
+	a.health.changed()
 	a.mu.Unlock()
 	a.signal()
 }
@@ -242,6 +254,7 @@ func (a *Agent) changed(obj any) {
 func (a *Agent) markAll() {
 	a.mu.Lock()
 	a.full = true
+	a.health.kick()
 	a.mu.Unlock()
 	a.signal()
 }
@@ -291,6 +304,7 @@ func (a *Agent) sync() error {
 	a.mu.Lock()
 	keys, full := a.dirty, a.full
 	a.dirty, a.full = map[string]bool{}, false
+	a.health.syncing()
 	a.mu.Unlock()
 
 	programmed := map[string][]service.Programmed{}
@@ -368,7 +382,7 @@ func (a *Agent) sync() error {
 	if err != nil {
 		a.Metrics.SyncErrors.Inc()
 		if full {
-			// The first full sync is what /healthz waits for: retry it whole.
+			// The first full sync is what /readyz waits for: retry it whole.
 			a.mu.Lock()
 			a.full = true
 			a.mu.Unlock()

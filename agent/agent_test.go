@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"slices"
 	"testing"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus/testutil"
 	"github.com/stretchr/testify/assert"
@@ -40,7 +41,9 @@ func TestServiceCreateUpdateDelete(t *testing.T) {
 		ip + ":80/TCP": {"10.1.0.1:8080", "10.1.0.2:8080"},
 	})
 	a.waitHealthy(t)
-	assert.Equal(t, http.StatusOK, a.healthzStatus(), "/healthz after the first full sync")
+	for _, path := range []string{"/livez", "/readyz", "/healthz"} {
+		assert.Equal(t, http.StatusOK, a.status(path), "%s after the first full sync", path)
+	}
 
 	// A second port, matched to the slice's port by name.
 	svc.Spec.Ports = append(svc.Spec.Ports, svcPort("dns", corev1.ProtocolUDP, 53))
@@ -260,7 +263,10 @@ func TestBurstCoalesced(t *testing.T) {
 	assert.Zero(t, testutil.ToFloat64(a.Metrics.SyncErrors), "no sync failed")
 }
 
-func TestFailedSyncRetriedAndHealthz(t *testing.T) {
+// TestFailedSyncRetriedAndHealth: a sync that keeps failing makes the agent
+// unready, and unhealthy for load balancers once its change has waited
+// longer than the timeout, but never dead: restarting would not help.
+func TestFailedSyncRetriedAndHealth(t *testing.T) {
 	k := newKube(t)
 	cfg := loader.DefaultConfig()
 	cfg.BackendMapSize = 8
@@ -278,8 +284,8 @@ func TestFailedSyncRetriedAndHealthz(t *testing.T) {
 	}
 	es := k.createSlice(t, endpointSlice("full-1", "full", v4, ports, eps(4)...))
 
-	a := startAgent(t, k.client, dp.Maps, Config{})
-	assert.Equal(t, http.StatusServiceUnavailable, a.healthzStatus(), "/healthz before the first full sync")
+	a := startAgent(t, k.client, dp.Maps, Config{HealthzTimeout: time.Second})
+	assert.Equal(t, http.StatusServiceUnavailable, a.status("/readyz"), "/readyz before the first full sync")
 	waitProgrammed(t, dp.Maps, k.name("full"), map[string][]string{fe: {"10.7.0.1:8080", "10.7.0.2:8080", "10.7.0.3:8080", "10.7.0.4:8080"}})
 	a.waitHealthy(t)
 	before := rawMaps(t, dp.Maps)
@@ -287,14 +293,20 @@ func TestFailedSyncRetriedAndHealthz(t *testing.T) {
 	// Twelve backends do not fit a map of eight: refused whole, retried.
 	es.Endpoints = eps(12)
 	es = k.updateSlice(t, es)
-	waitFor(t, "/healthz failing after a failed sync", func() (bool, string) {
-		code := a.healthzStatus()
-		return code == http.StatusServiceUnavailable, fmt.Sprint(code)
+	waitFor(t, "/readyz failing after a failed sync", func() (bool, string) {
+		code, body := a.probe("/readyz")
+		return code == http.StatusServiceUnavailable, fmt.Sprint(code, body)
 	})
 	waitFor(t, "the sync retried", func() (bool, string) {
 		n := testutil.ToFloat64(a.Metrics.SyncErrors)
 		return n >= 2, fmt.Sprintf("%v sync errors", n)
 	})
+	waitFor(t, "/healthz failing once the change waited longer than the timeout", func() (bool, string) {
+		code, body := a.probe("/healthz")
+		return code == http.StatusServiceUnavailable, fmt.Sprint(code, body)
+	})
+	code, body := a.probe("/livez")
+	assert.Equal(t, http.StatusOK, code, "/livez while syncs fail and are retried: %s", body)
 	assert.Equal(t, before, rawMaps(t, dp.Maps), "a refused Service leaves the maps exactly as they were")
 
 	// Six fit: programmed, healthy again.
@@ -303,7 +315,9 @@ func TestFailedSyncRetriedAndHealthz(t *testing.T) {
 	waitProgrammed(t, dp.Maps, k.name("full"), map[string][]string{fe: {"10.7.0.1:8080", "10.7.0.2:8080",
 		"10.7.0.3:8080", "10.7.0.4:8080", "10.7.0.5:8080", "10.7.0.6:8080"}})
 	a.waitHealthy(t)
-	assert.Equal(t, http.StatusOK, a.healthzStatus(), "/healthz after the retry succeeded")
+	for _, path := range []string{"/livez", "/readyz", "/healthz"} {
+		assert.Equal(t, http.StatusOK, a.status(path), "%s after the retry succeeded", path)
+	}
 }
 
 func TestAPIServerRestart(t *testing.T) {
@@ -325,8 +339,8 @@ func TestAPIServerRestart(t *testing.T) {
 	k.createSlice(t, endpointSlice("after-1", "after", v4, ports, readyEP("10.8.0.2")))
 	waitProgrammed(t, dp.Maps, k.name("after"), map[string][]string{ip2 + ":80/TCP": {"10.8.0.2:8080"}})
 	waitProgrammed(t, dp.Maps, k.name("before"), map[string][]string{ip + ":80/TCP": {"10.8.0.1:8080"}})
-	ok, why := a.Healthy()
-	assert.True(t, ok, "agent healthy across the API server restart: %s", why)
+	ok, why := a.Ready()
+	assert.True(t, ok, "agent ready across the API server restart: %s", why)
 }
 
 func TestSameServices(t *testing.T) {

@@ -122,7 +122,12 @@ func checkDaemonSet(t *testing.T, ds *appsv1.DaemonSet) {
 	assert.True(t, spec.HostNetwork, "the agent runs in the node's network namespace")
 	assert.Equal(t, "servicepath", spec.ServiceAccountName, "the DaemonSet runs as the bound ServiceAccount")
 	require.Len(t, spec.Containers, 1, "one container")
-	sc := spec.Containers[0].SecurityContext
+	c := spec.Containers[0]
+	require.NotNil(t, c.LivenessProbe, "a liveness probe")
+	require.NotNil(t, c.ReadinessProbe, "a readiness probe")
+	assert.Equal(t, "/livez", c.LivenessProbe.HTTPGet.Path, "liveness on /livez: a failing sync is no reason to restart")
+	assert.Equal(t, "/readyz", c.ReadinessProbe.HTTPGet.Path, "readiness on /readyz")
+	sc := c.SecurityContext
 	require.NotNil(t, sc, "a security context")
 	assert.False(t, sc.Privileged != nil && *sc.Privileged, "not privileged")
 	assert.Equal(t, []corev1.Capability{"ALL"}, sc.Capabilities.Drop, "every capability dropped first")

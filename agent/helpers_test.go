@@ -222,18 +222,25 @@ func (w testWriter) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
+// waitHealthy waits for readiness: the first full sync done, the last OK.
 func (r *running) waitHealthy(t *testing.T) {
 	t.Helper()
-	waitFor(t, "agent healthy", func() (bool, string) {
-		ok, why := r.Healthy()
+	waitFor(t, "agent ready", func() (bool, string) {
+		ok, why := r.Ready()
 		return ok, why
 	})
 }
 
-func (r *running) healthzStatus() int {
+// probe is what the healthz address answers on path.
+func (r *running) probe(path string) (int, string) {
 	rec := httptest.NewRecorder()
-	r.Healthz().ServeHTTP(rec, httptest.NewRequest(http.MethodGet, "/healthz", nil))
-	return rec.Code
+	r.HealthHandler().ServeHTTP(rec, httptest.NewRequest(http.MethodGet, path, nil))
+	return rec.Code, rec.Body.String()
+}
+
+func (r *running) status(path string) int {
+	code, _ := r.probe(path)
+	return code
 }
 
 // frontendView is one frontend as the maps hold it.

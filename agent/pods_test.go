@@ -190,8 +190,8 @@ func TestHostPortsFromPods(t *testing.T) {
 	})
 	c.delete(t, "db")
 	waitProgrammed(t, dp.Maps, "pod:default/db", map[string][]string{})
-	ok, why := a.Healthy()
-	assert.True(t, ok, "healthy throughout: %s", why)
+	ok, why := a.Ready()
+	assert.True(t, ok, "ready throughout: %s", why)
 }
 
 // hooks lists the programs at dev's tcx ingress and egress, in its netns.

@@ -122,7 +122,7 @@ func run(bin, manifest string, n int) error {
 	if err := waitHealthy(hc, agentDone, logPath); err != nil {
 		return err
 	}
-	fmt.Println("  /healthz: 200 (first full sync done)")
+	fmt.Println("  /readyz: 200 (first full sync done)")
 	if err := bed.SP("services", "--bpffs", bpffs); err != nil {
 		return err
 	}
@@ -155,7 +155,7 @@ func run(bin, manifest string, n int) error {
 func waitHealthy(hc *http.Client, agentDone <-chan error, logPath string) error {
 	deadline := time.Now().Add(60 * time.Second)
 	for time.Now().Before(deadline) {
-		if resp, err := hc.Get("http://127.0.0.1:10256/healthz"); err == nil {
+		if resp, err := hc.Get("http://127.0.0.1:10256/readyz"); err == nil {
 			resp.Body.Close()
 			if resp.StatusCode == http.StatusOK {
 				return nil

@@ -31,7 +31,7 @@ func cmdAgent(args []string, o output) error {
 	nodeName := fs.String("node-name", "", "this node's name, for internalTrafficPolicy Local (default: $NODE_NAME, else the hostname)")
 	minSync := fs.Duration("min-sync-period", time.Second, "least time between syncs; changes meanwhile are coalesced")
 	syncPeriod := fs.Duration("sync-period", 30*time.Second, "interval of the full comparison of the API with the maps")
-	healthzAddr := fs.String("healthz-bind-address", "0.0.0.0:10256", "address of /healthz (empty: off)")
+	healthzAddr := fs.String("healthz-bind-address", "0.0.0.0:10256", "address of /livez (liveness), /readyz (readiness) and kube-proxy's /healthz (empty: off)")
 	metricsAddr := fs.String("metrics-bind-address", "127.0.0.1:10249", "address of /metrics (empty: off)")
 	gcInterval := fs.Duration("ct-gc-interval", 30*time.Second, "interval between conntrack GC passes when calm, shortened under pressure, per zone (0: off)")
 	podDevices := fs.String("pod-device-pattern", agent.DefaultPodDevices, "host-side pod devices (veths) attached to as they appear, and BPF host routing delivers to: comma-separated globs, none of them a node device (empty: none)")
@@ -96,7 +96,7 @@ func cmdAgent(args []string, o output) error {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	errc := make(chan error, 3)
-	serve := func(addr, path string, h http.Handler) error {
+	serve := func(addr, what string, h http.Handler) error {
 		if addr == "" {
 			return nil
 		}
@@ -104,22 +104,22 @@ func cmdAgent(args []string, o output) error {
 		if err != nil {
 			return err
 		}
-		mux := http.NewServeMux()
-		mux.Handle(path, h)
-		srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+		srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second}
 		go func() { <-ctx.Done(); srv.Close() }()
 		go func() {
 			if err := srv.Serve(ln); !errors.Is(err, http.ErrServerClosed) {
-				errc <- fmt.Errorf("serve %s: %w", path, err)
+				errc <- fmt.Errorf("serve %s: %w", what, err)
 			}
 		}()
-		log.Info("serving", "path", path, "address", ln.Addr().String())
+		log.Info("serving", "what", what, "address", ln.Addr().String())
 		return nil
 	}
-	if err := serve(*healthzAddr, "/healthz", a.Healthz()); err != nil {
+	if err := serve(*healthzAddr, "/livez /readyz /healthz", a.HealthHandler()); err != nil {
 		return err
 	}
-	if err := serve(*metricsAddr, "/metrics", promhttp.HandlerFor(a.Metrics.Registry, promhttp.HandlerOpts{})); err != nil {
+	metricsMux := http.NewServeMux()
+	metricsMux.Handle("/metrics", promhttp.HandlerFor(a.Metrics.Registry, promhttp.HandlerOpts{}))
+	if err := serve(*metricsAddr, "/metrics", metricsMux); err != nil {
 		return err
 	}
 	if *gcInterval > 0 {

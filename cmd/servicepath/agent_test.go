@@ -66,8 +66,9 @@ func httpGet(url string) (int, string, error) {
 }
 
 // TestAgentCommand runs `servicepath agent` against the test API server:
-// it loads the datapath like `load`, serves /healthz and /metrics, programs
-// a Service created through the API, and stops cleanly on SIGINT.
+// it loads the datapath like `load`, serves /livez, /readyz, /healthz and
+// /metrics, programs a Service created through the API, and stops cleanly
+// on SIGINT.
 func TestAgentCommand(t *testing.T) {
 	testenv.RequireRoot(t)
 	srv := kubeapi.Shared(t)
@@ -76,10 +77,16 @@ func TestAgentCommand(t *testing.T) {
 	pin := filepath.Join(testenv.BPFFS(t), "servicepath")
 	healthz := fmt.Sprintf("127.0.0.1:%d", freePort(t))
 	metrics := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	ctx := context.Background()
+	// kube-proxy's /healthz is 200 only on a node that exists.
+	node := fmt.Sprintf("cli-node-%d", time.Now().UnixNano())
+	_, err = client.CoreV1().Nodes().Create(ctx, &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: node}}, metav1.CreateOptions{})
+	require.NoError(t, err, "create Node %s", node)
+	t.Cleanup(func() { client.CoreV1().Nodes().Delete(ctx, node, metav1.DeleteOptions{}) })
 
 	done := make(chan int, 1)
 	go func() {
-		code, out, errOut := runCLI("agent", "--kubeconfig", srv.Kubeconfig, "--node-name", "node-1", "--bpffs", pin,
+		code, out, errOut := runCLI("agent", "--kubeconfig", srv.Kubeconfig, "--node-name", node, "--bpffs", pin,
 			"--min-sync-period", "50ms", "--healthz-bind-address", healthz, "--metrics-bind-address", metrics,
 			"--pod-device-pattern", "") // this is the machine's own netns: no pod devices of ours
 		t.Logf("agent output:\n%s%s", out, errOut)
@@ -87,17 +94,23 @@ func TestAgentCommand(t *testing.T) {
 	}()
 	deadline := time.Now().Add(45 * time.Second)
 	for {
-		code, body, err := httpGet("http://" + healthz + "/healthz")
+		code, body, err := httpGet("http://" + healthz + "/readyz")
 		if err == nil && code == http.StatusOK {
-			assert.Contains(t, body, "lastUpdated", "kube-proxy's /healthz body")
 			break
 		}
-		require.True(t, time.Now().Before(deadline), "agent healthy in time: %d %s %v", code, body, err)
+		require.True(t, time.Now().Before(deadline), "agent ready in time: %d %s %v", code, body, err)
 		time.Sleep(50 * time.Millisecond)
 	}
+	code, body, err := httpGet("http://" + healthz + "/livez")
+	require.NoError(t, err, "GET /livez")
+	assert.Equal(t, http.StatusOK, code, "/livez: %s", body)
+	code, body, err = httpGet("http://" + healthz + "/healthz")
+	require.NoError(t, err, "GET /healthz")
+	assert.Equal(t, http.StatusOK, code, "/healthz: %s", body)
+	assert.Contains(t, body, `"lastUpdated"`, "kube-proxy's /healthz body")
+	assert.Contains(t, body, `"nodeEligible":true`, "/healthz: the Node exists")
 
 	ns := fmt.Sprintf("cli-%d", time.Now().UnixNano())
-	ctx := context.Background()
 	_, err = client.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{})
 	require.NoError(t, err, "namespace")
 	_, err = client.CoreV1().Services(ns).Create(ctx, &corev1.Service{
@@ -135,7 +148,7 @@ func TestAgentCommand(t *testing.T) {
 	assert.Equal(t, "10.96.250.1:80", web.Frontend, "the Service's frontend")
 	assert.Equal(t, "10.10.0.1:8080", web.Backends[0].Address, "its backend")
 
-	code, body, err := httpGet("http://" + metrics + "/metrics")
+	code, body, err = httpGet("http://" + metrics + "/metrics")
 	require.NoError(t, err, "scrape /metrics")
 	assert.Equal(t, http.StatusOK, code, "/metrics answers")
 	for _, m := range []string{"servicepath_sync_duration_seconds_bucket", "servicepath_services_programmed",
