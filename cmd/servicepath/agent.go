@@ -15,7 +15,6 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"k8s.io/client-go/kubernetes"
-	"k8s.io/client-go/tools/clientcmd"
 
 	"github.com/servicepath/servicepath/agent"
 	"github.com/servicepath/servicepath/datapath/attach"
@@ -28,6 +27,8 @@ func cmdAgent(args []string, o output) error {
 	fs := newFlags("agent", o)
 	lo := addLoadFlags(fs)
 	kubeconfig := fs.String("kubeconfig", "", "kubeconfig file (default: the in-cluster config of the pod)")
+	apiServer := fs.String("k8s-api-server", "", "API server as host:port or https://host[:port], in place of the in-cluster `kubernetes` "+
+		"Service that nothing translates before the agent runs, or of the kubeconfig's server (default: $"+envAPIServer+")")
 	nodeName := fs.String("node-name", "", "this node's name, for internalTrafficPolicy Local (default: $NODE_NAME, else the hostname)")
 	minSync := fs.Duration("min-sync-period", time.Second, "least time between syncs; changes meanwhile are coalesced")
 	syncPeriod := fs.Duration("sync-period", 30*time.Second, "interval of the full comparison of the API with the maps")
@@ -51,9 +52,9 @@ func cmdAgent(args []string, o output) error {
 	if err != nil {
 		return err
 	}
-	restCfg, err := clientcmd.BuildConfigFromFlags("", *kubeconfig)
+	restCfg, err := kubeClientConfig(*kubeconfig, apiServerFlag(*apiServer))
 	if err != nil {
-		return fmt.Errorf("kubernetes client config: %w", err)
+		return err
 	}
 	restCfg.UserAgent = "servicepath-agent/" + name
 	client, err := kubernetes.NewForConfig(restCfg)

@@ -36,7 +36,7 @@ func TestMain(m *testing.M) {
 func TestAgentFlags(t *testing.T) {
 	code, _, errOut := runCLI("agent", "-h")
 	assert.Zero(t, code, "agent -h exits 0")
-	for _, f := range []string{"-kubeconfig", "-node-name", "-device", "-cgroup", "-bpffs", "-attach-mode",
+	for _, f := range []string{"-kubeconfig", "-k8s-api-server", "-node-name", "-device", "-cgroup", "-bpffs", "-attach-mode",
 		"-min-sync-period", "-sync-period", "-healthz-bind-address", "-metrics-bind-address", "-pod-device-pattern"} {
 		assert.Contains(t, errOut, f, "agent -h lists %s", f)
 	}
