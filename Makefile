@@ -6,11 +6,13 @@ BIN       := bin
 # Debian packages the repo needs: clang/llvm/libbpf-dev to regenerate the
 # BPF objects, iproute2 for `ip netns exec`, dnsmasq and dig for the
 # resolver round trip through socket-level load balancing, iptables and
-# nftables for the kube-proxy baselines.
-APT_PKGS  := clang llvm libbpf-dev linux-libc-dev iproute2 dnsmasq-base bind9-dnsutils iptables nftables
+# nftables for the kube-proxy baselines; busybox-static, curl and
+# netcat-openbsd (with bind9-dnsutils and iproute2) for the e2e images.
+APT_PKGS  := clang llvm libbpf-dev linux-libc-dev iproute2 dnsmasq-base bind9-dnsutils iptables nftables \
+	busybox-static curl netcat-openbsd
 BENCH     ?= quick
 
-.PHONY: all deps generate generate-check build test demo demo-agent bench bench-fixtures scenarios vmtest lint clean
+.PHONY: all deps generate generate-check build image test demo demo-agent bench bench-fixtures scenarios vmtest lint clean
 
 all: build
 
@@ -41,6 +43,13 @@ build:
 	$(GO) build -o $(BIN)/servicepath ./cmd/servicepath
 	$(GO) build -o $(BIN)/servicepath-demo ./cmd/servicepath-demo
 	$(GO) build -o $(BIN)/servicepath-agent-demo ./cmd/servicepath-agent-demo
+
+# The agent's image, $(BIN)/servicepath-image.tar (docker-archive, for
+# `ctr -n k8s.io images import`), reproducible: a static binary whose version
+# is stamped from git by the Go toolchain (`go version -m`).
+image:
+	CGO_ENABLED=0 $(GO) build -trimpath -buildvcs=true -ldflags "-s -w" -o $(BIN)/image/servicepath ./cmd/servicepath
+	$(GO) run ./tools/image/cmd/mkimage -out $(BIN) -servicepath $(BIN)/image/servicepath
 
 # As root every test runs; as another user the privileged ones skip, saying why.
 test:

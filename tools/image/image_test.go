@@ -1,0 +1,202 @@
+package image
+
+import (
+	"archive/tar"
+	"bytes"
+	"errors"
+	"io"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"github.com/google/go-containerregistry/pkg/name"
+	"github.com/google/go-containerregistry/pkg/v1/tarball"
+	"github.com/stretchr/testify/require"
+)
+
+// entry is one file of an image as read back from its archive.
+type entry struct {
+	hdr  *tar.Header
+	data []byte
+}
+
+// readBack opens the archive as `ctr import` would: by its tag, and checks
+// the archive names exactly that tag.
+func readBack(t *testing.T, b Built) (cfgEntrypoint, cfgCmd []string, user string, files map[string]entry) {
+	t.Helper()
+	m, err := tarball.LoadManifest(func() (io.ReadCloser, error) { return os.Open(b.File) })
+	require.NoError(t, err, "manifest.json of %s", b.File)
+	require.Len(t, m, 1, "one image per archive")
+	require.Equal(t, []string{b.Tag}, m[0].RepoTags, "the archive is tagged %s", b.Tag)
+
+	tag, err := name.NewTag(b.Tag)
+	require.NoError(t, err)
+	img, err := tarball.ImageFromPath(b.File, &tag)
+	require.NoError(t, err, "read %s back", b.File)
+	cf, err := img.ConfigFile()
+	require.NoError(t, err, "config of %s", b.Tag)
+	require.Equal(t, "linux", cf.OS, "os of %s", b.Tag)
+	require.NotEmpty(t, cf.Architecture, "architecture of %s", b.Tag)
+
+	layers, err := img.Layers()
+	require.NoError(t, err)
+	require.Len(t, layers, 1, "one layer in %s", b.Tag)
+	rc, err := layers[0].Uncompressed()
+	require.NoError(t, err)
+	defer rc.Close()
+	files = map[string]entry{}
+	tr := tar.NewReader(rc)
+	prev := ""
+	for {
+		hdr, err := tr.Next()
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		require.NoError(t, err, "layer of %s", b.Tag)
+		require.Less(t, prev, hdr.Name, "entries of %s sorted", b.Tag)
+		prev = hdr.Name
+		require.Zero(t, hdr.Uid+hdr.Gid, "%s in %s owned by root", hdr.Name, b.Tag)
+		require.Empty(t, hdr.Uname+hdr.Gname, "%s in %s has no host user names", hdr.Name, b.Tag)
+		require.Equal(t, epoch, hdr.ModTime.UTC(), "%s in %s has the fixed time", hdr.Name, b.Tag)
+		data, err := io.ReadAll(tr)
+		require.NoError(t, err)
+		files["/"+filepath.Clean(hdr.Name)] = entry{hdr, data}
+	}
+	return cf.Config.Entrypoint, cf.Config.Cmd, cf.Config.User, files
+}
+
+func requireExecutable(t *testing.T, files map[string]entry, p string, want []byte) {
+	t.Helper()
+	e, ok := files[p]
+	require.True(t, ok, "%s is in the image", p)
+	require.Equal(t, byte(tar.TypeReg), e.hdr.Typeflag, "%s is a regular file", p)
+	require.Equal(t, int64(0o755), e.hdr.Mode, "%s has mode 0755", p)
+	if want != nil {
+		require.Equal(t, want, e.data, "%s holds the given binary", p)
+	}
+}
+
+// buildTwice writes the specs into two directories and checks the
+// archives are byte for byte the same.
+func buildTwice(t *testing.T, specs func() ([]Spec, error)) []Built {
+	t.Helper()
+	var runs [2][]Built
+	for i := range runs {
+		s, err := specs()
+		require.NoError(t, err, "specs")
+		runs[i], err = Write(t.TempDir(), s)
+		require.NoError(t, err, "write images")
+	}
+	require.Len(t, runs[1], len(runs[0]))
+	for i, b := range runs[0] {
+		a, err := os.ReadFile(b.File)
+		require.NoError(t, err)
+		c, err := os.ReadFile(runs[1][i].File)
+		require.NoError(t, err)
+		require.True(t, bytes.Equal(a, c), "two builds of %s are byte-identical", b.Tag)
+	}
+	return runs[0]
+}
+
+// standIn writes a file to stand for a program the test does not build
+// (servicepath, agnhost): the images are checked for holding exactly its
+// bytes, never run. ldd takes it for a static program.
+func standIn(t *testing.T, name string) (string, []byte) {
+	t.Helper()
+	data := []byte("#!stand-in for " + name + "\n")
+	p := filepath.Join(t.TempDir(), name)
+	require.NoError(t, os.WriteFile(p, data, 0o644))
+	return p, data
+}
+
+func TestServicepathImage(t *testing.T) {
+	bin, data := standIn(t, "servicepath")
+	built := buildTwice(t, func() ([]Spec, error) {
+		s, err := Servicepath(bin)
+		return []Spec{s}, err
+	})
+	require.Len(t, built, 1)
+	require.Equal(t, ServicepathTag, built[0].Tag)
+	require.Equal(t, "servicepath-image.tar", filepath.Base(built[0].File), "the file make image writes")
+	entrypoint, _, _, files := readBack(t, built[0])
+	require.Equal(t, []string{"/servicepath"}, entrypoint, "entrypoint")
+	requireExecutable(t, files, "/servicepath", data)
+	require.Len(t, files, 1, "nothing but the binary")
+}
+
+func TestServicepathRefusesDynamicBinary(t *testing.T) {
+	_, err := Servicepath("/bin/sh")
+	require.ErrorContains(t, err, "CGO_ENABLED=0", "a dynamic binary is refused, saying how to build it")
+}
+
+func TestBadInput(t *testing.T) {
+	_, err := Spec{Tag: "a/b:c", Files: []File{{Path: "rel/x", Mode: 0o644}}}.Image()
+	require.ErrorContains(t, err, `"rel/x"`, "a relative path is named")
+	_, err = Spec{Tag: "a/b:c", Files: []File{{Path: "/x", Data: []byte("1")}, {Path: "/x", Data: []byte("2")}}}.Image()
+	require.ErrorContains(t, err, "/x is given twice", "a conflicting file is named")
+	_, err = Spec{Tag: "Not A Tag"}.Write(filepath.Join(t.TempDir(), "x.tar"))
+	require.ErrorContains(t, err, `"Not A Tag"`, "a bad tag is named")
+	_, err = ClusterSpecs(ClusterOptions{})
+	require.ErrorContains(t, err, "Agnhost", "missing programs are named")
+	_, err = Tools(Tool{Name: "no-such-tool-here", Dst: "/x", Package: "some-package"})
+	require.ErrorContains(t, err, "some-package", "a missing tool names its Debian package")
+}
+
+// clusterOptions has a stand-in agnhost and porter's files, and this
+// machine's busybox; it skips when make deps has not installed the tools.
+func clusterOptions(t *testing.T) (ClusterOptions, []byte) {
+	t.Helper()
+	bin, data := standIn(t, "agnhost")
+	src := filepath.Join(t.TempDir(), "agnhost")
+	require.NoError(t, os.MkdirAll(filepath.Join(src, "porter"), 0o755))
+	for _, f := range []string{"localhost.crt", "localhost.key"} {
+		require.NoError(t, os.WriteFile(filepath.Join(src, "porter", f), []byte(f), 0o644))
+	}
+	for _, tool := range append([]Tool{{"busybox", "/bin/busybox", "busybox-static"}}, agnhostTools...) {
+		if _, err := tool.files(); err != nil {
+			t.Skipf("cluster images need this machine's tools: %v", err)
+		}
+	}
+	return ClusterOptions{Agnhost: bin, AgnhostSource: src, BusyBox: "/bin/busybox"}, data
+}
+
+func TestClusterImages(t *testing.T) {
+	o, agnhost := clusterOptions(t)
+	built := buildTwice(t, func() ([]Spec, error) { return ClusterSpecs(o) })
+	byTag := map[string]Built{}
+	for _, b := range built {
+		byTag[b.Tag] = b
+	}
+	require.Len(t, byTag, 4, "agnhost, pause, busybox, jessie-dnsutils: %v", built)
+
+	entrypoint, cmd, _, files := readBack(t, byTag[AgnhostTag])
+	require.Equal(t, []string{"/agnhost"}, entrypoint, "agnhost entrypoint")
+	require.Equal(t, []string{"pause"}, cmd, "agnhost's default subcommand")
+	requireExecutable(t, files, "/agnhost", agnhost)
+	for _, p := range []string{"/bin/busybox", "/usr/bin/curl", "/usr/bin/nc", "/usr/bin/dig", "/usr/bin/nslookup",
+		"/sbin/ip", "/usr/bin/ss", "/bin/bash", "/usr/bin/getent", "/lib64/ld-linux-x86-64.so.2", "/bin/sh"} {
+		requireExecutable(t, files, p, nil)
+	}
+	require.Equal(t, "/bin/busybox", files["/usr/bin/seq"].hdr.Linkname, "seq is busybox's")
+	require.Equal(t, []byte("localhost.crt"), files["/localhost.crt"].data, "porter's certificate")
+	require.Equal(t, "agnhost", files["/agnhost-2"].hdr.Linkname, "agnhost-2 for the entrypoint tests")
+	require.Contains(t, string(files["/etc/group"].data), "group-defined-in-image:x:50000:user-defined-in-image",
+		"the group the SupplementalGroups test expects")
+
+	entrypoint, _, user, files := readBack(t, byTag[PauseTag])
+	require.Equal(t, []string{"/agnhost", "pause"}, entrypoint, "pause runs agnhost pause")
+	require.Equal(t, "65535:65535", user, "pause runs as upstream's does")
+	requireExecutable(t, files, "/agnhost", agnhost)
+
+	_, cmd, _, files = readBack(t, byTag[BusyBoxTag])
+	require.Equal(t, []string{"sh"}, cmd, "busybox's default command")
+	requireExecutable(t, files, "/bin/busybox", nil)
+	require.Equal(t, "/bin/busybox", files["/usr/bin/nc"].hdr.Linkname, "busybox's own nc")
+
+	_, _, _, files = readBack(t, byTag[JessieDnsutilTag])
+	requireExecutable(t, files, "/usr/bin/dig", nil)
+	requireExecutable(t, files, "/usr/bin/getent", nil)
+	requireExecutable(t, files, "/bin/sh", nil)
+	require.Equal(t, fs.FileMode(0o1777), fs.FileMode(files["/tmp"].hdr.Mode), "/tmp is sticky and world-writable")
+}
