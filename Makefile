@@ -6,7 +6,7 @@ BIN       := bin
 # Debian packages the repo needs: clang/llvm/libbpf-dev to regenerate the
 # BPF objects, iproute2 for `ip netns exec`, dnsmasq and dig for the
 # resolver round trip through socket-level load balancing, iptables and
-# nftables for the kube-proxy baselines; busybox-static, curl and
+# nftables for the kube-proxy baselines and the agent's image; busybox-static, curl and
 # netcat-openbsd (with bind9-dnsutils and iproute2) for the e2e images.
 APT_PKGS  := clang llvm libbpf-dev linux-libc-dev iproute2 dnsmasq-base bind9-dnsutils iptables nftables \
 	busybox-static curl netcat-openbsd
@@ -46,7 +46,8 @@ build:
 
 # The agent's image, $(BIN)/servicepath-image.tar (docker-archive, for
 # `ctr -n k8s.io images import`), reproducible: a static binary whose version
-# is stamped from git by the Go toolchain (`go version -m`).
+# is stamped from git by the Go toolchain (`go version -m`; not in a git
+# worktree, which Go does not recognise), and Debian's iptables.
 image:
 	CGO_ENABLED=0 $(GO) build -trimpath -buildvcs=true -ldflags "-s -w" -o $(BIN)/image/servicepath ./cmd/servicepath
 	$(GO) run ./tools/image/cmd/mkimage -out $(BIN) -servicepath $(BIN)/image/servicepath

@@ -22,8 +22,22 @@ const (
 	PauseTag = "registry.k8s.io/pause:3.10.1"
 )
 
+// iptablesCommands are the programs datapath/coexist runs to find and
+// remove kube-proxy's rules (iptables-save and -restore of both backends
+// and families, as kube-proxy uses them); kubelet's own chains put tables
+// in every node's netns, so the agent runs them on every start.
+var iptablesCommands = []string{
+	"iptables-legacy-save", "iptables-legacy-restore", "ip6tables-legacy-save", "ip6tables-legacy-restore",
+	"iptables-nft-save", "iptables-nft-restore", "ip6tables-nft-save", "ip6tables-nft-restore",
+}
+
+// xtablesPlugins is where Debian's iptables keeps the match and target
+// extensions it loads to read and write rules: /usr/lib/<multiarch>/xtables.
+const xtablesPlugins = "/usr/lib/*-linux-gnu/xtables"
+
 // Servicepath is the agent's image: the static servicepath binary at
-// /servicepath and nothing else, since the binary runs no other program.
+// /servicepath, and Debian's iptables (its commands, libraries and
+// extensions), which the binary runs to coexist with kube-proxy.
 func Servicepath(bin string) (Spec, error) {
 	files, err := Program(bin, "/servicepath")
 	if err != nil {
@@ -32,6 +46,19 @@ func Servicepath(bin string) (Spec, error) {
 	if len(files) > 1 {
 		return Spec{}, fmt.Errorf("%s is dynamically linked: build it with CGO_ENABLED=0", bin)
 	}
+	cmds, err := Commands("/usr/sbin", "iptables", iptablesCommands...)
+	if err != nil {
+		return Spec{}, err
+	}
+	plugins, err := Plugins(xtablesPlugins+"/*.so", "iptables")
+	if err != nil {
+		return Spec{}, err
+	}
+	files = append(files, cmds...)
+	files = append(files, plugins...)
+	// iptables-restore -w locks /run/xtables.lock; a pod must mount the
+	// node's there to exclude kubelet's and kube-proxy's runs.
+	files = append(files, File{Path: "/run", Mode: fs.ModeDir | 0o755})
 	return Spec{Tag: ServicepathTag, Files: files, Entrypoint: []string{"/servicepath"}}, nil
 }
 

@@ -79,9 +79,7 @@ func TestContainerdImports(t *testing.T) {
 	o, _ := clusterOptions(t)
 	specs, err := ClusterSpecs(o)
 	require.NoError(t, err)
-	bin, _ := standIn(t, "servicepath")
-	sp, err := Servicepath(bin)
-	require.NoError(t, err)
+	sp := servicepathSpec(t)
 	built, err := Write(t.TempDir(), append(specs, sp))
 	require.NoError(t, err)
 
@@ -100,21 +98,31 @@ func TestContainerdImports(t *testing.T) {
 		t.Skipf("images imported; runc is not installed to run them: %v", err)
 	}
 	for i, c := range []struct {
-		tag, script string
-		want        []string
+		tag  string
+		args []string
+		want []string
 	}{
-		{AgnhostTag, "nc -h 2>&1; curl --version; dig -v 2>&1; ip -V; ss -V; bash --version; getent hosts localhost; seq 2 3",
+		// The iptables datapath/coexist runs, in the container's own netns:
+		// its libraries resolve, and the extensions load (their help text).
+		{ServicepathTag, []string{"/usr/sbin/iptables-nft-save"}, nil},
+		{ServicepathTag, []string{"/usr/sbin/iptables-legacy-save"}, nil},
+		{ServicepathTag, []string{"/usr/sbin/xtables-nft-multi", "iptables", "-p", "tcp", "-m", "comment", "-j", "MARK", "--help"},
+			[]string{"comment match options", "MARK target options"}},
+		{AgnhostTag, sh("nc -h 2>&1; curl --version; dig -v 2>&1; ip -V; ss -V; bash --version; getent hosts localhost; seq 2 3"),
 			[]string{"OpenBSD netcat", "curl 7", "DiG 9", "iproute2", "GNU bash", "localhost", "2\n3"}},
-		{JessieDnsutilTag, "dig -v 2>&1; getent hosts localhost; seq 2 3",
+		{JessieDnsutilTag, sh("dig -v 2>&1; getent hosts localhost; seq 2 3"),
 			[]string{"DiG 9", "localhost", "2\n3"}},
-		{BusyBoxTag, "nc 2>&1; echo via-busybox", []string{"BusyBox", "via-busybox"}},
+		{BusyBoxTag, sh("nc 2>&1; echo via-busybox"), []string{"BusyBox", "via-busybox"}},
 	} {
 		// A cgroup of the test's own, which runc removes with the container.
 		id := fmt.Sprintf("sp-image-test-%d-%d", os.Getpid(), i)
-		out, err := ctr("run", "--rm", "--snapshotter", "native", "--cgroup", "/"+id, c.tag, id, "sh", "-c", c.script)
-		require.NoError(t, err, "run %s: %s", c.tag, out)
+		out, err := ctr(append([]string{"run", "--rm", "--snapshotter", "native", "--cgroup", "/" + id,
+			"--cap-add", "CAP_NET_ADMIN", c.tag, id}, c.args...)...)
+		require.NoError(t, err, "run %s %q: %s", c.tag, c.args, out)
 		for _, w := range c.want {
-			require.Contains(t, out, w, "%s runs %q", c.tag, c.script)
+			require.Contains(t, out, w, "%s runs %q", c.tag, c.args)
 		}
 	}
 }
+
+func sh(script string) []string { return []string{"sh", "-c", script} }

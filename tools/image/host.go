@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path"
+	"path/filepath"
 	"regexp"
 	"slices"
 	"strings"
@@ -104,6 +105,58 @@ func Tools(tools ...Tool) ([]File, error) {
 			return nil, err
 		}
 		files = append(files, tf...)
+	}
+	return files, nil
+}
+
+// Commands copies the named commands of dir with the layout they have
+// there: a command that is a symlink to a program beside it (Debian's
+// iptables-nft-save to xtables-nft-multi, which acts by the name it is
+// run as) stays a symlink, next to a copy of that program.
+func Commands(dir, pkg string, names ...string) ([]File, error) {
+	var files []File
+	for _, n := range names {
+		src := path.Join(dir, n)
+		fi, err := os.Lstat(src)
+		if err != nil {
+			return nil, fmt.Errorf("%w: install the Debian package %s (make deps)", err, pkg)
+		}
+		prog := src
+		if fi.Mode()&fs.ModeSymlink != 0 {
+			target, err := os.Readlink(src)
+			if err != nil {
+				return nil, err
+			}
+			if strings.Contains(target, "/") {
+				return nil, fmt.Errorf("%s links to %s, not to a program beside it", src, target)
+			}
+			files = append(files, File{Path: src, Mode: fs.ModeSymlink | 0o777, Link: target})
+			prog = path.Join(dir, target)
+		}
+		pf, err := Program(prog, prog)
+		if err != nil {
+			return nil, err
+		}
+		files = append(files, pf...)
+	}
+	return files, nil
+}
+
+// Plugins copies the shared objects that pattern matches to the same
+// places, with the libraries each needs: what a program loads at run
+// time, which ldd of the program does not show.
+func Plugins(pattern, pkg string) ([]File, error) {
+	sos, err := filepath.Glob(pattern)
+	if err != nil || len(sos) == 0 {
+		return nil, fmt.Errorf("no plugins match %s: install the Debian package %s (make deps)", pattern, pkg)
+	}
+	var files []File
+	for _, so := range sos {
+		pf, err := Program(so, so)
+		if err != nil {
+			return nil, err
+		}
+		files = append(files, pf...)
 	}
 	return files, nil
 }

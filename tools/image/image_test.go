@@ -8,6 +8,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"regexp"
 	"testing"
 
 	"github.com/google/go-containerregistry/pkg/name"
@@ -110,19 +111,48 @@ func standIn(t *testing.T, name string) (string, []byte) {
 	return p, data
 }
 
+// servicepathSpec is the agent's image with a stand-in binary; it skips
+// when make deps has not installed iptables.
+func servicepathSpec(t *testing.T) Spec {
+	t.Helper()
+	if _, err := os.Stat("/usr/sbin/xtables-nft-multi"); err != nil {
+		t.Skipf("the agent's image needs this machine's iptables (make deps): %v", err)
+	}
+	bin, _ := standIn(t, "servicepath")
+	s, err := Servicepath(bin)
+	require.NoError(t, err, "servicepath spec")
+	return s
+}
+
 func TestServicepathImage(t *testing.T) {
-	bin, data := standIn(t, "servicepath")
-	built := buildTwice(t, func() ([]Spec, error) {
-		s, err := Servicepath(bin)
-		return []Spec{s}, err
-	})
+	spec := servicepathSpec(t)
+	built := buildTwice(t, func() ([]Spec, error) { return []Spec{spec}, nil })
 	require.Len(t, built, 1)
 	require.Equal(t, ServicepathTag, built[0].Tag)
 	require.Equal(t, "servicepath-image.tar", filepath.Base(built[0].File), "the file make image writes")
 	entrypoint, _, _, files := readBack(t, built[0])
 	require.Equal(t, []string{"/servicepath"}, entrypoint, "entrypoint")
-	requireExecutable(t, files, "/servicepath", data)
-	require.Len(t, files, 1, "nothing but the binary")
+	requireExecutable(t, files, "/servicepath", spec.Files[0].Data)
+	requireExecutable(t, files, "/usr/sbin/xtables-nft-multi", nil)
+	requireExecutable(t, files, "/usr/sbin/xtables-legacy-multi", nil)
+
+	// Every iptables program datapath/coexist names is in the image.
+	src, err := os.ReadFile("../../datapath/coexist/iptables.go")
+	require.NoError(t, err, "read datapath/coexist's iptables programs")
+	names := regexp.MustCompile(`"(ip6?tables-(?:legacy|nft)-(?:save|restore))"`).FindAllStringSubmatch(string(src), -1)
+	require.NotEmpty(t, names, "datapath/coexist names iptables programs")
+	for _, n := range names {
+		e, ok := files["/usr/sbin/"+n[1]]
+		require.True(t, ok, "%s, which datapath/coexist runs, is in the image", n[1])
+		require.Contains(t, []string{"xtables-nft-multi", "xtables-legacy-multi"}, e.hdr.Linkname, "%s runs its backend's program", n[1])
+	}
+	var plugins int
+	for p, e := range files {
+		if filepath.Base(filepath.Dir(p)) == "xtables" && e.hdr.Mode == 0o755 {
+			plugins++
+		}
+	}
+	require.Greater(t, plugins, 10, "iptables' extensions are in the image")
 }
 
 func TestServicepathRefusesDynamicBinary(t *testing.T) {
