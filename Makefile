@@ -27,6 +27,8 @@ deps:
 	$(GO) run ./vmtests/cmd/vmtest deps
 	# kube-apiserver + etcd for the agent's tests, from the Go module proxy (cached)
 	PATH="$$(dirname $$(command -v $(GO))):$$PATH" tools/kube/build.sh
+	# Debian's nginx unpacked (not installed: no server starts) for the e2e nginx image
+	tools/image/debs.sh nginx nginx-common
 
 # Rebuilds the committed bpf2go output from bpf/*.c with Debian's clang.
 generate:

@@ -16,6 +16,7 @@ const (
 	AgnhostTag       = "registry.k8s.io/e2e-test-images/agnhost:2.56"
 	BusyBoxTag       = "registry.k8s.io/e2e-test-images/busybox:1.37.0-1"
 	JessieDnsutilTag = "registry.k8s.io/e2e-test-images/jessie-dnsutils:1.7"
+	NginxTag         = "registry.k8s.io/e2e-test-images/nginx:1.14-4"
 	// PauseTag is both e2e's Pause image and the sandbox image of
 	// kubeadm 1.34; containerd 1.6 defaults to pause:3.6, so its config
 	// must name this one (sandbox_image).
@@ -73,6 +74,9 @@ type ClusterOptions struct {
 	// /bin/busybox). It is the BusyBox image and the shell and
 	// utilities of the others, as Alpine's busybox is upstream's.
 	BusyBox string
+	// NginxRoot is where Debian's nginx and nginx-common are unpacked
+	// (tools/image/debs.sh nginx nginx-common); empty: no nginx image.
+	NginxRoot string
 }
 
 // shell is /bin/sh of the cluster images. Not busybox's: Debian builds
@@ -170,14 +174,80 @@ func ClusterSpecs(o ClusterOptions) ([]Spec, error) {
 	}
 	busybox = append(busybox, etcFiles("", "")...)
 
-	return []Spec{
+	specs := []Spec{
 		{Tag: AgnhostTag, Files: agnhostFiles, Entrypoint: []string{"/agnhost"}, Cmd: []string{"pause"}},
 		// Upstream's pause is a tiny C program; agnhost's pause subcommand
 		// does the same (waits, reaps children, exits on SIGINT/SIGTERM).
 		{Tag: PauseTag, Files: agnhost, Entrypoint: []string{"/agnhost", "pause"}, User: "65535:65535"},
 		{Tag: BusyBoxTag, Files: busybox, Cmd: []string{"sh"}},
 		{Tag: JessieDnsutilTag, Files: jessieFiles},
-	}, nil
+	}
+	if o.NginxRoot != "" {
+		nginx, err := nginxSpec(o.NginxRoot, o.BusyBox)
+		if err != nil {
+			return nil, err
+		}
+		specs = append(specs, nginx)
+	}
+	return specs, nil
+}
+
+// nginxConf is the official nginx image's configuration (upstream's e2e
+// nginx is that image), for Debian's build of nginx.
+const nginxConf = `user nginx;
+worker_processes auto;
+error_log /var/log/nginx/error.log notice;
+pid /run/nginx.pid;
+events {
+    worker_connections 1024;
+}
+http {
+    include /etc/nginx/mime.types;
+    default_type application/octet-stream;
+    access_log /var/log/nginx/access.log;
+    sendfile on;
+    keepalive_timeout 65;
+    server {
+        listen 80;
+        listen [::]:80;
+        server_name localhost;
+        location / {
+            root /usr/share/nginx/html;
+            index index.html index.htm;
+        }
+    }
+}
+`
+
+// nginxSpec is the e2e nginx image (upstream: nginx on Alpine, serving
+// port 80 in the foreground, logs to the container's output) from
+// Debian's nginx unpacked at root, with busybox's utilities and a shell.
+func nginxSpec(root, busybox string) (Spec, error) {
+	files, err := Program(filepath.Join(root, "usr/sbin/nginx"), "/usr/sbin/nginx")
+	if err != nil {
+		return Spec{}, fmt.Errorf("nginx (unpack it with tools/image/debs.sh nginx nginx-common): %w", err)
+	}
+	for _, f := range []string{"/etc/nginx/mime.types", "/usr/share/nginx/html/index.html"} {
+		data, err := os.ReadFile(filepath.Join(root, f))
+		if err != nil {
+			return Spec{}, fmt.Errorf("nginx: %w", err)
+		}
+		files = append(files, File{Path: f, Mode: 0o644, Data: data})
+	}
+	base, err := userland(busybox, []Tool{shell})
+	if err != nil {
+		return Spec{}, err
+	}
+	files = append(files, base...)
+	files = append(files, etcFiles("nginx:x:101:101:nginx:/nonexistent:/sbin/nologin\n", "nginx:x:101:\n")...)
+	files = append(files,
+		File{Path: "/etc/nginx/nginx.conf", Mode: 0o644, Data: []byte(nginxConf)},
+		File{Path: "/var/log/nginx/access.log", Mode: fs.ModeSymlink | 0o777, Link: "/dev/stdout"},
+		File{Path: "/var/log/nginx/error.log", Mode: fs.ModeSymlink | 0o777, Link: "/dev/stderr"},
+		File{Path: "/var/lib/nginx", Mode: fs.ModeDir | 0o755}, // Debian's build keeps its temp files here
+		File{Path: "/run", Mode: fs.ModeDir | 0o755},
+	)
+	return Spec{Tag: NginxTag, Files: files, Cmd: []string{"nginx", "-g", "daemon off;"}}, nil
 }
 
 // userland is busybox's shell and utilities with tools in place of the

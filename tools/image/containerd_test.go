@@ -113,6 +113,7 @@ func TestContainerdImports(t *testing.T) {
 		{JessieDnsutilTag, sh("dig -v 2>&1; getent hosts localhost; seq 2 3"),
 			[]string{"DiG 9", "localhost", "2\n3"}},
 		{BusyBoxTag, sh("nc 2>&1; echo via-busybox"), []string{"BusyBox", "via-busybox"}},
+		{NginxTag, []string{"nginx", "-t"}, []string{"syntax is ok", "test is successful"}},
 	} {
 		// A cgroup of the test's own, which runc removes with the container.
 		id := fmt.Sprintf("sp-image-test-%d-%d", os.Getpid(), i)

@@ -7,8 +7,10 @@ import (
 	"io"
 	"io/fs"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"regexp"
+	"strings"
 	"testing"
 
 	"github.com/google/go-containerregistry/pkg/name"
@@ -188,7 +190,11 @@ func clusterOptions(t *testing.T) (ClusterOptions, []byte) {
 			t.Skipf("cluster images need this machine's tools: %v", err)
 		}
 	}
-	return ClusterOptions{Agnhost: bin, AgnhostSource: src, BusyBox: "/bin/busybox"}, data
+	out, err := exec.Command("./debs.sh", "nginx", "nginx-common").Output()
+	if err != nil {
+		t.Skipf("cluster images need Debian's nginx unpacked (make deps): %v", err)
+	}
+	return ClusterOptions{Agnhost: bin, AgnhostSource: src, BusyBox: "/bin/busybox", NginxRoot: strings.TrimSpace(string(out))}, data
 }
 
 func TestClusterImages(t *testing.T) {
@@ -198,7 +204,7 @@ func TestClusterImages(t *testing.T) {
 	for _, b := range built {
 		byTag[b.Tag] = b
 	}
-	require.Len(t, byTag, 4, "agnhost, pause, busybox, jessie-dnsutils: %v", built)
+	require.Len(t, byTag, 5, "agnhost, pause, busybox, jessie-dnsutils, nginx: %v", built)
 
 	entrypoint, cmd, _, files := readBack(t, byTag[AgnhostTag])
 	require.Equal(t, []string{"/agnhost"}, entrypoint, "agnhost entrypoint")
@@ -229,4 +235,10 @@ func TestClusterImages(t *testing.T) {
 	requireExecutable(t, files, "/usr/bin/getent", nil)
 	requireExecutable(t, files, "/bin/sh", nil)
 	require.Equal(t, fs.FileMode(0o1777), fs.FileMode(files["/tmp"].hdr.Mode), "/tmp is sticky and world-writable")
+
+	_, cmd, _, files = readBack(t, byTag[NginxTag])
+	require.Equal(t, []string{"nginx", "-g", "daemon off;"}, cmd, "nginx in the foreground")
+	requireExecutable(t, files, "/usr/sbin/nginx", nil)
+	require.Equal(t, "/dev/stdout", files["/var/log/nginx/access.log"].hdr.Linkname, "access log to the container's output")
+	require.Contains(t, string(files["/etc/nginx/nginx.conf"].data), "listen 80;", "nginx serves port 80")
 }

@@ -31,9 +31,10 @@ func main() {
 func run() error {
 	out := flag.String("out", "", "directory to write the images into (required)")
 	servicepath := flag.String("servicepath", "", "static servicepath binary: writes "+image.ServicepathTag)
-	agnhost := flag.String("agnhost", "", "agnhost binary: writes the e2e images (agnhost, pause, busybox, jessie-dnsutils)")
+	agnhost := flag.String("agnhost", "", "agnhost binary: writes the e2e images (agnhost, pause, busybox, jessie-dnsutils, nginx)")
 	agnhostSrc := flag.String("agnhost-src", "", "k8s.io/kubernetes/test/images/agnhost source directory (default: from tools/kube's module cache)")
 	busybox := flag.String("busybox", "/bin/busybox", "busybox binary (Debian busybox-static) for the e2e images")
+	nginxRoot := flag.String("nginx-root", "", "Debian's nginx and nginx-common unpacked, for the e2e nginx image (default: tools/image/debs.sh unpacks them)")
 	flag.Parse()
 	if *out == "" || flag.NArg() > 0 || (*servicepath == "" && *agnhost == "") {
 		flag.Usage()
@@ -56,7 +57,14 @@ func run() error {
 			}
 			*agnhostSrc = dir
 		}
-		cs, err := image.ClusterSpecs(image.ClusterOptions{Agnhost: *agnhost, AgnhostSource: *agnhostSrc, BusyBox: *busybox})
+		if *nginxRoot == "" {
+			dir, err := output(exec.Command(filepath.Join("tools", "image", "debs.sh"), "nginx", "nginx-common"))
+			if err != nil {
+				return fmt.Errorf("unpack nginx (run from the repository root, or pass -nginx-root): %w", err)
+			}
+			*nginxRoot = dir
+		}
+		cs, err := image.ClusterSpecs(image.ClusterOptions{Agnhost: *agnhost, AgnhostSource: *agnhostSrc, BusyBox: *busybox, NginxRoot: *nginxRoot})
 		if err != nil {
 			return err
 		}
@@ -77,10 +85,19 @@ func run() error {
 func agnhostSource() (string, error) {
 	cmd := exec.Command("go", "list", "-m", "-f", "{{.Dir}}", "k8s.io/kubernetes")
 	cmd.Dir = filepath.Join("tools", "kube")
-	cmd.Stderr = os.Stderr
-	dir, err := cmd.Output()
-	if err != nil || strings.TrimSpace(string(dir)) == "" {
-		return "", fmt.Errorf("find agnhost's source with go list in tools/kube (run from the repository root, or pass -agnhost-src): %v", err)
+	dir, err := output(cmd)
+	if err != nil {
+		return "", fmt.Errorf("find agnhost's source with go list in tools/kube (run from the repository root, or pass -agnhost-src): %w", err)
 	}
-	return filepath.Join(strings.TrimSpace(string(dir)), "test", "images", "agnhost"), nil
+	return filepath.Join(dir, "test", "images", "agnhost"), nil
+}
+
+// output is cmd's one line of output, its stderr shown.
+func output(cmd *exec.Cmd) (string, error) {
+	cmd.Stderr = os.Stderr
+	out, err := cmd.Output()
+	if err == nil && strings.TrimSpace(string(out)) == "" {
+		err = fmt.Errorf("%s printed nothing", cmd.Path)
+	}
+	return strings.TrimSpace(string(out)), err
 }
