@@ -1,24 +1,68 @@
 #!/bin/sh
-# Builds kube-apiserver and etcd from the Go module proxy into a cache
-# folder keyed by their versions, for the agent's tests (harness/kubeapi).
-# Idempotent: a folder that already holds both binaries is left alone.
-# Prints the folder.
+# Builds Kubernetes binaries from the Go module proxy into cache folders
+# keyed by their versions. Idempotent: a binary already there is left alone;
+# each is renamed into place last, so an interrupted build is never taken
+# for a cached one.
+#
+#   build.sh          kube-apiserver and etcd, for the agent's tests
+#                     (harness/kubeapi); prints the folder
+#   build.sh cluster  the rest of a cluster and its conformance suite
+#                     (harness/kubecluster): kubelet, kube-controller-manager,
+#                     kube-scheduler, kube-proxy, kubectl, agnhost, e2e.test,
+#                     ginkgo;
+#                     prints the folder
 set -eu
 cd "$(dirname "$0")"
 k8s=$(go list -m -f '{{.Version}}' k8s.io/kubernetes)
 etcd=$(go list -m -f '{{.Version}}' go.etcd.io/etcd/server/v3)
-dir=${SERVICEPATH_KUBE_ASSETS:-${XDG_CACHE_HOME:-$HOME/.cache}/servicepath/kube/kube-apiserver-$k8s-etcd-$etcd}
-if [ -x "$dir/kube-apiserver" ] && [ -x "$dir/etcd" ]; then
-	echo "$dir"
-	exit 0
-fi
-mkdir -p "$dir"
+cache=${XDG_CACHE_HOME:-$HOME/.cache}/servicepath/kube
 minor=$(echo "$k8s" | cut -d. -f2)
 v=k8s.io/component-base/version
-go build -ldflags "-s -w -X $v.gitVersion=$k8s -X $v.gitMajor=1 -X $v.gitMinor=$minor" \
-	-o "$dir/kube-apiserver.tmp" k8s.io/kubernetes/cmd/kube-apiserver
-go build -ldflags "-s -w" -o "$dir/etcd.tmp" go.etcd.io/etcd/server/v3
-# Renamed last so that an interrupted build is never taken for a cached one.
-mv "$dir/kube-apiserver.tmp" "$dir/kube-apiserver"
-mv "$dir/etcd.tmp" "$dir/etcd"
+# Stamped so that --version, the API's /version and e2e's version checks
+# say the real release instead of v0.0.0-master.
+stamp="-s -w -X $v.gitVersion=$k8s -X $v.gitMajor=1 -X $v.gitMinor=$minor"
+
+# build DIR NAME PACKAGE [test]: go build (or go test -c) PACKAGE to DIR/NAME.
+build() {
+	[ -x "$1/$2" ] && return 0
+	echo "building $2 ($k8s) into $1" >&2
+	start=$(date +%s)
+	if [ "${4:-}" = test ]; then
+		# -o naming a file makes go 1.26 build nothing for a package of
+		# another module; a folder works.
+		rm -rf "$1/$2.tmp"
+		go test -c -ldflags "$stamp" -o "$1/$2.tmp/" "$3"
+		mv "$1/$2.tmp/$(basename "$3").test" "$1/$2.tmp.bin"
+		rmdir "$1/$2.tmp"
+		mv "$1/$2.tmp.bin" "$1/$2.tmp"
+	else
+		go build -ldflags "$stamp" -o "$1/$2.tmp" "$3"
+	fi
+	mv "$1/$2.tmp" "$1/$2"
+	echo "built $2 in $(($(date +%s) - start)) s" >&2
+}
+
+case "${1:-}" in
+"")
+	dir=${SERVICEPATH_KUBE_ASSETS:-$cache/kube-apiserver-$k8s-etcd-$etcd}
+	mkdir -p "$dir"
+	build "$dir" kube-apiserver k8s.io/kubernetes/cmd/kube-apiserver
+	build "$dir" etcd go.etcd.io/etcd/server/v3
+	;;
+cluster)
+	dir=${SERVICEPATH_CLUSTER_ASSETS:-$cache/cluster-$k8s}
+	mkdir -p "$dir"
+	for c in kubelet kube-controller-manager kube-scheduler kube-proxy kubectl; do
+		build "$dir" $c k8s.io/kubernetes/cmd/$c
+	done
+	build "$dir" agnhost k8s.io/kubernetes/test/images/agnhost
+	build "$dir" e2e.test k8s.io/kubernetes/test/e2e test
+	# The ginkgo CLI runs e2e.test's tests in parallel processes.
+	build "$dir" ginkgo github.com/onsi/ginkgo/v2/ginkgo
+	;;
+*)
+	echo "usage: $0 [cluster]" >&2
+	exit 2
+	;;
+esac
 echo "$dir"
