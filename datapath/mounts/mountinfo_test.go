@@ -19,6 +19,14 @@ func TestParseCgroup2(t *testing.T) {
 	}
 }
 
+func TestMountPointsV1(t *testing.T) {
+	in := sampleMountInfo + "33 30 0:29 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n"
+	got, err := mountPoints(strings.NewReader(in), "cgroup")
+	if err != nil || strings.Join(got, " ") != "/sys/fs/cgroup/systemd /sys/fs/cgroup/memory" {
+		t.Fatalf("mountPoints(cgroup) = %q, %v", got, err)
+	}
+}
+
 func TestParseCgroup2Escaped(t *testing.T) {
 	// No optional fields, and a mount point with an escaped space.
 	in := `40 22 0:40 / /mnt/my\040cgroup rw - cgroup2 none rw` + "\n"

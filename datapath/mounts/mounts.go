@@ -30,21 +30,44 @@ func Cgroup2Root() (string, error) {
 }
 
 func cgroup2Root(r io.Reader) (string, error) {
+	points, err := mountPoints(r, "cgroup2")
+	if err != nil {
+		return "", err
+	}
+	if len(points) == 0 {
+		return "", errors.New("no cgroup2 filesystem mounted (none in " + mountInfoPath + ")")
+	}
+	return points[0], nil
+}
+
+// MountPoints returns where filesystems of type fsType are mounted, in
+// mountinfo order: e.g. "cgroup" for each cgroup v1 hierarchy.
+func MountPoints(fsType string) ([]string, error) {
+	f, err := os.Open(mountInfoPath)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	return mountPoints(f, fsType)
+}
+
+func mountPoints(r io.Reader, want string) ([]string, error) {
+	var points []string
 	sc := bufio.NewScanner(r)
 	sc.Buffer(make([]byte, 0, 64*1024), 1024*1024)
 	for sc.Scan() {
 		mountPoint, fsType, err := parseMountInfoLine(sc.Text())
 		if err != nil {
-			return "", err
+			return nil, err
 		}
-		if fsType == "cgroup2" {
-			return mountPoint, nil
+		if fsType == want {
+			points = append(points, mountPoint)
 		}
 	}
 	if err := sc.Err(); err != nil {
-		return "", fmt.Errorf("reading %s: %w", mountInfoPath, err)
+		return nil, fmt.Errorf("reading %s: %w", mountInfoPath, err)
 	}
-	return "", errors.New("no cgroup2 filesystem mounted (none in " + mountInfoPath + ")")
+	return points, nil
 }
 
 // parseMountInfoLine extracts the mount point and filesystem type from one

@@ -5,7 +5,6 @@
 package kubeapi
 
 import (
-	"bytes"
 	"cmp"
 	"context"
 	"crypto/rand"
@@ -20,11 +19,12 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
-	"syscall"
 	"time"
 
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
+
+	"github.com/servicepath/servicepath/harness/procs"
 )
 
 // Versions built by tools/kube (a test keeps them in step with its go.mod).
@@ -37,17 +37,22 @@ const (
 // cache folder.
 const AssetsEnv = "SERVICEPATH_KUBE_ASSETS"
 
-// AssetsDir is where tools/kube/build.sh puts the binaries.
-func AssetsDir() string {
-	if d := os.Getenv(AssetsEnv); d != "" {
-		return d
-	}
+// CacheDir is where tools/kube/build.sh caches what it builds.
+func CacheDir() string {
 	cache := os.Getenv("XDG_CACHE_HOME")
 	if cache == "" {
 		home, _ := os.UserHomeDir()
 		cache = filepath.Join(home, ".cache")
 	}
-	return filepath.Join(cache, "servicepath", "kube", "kube-apiserver-"+KubernetesVersion+"-etcd-"+EtcdVersion)
+	return filepath.Join(cache, "servicepath", "kube")
+}
+
+// AssetsDir is where tools/kube/build.sh puts the binaries.
+func AssetsDir() string {
+	if d := os.Getenv(AssetsEnv); d != "" {
+		return d
+	}
+	return filepath.Join(CacheDir(), "kube-apiserver-"+KubernetesVersion+"-etcd-"+EtcdVersion)
 }
 
 // ErrNoAssets says the binaries were never built.
@@ -94,8 +99,8 @@ type Server struct {
 	etcdURL       string
 	port          int
 	token         string
-	etcd          *proc
-	apiserver     *proc
+	etcd          *procs.Proc
+	apiserver     *procs.Proc
 	// Kubeconfig is a file a client (or `servicepath agent`) can use.
 	Kubeconfig string
 	// Config is the admin's client configuration.
@@ -194,37 +199,13 @@ func (s *Server) freePorts(n int) ([]int, error) {
 	return []int{2379, 2380, 6443}[:n], nil
 }
 
-// proc is a process we started; done closes when it has been reaped.
-type proc struct {
-	cmd  *exec.Cmd
-	done chan struct{}
-}
-
 // spawn starts a binary, in the netns if one is set, logging to a file.
-func (s *Server) spawn(name, bin string, args ...string) (*proc, error) {
+func (s *Server) spawn(name, bin string, args ...string) (*procs.Proc, error) {
 	if s.opts.Netns != "" {
 		args = append([]string{"netns", "exec", s.opts.Netns, bin}, args...)
 		bin = "ip"
 	}
-	log, err := os.OpenFile(s.path(name+".log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
-	if err != nil {
-		return nil, err
-	}
-	defer log.Close()
-	cmd := exec.Command(bin, args...)
-	cmd.Stdout, cmd.Stderr = log, log
-	// Its own process group, so a terminal's ^C reaches only the caller,
-	// which stops the servers in order.
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
-	if err := cmd.Start(); err != nil {
-		return nil, fmt.Errorf("start %s: %w", name, err)
-	}
-	p := &proc{cmd: cmd, done: make(chan struct{})}
-	go func() {
-		cmd.Wait()
-		close(p.done)
-	}()
-	return p, nil
+	return procs.Start(name, s.path(name+".log"), exec.Command(bin, args...))
 }
 
 // StartAPIServer starts kube-apiserver (again, on the same port, after
@@ -291,16 +272,14 @@ func (s *Server) waitReady() error {
 	defer cancel()
 	go func() {
 		select {
-		case <-s.apiserver.done:
+		case <-s.apiserver.Done():
 			cancel()
 		case <-ctx.Done():
 		}
 	}()
 	if err := readyz(ctx, s.Config); err != nil {
-		select {
-		case <-s.apiserver.done:
-			return fmt.Errorf("kube-apiserver exited (%s):\n%s", s.apiserver.cmd.ProcessState, s.LogTail("kube-apiserver"))
-		default:
+		if exited, how := s.apiserver.Exited(); exited {
+			return fmt.Errorf("kube-apiserver exited (%s):\n%s", how, s.LogTail("kube-apiserver"))
 		}
 		return fmt.Errorf("%w:\n%s", err, s.LogTail("kube-apiserver"))
 	}
@@ -308,13 +287,7 @@ func (s *Server) waitReady() error {
 }
 
 // LogTail returns the end of a server's log, for failure messages.
-func (s *Server) LogTail(name string) string {
-	b, _ := os.ReadFile(s.path(name + ".log"))
-	if len(b) > 4000 {
-		b = b[len(b)-4000:]
-	}
-	return string(bytes.TrimSpace(b))
-}
+func (s *Server) LogTail(name string) string { return procs.Tail(s.path(name+".log"), 4000) }
 
 // Client returns an admin clientset.
 func (s *Server) Client() (*kubernetes.Clientset, error) {
@@ -322,36 +295,14 @@ func (s *Server) Client() (*kubernetes.Clientset, error) {
 }
 
 // StopAPIServer stops kube-apiserver and leaves etcd running.
-func (s *Server) StopAPIServer() error {
-	return stop(s.apiserver)
-}
+func (s *Server) StopAPIServer() error { return s.apiserver.Stop(stopGrace) }
 
 // Stop stops kube-apiserver, then etcd.
 func (s *Server) Stop() error {
-	return errors.Join(stop(s.apiserver), stop(s.etcd))
+	return errors.Join(s.apiserver.Stop(stopGrace), s.etcd.Stop(stopGrace))
 }
 
-// stop terminates one process we started, by its pid, and reaps it.
-func stop(p *proc) error {
-	if p == nil {
-		return nil
-	}
-	select {
-	case <-p.done:
-		return nil
-	default:
-	}
-	if err := p.cmd.Process.Signal(syscall.SIGTERM); err != nil {
-		return err
-	}
-	select {
-	case <-p.done:
-	case <-time.After(10 * time.Second):
-		p.cmd.Process.Kill()
-		<-p.done
-	}
-	return nil
-}
+const stopGrace = 10 * time.Second
 
 // readyz waits until ctx ends for the API server to answer /readyz.
 func readyz(ctx context.Context, cfg *rest.Config) error {
