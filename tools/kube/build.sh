@@ -9,7 +9,7 @@
 #   build.sh cluster  the rest of a cluster and its conformance suite
 #                     (harness/kubecluster): kubelet, kube-controller-manager,
 #                     kube-scheduler, kube-proxy, kubectl, agnhost, e2e.test,
-#                     ginkgo;
+#                     ginkgo, coredns (from ../coredns);
 #                     prints the folder
 set -eu
 cd "$(dirname "$0")"
@@ -56,9 +56,15 @@ cluster)
 		build "$dir" $c k8s.io/kubernetes/cmd/$c
 	done
 	build "$dir" agnhost k8s.io/kubernetes/test/images/agnhost
+	# agnhost's image carries porter's TLS key pair from its source.
+	src=$(go list -m -f '{{.Dir}}' k8s.io/kubernetes)/test/images/agnhost
+	mkdir -p "$dir/agnhost-src/porter"
+	cp "$src/porter/localhost.crt" "$src/porter/localhost.key" "$dir/agnhost-src/porter/"
 	build "$dir" e2e.test k8s.io/kubernetes/test/e2e test
 	# The ginkgo CLI runs e2e.test's tests in parallel processes.
 	build "$dir" ginkgo github.com/onsi/ginkgo/v2/ginkgo
+	# The cluster DNS, static: it runs in an image of its own.
+	(cd ../coredns && CGO_ENABLED=0 build "$dir" coredns github.com/coredns/coredns)
 	;;
 *)
 	echo "usage: $0 [cluster]" >&2
