@@ -10,25 +10,55 @@ BIN       := bin
 # netcat-openbsd (with bind9-dnsutils and iproute2) for the e2e images.
 APT_PKGS  := clang llvm libbpf-dev linux-libc-dev iproute2 dnsmasq-base bind9-dnsutils iptables nftables \
 	busybox-static curl netcat-openbsd
+CLUSTER_APT_PKGS := containerd runc containernetworking-plugins
 BENCH     ?= quick
 
-.PHONY: all deps generate generate-check build image test demo demo-agent bench bench-fixtures scenarios vmtest lint clean
+.PHONY: all deps cluster-deps kubecluster cluster cluster-down conformance generate generate-check build image test demo demo-agent bench bench-fixtures scenarios vmtest lint clean
 
 all: build
 
-# Idempotent: apt runs only when a package is missing.
-deps:
-	@missing=$$(for p in $(APT_PKGS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed$$' || echo $$p; done); \
+# apt-install PACKAGES: installs those missing; apt runs only when one is.
+apt-install = missing=$$(for p in $(1); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed$$' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 		echo "installing:" $$missing; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
+
+# Idempotent.
+deps:
+	@$(call apt-install,$(APT_PKGS))
 	$(GO) mod download
 	$(GO) run ./vmtests/cmd/vmtest deps
 	# kube-apiserver + etcd for the agent's tests, from the Go module proxy (cached)
 	PATH="$$(dirname $$(command -v $(GO))):$$PATH" tools/kube/build.sh
 	# Debian's nginx unpacked (not installed: no server starts) for the e2e nginx image
 	tools/image/debs.sh nginx nginx-common
+
+# What the one-machine cluster adds (harness/kubecluster): containerd, runc
+# and the CNI plugins from Debian; kubelet, the controllers, kube-proxy,
+# kubectl, agnhost, CoreDNS, e2e.test and ginkgo from the Go module proxy
+# (cached; about 15 minutes cold). Idempotent.
+cluster-deps: deps
+	@$(call apt-install,$(CLUSTER_APT_PKGS))
+	PATH="$$(dirname $$(command -v $(GO))):$$PATH" tools/kube/build.sh cluster
+
+kubecluster:
+	$(GO) build -o $(BIN)/kubecluster ./harness/kubecluster/cmd/kubecluster
+
+# A two-node cluster with servicepath's DaemonSet in place of kube-proxy,
+# left running: `bin/kubecluster kubectl -- get pods -A`. CLUSTER_FLAGS
+# override (e.g. "-proxy iptables" for kube-proxy instead).
+cluster: cluster-deps image kubecluster
+	$(BIN)/kubecluster up $(or $(CLUSTER_FLAGS),-servicepath)
+
+cluster-down: kubecluster
+	$(BIN)/kubecluster down
+
+# The upstream e2e network tests against kube-proxy (iptables, nftables) and
+# servicepath (with and without socket-LB), one cluster after another:
+# results/conformance/. CONFORMANCE_FLAGS narrow it (-modes, -focus).
+conformance: cluster-deps image kubecluster
+	$(BIN)/kubecluster conformance $(CONFORMANCE_FLAGS)
 
 # Rebuilds the committed bpf2go output from bpf/*.c with Debian's clang.
 generate:
