@@ -29,7 +29,7 @@ func TestClusterStartsServesAndLeavesNothing(t *testing.T) {
 	if err := kubecluster.CheckAssets(); errors.Is(err, kubecluster.ErrNoAssets) {
 		t.Skipf("needs the cluster binaries: %v", err)
 	}
-	images, err := kubecluster.BuildImages(t.TempDir())
+	images, err := kubecluster.BuildImages(t.TempDir(), "../..")
 	require.NoError(t, err)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
@@ -110,4 +110,3 @@ func (w testWriter) Write(b []byte) (int, error) {
 	w.t.Logf("%s", b)
 	return len(b), nil
 }
-

@@ -1,6 +1,11 @@
 package kubecluster
 
 import (
+	"fmt"
+	"os/exec"
+	"path/filepath"
+	"strings"
+
 	"github.com/servicepath/servicepath/tools/image"
 )
 
@@ -9,11 +14,17 @@ const CoreDNSTag = "registry.k8s.io/coredns/coredns:v1.12.1"
 
 // BuildImages writes the images every node imports into dir: e2e's
 // (agnhost, pause, busybox, jessie-dnsutils) and CoreDNS, all from binaries
-// built by tools/kube. It returns the tarballs; image.PauseTag is the
-// sandbox image.
-func BuildImages(dir string) ([]string, error) {
+// built by tools/kube, and nginx from Debian's unpacked by
+// tools/image/debs.sh in repo. It returns the tarballs; image.PauseTag is
+// the sandbox image.
+func BuildImages(dir, repo string) ([]string, error) {
+	out, err := exec.Command(filepath.Join(repo, "tools", "image", "debs.sh"), "nginx", "nginx-common").Output()
+	if err != nil {
+		return nil, fmt.Errorf("unpack nginx for its image: %w", err)
+	}
 	specs, err := image.ClusterSpecs(image.ClusterOptions{
 		Agnhost: Bin("agnhost"), AgnhostSource: Bin("agnhost-src"), BusyBox: busyboxPath,
+		NginxRoot: strings.TrimSpace(string(out)),
 	})
 	if err != nil {
 		return nil, err

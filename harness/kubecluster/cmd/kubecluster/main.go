@@ -224,7 +224,7 @@ func serve(args []string) error {
 		return err
 	}
 	fmt.Println("images: building")
-	images, err := kubecluster.BuildImages(filepath.Join(f.dir(), "images"))
+	images, err := kubecluster.BuildImages(filepath.Join(f.dir(), "images"), ".")
 	if err != nil {
 		return err
 	}
@@ -378,7 +378,7 @@ func conformanceRun(args []string) error {
 	if err := kubecluster.CheckAssets(); err != nil {
 		return err
 	}
-	images, err := kubecluster.BuildImages(filepath.Join(o.WorkDir, "images"))
+	images, err := kubecluster.BuildImages(filepath.Join(o.WorkDir, "images"), ".")
 	if err != nil {
 		return err
 	}
