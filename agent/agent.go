@@ -72,6 +72,7 @@ type Agent struct {
 	log     *slog.Logger
 	mgr     *service.Manager
 	health  health
+	checks  *serviceHealth // healthCheckNodePorts
 	Metrics *Metrics
 
 	factory     informers.SharedInformerFactory
@@ -147,6 +148,8 @@ func New(client kubernetes.Interface, m *maps.Maps, cfg Config) (*Agent, error) 
 	a.broadcaster = record.NewBroadcaster()
 	a.broadcaster.StartRecordingToSink(&typedcorev1.EventSinkImpl{Interface: client.CoreV1().Events("")})
 	a.recorder = a.broadcaster.NewRecorder(scheme.Scheme, corev1.EventSource{Component: "servicepath", Host: cfg.NodeName})
+	a.checks = newServiceHealth(a.log, a.recorder, cfg.NodeName, a.Metrics.Registry,
+		func() bool { return a.health.proxyHealth().Healthy })
 	return a, nil
 }
 
@@ -180,6 +183,7 @@ func (a *Agent) Ready() (bool, string) { return a.health.Ready() }
 // ends. Nothing is removed from the maps before the caches are complete.
 func (a *Agent) Run(ctx context.Context) error {
 	defer a.broadcaster.Shutdown()
+	defer a.checks.close()
 	a.health.started()
 	ctx, cancel := context.WithCancel(ctx)
 	var wg sync.WaitGroup
@@ -374,6 +378,7 @@ func (a *Agent) sync() error {
 		frontends++
 		backends += len(p.Backends)
 	}
+	a.checks.sync()
 	a.Metrics.ServicesProgrammed.Set(float64(frontends))
 	a.Metrics.BackendsProgrammed.Set(float64(backends))
 	a.Metrics.Syncs.Inc()
@@ -402,6 +407,7 @@ func (a *Agent) desired(name string) (services []service.Service, ok bool) {
 	svc, err := a.services.Services(ns).Get(n)
 	if apierrors.IsNotFound(err) {
 		delete(a.reported, name)
+		a.checks.remove(name)
 		return nil, true
 	}
 	if err != nil {
@@ -422,6 +428,7 @@ func (a *Agent) desired(name string) (services []service.Service, ok bool) {
 	if err != nil {
 		return nil, false
 	}
+	a.checks.set(svc, res)
 	return res.Services, true
 }
 
