@@ -194,7 +194,8 @@ func checkDaemonSet(t *testing.T, ds *appsv1.DaemonSet, config *corev1.ConfigMap
 			mounts[v.Name] = v.HostPath.Path
 		}
 	}
-	assert.Equal(t, map[string]string{"bpffs": "/sys/fs/bpf", "cgroup2": "/sys/fs/cgroup"}, mounts, "host mounts: bpffs and cgroup2 only")
+	assert.Equal(t, map[string]string{"bpffs": "/sys/fs/bpf", "cgroup2": "/sys/fs/cgroup", "xtables-lock": "/run/xtables.lock"},
+		mounts, "host mounts: bpffs, cgroup2 and iptables' lock only")
 }
 
 // Per-element overheads of the kernel's hash maps (kernel/bpf/hashtab.c,
