@@ -90,13 +90,14 @@ func (n *Node) startHolder(ctx context.Context) error {
 		fmt.Fprintf(&script, "mount --bind %s /proc/sys/%s\n", file, key)
 	}
 	// A bpffs of the node's own, and the node's cgroup2 subtree where a
-	// DaemonSet finds it: servicepath pins there and attaches its socket
+	// DaemonSet finds it (shared, for HostToContainer propagation):
+	// servicepath pins there and attaches its socket
 	// hooks there, never to the machine's cgroup2 root.
 	v2, err := mounts.Cgroup2Root()
 	if err != nil {
 		return err
 	}
-	fmt.Fprintf(&script, "mount -t bpf bpffs /sys/fs/bpf\nmkdir -p %[1]s && mount --bind %[2]s %[1]s\n",
+	fmt.Fprintf(&script, "mount -t bpf bpffs /sys/fs/bpf && mount --make-shared /sys/fs/bpf\nmkdir -p %[1]s && mount --bind %[2]s %[1]s\n",
 		NodeCgroup2, filepath.Join(v2, n.Cgroup))
 	fmt.Fprintf(&script, "touch %s\nexec sleep infinity\n", ready)
 	n.holder, err = procs.Start(n.Name+" mount namespace", n.path("mountns.log"),

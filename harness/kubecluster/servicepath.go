@@ -79,6 +79,11 @@ func (c *Cluster) servicepathManifests(o DeployOptions) ([]byte, error) {
 			if len(bytes.TrimSpace(doc)) == 0 {
 				continue
 			}
+			if bytes.Contains(doc, []byte("kind: ConfigMap")) {
+				if doc, err = c.adaptConfig(doc); err != nil {
+					return nil, fmt.Errorf("%s: %w", f, err)
+				}
+			}
 			if bytes.Contains(doc, []byte("kind: DaemonSet")) {
 				if doc, err = c.adaptDaemonSet(doc, o); err != nil {
 					return nil, fmt.Errorf("%s: %w", f, err)
@@ -119,17 +124,19 @@ func (c *Cluster) adaptDaemonSet(doc []byte, o DeployOptions) ([]byte, error) {
 			args = append(args, a)
 		}
 		ct.Args = args
-		setEnv(ct, "SERVICEPATH_K8S_API_SERVER", c.APIServer.String())
 	}
 	return yaml.Marshal(&ds)
 }
 
-func setEnv(ct *corev1.Container, name, value string) {
-	for i := range ct.Env {
-		if ct.Env[i].Name == name {
-			ct.Env[i] = corev1.EnvVar{Name: name, Value: value}
-			return
-		}
+// adaptConfig fills in the API server's address, as deploy/config.yaml
+// asks its users to.
+func (c *Cluster) adaptConfig(doc []byte) ([]byte, error) {
+	var cm corev1.ConfigMap
+	if err := yaml.UnmarshalStrict(doc, &cm); err != nil {
+		return nil, err
 	}
-	ct.Env = append(ct.Env, corev1.EnvVar{Name: name, Value: value})
+	if _, ok := cm.Data["k8s-api-server"]; ok {
+		cm.Data["k8s-api-server"] = c.APIServer.String()
+	}
+	return yaml.Marshal(&cm)
 }
