@@ -26,6 +26,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/vishvananda/netlink"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
@@ -162,6 +163,17 @@ func (c *Cluster) start(ctx context.Context) error {
 	c.ControlPlane = c.Topo.External.Name
 	if err := c.recordState(); err != nil {
 		return err
+	}
+	// Nodes route everything they do not know to the control plane, as
+	// real nodes have a default route: without one a cluster IP is
+	// unreachable before any proxy's rules are consulted.
+	for _, n := range c.Topo.Nodes {
+		err := n.Do(func() error {
+			return netlink.RouteAdd(&netlink.Route{Gw: c.Topo.External.IPv4.AsSlice()})
+		})
+		if err != nil {
+			return fmt.Errorf("node %s: default route: %w", n.Name, err)
+		}
 	}
 	c.APIServer = netip.AddrPortFrom(c.Topo.External.IPv4, apiServerPort)
 

@@ -77,6 +77,10 @@ type Options struct {
 func Run(ctx context.Context, o Options) (map[string][]Case, map[string]error) {
 	results, errs := map[string][]Case{}, map[string]error{}
 	for i, m := range o.Modes {
+		if err := ctx.Err(); err != nil {
+			errs[m.Name] = fmt.Errorf("not run: %w", err)
+			continue
+		}
 		fmt.Fprintf(o.Progress, "== mode %s\n", m.Name)
 		start := time.Now()
 		cases, err := runMode(ctx, o, m, i)

@@ -88,6 +88,19 @@ func (r *Report) Ran() []Test {
 	return ran
 }
 
+// Failed lists "test (mode): reason" of every failure.
+func (r *Report) Failed() []string {
+	var failed []string
+	for _, t := range r.Tests {
+		for _, m := range r.Modes {
+			if c, ok := t.Results[m]; ok && c.Outcome == Fail {
+				failed = append(failed, fmt.Sprintf("%s (%s): %s", t.Name, m, c.Reason))
+			}
+		}
+	}
+	return failed
+}
+
 // Write writes results.json and README.md into dir.
 func (r *Report) Write(dir string) error {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
