@@ -10,6 +10,7 @@ BIN       := bin
 # netcat-openbsd (with bind9-dnsutils and iproute2) for the e2e images.
 APT_PKGS  := clang llvm libbpf-dev linux-libc-dev iproute2 dnsmasq-base bind9-dnsutils iptables nftables \
 	busybox-static curl netcat-openbsd
+# containerd, runc and the CNI plugins for harness/kubecluster's nodes.
 CLUSTER_APT_PKGS := containerd runc containernetworking-plugins
 BENCH     ?= quick
 
@@ -26,7 +27,7 @@ apt-install = missing=$$(for p in $(1); do dpkg-query -W -f='$${Status}\n' $$p 2
 
 # Idempotent.
 deps:
-	@$(call apt-install,$(APT_PKGS))
+	@$(call apt-install,$(APT_PKGS) $(CLUSTER_APT_PKGS))
 	$(GO) mod download
 	$(GO) run ./vmtests/cmd/vmtest deps
 	# kube-apiserver + etcd for the agent's tests, from the Go module proxy (cached)
@@ -34,12 +35,11 @@ deps:
 	# Debian's nginx unpacked (not installed: no server starts) for the e2e nginx image
 	tools/image/debs.sh nginx nginx-common
 
-# What the one-machine cluster adds (harness/kubecluster): containerd, runc
-# and the CNI plugins from Debian; kubelet, the controllers, kube-proxy,
+# What the one-machine cluster adds (harness/kubecluster; containerd, runc and
+# the CNI plugins come with make deps): kubelet, the controllers, kube-proxy,
 # kubectl, agnhost, CoreDNS, e2e.test and ginkgo from the Go module proxy
 # (cached; about 15 minutes cold). Idempotent.
 cluster-deps: deps
-	@$(call apt-install,$(CLUSTER_APT_PKGS))
 	PATH="$$(dirname $$(command -v $(GO))):$$PATH" tools/kube/build.sh cluster
 
 kubecluster:
