@@ -9,7 +9,7 @@ BIN       := bin
 # nftables for the kube-proxy baselines and the agent's image; busybox-static, curl and
 # netcat-openbsd (with bind9-dnsutils and iproute2) for the e2e images.
 APT_PKGS  := clang llvm libbpf-dev linux-libc-dev iproute2 dnsmasq-base bind9-dnsutils iptables nftables \
-	busybox-static curl netcat-openbsd
+	busybox-static curl wget netcat-openbsd
 # containerd, runc and the CNI plugins for harness/kubecluster's nodes.
 CLUSTER_APT_PKGS := containerd runc containernetworking-plugins
 BENCH     ?= quick

@@ -92,6 +92,9 @@ var shell = Tool{"dash", "/bin/sh", "dash"}
 var agnhostTools = []Tool{
 	shell,
 	{"curl", "/usr/bin/curl", "curl"},
+	// Debian's busybox-static 1.35 wget segfaults with -T, which e2e's
+	// service reachability checks pass ("wget -q -O - -T 1").
+	{"wget", "/usr/bin/wget", "wget"},
 	{"nc.openbsd", "/usr/bin/nc", "netcat-openbsd"},
 	{"dig", "/usr/bin/dig", "bind9-dnsutils"},
 	{"nslookup", "/usr/bin/nslookup", "bind9-dnsutils"},
