@@ -40,7 +40,12 @@ var Notes = []struct {
 	Pattern *regexp.Regexp
 	Note    string
 }{
-	{regexp.MustCompile(`LoadBalancer|type=LoadBalancer`), "needs a cloud load balancer: skipped by the suite on provider local"},
+	{regexp.MustCompile(`up and down services|service\.kubernetes\.io/headless|service-proxy-name|work after the service has been recreated`),
+		"the harness's: the host-exec pod's wget (Debian busybox-static 1.35) segfaults with -T; agnhost's image carries GNU wget from the next run on"},
+	{regexp.MustCompile(`internalTrafficPolicy=Local Pod and Node, to Pod \(hostNetwork: true\)`),
+		"fails under kube-proxy too: not yet diagnosed"},
+	{regexp.MustCompile(`terminating endpoints`),
+		"servicepath's: no fallback to terminating (serving) endpoints when none is ready; issue 13"},
 }
 
 // NewReport joins each mode's cases into one table.
@@ -99,6 +104,16 @@ func (r *Report) Failed() []string {
 		}
 	}
 	return failed
+}
+
+// ReadReport reads the results.json Write wrote into dir.
+func ReadReport(dir string) (*Report, error) {
+	b, err := os.ReadFile(filepath.Join(dir, "results.json"))
+	if err != nil {
+		return nil, err
+	}
+	var r Report
+	return &r, json.Unmarshal(b, &r)
 }
 
 // Write writes results.json and README.md into dir.
