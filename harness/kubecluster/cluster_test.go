@@ -15,6 +15,7 @@ import (
 	"github.com/stretchr/testify/require"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/intstr"
 
 	"github.com/servicepath/servicepath/harness/kubecluster"
 	"github.com/servicepath/servicepath/tools/image"
@@ -48,6 +49,10 @@ func TestClusterStartsServesAndLeavesNothing(t *testing.T) {
 				Containers: []corev1.Container{{
 					Name: "web", Image: image.AgnhostTag, ImagePullPolicy: corev1.PullNever,
 					Args: []string{"netexec", "--http-port=8080"},
+					// Ready once it listens, not once it started.
+					ReadinessProbe: &corev1.Probe{ProbeHandler: corev1.ProbeHandler{
+						HTTPGet: &corev1.HTTPGetAction{Path: "/hostname", Port: intstr.FromInt32(8080)},
+					}, PeriodSeconds: 1},
 				}},
 			},
 		}
