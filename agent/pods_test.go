@@ -218,20 +218,11 @@ func hooks(n *topology.Node, dev string) (ingress, egress []ebpf.ProgramID, err 
 	return ingress, egress, err
 }
 
-func progID(t *testing.T, p *ebpf.Program) ebpf.ProgramID {
-	t.Helper()
-	info, err := p.Info()
-	require.NoError(t, err, "program info")
-	id, ok := info.ID()
-	require.True(t, ok, "program ID known")
-	return id
-}
-
 // waitHooked waits until dev carries from-pod at ingress and to-pod at
 // egress.
 func waitHooked(t *testing.T, n *topology.Node, dp *loader.Datapath, dev string) {
 	t.Helper()
-	from, to := progID(t, dp.FromPod), progID(t, dp.ToPod)
+	from, to := testenv.ProgramID(t, dp.FromPod), testenv.ProgramID(t, dp.ToPod)
 	waitFor(t, "pod programs on "+dev, func() (bool, string) {
 		in, eg, err := hooks(n, dev)
 		if err != nil {

@@ -29,15 +29,7 @@ func coexistNode(t *testing.T, name string, spec topology.Spec) (*topology.Topol
 	t.Setenv("XTABLES_LOCKFILE", lock)
 	spec.Name = name
 	topo := topology.NewForTest(t, spec)
-	inNode := func(args ...string) (int, string, string) {
-		var code int
-		var out, errOut string
-		require.NoError(t, topo.Node.Do(func() error {
-			code, out, errOut = runCLI(args...)
-			return nil
-		}), "run in node netns")
-		return code, out, errOut
-	}
+	inNode := func(args ...string) (int, string, string) { return runCLIIn(t, topo.Node, args...) }
 	return topo, &kubeproxy.Runner{NS: topo.Node, LockFile: lock}, inNode
 }
 

@@ -29,6 +29,16 @@ func runCLI(args ...string) (code int, stdout, stderr string) {
 	return code, out.String(), errOut.String()
 }
 
+// runCLIIn runs the CLI in the node's netns.
+func runCLIIn(t *testing.T, node *topology.Node, args ...string) (code int, stdout, stderr string) {
+	t.Helper()
+	require.NoError(t, node.Do(func() error {
+		code, stdout, stderr = runCLI(args...)
+		return nil
+	}), "run in node netns")
+	return code, stdout, stderr
+}
+
 func TestUsageErrors(t *testing.T) {
 	for _, tc := range []struct {
 		name string
@@ -97,15 +107,7 @@ func TestCLILifeCycle(t *testing.T) {
 		require.NoError(t, err, "serve in %s", p.Name)
 		t.Cleanup(func() { srv.Close() })
 	}
-	inNode := func(args ...string) (int, string, string) {
-		var code int
-		var out, errOut string
-		require.NoError(t, topo.Node.Do(func() error {
-			code, out, errOut = runCLI(args...)
-			return nil
-		}), "run in node netns")
-		return code, out, errOut
-	}
+	inNode := func(args ...string) (int, string, string) { return runCLIIn(t, topo.Node, args...) }
 	mustRun := func(args ...string) string {
 		code, out, errOut := inNode(args...)
 		require.Zero(t, code, "servicepath %s: %s", strings.Join(args, " "), errOut)

@@ -24,12 +24,7 @@ func TestCLINodeDeviceXDP(t *testing.T) {
 	bpffs := filepath.Join(testenv.BPFFS(t), "sp")
 	dev := topology.WireIfName
 	inNode := func(args ...string) string {
-		var code int
-		var out, errOut string
-		require.NoError(t, topo.Node.Do(func() error {
-			code, out, errOut = runCLI(args...)
-			return nil
-		}), "run in node netns")
+		code, out, errOut := runCLIIn(t, topo.Node, args...)
 		require.Zero(t, code, "servicepath %s: %s", strings.Join(args, " "), errOut)
 		return out
 	}

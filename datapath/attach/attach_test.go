@@ -65,15 +65,6 @@ func enterNewNetns(t *testing.T) func() {
 	}
 }
 
-func progID(t *testing.T, p *ebpf.Program) ebpf.ProgramID {
-	t.Helper()
-	info, err := p.Info()
-	require.NoError(t, err, "program info")
-	id, ok := info.ID()
-	require.True(t, ok, "kernel reports program ids")
-	return id
-}
-
 // ourFilters lists servicepath's cls_bpf filters on dev's dir hook.
 func ourFilters(t *testing.T, dev string, dir attach.Direction) []*netlink.BpfFilter {
 	t.Helper()
@@ -141,7 +132,7 @@ func TestAttachModes(t *testing.T) {
 	dp, err := loader.Load(cfg)
 	require.NoError(t, err, "load datapath")
 	t.Cleanup(func() { dp.Close() })
-	fromPod, toPod := progID(t, dp.FromPod), progID(t, dp.ToPod)
+	fromPod, toPod := testenv.ProgramID(t, dp.FromPod), testenv.ProgramID(t, dp.ToPod)
 	linkDir := filepath.Join(testenv.BPFFS(t), "links")
 
 	defer enterNewNetns(t)()

@@ -41,7 +41,7 @@ func TestNetkitPoints(t *testing.T) {
 	t.Cleanup(func() { dp.Close() })
 	pod := topo.Pods[0]
 	a := &attach.Attacher{LinkDir: filepath.Join(testenv.BPFFS(t), "links")}
-	ids := map[attach.Point]ebpf.ProgramID{attach.NetkitPeer: progID(t, dp.FromPod), attach.NetkitPrimary: progID(t, dp.ToPod)}
+	ids := map[attach.Point]ebpf.ProgramID{attach.NetkitPeer: testenv.ProgramID(t, dp.FromPod), attach.NetkitPrimary: testenv.ProgramID(t, dp.ToPod)}
 	require.NoError(t, topo.Node.Do(func() error {
 		for _, p := range []struct {
 			prog  *ebpf.Program

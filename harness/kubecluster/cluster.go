@@ -11,6 +11,7 @@ package kubecluster
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	_ "embed"
 	"errors"
@@ -23,7 +24,6 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
-	"syscall"
 	"time"
 
 	"github.com/vishvananda/netlink"
@@ -124,11 +124,9 @@ func Start(ctx context.Context, opts Options) (*Cluster, error) {
 	if err := CheckAssets(); err != nil {
 		return nil, err
 	}
-	opts.Name = cmpOr(opts.Name, "spk")
-	opts.Proxy = cmpOr(opts.Proxy, NoProxy)
-	if opts.Nodes == 0 {
-		opts.Nodes = 2
-	}
+	opts.Name = cmp.Or(opts.Name, "spk")
+	opts.Proxy = cmp.Or(opts.Proxy, NoProxy)
+	opts.Nodes = cmp.Or(opts.Nodes, 2)
 	if opts.SandboxImage == "" {
 		return nil, errors.New("kubecluster: no sandbox (pause) image given")
 	}
@@ -137,14 +135,6 @@ func Start(ctx context.Context, opts Options) (*Cluster, error) {
 		return nil, errors.Join(err, c.Stop())
 	}
 	return c, nil
-}
-
-func cmpOr[T comparable](v, def T) T {
-	var zero T
-	if v == zero {
-		return def
-	}
-	return v
 }
 
 func (c *Cluster) progress(format string, args ...any) {
@@ -453,11 +443,7 @@ func (c *Cluster) inControlPlane(fn func() error) error { return nsexec.Do(c.Top
 // Command runs a binary in the control plane's netns, with KUBECONFIG set:
 // kubectl and e2e.test. Cancelling ctx kills its process group.
 func (c *Cluster) Command(ctx context.Context, bin string, args ...string) *exec.Cmd {
-	cmd := exec.CommandContext(ctx, "nsenter", append([]string{"--net=" + netnsPath(c.ControlPlane), "--", bin}, args...)...)
-	cmd.Env = append(os.Environ(), "KUBECONFIG="+c.Kubeconfig)
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	cmd.Cancel = func() error { return syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) }
-	return cmd
+	return State{ControlPlane: c.ControlPlane, Kubeconfig: c.Kubeconfig}.Command(ctx, bin, args...)
 }
 
 // Kubectl runs kubectl against the cluster and returns its combined output.

@@ -1,10 +1,12 @@
 package kubecluster
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
+	"os/exec"
 	"strconv"
 	"syscall"
 
@@ -46,6 +48,16 @@ func (c *Cluster) State() State {
 		}
 	}
 	return s
+}
+
+// Command runs a binary in the cluster's control-plane netns, with
+// KUBECONFIG set. Cancelling ctx kills its process group.
+func (s State) Command(ctx context.Context, bin string, args ...string) *exec.Cmd {
+	cmd := exec.CommandContext(ctx, "nsenter", append([]string{"--net=" + netnsPath(s.ControlPlane), "--", bin}, args...)...)
+	cmd.Env = append(os.Environ(), "KUBECONFIG="+s.Kubeconfig)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	cmd.Cancel = func() error { return syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) }
+	return cmd
 }
 
 // WriteState records s in a file.

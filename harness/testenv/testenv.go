@@ -234,3 +234,18 @@ func requireDriver(t testing.TB, driver, minKernel, release string, inVM bool, e
 		t.Skipf("%s needs kernel %s, running %s: %v", driver, minKernel, release, err)
 	}
 }
+
+// ProgramID is the kernel's id of a loaded program, for comparing with
+// what a device or link reports is attached.
+func ProgramID(t testing.TB, p *ebpf.Program) ebpf.ProgramID {
+	t.Helper()
+	info, err := p.Info()
+	if err != nil {
+		t.Fatalf("program info: %v", err)
+	}
+	id, ok := info.ID()
+	if !ok {
+		t.Fatal("the kernel reports no program ids")
+	}
+	return id
+}

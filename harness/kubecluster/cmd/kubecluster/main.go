@@ -328,8 +328,7 @@ func kubectl(args []string) error {
 	if err != nil {
 		return fmt.Errorf("cluster %s is not running: %w", c.name, err)
 	}
-	cmd := exec.Command("nsenter", append([]string{"--net=/run/netns/" + s.ControlPlane, "--", kubecluster.Bin("kubectl")}, fs.Args()...)...)
-	cmd.Env = append(os.Environ(), "KUBECONFIG="+s.Kubeconfig)
+	cmd := s.Command(context.Background(), kubecluster.Bin("kubectl"), fs.Args()...)
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = os.Stdin, os.Stdout, os.Stderr
 	return cmd.Run()
 }
