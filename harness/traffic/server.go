@@ -119,10 +119,11 @@ func setRecvPktInfo(c *net.UDPConn) error {
 // Port is the port the server listens on for both protocols.
 func (s *Server) Port() uint16 { return s.port }
 
-// TCPServed counts TCP requests answered.
+// TCPServed counts TCP requests answered; exact once Close returns, since a
+// reply can reach its client before it is counted.
 func (s *Server) TCPServed() uint64 { return s.tcpServed.Load() }
 
-// UDPServed counts UDP datagrams answered.
+// UDPServed counts UDP datagrams answered; exact once Close returns.
 func (s *Server) UDPServed() uint64 { return s.udpServed.Load() }
 
 func (s *Server) acceptLoop() {

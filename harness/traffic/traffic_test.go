@@ -58,6 +58,11 @@ func TestExchanges(t *testing.T) {
 			})
 		}
 	}
+	// A reply can reach its client before the server counts it: read the
+	// counts once the server's goroutines are done.
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
 	if got := s.TCPServed(); got != 6 {
 		t.Errorf("TCPServed = %d, want 6", got)
 	}
