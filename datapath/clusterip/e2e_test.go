@@ -3,6 +3,7 @@ package clusterip
 import (
 	"fmt"
 	"net/netip"
+	"slices"
 	"syscall"
 	"testing"
 	"time"
@@ -119,6 +120,39 @@ func exercise(t *testing.T, c *cluster.Cluster, f Family) {
 	assert.Zero(t, tally[backendNames[2]], "removed backend answered nothing: %v", tally)
 	assert.Positive(t, tally[backendNames[0]], "remaining backend 1 still serves: %v", tally)
 	assert.Positive(t, tally[backendNames[1]], "remaining backend 2 still serves: %v", tally)
+
+	// Only terminating backends: new flows fall back to them, as
+	// kube-proxy's do; one ready again takes every new connection (TCP
+	// only: a UDP exchange reusing an earlier flow's port keeps its
+	// terminating backend, as it should).
+	programStates := func(ready ...string) {
+		var bs []service.Backend
+		for _, n := range backendNames[:2] {
+			state := service.Terminating
+			if slices.Contains(ready, n) {
+				state = service.Active
+			}
+			bs = append(bs, c.Backend(n, f.VIP, state))
+		}
+		c.ProgramBackends(t, f.VIP, e2eTCPPort, service.TCP, bs...)
+		c.ProgramBackends(t, f.VIP, e2eUDPPort, service.UDP, bs...)
+	}
+	programStates()
+	tally, err = traffic.Run(after, func(i int) (traffic.Reply, error) {
+		if i%2 == 0 {
+			return traffic.TCPExchange(c.Client, tcpVIP, []byte("terminating"), timeout)
+		}
+		return traffic.UDPExchange(c.Client, udpVIP, []byte("terminating"), timeout)
+	})
+	require.NoError(t, err, "exchanges with only terminating backends")
+	assert.Positive(t, tally[backendNames[0]], "terminating backend 1 serves while none is ready: %v", tally)
+	assert.Positive(t, tally[backendNames[1]], "terminating backend 2 serves while none is ready: %v", tally)
+	programStates(backendNames[1])
+	tally, err = traffic.Run(after, func(i int) (traffic.Reply, error) {
+		return traffic.TCPExchange(c.Client, tcpVIP, []byte("one ready"), timeout)
+	})
+	require.NoError(t, err, "TCP exchanges with one backend ready again")
+	assert.Equal(t, after, tally[backendNames[1]], "the one ready backend takes every new connection: %v", tally)
 
 	// No ready backends: refused the way kube-proxy refuses.
 	program(t, c, f)

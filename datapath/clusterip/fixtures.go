@@ -283,13 +283,15 @@ func familyFixtures(f Family) []inject.Fixture {
 			Counters: inject.CountersOf("no_backend_drop", 1),
 		},
 		{
-			// Only terminating backends: no new flows.
-			Name:     name("only-terminating-backends-rejects-new-flow"),
+			// Only terminating backends: they take new flows (Kubernetes'
+			// fallback to serving terminating endpoints).
+			Name:     name("only-terminating-backends-take-new-flows"),
 			Setup:    inject.Upsert(f.Service(service.TCP, f.terminating(0))),
 			Input:    syn,
-			Verdict:  inject.Redirect,
-			Output:   packet.ICMPError(packet.PortUnreachable, f.VIP, f.Client.Addr(), packet.HeaderQuote(syn), reply()),
-			Counters: inject.CountersOf("no_backend_reject", 1),
+			Verdict:  inject.OK,
+			Output:   packet.TCP(f.Client, f.backend(0), packet.SYN, nil, packet.Opts{}),
+			Counters: inject.CountersOf("lb_new", 1),
+			Check:    checkCT(f, service.TCP, f.backend(0)),
 		},
 		{
 			Name: name("terminating-backend-keeps-its-flow"),

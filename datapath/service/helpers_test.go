@@ -213,7 +213,7 @@ func (r raw) slotIDs(t *testing.T, f service.Frontend) []uint32 {
 // checkInvariants asserts what the datapath relies on between any two
 // map writes of a finished operation: every master's slots 1..total exist
 // and no others; every slot names a backend of the frontend's protocol and
-// family, active in slots 1..count and terminating after; no backend is
+// family, terminating after slot count (and all counted when all are); no backend is
 // unnamed; every master has its owner's name and no name is orphaned.
 // Every master has its own nonzero svc id; a Maglev master with active
 // backends has a table naming only those, and no other table exists;
@@ -258,6 +258,7 @@ func checkInvariants(t *testing.T, r raw, when string) {
 	for mk, mv := range r.masters {
 		assert.LessOrEqual(t, mv.Count, mv.Total, "%s: %s count <= total", when, mk.Addr.Netip(mk.Family))
 		assert.Zero(t, mv.BackendID, "%s: master carries no backend id", when)
+		terminating := 0
 		for s := uint16(1); s <= mv.Total; s++ {
 			sk := mk
 			sk.Slot = s
@@ -274,11 +275,17 @@ func checkInvariants(t *testing.T, r raw, when string) {
 			}
 			assert.Equal(t, mk.Proto, b.Proto, "%s: backend %d has its frontend's protocol", when, sv.BackendID)
 			assert.Equal(t, mk.Family, b.Family, "%s: backend %d has its frontend's family", when, sv.BackendID)
-			wantState := maps.BackendActive
+			// Slots past the count are terminating; when all are (the
+			// fallback), the count covers them all.
 			if s > mv.Count {
-				wantState = maps.BackendTerminating
+				assert.Equal(t, maps.BackendTerminating, b.State, "%s: backend %d in slot %d (count %d) is terminating", when, sv.BackendID, s, mv.Count)
 			}
-			assert.Equal(t, wantState, b.State, "%s: backend %d in slot %d (count %d) has the state its slot implies", when, sv.BackendID, s, mv.Count)
+			if b.State == maps.BackendTerminating {
+				terminating++
+			}
+		}
+		if mv.Total > 0 && terminating == int(mv.Total) {
+			assert.Equal(t, mv.Total, mv.Count, "%s: %v has only terminating backends, and all take new flows", when, mk.Addr.Netip(mk.Family))
 		}
 		_, ok := r.meta[mk]
 		assert.True(t, ok, "%s: master %v has a name in sp_svc_meta", when, mk.Addr.Netip(mk.Family))

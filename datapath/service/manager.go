@@ -50,7 +50,8 @@ type frontend struct {
 	name, portName string
 	affinity       uint32 // seconds
 	flags          uint16
-	// ids in slot order: active first, then terminating.
+	// ids in slot order: active first, then terminating; count of them
+	// take new flows (all when none is active).
 	ids   []uint32
 	count int
 	// backends by id, as written to sp_backends.
@@ -534,6 +535,12 @@ func (mgr *Manager) plan(s Service, reserved, reservedSvc map[uint32]bool) (*pla
 			p.count++
 		}
 	}
+	// Kubernetes' fallback (kube-proxy since 1.26): with no backend
+	// ready, the serving terminating ones take new flows rather than
+	// none getting them.
+	if p.count == 0 {
+		p.count = len(p.ids)
+	}
 	// The table is built here, so one that cannot be is refused before
 	// any write.
 	if s.Maglev && p.count > 0 {
@@ -901,10 +908,12 @@ func (mgr *Manager) List() []Programmed {
 			SourceRanges: slices.Clone(f.ranges),
 		}}
 		fromFlags(&s.Service, f.flags)
-		for i, id := range f.ids {
+		for _, id := range f.ids {
 			b := f.backends[id]
+			// The state as given, not the slot: with the fallback a
+			// terminating backend can be counted for new flows.
 			state := Active
-			if i >= f.count {
+			if b.State == maps.BackendTerminating {
 				state = Terminating
 			}
 			s.Backends = append(s.Backends, Backend{Addr: b.Addr.Netip(b.Family), Port: b.Port.Uint16(), State: state})

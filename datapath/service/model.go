@@ -159,7 +159,9 @@ type BackendState uint8
 const (
 	// Active backends are selected for new flows.
 	Active BackendState = iota
-	// Terminating backends keep the flows they have but get no new ones.
+	// Terminating backends keep the flows they have and get new ones
+	// only while no backend of their frontend is Active: Kubernetes'
+	// fallback to serving terminating endpoints.
 	Terminating
 )
 

@@ -124,7 +124,8 @@ func TestMaglevTable(t *testing.T) {
 		{"reordered, same backends", maglevSvc(b[2], terminating("198.18.0.4", 8080), b[0], b[1]), b[:3]},
 		{"one more active", maglevSvc(b[0], b[1], b[2], b[4]), []service.Backend{b[0], b[1], b[2], b[4]}},
 		{"one active left", maglevSvc(b[1]), b[1:2]},
-		{"only terminating backends", maglevSvc(terminating("198.18.0.2", 8080)), nil},
+		// The fallback: with none active, the terminating ones are the table.
+		{"only terminating backends", maglevSvc(terminating("198.18.0.2", 8080)), []service.Backend{terminating("198.18.0.2", 8080)}},
 		{"active again", maglevSvc(b[1], b[3]), []service.Backend{b[1], b[3]}},
 		{"Maglev off", svc("ns/a", fe4, b[1], b[3]), nil},
 		{"Maglev on", maglevSvc(b[1], b[3]), []service.Backend{b[1], b[3]}},

@@ -171,6 +171,29 @@ func TestSocketLBRefusesAndForgetsRemovedBackends(t *testing.T) {
 	})
 }
 
+// With only terminating backends, connects fall back to them (kube-proxy's
+// serving-terminating fallback); one ready again takes every new one.
+func TestSocketLBFallsBackToTerminatingBackends(t *testing.T) {
+	cluster.ForEachKind(t, cluster.Options{SocketLB: true}, func(t *testing.T, c *cluster.Cluster) {
+		tcp := netip.AddrPortFrom(vip4, 80)
+		exchange := func(int) (traffic.Reply, error) {
+			return traffic.TCPExchange(c.Client, tcp, []byte("terminating"), timeout)
+		}
+		a, b := cluster.Backends[0], cluster.Backends[1]
+		c.ProgramBackends(t, vip4, 80, service.TCP, c.Backend(a, vip4, service.Terminating), c.Backend(b, vip4, service.Terminating))
+		tally, err := traffic.Run(60, exchange)
+		require.NoError(t, err, "connects with only terminating backends")
+		assert.Positive(t, tally[a], "terminating %s serves while none is ready: %v", a, tally)
+		assert.Positive(t, tally[b], "terminating %s serves while none is ready: %v", b, tally)
+
+		c.ProgramBackends(t, vip4, 80, service.TCP, c.Backend(a, vip4, service.Terminating), c.Backend(b, vip4, service.Active))
+		tally, err = traffic.Run(30, exchange)
+		require.NoError(t, err, "connects with %s ready again", b)
+		assert.Equal(t, 30, tally[b], "the ready backend takes every new connect: %v", tally)
+		assert.Zero(t, c.Counters(t)["sock_no_backend"], "nothing refused")
+	})
+}
+
 // With socket-LB limited to the host netns, the host is translated at the
 // socket while pods fall through to the per-packet path.
 func TestSocketLBHostNetnsOnly(t *testing.T) {

@@ -264,12 +264,23 @@ func (c *Cluster) Program(t *testing.T, vip netip.Addr, port uint16, proto servi
 
 // ProgramTo points vip:port/proto at backendPort of the named backend pods.
 func (c *Cluster) ProgramTo(t *testing.T, vip netip.Addr, port uint16, proto service.Protocol, backendPort uint16, backends ...string) {
-	s := service.Service{Name: "default/e2e", PortName: fmt.Sprintf("%s-%d", proto, port),
-		Frontend: service.Frontend{Addr: vip, Port: port, Protocol: proto}}
+	var bs []service.Backend
 	for _, n := range backends {
-		s.Backends = append(s.Backends, service.Backend{Addr: c.Addr(n, vip), Port: backendPort})
+		bs = append(bs, service.Backend{Addr: c.Addr(n, vip), Port: backendPort})
 	}
+	c.ProgramBackends(t, vip, port, proto, bs...)
+}
+
+// ProgramBackends points vip:port/proto at backends as given, states and all.
+func (c *Cluster) ProgramBackends(t *testing.T, vip netip.Addr, port uint16, proto service.Protocol, backends ...service.Backend) {
+	s := service.Service{Name: "default/e2e", PortName: fmt.Sprintf("%s-%d", proto, port),
+		Frontend: service.Frontend{Addr: vip, Port: port, Protocol: proto}, Backends: backends}
 	require.NoError(t, c.Services.Upsert(s), "program %s", s.Frontend)
+}
+
+// Backend is the named pod at BackendPort in the family of like, in state.
+func (c *Cluster) Backend(pod string, like netip.Addr, state service.BackendState) service.Backend {
+	return service.Backend{Addr: c.Addr(pod, like), Port: BackendPort, State: state}
 }
 
 // Counters reads the datapath's counters.
