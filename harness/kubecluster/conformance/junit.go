@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"regexp"
 	"sort"
 	"strings"
 )
@@ -107,6 +108,28 @@ func parseJUnit(b []byte) ([]Case, error) {
 	return cases, nil
 }
 
+// kubectlFailure is e2e's message for a failed kubectl command: the binary
+// and connection flags, which say nothing, then what was run.
+var kubectlFailure = regexp.MustCompile(`^error running \S*kubectl (?:--server=\S+ )?(?:--kubeconfig=\S+ )?(.*?):?$`)
+
+// kubectlReason says what a failed kubectl ran and how it ended (the last
+// line of its stderr or error), instead of its binary's path.
+func kubectlReason(first, text string) string {
+	m := kubectlFailure.FindStringSubmatch(first)
+	if m == nil {
+		return ""
+	}
+	reason := "kubectl " + m[1]
+	lines := strings.Split(text, "\n")
+	for i := len(lines) - 1; i > 0; i-- {
+		if l := strings.TrimSpace(lines[i]); l != "" && !strings.HasPrefix(l, "In [It] at:") && l != "error:" && l != first {
+			reason += ": " + l
+			break
+		}
+	}
+	return reason
+}
+
 // firstLine is the first non-empty line of the texts, shortened for a table.
 func firstLine(texts ...string) string {
 	for _, t := range texts {
@@ -117,6 +140,9 @@ func firstLine(texts ...string) string {
 			}
 			line = strings.TrimPrefix(line, "[FAILED] ")
 			line = strings.TrimPrefix(line, "[SKIPPED] ")
+			if r := kubectlReason(line, t); r != "" {
+				line = r
+			}
 			if len(line) > 200 {
 				line = line[:200] + "…"
 			}

@@ -45,3 +45,11 @@ func TestReportTable(t *testing.T) {
 	require.Contains(t, md, "| kube-proxy-iptables | 1 | 1 | 0 |")
 	require.Contains(t, md, "up and down services, kube-proxy-iptables: service is not reachable")
 }
+
+func TestKubectlFailureReason(t *testing.T) {
+	msg := "[FAILED] error running /root/.cache/servicepath/kube/cluster-v1.34.10/kubectl --server=https://198.18.254.200:6443 " +
+		"--kubeconfig=/var/tmp/k/kubeconfig --namespace=services-1 exec pause-pod-1 -- /bin/sh -x -c curl -q -s --connect-timeout 5 10.96.0.7:80/hostname:\n" +
+		"Command stdout:\n\nstderr:\n+ curl -q -s --connect-timeout 5 10.96.0.7:80/hostname\ncommand terminated with exit code 28\n\nerror:\nexit status 28\nIn [It] at: service.go:2716"
+	require.Equal(t, "kubectl --namespace=services-1 exec pause-pod-1 -- /bin/sh -x -c curl -q -s --connect-timeout 5 10.96.0.7:80/hostname: exit status 28",
+		firstLine(msg))
+}
