@@ -41,11 +41,15 @@ func TestClusterStartsServesAndLeavesNothing(t *testing.T) {
 	state := c.State()
 	t.Cleanup(func() { c.Stop() })
 
+	// The last node's pod is on the host network: it answers from the
+	// node's address with the node's own hostname.
+	hostNetwork := func(i int) bool { return i == len(c.Nodes)-1 }
 	for i, n := range c.Nodes {
 		pod := &corev1.Pod{
 			ObjectMeta: metav1.ObjectMeta{Name: fmt.Sprintf("web-%d", i)},
 			Spec: corev1.PodSpec{
-				NodeName: n.Name,
+				NodeName:    n.Name,
+				HostNetwork: hostNetwork(i),
 				Containers: []corev1.Container{{
 					Name: "web", Image: image.AgnhostTag, ImagePullPolicy: corev1.PullNever,
 					Args: []string{"netexec", "--http-port=8080"},
@@ -61,7 +65,13 @@ func TestClusterStartsServesAndLeavesNothing(t *testing.T) {
 	}
 	for i, n := range c.Nodes {
 		ip := waitPodIP(t, ctx, c, fmt.Sprintf("web-%d", i))
-		require.True(t, n.PodCIDR.Contains(ip), "pod on %s got %s, outside its pod CIDR %s", n.Name, ip, n.PodCIDR)
+		want := fmt.Sprintf("web-%d", i)
+		if hostNetwork(i) {
+			require.Equal(t, n.IP, ip, "hostNetwork pod on %s has the node's address", n.Name)
+			want = n.Name
+		} else {
+			require.True(t, n.PodCIDR.Contains(ip), "pod on %s got %s, outside its pod CIDR %s", n.Name, ip, n.PodCIDR)
+		}
 		var body []byte
 		client := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DialContext: c.Dial}}
 		resp, err := client.Get("http://" + ip.String() + ":8080/hostname")
@@ -69,7 +79,7 @@ func TestClusterStartsServesAndLeavesNothing(t *testing.T) {
 		body, err = io.ReadAll(resp.Body)
 		resp.Body.Close()
 		require.NoError(t, err)
-		require.Equal(t, fmt.Sprintf("web-%d", i), string(body))
+		require.Equal(t, want, string(body), "hostname of the pod on %s", n.Name)
 	}
 
 	require.NoError(t, c.Stop())

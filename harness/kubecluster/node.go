@@ -99,9 +99,12 @@ func (n *Node) startHolder(ctx context.Context) error {
 	}
 	fmt.Fprintf(&script, "mount -t bpf bpffs /sys/fs/bpf && mount --make-shared /sys/fs/bpf\nmkdir -p %[1]s && mount --bind %[2]s %[1]s\n",
 		NodeCgroup2, filepath.Join(v2, n.Cgroup))
+	// Its own hostname too: a hostNetwork pod answers with the node's name,
+	// which e2e checks (the machine's UTS namespace is never changed).
+	fmt.Fprintf(&script, "hostname %s\n", n.Name)
 	fmt.Fprintf(&script, "touch %s\nexec sleep infinity\n", ready)
 	n.holder, err = procs.Start(n.Name+" mount namespace", n.path("mountns.log"),
-		exec.Command("unshare", "--mount", "--propagation", "slave", "sh", "-c", script.String()))
+		exec.Command("unshare", "--mount", "--uts", "--propagation", "slave", "sh", "-c", script.String()))
 	if err != nil {
 		return err
 	}
@@ -111,10 +114,11 @@ func (n *Node) startHolder(ctx context.Context) error {
 	})
 }
 
-// nodeCommand runs bin in the node's network and mount namespaces.
+// nodeCommand runs bin in the node's network, mount and UTS namespaces.
 func (n *Node) nodeCommand(netnsPath, bin string, args ...string) *exec.Cmd {
+	holder := "/proc/" + strconv.Itoa(n.holder.Pid()) + "/ns/"
 	cmd := exec.Command("nsenter", append([]string{"--net=" + netnsPath,
-		"--mount=/proc/" + strconv.Itoa(n.holder.Pid()) + "/ns/mnt", "--", bin}, args...)...)
+		"--mount=" + holder + "mnt", "--uts=" + holder + "uts", "--", bin}, args...)...)
 	cmd.Env = append(os.Environ(), "PATH="+toolPath)
 	return cmd
 }
