@@ -1,4 +1,4 @@
-// Package scenarios holds the conntrack experiments of issue 7, one
+// Package scenarios holds the conntrack experiments, one
 // package each (collision, lruscale, zones, sockstate, churn). Each has a
 // small form that runs in `go test ./...` and a full form
 // (`-scenario.full`, or `make scenarios`) that writes
