@@ -281,6 +281,10 @@ func skipReason(svc *corev1.Service) string {
 	if owner, ok := svc.Labels[LabelServiceProxyName]; ok {
 		return fmt.Sprintf("label %s=%q: handled by another proxy", LabelServiceProxyName, owner)
 	}
+	// kube-proxy's informer leaves these out whatever the label's value.
+	if _, ok := svc.Labels[corev1.IsHeadlessService]; ok {
+		return fmt.Sprintf("label %s: headless", corev1.IsHeadlessService)
+	}
 	if svc.Spec.Type == corev1.ServiceTypeExternalName {
 		return "type ExternalName has no cluster IP"
 	}

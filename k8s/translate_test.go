@@ -257,6 +257,11 @@ func TestTranslate(t *testing.T) {
 					s.Labels = map[string]string{LabelServiceProxyName: "other-proxy"}
 					return s
 				}(),
+				func() *corev1.Service {
+					s := svc("labelled-headless", []string{"10.96.0.2"}, httpSvc)
+					s.Labels = map[string]string{corev1.IsHeadlessService: ""}
+					return s
+				}(),
 			},
 			slices: []*discoveryv1.EndpointSlice{
 				eslice("headless-1", "headless", discoveryv1.AddressTypeIPv4, httpEP, readyEP("10.0.0.1")),
@@ -266,6 +271,7 @@ func TestTranslate(t *testing.T) {
 				"Service default/ext: type ExternalName has no cluster IP",
 				"Service default/headless: headless (clusterIP None)",
 				"Service default/headless-old: headless (clusterIP None)",
+				"Service default/labelled-headless: label service.kubernetes.io/headless: headless",
 			},
 		},
 		{
