@@ -49,3 +49,14 @@ enum sock_state {
 };
 
 volatile const __u32 cfg_sock_state = SOCK_STATE_MAP;
+
+/* Hairpin: a pod whose service flow was sent to itself gets this source
+ * instead of its own (bpf/lib/lb.h: lb_forward). No pod may own it, and every
+ * pod must route it out of its device, so the reply comes back through the
+ * datapath; should it leak, routers discard it. IPv4: Cilium's link-local
+ * 169.254.42.1. IPv6: 100::1 of the discard prefix (RFC 6666), not Cilium's
+ * fe80::1, since a pod answers a link-local peer from its own link-local
+ * address (RFC 6724), which would miss the flow. Set by the loader
+ * (loader.Config.HairpinIPv4/6). */
+volatile const __be32 cfg_hairpin_ipv4 = __bpf_constant_htonl(0xa9fe2a01);
+volatile const union v6addr cfg_hairpin_ipv6 = {.addr = {0x01, 0x00, [15] = 0x01}};

@@ -347,12 +347,79 @@ static __always_inline int lb_translate(struct __ctx_buff *ctx, struct pkt *p, s
 	return CTX_ACT_OK;
 }
 
+#if !CTX_IS_XDP
+/* Hairpin: a pod sent to a service and was chosen as its backend. DNATed
+ * alone, the packet would come back from the pod's own address, which its
+ * stack refuses, and the reply would stay inside the pod. kube-proxy
+ * masquerades it; here, as in Cilium, the source becomes the hairpin
+ * address, the reply to that address becomes one from the VIP, and both
+ * go straight back into the pod. The flow entry stays keyed client to
+ * backend: pod to pod, a tuple no other flow has. */
+static __always_inline void lb_hairpin_addr(__u8 family, union v6addr *a)
+{
+	__builtin_memset(a, 0, sizeof(*a));
+	if (family == SP_AF_INET) {
+		a->p[0] = cfg_hairpin_ipv4;
+	} else {
+		a->d[0] = cfg_hairpin_ipv6.d[0];
+		a->d[1] = cfg_hairpin_ipv6.d[1];
+	}
+}
+
+static __always_inline int lb_hairpin_back(struct __ctx_buff *ctx)
+{
+	if (swap_macs(ctx) < 0) {
+		count(METRIC_MALFORMED);
+		return CTX_ACT_DROP;
+	}
+	count(METRIC_HAIRPIN);
+	return bpf_redirect(ctx_ifindex(ctx), 0);
+}
+
+/* A reply to the hairpin address; -1 when p is none. */
+static __always_inline int lb_hairpin_reply(struct __ctx_buff *ctx, struct pkt *p, const union v6addr *hairpin)
+{
+	struct ct_key k;
+
+	if (!is_tcp_or_udp(p->proto) || !addr_equal(&p->daddr, hairpin))
+		return -1;
+	ct_key_init(&k, &p->saddr, &p->saddr, p->dport, p->sport, p, 0);
+	struct ct_entry *flow = bpf_map_lookup_elem(&sp_ct, &k);
+	if (!flow)
+		return -1;
+	ct_account(flow, p, ctx_len(ctx), 1);
+
+	union v6addr pod = p->saddr, vip = flow->nat_addr;
+	if (nat_rewrite_addr(ctx, p, 0, &pod) < 0 || nat_rewrite_addr(ctx, p, 1, &vip) < 0 ||
+	    nat_rewrite_port(ctx, p, 1, flow->nat_port) < 0) {
+		count(METRIC_MALFORMED);
+		return CTX_ACT_DROP;
+	}
+	count(METRIC_REV_NAT);
+	return lb_hairpin_back(ctx);
+}
+
+/* What a pod sends: hairpin replies, else lb_translate, then the hairpin
+ * SNAT when the backend is the sender itself. */
 static __always_inline int lb_forward(struct __ctx_buff *ctx, struct pkt *p)
 {
 	struct lb_result r;
+	union v6addr hairpin;
 
-	return lb_translate(ctx, p, &r);
+	lb_hairpin_addr(p->family, &hairpin);
+	int ret = lb_hairpin_reply(ctx, p, &hairpin);
+	if (ret >= 0)
+		return ret;
+	ret = lb_translate(ctx, p, &r);
+	if (ret != CTX_ACT_OK || !r.t.backend_id || !addr_equal(&p->saddr, &p->daddr))
+		return ret;
+	if (nat_rewrite_addr(ctx, p, 1, &hairpin) < 0) {
+		count(METRIC_MALFORMED);
+		return CTX_ACT_DROP;
+	}
+	return lb_hairpin_back(ctx);
 }
+#endif
 
 /* Rewrites a reply on its way into the client back to the VIP, and ICMP
  * errors that quote a translated flow. */

@@ -52,6 +52,7 @@ enum metric {
 	METRIC_XDP_TO_TC,         /* XDP: passed to tc (local backend, or needs the stack) */
 	METRIC_NP_ICMP_REV_SNAT,  /* north-south: ICMP error about a SNATed flow sent on to the client */
 	METRIC_NP_ICMP_SNAT,      /* north-south: ICMP error about a SNATed flow's reply sent on to the backend */
+	METRIC_HAIRPIN,           /* pod's flow to itself: sent back into it via the hairpin address */
 	METRIC_MAX,
 };
 

@@ -72,6 +72,8 @@ func addLoadFlags(fs *flag.FlagSet) *loadOptions {
 	fs.DurationVar(&def.CTTCPEstablished, "ct-tcp-established", def.CTTCPEstablished, "lifetime of an idle established TCP flow")
 	fs.DurationVar(&def.CTTCPClose, "ct-tcp-close", def.CTTCPClose, "lifetime of a closing TCP flow")
 	fs.DurationVar(&def.CTNonTCP, "ct-non-tcp", def.CTNonTCP, "lifetime of an idle UDP flow")
+	fs.TextVar(&def.HairpinIPv4, "hairpin-ipv4", def.HairpinIPv4, "source of a pod's IPv4 packets to a service that picked the pod itself: an address no pod owns, routed out of every pod's device")
+	fs.TextVar(&def.HairpinIPv6, "hairpin-ipv6", def.HairpinIPv6, "the same for IPv6; not link-local, which pods answer from their link-local address")
 	fs.StringVar(&lo.sockState, "sock-state", string(loader.SockStateMap), "where socket-LB keeps each socket's reverse translation: map (sp_sock_revnat LRU), storage (the socket's own BPF storage, Linux 5.10+) or auto")
 	fs.Var((*uint32Flag)(&def.SockRevNATMapSize), "sock-revnat-size", "socket reverse-NAT entries (map mode: one per socket and backend)")
 	fs.BoolVar(&lo.allowKubeProxy, "allow-kube-proxy", false, "load even though kube-proxy's rules or ports are found (a migration window: both translate until kube-proxy is gone)")

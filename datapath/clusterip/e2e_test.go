@@ -174,3 +174,23 @@ func TestClusterIPSessionAffinity(t *testing.T) {
 		t.Run(f.Name, func(t *testing.T) { c.ExerciseAffinity(t, f.VIP) })
 	}
 }
+
+// A pod reaching its own service on the per-packet path, chosen as the
+// backend: answered from the VIP, with either routing. The backend sees
+// the hairpin address as its peer, which is what brings its replies back.
+func TestClusterIPHairpin(t *testing.T) {
+	for _, routing := range []loader.HostRouting{loader.HostRoutingStack, loader.HostRoutingBPF} {
+		t.Run(string(routing), func(t *testing.T) {
+			c := cluster.New(t, cluster.Options{PerPacket: true, Mode: attach.Auto, HostRouting: routing})
+			for _, f := range Families {
+				t.Run(f.Name, func(t *testing.T) {
+					before := c.Counters(t)["hairpin"]
+					self := c.ExerciseHairpin(t, f.VIP, 60)
+					// Two packets each way at least: the request and its answer.
+					assert.GreaterOrEqual(t, c.Counters(t)["hairpin"]-before, uint64(2*self), "every self-answered exchange went through the hairpin path")
+					assert.True(t, c.Servers[cluster.Backends[0]].SawPeer(f.hairpinAddr()), "the pod saw its own requests come from the hairpin address")
+				})
+			}
+		})
+	}
+}

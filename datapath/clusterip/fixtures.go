@@ -87,15 +87,20 @@ func reply() packet.Opts { return packet.Opts{FromHost: true} }
 
 func udp(src, dst netip.AddrPort) []byte { return packet.UDP(src, dst, payload, packet.Opts{}) }
 
-// checkCT asserts the two CT entries a new flow creates.
+// checkCT asserts the two CT entries a new flow of f.Client creates.
 func checkCT(f Family, proto service.Protocol, backend netip.AddrPort) func(t testing.TB, e *inject.Env) {
+	return checkClientCT(f, proto, f.Client, backend)
+}
+
+// checkClientCT asserts the two CT entries a new flow of client creates.
+func checkClientCT(f Family, proto service.Protocol, client, backend netip.AddrPort) func(t testing.TB, e *inject.Env) {
 	return func(t testing.TB, e *inject.Env) {
 		entries, err := ct.Dump(e.DP.Maps.CT)
 		require.NoError(t, err, "dump conntrack")
 		require.Len(t, entries, 2, "a new flow creates a service entry and a flow entry")
 		for _, en := range entries {
 			assert.Equal(t, uint8(proto), en.Protocol, "CT protocol")
-			assert.Equal(t, f.Client, en.Source, "CT source is the client")
+			assert.Equal(t, client, en.Source, "CT source is the client")
 			if en.Service {
 				assert.Equal(t, f.vip(), en.Dest, "service entry is keyed by the VIP")
 				assert.Equal(t, backend, en.NAT, "service entry names the backend")
@@ -125,6 +130,7 @@ func Fixtures() []inject.Fixture {
 		out = append(out, affinityFixtures(f)...)
 		out = append(out, maglevFixtures(f)...)
 		out = append(out, sourceRangeFixtures(f)...)
+		out = append(out, hairpinFixtures(f)...)
 	}
 	return append(out, inject.Fixture{
 		Name:     "arp-passes",

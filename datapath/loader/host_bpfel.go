@@ -35,6 +35,8 @@ const (
 	HostVarCfgCtTcpCloseS       = "cfg_ct_tcp_close_s"
 	HostVarCfgCtTcpEstablishedS = "cfg_ct_tcp_established_s"
 	HostVarCfgCtTcpSynS         = "cfg_ct_tcp_syn_s"
+	HostVarCfgHairpinIpv4       = "cfg_hairpin_ipv4"
+	HostVarCfgHairpinIpv6       = "cfg_hairpin_ipv6"
 	HostVarCfgHaveSetRetval     = "cfg_have_set_retval"
 	HostVarCfgHostNetnsCookie   = "cfg_host_netns_cookie"
 	HostVarCfgHostRouting       = "cfg_host_routing"
@@ -119,6 +121,8 @@ type HostVariableSpecs struct {
 	CfgCtTcpCloseS       *ebpf.VariableSpec `ebpf:"cfg_ct_tcp_close_s"`
 	CfgCtTcpEstablishedS *ebpf.VariableSpec `ebpf:"cfg_ct_tcp_established_s"`
 	CfgCtTcpSynS         *ebpf.VariableSpec `ebpf:"cfg_ct_tcp_syn_s"`
+	CfgHairpinIpv4       *ebpf.VariableSpec `ebpf:"cfg_hairpin_ipv4"`
+	CfgHairpinIpv6       *ebpf.VariableSpec `ebpf:"cfg_hairpin_ipv6"`
 	CfgHaveSetRetval     *ebpf.VariableSpec `ebpf:"cfg_have_set_retval"`
 	CfgHostNetnsCookie   *ebpf.VariableSpec `ebpf:"cfg_host_netns_cookie"`
 	CfgHostRouting       *ebpf.VariableSpec `ebpf:"cfg_host_routing"`
@@ -191,6 +195,8 @@ type HostVariables struct {
 	CfgCtTcpCloseS       *ebpf.Variable `ebpf:"cfg_ct_tcp_close_s"`
 	CfgCtTcpEstablishedS *ebpf.Variable `ebpf:"cfg_ct_tcp_established_s"`
 	CfgCtTcpSynS         *ebpf.Variable `ebpf:"cfg_ct_tcp_syn_s"`
+	CfgHairpinIpv4       *ebpf.Variable `ebpf:"cfg_hairpin_ipv4"`
+	CfgHairpinIpv6       *ebpf.Variable `ebpf:"cfg_hairpin_ipv6"`
 	CfgHaveSetRetval     *ebpf.Variable `ebpf:"cfg_have_set_retval"`
 	CfgHostNetnsCookie   *ebpf.Variable `ebpf:"cfg_host_netns_cookie"`
 	CfgHostRouting       *ebpf.Variable `ebpf:"cfg_host_routing"`

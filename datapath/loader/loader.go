@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"math/big"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"time"
@@ -125,6 +126,13 @@ type Config struct {
 	// so SNAT never takes the port of a node socket's connection.
 	NATPortMin, NATPortMax uint16
 
+	// HairpinIPv4 and HairpinIPv6 are the source a pod's packet gets when
+	// its service flow was sent to the pod itself, so the reply comes back
+	// through the datapath (bpf/lib/config.h says why these defaults). Each
+	// must be an address no pod owns that every pod routes out of its
+	// device: a cluster using one of them picks another.
+	HairpinIPv4, HairpinIPv6 netip.Addr
+
 	// XDP loads the node-device ingress path for XDP too (bpf_xdp.c,
 	// Datapath.XDPFromNetdev) where the kernel can run it (ProbeXDP). Off
 	// by default: it costs another large program to verify.
@@ -147,6 +155,14 @@ type Config struct {
 	SockRevNATMapSize uint32
 }
 
+// The hairpin addresses' defaults: Cilium's for IPv4, the discard prefix
+// (RFC 6666) for IPv6, where a link-local one would be answered from the
+// pod's link-local address.
+var (
+	DefaultHairpinIPv4 = netip.MustParseAddr("169.254.42.1")
+	DefaultHairpinIPv6 = netip.MustParseAddr("100::1")
+)
+
 // DefaultConfig has the sizes and Cilium's CT lifetimes. Zones are
 // on: the north-south zone is sized like sp_nat, which bounds SNATed flows
 // at the same 64Ki (two entries each).
@@ -160,6 +176,8 @@ func DefaultConfig() Config {
 		NATMapSize:          128 * 1024,
 		NATPortMin:          61000,
 		NATPortMax:          65535,
+		HairpinIPv4:         DefaultHairpinIPv4,
+		HairpinIPv6:         DefaultHairpinIPv6,
 		MaglevTableSize:     maglev.Small,
 		NoBackend:           Reject,
 		CTTCPSyn:            60 * time.Second,
@@ -182,6 +200,12 @@ func (c Config) Validate() error {
 	}
 	if c.NATPortMin == 0 || c.NATPortMin > c.NATPortMax {
 		return fmt.Errorf("SNAT port range %d-%d: want 1 <= min <= max", c.NATPortMin, c.NATPortMax)
+	}
+	if a := c.HairpinIPv4; !a.Is4() || a.IsUnspecified() || a.IsMulticast() || a.IsLoopback() {
+		return fmt.Errorf("hairpin IPv4 address %s: want a unicast IPv4 address no pod owns", a)
+	}
+	if a := c.HairpinIPv6; !a.Is6() || a.Is4In6() || a.Zone() != "" || a.IsUnspecified() || a.IsMulticast() || a.IsLoopback() {
+		return fmt.Errorf("hairpin IPv6 address %s: want a unicast IPv6 address no pod owns", a)
 	}
 	if n := c.MaglevTableSize; n < 251 || n > 131071 || !big.NewInt(int64(n)).ProbablyPrime(20) {
 		return fmt.Errorf("Maglev table size %d: want a prime from 251 to 131071 (16381 or 65521)", n)
@@ -502,6 +526,8 @@ func (c Config) knobs() (map[string]any, error) {
 		"cfg_nat_port_min":         uint32(c.NATPortMin),
 		"cfg_nat_port_max":         uint32(c.NATPortMax),
 		"cfg_maglev_size":          c.MaglevTableSize,
+		"cfg_hairpin_ipv4":         c.HairpinIPv4.As4(),
+		"cfg_hairpin_ipv6":         c.HairpinIPv6.As16(),
 	}, nil
 }
 

@@ -133,6 +133,10 @@ func TestLoadValidatesConfig(t *testing.T) {
 		{"Maglev table size below 251", func(c *loader.Config) { c.MaglevTableSize = 241 }},
 		{"Maglev table size above 131071", func(c *loader.Config) { c.MaglevTableSize = 131101 }},
 		{"zero Maglev table size", func(c *loader.Config) { c.MaglevTableSize = 0 }},
+		{"no hairpin IPv4 address", func(c *loader.Config) { c.HairpinIPv4 = netip.Addr{} }},
+		{"IPv6 hairpin IPv4 address", func(c *loader.Config) { c.HairpinIPv4 = netip.MustParseAddr("100::1") }},
+		{"IPv4-mapped hairpin IPv6 address", func(c *loader.Config) { c.HairpinIPv6 = netip.MustParseAddr("::ffff:169.254.42.1") }},
+		{"loopback hairpin IPv6 address", func(c *loader.Config) { c.HairpinIPv6 = netip.IPv6Loopback() }},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			cfg := loader.DefaultConfig()

@@ -33,6 +33,8 @@ const (
 	LxcVarCfgCtTcpCloseS       = "cfg_ct_tcp_close_s"
 	LxcVarCfgCtTcpEstablishedS = "cfg_ct_tcp_established_s"
 	LxcVarCfgCtTcpSynS         = "cfg_ct_tcp_syn_s"
+	LxcVarCfgHairpinIpv4       = "cfg_hairpin_ipv4"
+	LxcVarCfgHairpinIpv6       = "cfg_hairpin_ipv6"
 	LxcVarCfgHaveSetRetval     = "cfg_have_set_retval"
 	LxcVarCfgHostNetnsCookie   = "cfg_host_netns_cookie"
 	LxcVarCfgHostRouting       = "cfg_host_routing"
@@ -115,6 +117,8 @@ type LxcVariableSpecs struct {
 	CfgCtTcpCloseS       *ebpf.VariableSpec `ebpf:"cfg_ct_tcp_close_s"`
 	CfgCtTcpEstablishedS *ebpf.VariableSpec `ebpf:"cfg_ct_tcp_established_s"`
 	CfgCtTcpSynS         *ebpf.VariableSpec `ebpf:"cfg_ct_tcp_syn_s"`
+	CfgHairpinIpv4       *ebpf.VariableSpec `ebpf:"cfg_hairpin_ipv4"`
+	CfgHairpinIpv6       *ebpf.VariableSpec `ebpf:"cfg_hairpin_ipv6"`
 	CfgHaveSetRetval     *ebpf.VariableSpec `ebpf:"cfg_have_set_retval"`
 	CfgHostNetnsCookie   *ebpf.VariableSpec `ebpf:"cfg_host_netns_cookie"`
 	CfgHostRouting       *ebpf.VariableSpec `ebpf:"cfg_host_routing"`
@@ -183,6 +187,8 @@ type LxcVariables struct {
 	CfgCtTcpCloseS       *ebpf.Variable `ebpf:"cfg_ct_tcp_close_s"`
 	CfgCtTcpEstablishedS *ebpf.Variable `ebpf:"cfg_ct_tcp_established_s"`
 	CfgCtTcpSynS         *ebpf.Variable `ebpf:"cfg_ct_tcp_syn_s"`
+	CfgHairpinIpv4       *ebpf.Variable `ebpf:"cfg_hairpin_ipv4"`
+	CfgHairpinIpv6       *ebpf.Variable `ebpf:"cfg_hairpin_ipv6"`
 	CfgHaveSetRetval     *ebpf.Variable `ebpf:"cfg_have_set_retval"`
 	CfgHostNetnsCookie   *ebpf.Variable `ebpf:"cfg_host_netns_cookie"`
 	CfgHostRouting       *ebpf.Variable `ebpf:"cfg_host_routing"`

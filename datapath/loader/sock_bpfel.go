@@ -43,6 +43,8 @@ const (
 	SockVarCfgCtTcpCloseS       = "cfg_ct_tcp_close_s"
 	SockVarCfgCtTcpEstablishedS = "cfg_ct_tcp_established_s"
 	SockVarCfgCtTcpSynS         = "cfg_ct_tcp_syn_s"
+	SockVarCfgHairpinIpv4       = "cfg_hairpin_ipv4"
+	SockVarCfgHairpinIpv6       = "cfg_hairpin_ipv6"
 	SockVarCfgHaveSetRetval     = "cfg_have_set_retval"
 	SockVarCfgHostNetnsCookie   = "cfg_host_netns_cookie"
 	SockVarCfgHostRouting       = "cfg_host_routing"
@@ -135,6 +137,8 @@ type SockVariableSpecs struct {
 	CfgCtTcpCloseS       *ebpf.VariableSpec `ebpf:"cfg_ct_tcp_close_s"`
 	CfgCtTcpEstablishedS *ebpf.VariableSpec `ebpf:"cfg_ct_tcp_established_s"`
 	CfgCtTcpSynS         *ebpf.VariableSpec `ebpf:"cfg_ct_tcp_syn_s"`
+	CfgHairpinIpv4       *ebpf.VariableSpec `ebpf:"cfg_hairpin_ipv4"`
+	CfgHairpinIpv6       *ebpf.VariableSpec `ebpf:"cfg_hairpin_ipv6"`
 	CfgHaveSetRetval     *ebpf.VariableSpec `ebpf:"cfg_have_set_retval"`
 	CfgHostNetnsCookie   *ebpf.VariableSpec `ebpf:"cfg_host_netns_cookie"`
 	CfgHostRouting       *ebpf.VariableSpec `ebpf:"cfg_host_routing"`
@@ -207,6 +211,8 @@ type SockVariables struct {
 	CfgCtTcpCloseS       *ebpf.Variable `ebpf:"cfg_ct_tcp_close_s"`
 	CfgCtTcpEstablishedS *ebpf.Variable `ebpf:"cfg_ct_tcp_established_s"`
 	CfgCtTcpSynS         *ebpf.Variable `ebpf:"cfg_ct_tcp_syn_s"`
+	CfgHairpinIpv4       *ebpf.Variable `ebpf:"cfg_hairpin_ipv4"`
+	CfgHairpinIpv6       *ebpf.Variable `ebpf:"cfg_hairpin_ipv6"`
 	CfgHaveSetRetval     *ebpf.Variable `ebpf:"cfg_have_set_retval"`
 	CfgHostNetnsCookie   *ebpf.Variable `ebpf:"cfg_host_netns_cookie"`
 	CfgHostRouting       *ebpf.Variable `ebpf:"cfg_host_routing"`

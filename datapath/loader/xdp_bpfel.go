@@ -34,6 +34,8 @@ const (
 	XdpVarCfgCtTcpCloseS       = "cfg_ct_tcp_close_s"
 	XdpVarCfgCtTcpEstablishedS = "cfg_ct_tcp_established_s"
 	XdpVarCfgCtTcpSynS         = "cfg_ct_tcp_syn_s"
+	XdpVarCfgHairpinIpv4       = "cfg_hairpin_ipv4"
+	XdpVarCfgHairpinIpv6       = "cfg_hairpin_ipv6"
 	XdpVarCfgHaveSetRetval     = "cfg_have_set_retval"
 	XdpVarCfgHostNetnsCookie   = "cfg_host_netns_cookie"
 	XdpVarCfgHostRouting       = "cfg_host_routing"
@@ -117,6 +119,8 @@ type XdpVariableSpecs struct {
 	CfgCtTcpCloseS       *ebpf.VariableSpec `ebpf:"cfg_ct_tcp_close_s"`
 	CfgCtTcpEstablishedS *ebpf.VariableSpec `ebpf:"cfg_ct_tcp_established_s"`
 	CfgCtTcpSynS         *ebpf.VariableSpec `ebpf:"cfg_ct_tcp_syn_s"`
+	CfgHairpinIpv4       *ebpf.VariableSpec `ebpf:"cfg_hairpin_ipv4"`
+	CfgHairpinIpv6       *ebpf.VariableSpec `ebpf:"cfg_hairpin_ipv6"`
 	CfgHaveSetRetval     *ebpf.VariableSpec `ebpf:"cfg_have_set_retval"`
 	CfgHostNetnsCookie   *ebpf.VariableSpec `ebpf:"cfg_host_netns_cookie"`
 	CfgHostRouting       *ebpf.VariableSpec `ebpf:"cfg_host_routing"`
@@ -189,6 +193,8 @@ type XdpVariables struct {
 	CfgCtTcpCloseS       *ebpf.Variable `ebpf:"cfg_ct_tcp_close_s"`
 	CfgCtTcpEstablishedS *ebpf.Variable `ebpf:"cfg_ct_tcp_established_s"`
 	CfgCtTcpSynS         *ebpf.Variable `ebpf:"cfg_ct_tcp_syn_s"`
+	CfgHairpinIpv4       *ebpf.Variable `ebpf:"cfg_hairpin_ipv4"`
+	CfgHairpinIpv6       *ebpf.Variable `ebpf:"cfg_hairpin_ipv6"`
 	CfgHaveSetRetval     *ebpf.Variable `ebpf:"cfg_have_set_retval"`
 	CfgHostNetnsCookie   *ebpf.Variable `ebpf:"cfg_host_netns_cookie"`
 	CfgHostRouting       *ebpf.Variable `ebpf:"cfg_host_routing"`

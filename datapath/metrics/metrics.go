@@ -57,6 +57,7 @@ var Names = []string{
 	"xdp_to_tc",
 	"np_icmp_rev_snat",
 	"np_icmp_snat",
+	"hairpin",
 }
 
 // Read sums each counter over CPUs, keyed by name.

@@ -225,3 +225,21 @@ func TestSocketLBSessionAffinity(t *testing.T) {
 		}
 	})
 }
+
+// A pod connecting to its own service through the socket hooks: connect
+// writes its own address in, and the kernel loops the flow back inside
+// the pod, so no packet needs translating.
+func TestSocketLBHairpin(t *testing.T) {
+	c := cluster.New(t, cluster.Options{SocketLB: true})
+	for _, vip := range []netip.Addr{vip4, vip6} {
+		t.Run(vip.String(), func(t *testing.T) {
+			c.ExerciseHairpin(t, vip, 60)
+			assert.True(t, c.Servers[cluster.Backends[0]].SawPeer(c.Addr(cluster.Backends[0], vip)), "the pod saw itself as its peer")
+		})
+	}
+	entries, err := ct.Dump(c.DP.Maps.CT)
+	require.NoError(t, err, "dump conntrack")
+	assert.Empty(t, entries, "no per-packet conntrack")
+	got := c.Counters(t)
+	assert.Zero(t, got["lb_new"]+got["hairpin"], "the per-packet path did nothing (counters %v)", got)
+}

@@ -1,0 +1,131 @@
+package clusterip
+
+import (
+	"net/netip"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/servicepath/servicepath/datapath/ct"
+	"github.com/servicepath/servicepath/datapath/loader"
+	"github.com/servicepath/servicepath/datapath/service"
+	"github.com/servicepath/servicepath/harness/inject"
+	"github.com/servicepath/servicepath/harness/packet"
+)
+
+// hairpinAddr is the family's default hairpin address (bpf/lib/config.h).
+func (f Family) hairpinAddr() netip.Addr {
+	if f.VIP.Is4() {
+		return loader.DefaultHairpinIPv4
+	}
+	return loader.DefaultHairpinIPv6
+}
+
+// hairpinFixtures: backend 0 is also the client, sending from its own
+// address to the VIP. Both directions go back into the pod (redirected,
+// MACs swapped): the flow from the hairpin address to the pod's backend
+// port, the reply from the VIP to the pod's client port. Its CT entries
+// are keyed like any flow's, the client being the backend.
+// Its CT entries are keyed like any flow's, the client being the backend.
+func hairpinFixtures(f Family) []inject.Fixture {
+	name := func(s string) string { return f.Name + "/hairpin-" + s }
+	pod := netip.AddrPortFrom(f.Backends[0], f.Client.Port())
+	hairpin := netip.AddrPortFrom(f.hairpinAddr(), pod.Port())
+	tcpSvc := f.Service(service.TCP, f.active(0))
+	udpSvc := f.Service(service.UDP, f.active(0))
+	syn := packet.TCP(pod, f.vip(), packet.SYN, nil, packet.Opts{})
+	synack := packet.TCP(f.backend(0), hairpin, packet.SYNACK, nil, packet.Opts{})
+	dgram := packet.UDP(pod, f.vip(), payload, packet.Opts{})
+
+	custom := func(c *loader.Config) {
+		c.HairpinIPv4 = netip.MustParseAddr("169.254.7.7")
+		c.HairpinIPv6 = netip.MustParseAddr("100::7")
+	}
+	customAddr := netip.MustParseAddr("169.254.7.7")
+	if f.VIP.Is6() {
+		customAddr = netip.MustParseAddr("100::7")
+	}
+
+	return []inject.Fixture{
+		{
+			Name:     name("tcp-syn-snat-to-hairpin-address"),
+			Setup:    inject.Upsert(tcpSvc),
+			Input:    syn,
+			Verdict:  inject.Redirect,
+			Output:   packet.TCP(hairpin, f.backend(0), packet.SYN, nil, reply()),
+			Counters: inject.CountersOf("lb_new", 1, "hairpin", 1),
+			Check:    checkClientCT(f, service.TCP, pod, f.backend(0)),
+		},
+		{
+			Name:     name("tcp-reply-back-from-vip"),
+			Setup:    inject.Steps(inject.Upsert(tcpSvc), inject.Send(nil, inject.FromPod, syn)),
+			Input:    synack,
+			Verdict:  inject.Redirect,
+			Output:   packet.TCP(f.vip(), pod, packet.SYNACK, nil, reply()),
+			Counters: inject.CountersOf("rev_nat", 1, "hairpin", 1),
+			Check: func(t testing.TB, e *inject.Env) {
+				entries, err := ct.Dump(e.DP.Maps.CT)
+				require.NoError(t, err, "dump conntrack")
+				require.Len(t, entries, 2, "the reply creates no entry")
+				for _, en := range entries {
+					if !en.Service {
+						assert.Equal(t, []string{"replied"}, en.State, "flow entry saw the reply, still in SYN state")
+						assert.Equal(t, uint64(1), en.RevPackets, "reply counted")
+					}
+				}
+			},
+		},
+		{
+			Name: name("tcp-established-stays-hairpinned"),
+			Setup: inject.Steps(inject.Upsert(tcpSvc), inject.Send(nil, inject.FromPod, syn),
+				inject.Send(nil, inject.FromPod, synack)),
+			Input:    packet.TCP(pod, f.vip(), packet.ACK, payload, packet.Opts{}),
+			Verdict:  inject.Redirect,
+			Output:   packet.TCP(hairpin, f.backend(0), packet.ACK, payload, reply()),
+			Counters: inject.CountersOf("lb_established", 1, "hairpin", 1),
+		},
+		{
+			Name:     name("udp-snat-to-hairpin-address"),
+			Setup:    inject.Upsert(udpSvc),
+			Input:    dgram,
+			Verdict:  inject.Redirect,
+			Output:   packet.UDP(hairpin, f.backend(0), payload, reply()),
+			Counters: inject.CountersOf("lb_new", 1, "hairpin", 1),
+			Check:    checkClientCT(f, service.UDP, pod, f.backend(0)),
+		},
+		{
+			Name:     name("udp-reply-back-from-vip"),
+			Setup:    inject.Steps(inject.Upsert(udpSvc), inject.Send(nil, inject.FromPod, dgram)),
+			Input:    packet.UDP(f.backend(0), hairpin, payload, packet.Opts{}),
+			Verdict:  inject.Redirect,
+			Output:   packet.UDP(f.vip(), pod, payload, reply()),
+			Counters: inject.CountersOf("rev_nat", 1, "hairpin", 1),
+		},
+		{
+			// Another client of the same service is translated as ever.
+			Name:     name("other-client-not-hairpinned"),
+			Setup:    inject.Upsert(tcpSvc),
+			Input:    packet.TCP(f.Client, f.vip(), packet.SYN, nil, packet.Opts{}),
+			Verdict:  inject.OK,
+			Output:   packet.TCP(f.Client, f.backend(0), packet.SYN, nil, packet.Opts{}),
+			Counters: inject.CountersOf("lb_new", 1),
+		},
+		{
+			Name:     name("address-without-flow-passes"),
+			Setup:    inject.Upsert(udpSvc),
+			Input:    packet.UDP(f.backend(0), hairpin, payload, packet.Opts{}),
+			Verdict:  inject.OK,
+			Counters: inject.CountersOf("pass", 1),
+		},
+		{
+			Name:     name("address-set-by-loader"),
+			Config:   custom,
+			Setup:    inject.Upsert(udpSvc),
+			Input:    dgram,
+			Verdict:  inject.Redirect,
+			Output:   packet.UDP(netip.AddrPortFrom(customAddr, pod.Port()), f.backend(0), payload, reply()),
+			Counters: inject.CountersOf("lb_new", 1, "hairpin", 1),
+		},
+	}
+}
