@@ -189,8 +189,42 @@ func TestClusterIPHairpin(t *testing.T) {
 					// Two packets each way at least: the request and its answer.
 					assert.GreaterOrEqual(t, c.Counters(t)["hairpin"]-before, uint64(2*self), "every self-answered exchange went through the hairpin path")
 					assert.True(t, c.Servers[cluster.Backends[0]].SawPeer(f.hairpinAddr()), "the pod saw its own requests come from the hairpin address")
+					nodePortHairpin(t, c, f)
 				})
 			}
 		})
 	}
+}
+
+// nodePortHairpin: the pod reaches a NodePort at its node's address, with
+// itself the only backend; the pod device translates it like a ClusterIP.
+func nodePortHairpin(t *testing.T, c *cluster.Cluster, f Family) {
+	const port = 30080
+	self := cluster.Backends[0]
+	node, wildcard := c.Topo.Node.GatewayIPv4, netip.IPv4Unspecified()
+	if f.VIP.Is6() {
+		node, wildcard = c.Topo.Node.IPv6, netip.IPv6Unspecified()
+	}
+	dst := netip.AddrPortFrom(node, port)
+	for _, proto := range []service.Protocol{service.TCP, service.UDP} {
+		require.NoError(t, c.Services.Upsert(service.Service{
+			Name:     "default/hairpin-nodeport",
+			Frontend: service.Frontend{Addr: wildcard, Port: port, Protocol: proto, Kind: service.NodePort},
+			Backends: []service.Backend{c.Backend(self, f.VIP, service.Active)},
+		}), "program NodePort %d/%s", port, proto)
+	}
+	before := c.Counters(t)["hairpin"]
+	tally, err := traffic.Run(20, func(i int) (traffic.Reply, error) {
+		if i%2 == 0 {
+			return traffic.TCPExchange(c.Topo.Pod(self), dst, []byte("nodeport tcp"), timeout)
+		}
+		r, err := traffic.UDPExchange(c.Topo.Pod(self), dst, []byte("nodeport udp"), timeout)
+		if err == nil && r.Peer != dst {
+			err = fmt.Errorf("UDP reply came from %s, not the NodePort %s", r.Peer, dst)
+		}
+		return r, err
+	})
+	require.NoError(t, err, "%s through its own NodePort %s", self, dst)
+	assert.Equal(t, 20, tally[self], "%s answered every exchange itself: %v", self, tally)
+	assert.GreaterOrEqual(t, c.Counters(t)["hairpin"]-before, uint64(2*20), "every exchange went through the hairpin path")
 }
