@@ -160,6 +160,9 @@ func ClusterSpecs(o ClusterOptions) ([]Spec, error) {
 		// entrypoint-tester tests run the binary under this second name.
 		File{Path: "/agnhost-2", Mode: fs.ModeSymlink | 0o777, Link: "agnhost"},
 		File{Path: "/uploads", Mode: fs.ModeDir | 0o755}, // netexec's upload target
+		// GNU wget retries a timed-out request 20 times, with back-off;
+		// busybox's, which e2e's loops of "wget -T 1" expect, tries once.
+		File{Path: "/etc/wgetrc", Mode: 0o644, Data: []byte("tries = 1\n")},
 	)
 	agnhostFiles = append(agnhostFiles, etcFiles(
 		"user-defined-in-image:x:1000:1000::/home/user-defined-in-image:/bin/sh\n",

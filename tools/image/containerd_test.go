@@ -110,6 +110,11 @@ func TestContainerdImports(t *testing.T) {
 			[]string{"comment match options", "MARK target options"}},
 		{AgnhostTag, sh("nc -h 2>&1; curl --version; wget -q -O - -T 1 http://127.0.0.1:9/ 2>&1; echo wget=$?; dig -v 2>&1; ip -V; ss -V; bash --version; getent hosts localhost; seq 2 3"),
 			[]string{"OpenBSD netcat", "curl 7", "wget=4", "DiG 9", "iproute2", "GNU bash", "localhost", "2\n3"}},
+		// A server that accepts and never answers: wget gives up after one
+		// try of -T 1 (exit 4), not twenty (busybox's timeout runs its own
+		// wget unless given the path).
+		{AgnhostTag, sh("nc -lk 127.0.0.1 8080 >/dev/null & sleep 0.5; timeout 5 /usr/bin/wget -q -O - -T 1 http://127.0.0.1:8080/; echo wget-timeout=$?"),
+			[]string{"wget-timeout=4"}},
 		{JessieDnsutilTag, sh("dig -v 2>&1; getent hosts localhost; seq 2 3"),
 			[]string{"DiG 9", "localhost", "2\n3"}},
 		{BusyBoxTag, sh("nc 2>&1; echo via-busybox"), []string{"BusyBox", "via-busybox"}},
