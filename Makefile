@@ -55,7 +55,7 @@ cluster-down: kubecluster
 	$(BIN)/kubecluster down
 
 # The upstream e2e network tests against kube-proxy (iptables, nftables) and
-# servicepath (with and without socket-LB), one cluster after another:
+# servicepath (socket-LB, and pods per packet), one cluster after another:
 # results/conformance/. CONFORMANCE_FLAGS narrow it (-modes, -focus).
 conformance: cluster-deps image kubecluster
 	$(BIN)/kubecluster conformance $(CONFORMANCE_FLAGS)

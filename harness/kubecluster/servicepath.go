@@ -3,6 +3,7 @@ package kubecluster
 import (
 	"bufio"
 	"bytes"
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -24,10 +25,36 @@ type DeployOptions struct {
 	// Manifests is the folder of deploy/'s YAML files.
 	Manifests string
 	// Image is the agent's docker-archive (`make image`).
-	Image string
-	// SocketLB attaches the socket hooks (to each node's own cgroup2
-	// subtree); without it Services are translated per packet only.
-	SocketLB bool
+	Image    string
+	SocketLB SocketLB
+}
+
+// SocketLB says which clients the socket hooks translate; the rest are
+// translated per packet.
+type SocketLB string
+
+const (
+	// SocketLBAll attaches the socket hooks (to each node's own cgroup2
+	// subtree) for the host and pods: the deploy/ default.
+	SocketLBAll SocketLB = "all"
+	// SocketLBHostOnly leaves pods to the per-packet path
+	// (--socket-lb-host-only). The host keeps its hooks: no per-packet
+	// program sees what the host sends, so they are what makes Services
+	// reachable from it (as in Cilium, whose host-reachable services are
+	// its socket-LB).
+	SocketLBHostOnly SocketLB = "host-only"
+	// SocketLBOff attaches no socket hooks: pods per packet, and the
+	// host's own connections to Services untranslated.
+	SocketLBOff SocketLB = "off"
+)
+
+// ParseSocketLB reads a SocketLB's spelling.
+func ParseSocketLB(s string) (SocketLB, error) {
+	switch v := SocketLB(s); v {
+	case SocketLBAll, SocketLBHostOnly, SocketLBOff:
+		return v, nil
+	}
+	return "", fmt.Errorf("socket-LB %q: want all, host-only or off", s)
 }
 
 // DeployServicepath imports the agent's image into every node and applies
@@ -47,7 +74,7 @@ func (c *Cluster) DeployServicepath(ctx context.Context, o DeployOptions) error 
 	if err != nil {
 		return err
 	}
-	c.progress("servicepath DaemonSet (socket-LB %v)", o.SocketLB)
+	c.progress("servicepath DaemonSet (socket-LB %s)", cmp.Or(o.SocketLB, SocketLBAll))
 	if _, err := c.Apply(ctx, manifests); err != nil {
 		return err
 	}
@@ -118,10 +145,13 @@ func (c *Cluster) adaptDaemonSet(doc []byte, o DeployOptions) ([]byte, error) {
 			switch {
 			case strings.HasPrefix(a, "--node-device="):
 				a = "--node-device=" + topology.WireIfName
-			case strings.HasPrefix(a, "--cgroup=") && !o.SocketLB:
+			case strings.HasPrefix(a, "--cgroup=") && o.SocketLB == SocketLBOff:
 				continue
 			}
 			args = append(args, a)
+		}
+		if o.SocketLB == SocketLBHostOnly {
+			args = append(args, "--socket-lb-host-only")
 		}
 		ct.Args = args
 	}

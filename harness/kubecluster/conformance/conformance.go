@@ -23,15 +23,16 @@ type Mode struct {
 	Proxy kubecluster.Proxy
 	// Servicepath deploys servicepath's DaemonSet (deploy/) instead.
 	Servicepath bool
-	SocketLB    bool
+	SocketLB    kubecluster.SocketLB
 }
 
 // Modes are the ones a full run compares.
 var Modes = []Mode{
 	{Name: "kube-proxy-iptables", Proxy: kubecluster.KubeProxyIPTables},
 	{Name: "kube-proxy-nftables", Proxy: kubecluster.KubeProxyNFTables},
-	{Name: "servicepath", Proxy: kubecluster.NoProxy, Servicepath: true, SocketLB: true},
-	{Name: "servicepath-no-socket-lb", Proxy: kubecluster.NoProxy, Servicepath: true},
+	{Name: "servicepath", Proxy: kubecluster.NoProxy, Servicepath: true, SocketLB: kubecluster.SocketLBAll},
+	// Pods' traffic through the per-packet path.
+	{Name: "servicepath-per-packet", Proxy: kubecluster.NoProxy, Servicepath: true, SocketLB: kubecluster.SocketLBHostOnly},
 }
 
 // ModeByName finds one of Modes.

@@ -2,7 +2,7 @@
 // of harness/kubecluster (`make cluster`, `make cluster-down`) and runs
 // kubectl in it.
 //
-//	kubecluster up [-name N] [-proxy none|iptables|nftables] [-nodes 2] [-servicepath [-socket-lb=false]]
+//	kubecluster up [-name N] [-proxy none|iptables|nftables] [-nodes 2] [-servicepath [-socket-lb all|host-only|off]]
 //	kubecluster down [-name N]
 //	kubecluster kubectl [-name N] -- ARGS...
 //	kubecluster conformance [-modes a,b] [-focus RE] [-skip RE] [-results DIR]
@@ -89,7 +89,7 @@ type upFlags struct {
 	proxy       string
 	nodes       int
 	servicepath bool
-	socketLB    bool
+	socketLB    string
 	image       string
 	manifests   string
 }
@@ -101,7 +101,8 @@ func parseUp(args []string) (*upFlags, error) {
 	fs.StringVar(&f.proxy, "proxy", string(kubecluster.NoProxy), "service proxy: none (deploy servicepath yourself), iptables or nftables (kube-proxy)")
 	fs.IntVar(&f.nodes, "nodes", 2, "number of nodes")
 	fs.BoolVar(&f.servicepath, "servicepath", false, "deploy servicepath's DaemonSet (needs -proxy none)")
-	fs.BoolVar(&f.socketLB, "socket-lb", true, "with -servicepath: socket-level load balancing as well as per packet")
+	fs.StringVar(&f.socketLB, "socket-lb", string(kubecluster.SocketLBAll),
+		"with -servicepath: which clients the socket hooks translate: all, host-only (pods per packet) or off")
 	fs.StringVar(&f.image, "image", "bin/servicepath-image.tar", "with -servicepath: the agent's image (make image)")
 	fs.StringVar(&f.manifests, "manifests", "deploy", "with -servicepath: the DaemonSet's manifests")
 	if err := fs.Parse(args); err != nil {
@@ -115,6 +116,9 @@ func parseUp(args []string) (*upFlags, error) {
 	}
 	if _, err := kubecluster.ParseProxy(f.proxy); err != nil {
 		return nil, fmt.Errorf("-proxy: %w", err)
+	}
+	if _, err := kubecluster.ParseSocketLB(f.socketLB); err != nil {
+		return nil, fmt.Errorf("-socket-lb: %w", err)
 	}
 	if f.servicepath && f.proxy != string(kubecluster.NoProxy) {
 		return nil, fmt.Errorf("-servicepath replaces kube-proxy: use it with -proxy none, not -proxy %s", f.proxy)
@@ -218,6 +222,7 @@ func serve(args []string) error {
 		return err
 	}
 	proxy, _ := kubecluster.ParseProxy(f.proxy)
+	socketLB, _ := kubecluster.ParseSocketLB(f.socketLB)
 	ctx, cancel := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer cancel()
 	if err := os.WriteFile(filepath.Join(f.dir(), "supervisor.pid"), []byte(strconv.Itoa(os.Getpid())), 0o644); err != nil {
@@ -237,7 +242,7 @@ func serve(args []string) error {
 		return err
 	}
 	if f.servicepath {
-		err := c.DeployServicepath(ctx, kubecluster.DeployOptions{Manifests: f.manifests, Image: f.image, SocketLB: f.socketLB})
+		err := c.DeployServicepath(ctx, kubecluster.DeployOptions{Manifests: f.manifests, Image: f.image, SocketLB: socketLB})
 		if err != nil {
 			return errors.Join(err, c.Stop())
 		}
