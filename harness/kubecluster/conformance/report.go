@@ -40,12 +40,8 @@ var Notes = []struct {
 	Pattern *regexp.Regexp
 	Note    string
 }{
-	{regexp.MustCompile(`up and down services|service\.kubernetes\.io/headless|service-proxy-name|work after the service has been recreated`),
-		"the harness's: the host-exec pod's wget (Debian busybox-static 1.35) segfaults with -T; agnhost's image carries GNU wget from the next run on"},
-	{regexp.MustCompile(`internalTrafficPolicy=Local Pod and Node, to Pod \(hostNetwork: true\)`),
-		"fails under kube-proxy too: not yet diagnosed"},
-	{regexp.MustCompile(`terminating endpoints`),
-		"servicepath's: no fallback to terminating (serving) endpoints when none is ready; issue 13"},
+	{regexp.MustCompile(`service\.kubernetes\.io/headless`),
+		"servicepath's: Services labelled service.kubernetes.io/headless were served; skipped since 9240dea, after this run's image"},
 }
 
 // NewReport joins each mode's cases into one table.
