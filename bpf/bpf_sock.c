@@ -91,44 +91,81 @@ static __always_inline int same_backend(const struct sock_flow *f, const union v
 	return f->family == family && f->backend_port == port && addr_equal(&f->backend, addr);
 }
 
-/* Storage mode: connect takes flow[0]. A send takes the flow that already
- * holds its backend, else the next in turn, sparing connect()'s. connect
- * and sendmsg run their hooks under the socket lock, so plain writes do
- * not race. */
-static __always_inline void storage_record(struct bpf_sock_addr *ctx, const struct sock_flow *f, int connect)
+static __always_inline int same_frontend(const struct sock_flow *f, const struct lb_frontend *fe)
 {
-	struct sock_ctx *sc = bpf_sk_storage_get(&sp_sock_ctx, ctx->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
-	__u32 slot = 0, first;
+	return f->family == fe->family && f->proto == fe->proto && f->vip_port == fe->port && addr_equal(&f->vip, &fe->addr);
+}
 
-	if (!sc)
-		return; /* no memory: translated, but replies keep the backend's address */
+/* The socket's storage, where the hooks keep state there: every
+ * translation in storage mode, and unconnected sends wherever the kernel
+ * has socket storage. */
+static __always_inline struct sock_ctx *sock_ctx_for(struct bpf_sock_addr *ctx, int connect)
+{
+	if (cfg_sock_state != SOCK_STATE_STORAGE && (connect || !cfg_have_sk_storage))
+		return 0;
+	return bpf_sk_storage_get(&sp_sock_ctx, ctx->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+}
+
+/* The send flow this socket keeps for fe, or SOCK_CTX_FLOWS: flow[0] is
+ * connect()'s while conn is set. */
+static __always_inline __u32 send_flow(const struct sock_ctx *sc, const struct lb_frontend *fe)
+{
+	__u32 first = sc->conn ? 1 : 0, slot = SOCK_CTX_FLOWS;
+
+#pragma unroll
+	for (__u32 i = 0; i < SOCK_CTX_FLOWS; i++) {
+		if (slot == SOCK_CTX_FLOWS && i >= first && same_frontend(&sc->flow[i], fe))
+			slot = i;
+	}
+	return slot;
+}
+
+/* Unconnected UDP keeps one backend per socket and destination (QUIC and
+ * DTLS need it) while that backend is in the service: the id still names
+ * the address the flow was sent to. Returns its id, or 0 to pick anew. */
+static __always_inline __u32 sticky_backend(const struct sock_ctx *sc, const struct lb_frontend *fe)
+{
+	__u32 slot = send_flow(sc, fe);
+
+	if (slot >= SOCK_CTX_FLOWS)
+		return 0;
+	const struct sock_flow *f = &sc->flow[slot];
+	return lb_backend_alive(f->backend_id, &f->backend, f->backend_port) ? f->backend_id : 0;
+}
+
+/* connect takes flow[0]. A send takes the flow it keeps for its
+ * destination, else the next in turn, sparing connect()'s: one flow per
+ * destination, so replies of sends to several services in flight at once
+ * all read back. connect and sendmsg run their hooks under the socket
+ * lock, so plain writes do not race. */
+static __always_inline void storage_record(struct sock_ctx *sc, const struct lb_frontend *fe, const struct sock_flow *f,
+					   int connect)
+{
+	__u32 slot = 0;
+
 	if (connect) {
 		sc->conn = 1;
 	} else {
-		first = sc->conn ? 1 : 0;
-		slot = SOCK_CTX_FLOWS;
-#pragma unroll
-		for (__u32 i = 0; i < SOCK_CTX_FLOWS; i++) {
-			if (slot == SOCK_CTX_FLOWS && i >= first &&
-			    same_backend(&sc->flow[i], &f->backend, f->backend_port, f->family))
-				slot = i;
-		}
-		if (slot == SOCK_CTX_FLOWS) {
+		__u32 first = sc->conn ? 1 : 0;
+
+		slot = send_flow(sc, fe);
+		if (slot >= SOCK_CTX_FLOWS) {
 			slot = sc->next;
 			if (slot < first || slot >= SOCK_CTX_FLOWS)
 				slot = first;
 			sc->next = slot + 1;
 		}
 	}
-	sc->flow[slot] = *f;
+	if (slot < SOCK_CTX_FLOWS)
+		sc->flow[slot] = *f;
 }
 
 /* Records the reverse mapping for this socket: what recvmsg and
  * getpeername turn the backend back into. */
-static __always_inline void record(struct bpf_sock_addr *ctx, const struct lb_frontend *fe, __u32 id,
-				   const struct lb_backend *b, int connect)
+static __always_inline void record(struct bpf_sock_addr *ctx, struct sock_ctx *sc, const struct lb_frontend *fe,
+				   __u32 id, const struct lb_backend *b, int connect)
 {
-	if (cfg_sock_state == SOCK_STATE_STORAGE) {
+	if (sc) {
 		struct sock_flow f = {
 			.vip = fe->addr,
 			.backend = b->addr,
@@ -138,9 +175,10 @@ static __always_inline void record(struct bpf_sock_addr *ctx, const struct lb_fr
 			.family = fe->family,
 			.proto = fe->proto,
 		};
-		storage_record(ctx, &f, connect);
-		return;
+		storage_record(sc, fe, &f, connect);
 	}
+	if (cfg_sock_state == SOCK_STATE_STORAGE)
+		return;
 	struct sock_revnat_key k = {
 		.cookie = bpf_get_socket_cookie(ctx),
 		.addr = b->addr,
@@ -178,18 +216,25 @@ static __always_inline int sock_select(struct bpf_sock_addr *ctx, const struct l
 		forget_connect(ctx, connect);
 		return 0;
 	}
-	if (svc->count == 0)
-		return -1;
-	struct lb_client client = {.by_cookie = 1};
-	client.id.d[0] = bpf_get_netns_cookie(ctx);
-	__u32 id = lb_pick(&key, svc, &client);
+	/* No memory for the storage: translated all the same, but replies
+	 * keep the backend's address (storage mode) and sends are balanced
+	 * one by one. */
+	struct sock_ctx *sc = sock_ctx_for(ctx, connect);
+	__u32 id = sc && !connect ? sticky_backend(sc, fe) : 0;
+	if (!id) {
+		if (svc->count == 0)
+			return -1;
+		struct lb_client client = {.by_cookie = 1};
+		client.id.d[0] = bpf_get_netns_cookie(ctx);
+		id = lb_pick(&key, svc, &client);
+	}
 	struct lb_backend *b = id ? bpf_map_lookup_elem(&sp_backends, &id) : 0;
 	if (!b) {
 		count(METRIC_SLOT_MISSING);
 		return -1;
 	}
 	*be = *b;
-	record(ctx, fe, id, b, connect);
+	record(ctx, sc, fe, id, b, connect);
 	count(METRIC_SOCK_XLATE);
 	return 1;
 }
@@ -381,7 +426,8 @@ int sp_connect6(struct bpf_sock_addr *ctx)
 	return xlate6(ctx, 1);
 }
 
-/* Unconnected UDP: every datagram is load-balanced on its own. */
+/* Unconnected UDP: each datagram, to the backend its socket keeps for
+ * that destination (sticky_backend). */
 SEC("cgroup/sendmsg4")
 int sp_sendmsg4(struct bpf_sock_addr *ctx)
 {

@@ -21,11 +21,11 @@ static __always_inline int connected_flow(struct sock_common *skc, void *sk, con
 {
 	struct sock_ctx *sc = bpf_sk_storage_get(&sp_sock_ctx, sk, 0, 0);
 
-	if (sc) {
+	/* Without conn, a storage-mode connect went to no service, or the
+	 * storage holds only map mode's unconnected sends: the map decides. */
+	if (sc && sc->conn) {
 		const struct sock_flow *f = &sc->flow[0];
 
-		if (!sc->conn)
-			return 0; /* its connect() went to no service */
 		dk->backend = f->backend;
 		dk->vip = f->vip;
 		dk->backend_port = f->backend_port;

@@ -60,3 +60,7 @@ volatile const __u32 cfg_sock_state = SOCK_STATE_MAP;
  * (loader.Config.HairpinIPv4/6). */
 volatile const __be32 cfg_hairpin_ipv4 = __bpf_constant_htonl(0xa9fe2a01);
 volatile const union v6addr cfg_hairpin_ipv6 = {.addr = {0x01, 0x00, [15] = 0x01}};
+
+/* The kernel lets these hooks use socket storage (probed). Unconnected
+ * UDP keeps its backend per destination there in either sock_state. */
+volatile const __u32 cfg_have_sk_storage = 0;

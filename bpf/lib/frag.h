@@ -3,6 +3,7 @@
 
 #include "common.h"
 #include "ct_maps.h"
+#include "lb_maps.h"
 #include "metrics.h"
 
 static __always_inline void frag_key_of(const struct pkt *p, struct frag_key *k)
@@ -15,8 +16,8 @@ static __always_inline void frag_key_of(const struct pkt *p, struct frag_key *k)
 	k->family = p->family;
 }
 
-/* Returns 0 when p has usable ports, -1 when a later fragment must be
- * dropped because its first fragment was never seen. */
+/* Returns 0 when p has usable ports, -1 for a later fragment whose first
+ * fragment was not seen (or not yet: fragments may arrive out of order). */
 static __always_inline int frag_track(struct pkt *p)
 {
 	struct frag_key k;
@@ -39,7 +40,14 @@ static __always_inline int frag_track(struct pkt *p)
 }
 
 /* Parses and fragment-tracks; returns -1 when the packet is handled
- * (verdict in *verdict) and 0 when p is ready for translation. */
+ * (verdict in *verdict) and 0 when p is ready for translation.
+ *
+ * A later fragment without its first has no ports, so no service can be
+ * told. Sent to no frontend address it is no service's: it passes
+ * untouched, and the receiver reassembles it in any order, as it would
+ * through kube-proxy (whose conntrack reassembles first). To a frontend
+ * address it is dropped: untranslated it would go to the VIP itself, and
+ * the datagram cannot be reassembled with its DNATed first anyway. */
 static __always_inline int pkt_prepare(struct __ctx_buff *ctx, struct pkt *p, int *verdict)
 {
 	int ret = parse_packet(ctx, p);
@@ -50,8 +58,13 @@ static __always_inline int pkt_prepare(struct __ctx_buff *ctx, struct pkt *p, in
 		return -1;
 	}
 	if (frag_track(p) < 0) {
-		count(METRIC_FRAG_NOT_FOUND);
-		*verdict = CTX_ACT_DROP;
+		if (is_frontend_addr(&p->daddr, p->family)) {
+			count(METRIC_FRAG_NOT_FOUND);
+			*verdict = CTX_ACT_DROP;
+		} else {
+			count_pass(METRIC_FRAG_PASS);
+			*verdict = CTX_ACT_OK;
+		}
 		return -1;
 	}
 	return 0;

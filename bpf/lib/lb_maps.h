@@ -181,6 +181,25 @@ static __always_inline int is_node_addr(const union v6addr *a, __u8 family)
 	return bpf_map_lookup_elem(&sp_node_addrs, &k) != 0;
 }
 
+/* Every address a frontend has (ClusterIP, ExternalIP, LoadBalancer; not
+ * NodePort's all-zero one), keyed like sp_node_addrs: what a later
+ * fragment, which names no port, is checked against (bpf/lib/frag.h). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct node_addr_key);
+	__type(value, __u8);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} sp_frontend_addrs SEC(".maps");
+
+static __always_inline int is_frontend_addr(const union v6addr *a, __u8 family)
+{
+	struct node_addr_key k = {.addr = *a, .family = family};
+
+	return bpf_map_lookup_elem(&sp_frontend_addrs, &k) != 0;
+}
+
 static __always_inline int is_loopback(const union v6addr *a, __u8 family)
 {
 	if (family == SP_AF_INET)

@@ -53,6 +53,7 @@ enum metric {
 	METRIC_NP_ICMP_REV_SNAT,  /* north-south: ICMP error about a SNATed flow sent on to the client */
 	METRIC_NP_ICMP_SNAT,      /* north-south: ICMP error about a SNATed flow's reply sent on to the backend */
 	METRIC_HAIRPIN,           /* pod's flow to itself: sent back into it via the hairpin address */
+	METRIC_FRAG_PASS,         /* non-first fragment whose first was not seen, to no frontend address: passed */
 	METRIC_MAX,
 };
 

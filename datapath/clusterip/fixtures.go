@@ -183,6 +183,10 @@ func familyFixtures(f Family) []inject.Fixture {
 	const fragID = 0x5e5e
 	vipFrags := packet.Fragment(vipUDP, 32, fragID, false)
 	fwdFrags := packet.Fragment(fwdUDP, 32, fragID, false)
+	other := netip.AddrPortFrom(f.Other, VIPPort)
+	otherFrags := packet.Fragment(packet.L3(layers.IPProtocolUDP, f.Client, other, packet.TCPFlags{}, payload, packet.Opts{}), 32, fragID, false)
+	replyFrags := packet.Fragment(packet.L3(layers.IPProtocolUDP, f.backend(0), f.Client, packet.TCPFlags{}, payload, packet.Opts{}), 32, fragID, true)
+	vipOtherPort := packet.L3(layers.IPProtocolUDP, f.Client, netip.AddrPortFrom(f.VIP, VIPPort+1), packet.TCPFlags{}, payload, packet.Opts{})
 
 	return []inject.Fixture{
 		{
@@ -403,6 +407,46 @@ func familyFixtures(f Family) []inject.Fixture {
 			Input:    vipFrags[1],
 			Verdict:  inject.Shot,
 			Counters: inject.CountersOf("frag_not_found", 1),
+		},
+		{
+			// The port is unknown, so any fragment to a frontend's address
+			// may be the service's.
+			Name:     name("udp-later-fragment-to-vip-other-port-without-first-dropped"),
+			Setup:    inject.Upsert(udpSvc),
+			Input:    packet.Fragment(vipOtherPort, 32, fragID, false)[1],
+			Verdict:  inject.Shot,
+			Counters: inject.CountersOf("frag_not_found", 1),
+		},
+		{
+			Name:     name("udp-later-fragment-to-no-service-without-first-passes"),
+			Setup:    inject.Upsert(udpSvc),
+			Input:    otherFrags[1],
+			Verdict:  inject.OK,
+			Counters: inject.CountersOf("frag_pass", 1),
+		},
+		{
+			// Out of order: the later fragment passed first, then the first
+			// one, untouched too, so the receiver reassembles them.
+			Name:     name("udp-first-fragment-to-no-service-after-later-passes"),
+			Setup:    inject.Steps(inject.Upsert(udpSvc), inject.Send(nil, inject.FromPod, otherFrags[1])),
+			Input:    otherFrags[0],
+			Verdict:  inject.OK,
+			Counters: inject.CountersOf("pass", 1),
+		},
+		{
+			Name:     name("udp-later-fragment-into-pod-without-first-passes"),
+			Setup:    inject.Upsert(udpSvc),
+			Hook:     inject.ToPod,
+			Input:    replyFrags[1],
+			Verdict:  inject.OK,
+			Counters: inject.CountersOf("frag_pass", 1),
+		},
+		{
+			Name:     name("udp-later-fragment-after-service-removed-passes"),
+			Setup:    inject.Steps(inject.Upsert(udpSvc), func(e *inject.Env) error { return e.Services.Delete(udpSvc.Frontend) }),
+			Input:    vipFrags[1],
+			Verdict:  inject.OK,
+			Counters: inject.CountersOf("frag_pass", 1),
 		},
 	}
 }

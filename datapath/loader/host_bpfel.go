@@ -21,6 +21,7 @@ const (
 	HostMapSpCt                 = "sp_ct"
 	HostMapSpEndpoints          = "sp_endpoints"
 	HostMapSpFrags              = "sp_frags"
+	HostMapSpFrontendAddrs      = "sp_frontend_addrs"
 	HostMapSpMaglev             = "sp_maglev"
 	HostMapSpMetrics            = "sp_metrics"
 	HostMapSpNat                = "sp_nat"
@@ -38,6 +39,7 @@ const (
 	HostVarCfgHairpinIpv4       = "cfg_hairpin_ipv4"
 	HostVarCfgHairpinIpv6       = "cfg_hairpin_ipv6"
 	HostVarCfgHaveSetRetval     = "cfg_have_set_retval"
+	HostVarCfgHaveSkStorage     = "cfg_have_sk_storage"
 	HostVarCfgHostNetnsCookie   = "cfg_host_netns_cookie"
 	HostVarCfgHostRouting       = "cfg_host_routing"
 	HostVarCfgMaglevSize        = "cfg_maglev_size"
@@ -98,19 +100,20 @@ type HostProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type HostMapSpecs struct {
-	SpAffinity  *ebpf.MapSpec `ebpf:"sp_affinity"`
-	SpBackends  *ebpf.MapSpec `ebpf:"sp_backends"`
-	SpCt        *ebpf.MapSpec `ebpf:"sp_ct"`
-	SpEndpoints *ebpf.MapSpec `ebpf:"sp_endpoints"`
-	SpFrags     *ebpf.MapSpec `ebpf:"sp_frags"`
-	SpMaglev    *ebpf.MapSpec `ebpf:"sp_maglev"`
-	SpMetrics   *ebpf.MapSpec `ebpf:"sp_metrics"`
-	SpNat       *ebpf.MapSpec `ebpf:"sp_nat"`
-	SpNetdevs   *ebpf.MapSpec `ebpf:"sp_netdevs"`
-	SpNodeAddrs *ebpf.MapSpec `ebpf:"sp_node_addrs"`
-	SpServices  *ebpf.MapSpec `ebpf:"sp_services"`
-	SpSrcRanges *ebpf.MapSpec `ebpf:"sp_src_ranges"`
-	SpSvcMeta   *ebpf.MapSpec `ebpf:"sp_svc_meta"`
+	SpAffinity      *ebpf.MapSpec `ebpf:"sp_affinity"`
+	SpBackends      *ebpf.MapSpec `ebpf:"sp_backends"`
+	SpCt            *ebpf.MapSpec `ebpf:"sp_ct"`
+	SpEndpoints     *ebpf.MapSpec `ebpf:"sp_endpoints"`
+	SpFrags         *ebpf.MapSpec `ebpf:"sp_frags"`
+	SpFrontendAddrs *ebpf.MapSpec `ebpf:"sp_frontend_addrs"`
+	SpMaglev        *ebpf.MapSpec `ebpf:"sp_maglev"`
+	SpMetrics       *ebpf.MapSpec `ebpf:"sp_metrics"`
+	SpNat           *ebpf.MapSpec `ebpf:"sp_nat"`
+	SpNetdevs       *ebpf.MapSpec `ebpf:"sp_netdevs"`
+	SpNodeAddrs     *ebpf.MapSpec `ebpf:"sp_node_addrs"`
+	SpServices      *ebpf.MapSpec `ebpf:"sp_services"`
+	SpSrcRanges     *ebpf.MapSpec `ebpf:"sp_src_ranges"`
+	SpSvcMeta       *ebpf.MapSpec `ebpf:"sp_svc_meta"`
 }
 
 // HostVariableSpecs contains global variables before they are loaded into the kernel.
@@ -124,6 +127,7 @@ type HostVariableSpecs struct {
 	CfgHairpinIpv4       *ebpf.VariableSpec `ebpf:"cfg_hairpin_ipv4"`
 	CfgHairpinIpv6       *ebpf.VariableSpec `ebpf:"cfg_hairpin_ipv6"`
 	CfgHaveSetRetval     *ebpf.VariableSpec `ebpf:"cfg_have_set_retval"`
+	CfgHaveSkStorage     *ebpf.VariableSpec `ebpf:"cfg_have_sk_storage"`
 	CfgHostNetnsCookie   *ebpf.VariableSpec `ebpf:"cfg_host_netns_cookie"`
 	CfgHostRouting       *ebpf.VariableSpec `ebpf:"cfg_host_routing"`
 	CfgMaglevSize        *ebpf.VariableSpec `ebpf:"cfg_maglev_size"`
@@ -154,19 +158,20 @@ func (o *HostObjects) Close() error {
 //
 // It can be passed to LoadHostObjects or ebpf.CollectionSpec.LoadAndAssign.
 type HostMaps struct {
-	SpAffinity  *ebpf.Map `ebpf:"sp_affinity"`
-	SpBackends  *ebpf.Map `ebpf:"sp_backends"`
-	SpCt        *ebpf.Map `ebpf:"sp_ct"`
-	SpEndpoints *ebpf.Map `ebpf:"sp_endpoints"`
-	SpFrags     *ebpf.Map `ebpf:"sp_frags"`
-	SpMaglev    *ebpf.Map `ebpf:"sp_maglev"`
-	SpMetrics   *ebpf.Map `ebpf:"sp_metrics"`
-	SpNat       *ebpf.Map `ebpf:"sp_nat"`
-	SpNetdevs   *ebpf.Map `ebpf:"sp_netdevs"`
-	SpNodeAddrs *ebpf.Map `ebpf:"sp_node_addrs"`
-	SpServices  *ebpf.Map `ebpf:"sp_services"`
-	SpSrcRanges *ebpf.Map `ebpf:"sp_src_ranges"`
-	SpSvcMeta   *ebpf.Map `ebpf:"sp_svc_meta"`
+	SpAffinity      *ebpf.Map `ebpf:"sp_affinity"`
+	SpBackends      *ebpf.Map `ebpf:"sp_backends"`
+	SpCt            *ebpf.Map `ebpf:"sp_ct"`
+	SpEndpoints     *ebpf.Map `ebpf:"sp_endpoints"`
+	SpFrags         *ebpf.Map `ebpf:"sp_frags"`
+	SpFrontendAddrs *ebpf.Map `ebpf:"sp_frontend_addrs"`
+	SpMaglev        *ebpf.Map `ebpf:"sp_maglev"`
+	SpMetrics       *ebpf.Map `ebpf:"sp_metrics"`
+	SpNat           *ebpf.Map `ebpf:"sp_nat"`
+	SpNetdevs       *ebpf.Map `ebpf:"sp_netdevs"`
+	SpNodeAddrs     *ebpf.Map `ebpf:"sp_node_addrs"`
+	SpServices      *ebpf.Map `ebpf:"sp_services"`
+	SpSrcRanges     *ebpf.Map `ebpf:"sp_src_ranges"`
+	SpSvcMeta       *ebpf.Map `ebpf:"sp_svc_meta"`
 }
 
 func (m *HostMaps) Close() error {
@@ -176,6 +181,7 @@ func (m *HostMaps) Close() error {
 		m.SpCt,
 		m.SpEndpoints,
 		m.SpFrags,
+		m.SpFrontendAddrs,
 		m.SpMaglev,
 		m.SpMetrics,
 		m.SpNat,
@@ -198,6 +204,7 @@ type HostVariables struct {
 	CfgHairpinIpv4       *ebpf.Variable `ebpf:"cfg_hairpin_ipv4"`
 	CfgHairpinIpv6       *ebpf.Variable `ebpf:"cfg_hairpin_ipv6"`
 	CfgHaveSetRetval     *ebpf.Variable `ebpf:"cfg_have_set_retval"`
+	CfgHaveSkStorage     *ebpf.Variable `ebpf:"cfg_have_sk_storage"`
 	CfgHostNetnsCookie   *ebpf.Variable `ebpf:"cfg_host_netns_cookie"`
 	CfgHostRouting       *ebpf.Variable `ebpf:"cfg_host_routing"`
 	CfgMaglevSize        *ebpf.Variable `ebpf:"cfg_maglev_size"`

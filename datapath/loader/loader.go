@@ -352,16 +352,17 @@ func Load(cfg Config) (*Datapath, error) {
 	}
 	shared := dp.lxc.LxcMaps
 	opts.MapReplacements = map[string]*ebpf.Map{
-		maps.ServicesName: shared.SpServices,
-		maps.BackendsName: shared.SpBackends,
-		maps.SvcMetaName:  shared.SpSvcMeta,
-		maps.CTName:       shared.SpCt,
-		maps.FragsName:    shared.SpFrags,
-		maps.MetricsName:  shared.SpMetrics,
-		maps.AffinityName: shared.SpAffinity,
-		maps.NodeAddrName: shared.SpNodeAddrs,
-		maps.MaglevName:   shared.SpMaglev,
-		maps.SrcRangeName: shared.SpSrcRanges,
+		maps.ServicesName:     shared.SpServices,
+		maps.BackendsName:     shared.SpBackends,
+		maps.SvcMetaName:      shared.SpSvcMeta,
+		maps.CTName:           shared.SpCt,
+		maps.FragsName:        shared.SpFrags,
+		maps.MetricsName:      shared.SpMetrics,
+		maps.AffinityName:     shared.SpAffinity,
+		maps.NodeAddrName:     shared.SpNodeAddrs,
+		maps.MaglevName:       shared.SpMaglev,
+		maps.SrcRangeName:     shared.SpSrcRanges,
+		maps.FrontendAddrName: shared.SpFrontendAddrs,
 	}
 	if err := sockSpec.LoadAndAssign(&dp.sock, &opts); err != nil {
 		dp.lxc.Close()
@@ -391,21 +392,22 @@ func Load(cfg Config) (*Datapath, error) {
 		}
 	}
 	dp.Maps = &maps.Maps{
-		Services:   shared.SpServices,
-		Backends:   shared.SpBackends,
-		SvcMeta:    shared.SpSvcMeta,
-		CT:         shared.SpCt,
-		CTNS:       dp.ctNS,
-		Frags:      shared.SpFrags,
-		Metrics:    shared.SpMetrics,
-		SockRevNAT: dp.sock.SpSockRevnat,
-		SockCtx:    dp.sock.SpSockCtx,
-		Affinity:   shared.SpAffinity,
-		NodeAddrs:  shared.SpNodeAddrs,
-		Maglev:     shared.SpMaglev,
-		SrcRanges:  shared.SpSrcRanges,
-		NAT:        dp.host.SpNat,
-		Netdevs:    dp.host.SpNetdevs,
+		Services:      shared.SpServices,
+		Backends:      shared.SpBackends,
+		SvcMeta:       shared.SpSvcMeta,
+		CT:            shared.SpCt,
+		CTNS:          dp.ctNS,
+		Frags:         shared.SpFrags,
+		Metrics:       shared.SpMetrics,
+		SockRevNAT:    dp.sock.SpSockRevnat,
+		SockCtx:       dp.sock.SpSockCtx,
+		Affinity:      shared.SpAffinity,
+		NodeAddrs:     shared.SpNodeAddrs,
+		Maglev:        shared.SpMaglev,
+		SrcRanges:     shared.SpSrcRanges,
+		FrontendAddrs: shared.SpFrontendAddrs,
+		NAT:           dp.host.SpNat,
+		Netdevs:       dp.host.SpNetdevs,
 	}
 	dp.HostRouting = routing
 	dp.Endpoints = shared.SpEndpoints
@@ -470,12 +472,13 @@ func (c Config) checkPinnedZones() error {
 
 func (c Config) sizeMaps(spec *ebpf.CollectionSpec) {
 	for name, size := range map[string]uint32{
-		maps.ServicesName: c.ServiceMapSize,
-		maps.SvcMetaName:  c.ServiceMapSize,
-		maps.BackendsName: c.BackendMapSize,
-		maps.CTName:       c.CTMapSize,
-		maps.SockRevName:  c.SockRevNATMapSize,
-		maps.NATName:      c.NATMapSize,
+		maps.ServicesName:     c.ServiceMapSize,
+		maps.SvcMetaName:      c.ServiceMapSize,
+		maps.FrontendAddrName: c.ServiceMapSize,
+		maps.BackendsName:     c.BackendMapSize,
+		maps.CTName:           c.CTMapSize,
+		maps.SockRevName:      c.SockRevNATMapSize,
+		maps.NATName:          c.NATMapSize,
 	} {
 		if m, ok := spec.Maps[name]; ok {
 			m.MaxEntries = size
@@ -505,9 +508,20 @@ func (c Config) knobs() (map[string]any, error) {
 	if err != nil && c.SockLBHostOnly {
 		return nil, fmt.Errorf("socket-LB in the host netns only needs this netns' cookie (SO_NETNS_COOKIE, Linux 5.14+): %w", err)
 	}
-	sockState, err := c.sockState()
+	// Socket storage also keeps unconnected UDP on one backend per
+	// destination in map mode; without it (before 5.10) each datagram is
+	// balanced on its own.
+	storage := ProbeSockStorage()
+	if storage != nil && !errors.Is(storage, ebpf.ErrNotSupported) {
+		return nil, fmt.Errorf("probe socket storage: %w", storage)
+	}
+	sockState, err := c.sockState(storage)
 	if err != nil {
 		return nil, err
+	}
+	haveStorage := uint32(0)
+	if storage == nil {
+		haveStorage = 1
 	}
 	var hostOnly uint32
 	if c.SockLBHostOnly {
@@ -523,6 +537,7 @@ func (c Config) knobs() (map[string]any, error) {
 		"cfg_sock_lb_host_only":    hostOnly,
 		"cfg_host_netns_cookie":    hostCookie,
 		"cfg_sock_state":           sockState.knob(),
+		"cfg_have_sk_storage":      haveStorage,
 		"cfg_nat_port_min":         uint32(c.NATPortMin),
 		"cfg_nat_port_max":         uint32(c.NATPortMax),
 		"cfg_maglev_size":          c.MaglevTableSize,

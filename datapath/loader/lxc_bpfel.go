@@ -21,6 +21,7 @@ const (
 	LxcMapSpCt                 = "sp_ct"
 	LxcMapSpEndpoints          = "sp_endpoints"
 	LxcMapSpFrags              = "sp_frags"
+	LxcMapSpFrontendAddrs      = "sp_frontend_addrs"
 	LxcMapSpMaglev             = "sp_maglev"
 	LxcMapSpMetrics            = "sp_metrics"
 	LxcMapSpNodeAddrs          = "sp_node_addrs"
@@ -36,6 +37,7 @@ const (
 	LxcVarCfgHairpinIpv4       = "cfg_hairpin_ipv4"
 	LxcVarCfgHairpinIpv6       = "cfg_hairpin_ipv6"
 	LxcVarCfgHaveSetRetval     = "cfg_have_set_retval"
+	LxcVarCfgHaveSkStorage     = "cfg_have_sk_storage"
 	LxcVarCfgHostNetnsCookie   = "cfg_host_netns_cookie"
 	LxcVarCfgHostRouting       = "cfg_host_routing"
 	LxcVarCfgMaglevSize        = "cfg_maglev_size"
@@ -96,17 +98,18 @@ type LxcProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type LxcMapSpecs struct {
-	SpAffinity  *ebpf.MapSpec `ebpf:"sp_affinity"`
-	SpBackends  *ebpf.MapSpec `ebpf:"sp_backends"`
-	SpCt        *ebpf.MapSpec `ebpf:"sp_ct"`
-	SpEndpoints *ebpf.MapSpec `ebpf:"sp_endpoints"`
-	SpFrags     *ebpf.MapSpec `ebpf:"sp_frags"`
-	SpMaglev    *ebpf.MapSpec `ebpf:"sp_maglev"`
-	SpMetrics   *ebpf.MapSpec `ebpf:"sp_metrics"`
-	SpNodeAddrs *ebpf.MapSpec `ebpf:"sp_node_addrs"`
-	SpServices  *ebpf.MapSpec `ebpf:"sp_services"`
-	SpSrcRanges *ebpf.MapSpec `ebpf:"sp_src_ranges"`
-	SpSvcMeta   *ebpf.MapSpec `ebpf:"sp_svc_meta"`
+	SpAffinity      *ebpf.MapSpec `ebpf:"sp_affinity"`
+	SpBackends      *ebpf.MapSpec `ebpf:"sp_backends"`
+	SpCt            *ebpf.MapSpec `ebpf:"sp_ct"`
+	SpEndpoints     *ebpf.MapSpec `ebpf:"sp_endpoints"`
+	SpFrags         *ebpf.MapSpec `ebpf:"sp_frags"`
+	SpFrontendAddrs *ebpf.MapSpec `ebpf:"sp_frontend_addrs"`
+	SpMaglev        *ebpf.MapSpec `ebpf:"sp_maglev"`
+	SpMetrics       *ebpf.MapSpec `ebpf:"sp_metrics"`
+	SpNodeAddrs     *ebpf.MapSpec `ebpf:"sp_node_addrs"`
+	SpServices      *ebpf.MapSpec `ebpf:"sp_services"`
+	SpSrcRanges     *ebpf.MapSpec `ebpf:"sp_src_ranges"`
+	SpSvcMeta       *ebpf.MapSpec `ebpf:"sp_svc_meta"`
 }
 
 // LxcVariableSpecs contains global variables before they are loaded into the kernel.
@@ -120,6 +123,7 @@ type LxcVariableSpecs struct {
 	CfgHairpinIpv4       *ebpf.VariableSpec `ebpf:"cfg_hairpin_ipv4"`
 	CfgHairpinIpv6       *ebpf.VariableSpec `ebpf:"cfg_hairpin_ipv6"`
 	CfgHaveSetRetval     *ebpf.VariableSpec `ebpf:"cfg_have_set_retval"`
+	CfgHaveSkStorage     *ebpf.VariableSpec `ebpf:"cfg_have_sk_storage"`
 	CfgHostNetnsCookie   *ebpf.VariableSpec `ebpf:"cfg_host_netns_cookie"`
 	CfgHostRouting       *ebpf.VariableSpec `ebpf:"cfg_host_routing"`
 	CfgMaglevSize        *ebpf.VariableSpec `ebpf:"cfg_maglev_size"`
@@ -150,17 +154,18 @@ func (o *LxcObjects) Close() error {
 //
 // It can be passed to LoadLxcObjects or ebpf.CollectionSpec.LoadAndAssign.
 type LxcMaps struct {
-	SpAffinity  *ebpf.Map `ebpf:"sp_affinity"`
-	SpBackends  *ebpf.Map `ebpf:"sp_backends"`
-	SpCt        *ebpf.Map `ebpf:"sp_ct"`
-	SpEndpoints *ebpf.Map `ebpf:"sp_endpoints"`
-	SpFrags     *ebpf.Map `ebpf:"sp_frags"`
-	SpMaglev    *ebpf.Map `ebpf:"sp_maglev"`
-	SpMetrics   *ebpf.Map `ebpf:"sp_metrics"`
-	SpNodeAddrs *ebpf.Map `ebpf:"sp_node_addrs"`
-	SpServices  *ebpf.Map `ebpf:"sp_services"`
-	SpSrcRanges *ebpf.Map `ebpf:"sp_src_ranges"`
-	SpSvcMeta   *ebpf.Map `ebpf:"sp_svc_meta"`
+	SpAffinity      *ebpf.Map `ebpf:"sp_affinity"`
+	SpBackends      *ebpf.Map `ebpf:"sp_backends"`
+	SpCt            *ebpf.Map `ebpf:"sp_ct"`
+	SpEndpoints     *ebpf.Map `ebpf:"sp_endpoints"`
+	SpFrags         *ebpf.Map `ebpf:"sp_frags"`
+	SpFrontendAddrs *ebpf.Map `ebpf:"sp_frontend_addrs"`
+	SpMaglev        *ebpf.Map `ebpf:"sp_maglev"`
+	SpMetrics       *ebpf.Map `ebpf:"sp_metrics"`
+	SpNodeAddrs     *ebpf.Map `ebpf:"sp_node_addrs"`
+	SpServices      *ebpf.Map `ebpf:"sp_services"`
+	SpSrcRanges     *ebpf.Map `ebpf:"sp_src_ranges"`
+	SpSvcMeta       *ebpf.Map `ebpf:"sp_svc_meta"`
 }
 
 func (m *LxcMaps) Close() error {
@@ -170,6 +175,7 @@ func (m *LxcMaps) Close() error {
 		m.SpCt,
 		m.SpEndpoints,
 		m.SpFrags,
+		m.SpFrontendAddrs,
 		m.SpMaglev,
 		m.SpMetrics,
 		m.SpNodeAddrs,
@@ -190,6 +196,7 @@ type LxcVariables struct {
 	CfgHairpinIpv4       *ebpf.Variable `ebpf:"cfg_hairpin_ipv4"`
 	CfgHairpinIpv6       *ebpf.Variable `ebpf:"cfg_hairpin_ipv6"`
 	CfgHaveSetRetval     *ebpf.Variable `ebpf:"cfg_have_set_retval"`
+	CfgHaveSkStorage     *ebpf.Variable `ebpf:"cfg_have_sk_storage"`
 	CfgHostNetnsCookie   *ebpf.Variable `ebpf:"cfg_host_netns_cookie"`
 	CfgHostRouting       *ebpf.Variable `ebpf:"cfg_host_routing"`
 	CfgMaglevSize        *ebpf.Variable `ebpf:"cfg_maglev_size"`

@@ -20,6 +20,7 @@ const (
 	SockMapSpBackends           = "sp_backends"
 	SockMapSpCt                 = "sp_ct"
 	SockMapSpFrags              = "sp_frags"
+	SockMapSpFrontendAddrs      = "sp_frontend_addrs"
 	SockMapSpMaglev             = "sp_maglev"
 	SockMapSpMetrics            = "sp_metrics"
 	SockMapSpNodeAddrs          = "sp_node_addrs"
@@ -46,6 +47,7 @@ const (
 	SockVarCfgHairpinIpv4       = "cfg_hairpin_ipv4"
 	SockVarCfgHairpinIpv6       = "cfg_hairpin_ipv6"
 	SockVarCfgHaveSetRetval     = "cfg_have_set_retval"
+	SockVarCfgHaveSkStorage     = "cfg_have_sk_storage"
 	SockVarCfgHostNetnsCookie   = "cfg_host_netns_cookie"
 	SockVarCfgHostRouting       = "cfg_host_routing"
 	SockVarCfgMaglevSize        = "cfg_maglev_size"
@@ -114,19 +116,20 @@ type SockProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type SockMapSpecs struct {
-	SpAffinity    *ebpf.MapSpec `ebpf:"sp_affinity"`
-	SpBackends    *ebpf.MapSpec `ebpf:"sp_backends"`
-	SpCt          *ebpf.MapSpec `ebpf:"sp_ct"`
-	SpFrags       *ebpf.MapSpec `ebpf:"sp_frags"`
-	SpMaglev      *ebpf.MapSpec `ebpf:"sp_maglev"`
-	SpMetrics     *ebpf.MapSpec `ebpf:"sp_metrics"`
-	SpNodeAddrs   *ebpf.MapSpec `ebpf:"sp_node_addrs"`
-	SpServices    *ebpf.MapSpec `ebpf:"sp_services"`
-	SpSockCtx     *ebpf.MapSpec `ebpf:"sp_sock_ctx"`
-	SpSockDestroy *ebpf.MapSpec `ebpf:"sp_sock_destroy"`
-	SpSockRevnat  *ebpf.MapSpec `ebpf:"sp_sock_revnat"`
-	SpSrcRanges   *ebpf.MapSpec `ebpf:"sp_src_ranges"`
-	SpSvcMeta     *ebpf.MapSpec `ebpf:"sp_svc_meta"`
+	SpAffinity      *ebpf.MapSpec `ebpf:"sp_affinity"`
+	SpBackends      *ebpf.MapSpec `ebpf:"sp_backends"`
+	SpCt            *ebpf.MapSpec `ebpf:"sp_ct"`
+	SpFrags         *ebpf.MapSpec `ebpf:"sp_frags"`
+	SpFrontendAddrs *ebpf.MapSpec `ebpf:"sp_frontend_addrs"`
+	SpMaglev        *ebpf.MapSpec `ebpf:"sp_maglev"`
+	SpMetrics       *ebpf.MapSpec `ebpf:"sp_metrics"`
+	SpNodeAddrs     *ebpf.MapSpec `ebpf:"sp_node_addrs"`
+	SpServices      *ebpf.MapSpec `ebpf:"sp_services"`
+	SpSockCtx       *ebpf.MapSpec `ebpf:"sp_sock_ctx"`
+	SpSockDestroy   *ebpf.MapSpec `ebpf:"sp_sock_destroy"`
+	SpSockRevnat    *ebpf.MapSpec `ebpf:"sp_sock_revnat"`
+	SpSrcRanges     *ebpf.MapSpec `ebpf:"sp_src_ranges"`
+	SpSvcMeta       *ebpf.MapSpec `ebpf:"sp_svc_meta"`
 }
 
 // SockVariableSpecs contains global variables before they are loaded into the kernel.
@@ -140,6 +143,7 @@ type SockVariableSpecs struct {
 	CfgHairpinIpv4       *ebpf.VariableSpec `ebpf:"cfg_hairpin_ipv4"`
 	CfgHairpinIpv6       *ebpf.VariableSpec `ebpf:"cfg_hairpin_ipv6"`
 	CfgHaveSetRetval     *ebpf.VariableSpec `ebpf:"cfg_have_set_retval"`
+	CfgHaveSkStorage     *ebpf.VariableSpec `ebpf:"cfg_have_sk_storage"`
 	CfgHostNetnsCookie   *ebpf.VariableSpec `ebpf:"cfg_host_netns_cookie"`
 	CfgHostRouting       *ebpf.VariableSpec `ebpf:"cfg_host_routing"`
 	CfgMaglevSize        *ebpf.VariableSpec `ebpf:"cfg_maglev_size"`
@@ -170,19 +174,20 @@ func (o *SockObjects) Close() error {
 //
 // It can be passed to LoadSockObjects or ebpf.CollectionSpec.LoadAndAssign.
 type SockMaps struct {
-	SpAffinity    *ebpf.Map `ebpf:"sp_affinity"`
-	SpBackends    *ebpf.Map `ebpf:"sp_backends"`
-	SpCt          *ebpf.Map `ebpf:"sp_ct"`
-	SpFrags       *ebpf.Map `ebpf:"sp_frags"`
-	SpMaglev      *ebpf.Map `ebpf:"sp_maglev"`
-	SpMetrics     *ebpf.Map `ebpf:"sp_metrics"`
-	SpNodeAddrs   *ebpf.Map `ebpf:"sp_node_addrs"`
-	SpServices    *ebpf.Map `ebpf:"sp_services"`
-	SpSockCtx     *ebpf.Map `ebpf:"sp_sock_ctx"`
-	SpSockDestroy *ebpf.Map `ebpf:"sp_sock_destroy"`
-	SpSockRevnat  *ebpf.Map `ebpf:"sp_sock_revnat"`
-	SpSrcRanges   *ebpf.Map `ebpf:"sp_src_ranges"`
-	SpSvcMeta     *ebpf.Map `ebpf:"sp_svc_meta"`
+	SpAffinity      *ebpf.Map `ebpf:"sp_affinity"`
+	SpBackends      *ebpf.Map `ebpf:"sp_backends"`
+	SpCt            *ebpf.Map `ebpf:"sp_ct"`
+	SpFrags         *ebpf.Map `ebpf:"sp_frags"`
+	SpFrontendAddrs *ebpf.Map `ebpf:"sp_frontend_addrs"`
+	SpMaglev        *ebpf.Map `ebpf:"sp_maglev"`
+	SpMetrics       *ebpf.Map `ebpf:"sp_metrics"`
+	SpNodeAddrs     *ebpf.Map `ebpf:"sp_node_addrs"`
+	SpServices      *ebpf.Map `ebpf:"sp_services"`
+	SpSockCtx       *ebpf.Map `ebpf:"sp_sock_ctx"`
+	SpSockDestroy   *ebpf.Map `ebpf:"sp_sock_destroy"`
+	SpSockRevnat    *ebpf.Map `ebpf:"sp_sock_revnat"`
+	SpSrcRanges     *ebpf.Map `ebpf:"sp_src_ranges"`
+	SpSvcMeta       *ebpf.Map `ebpf:"sp_svc_meta"`
 }
 
 func (m *SockMaps) Close() error {
@@ -191,6 +196,7 @@ func (m *SockMaps) Close() error {
 		m.SpBackends,
 		m.SpCt,
 		m.SpFrags,
+		m.SpFrontendAddrs,
 		m.SpMaglev,
 		m.SpMetrics,
 		m.SpNodeAddrs,
@@ -214,6 +220,7 @@ type SockVariables struct {
 	CfgHairpinIpv4       *ebpf.Variable `ebpf:"cfg_hairpin_ipv4"`
 	CfgHairpinIpv6       *ebpf.Variable `ebpf:"cfg_hairpin_ipv6"`
 	CfgHaveSetRetval     *ebpf.Variable `ebpf:"cfg_have_set_retval"`
+	CfgHaveSkStorage     *ebpf.Variable `ebpf:"cfg_have_sk_storage"`
 	CfgHostNetnsCookie   *ebpf.Variable `ebpf:"cfg_host_netns_cookie"`
 	CfgHostRouting       *ebpf.Variable `ebpf:"cfg_host_routing"`
 	CfgMaglevSize        *ebpf.Variable `ebpf:"cfg_maglev_size"`

@@ -98,25 +98,23 @@ func ProbeSockStorage() error {
 	return fmt.Errorf("probe bpf_sk_storage_get in cgroup sock_addr programs: %w", err)
 }
 
-// sockState resolves the configured mode against the kernel. Asking for
-// storage where the kernel cannot is an error; auto falls back to the map.
-func (c Config) sockState() (SockState, error) {
-	switch c.SockState {
-	case "", SockStateMap:
-		return SockStateMap, nil
-	}
-	err := ProbeSockStorage()
+// sockState resolves the configured mode against the kernel, given what
+// ProbeSockStorage said. Asking for storage where the kernel cannot is an
+// error; auto falls back to the map.
+func (c Config) sockState(storage error) (SockState, error) {
 	switch {
-	case err == nil:
+	case c.SockState == "" || c.SockState == SockStateMap:
+		return SockStateMap, nil
+	case storage == nil:
 		return SockStateStorage, nil
-	case c.SockState == SockStateAuto && errors.Is(err, ebpf.ErrNotSupported):
+	case c.SockState == SockStateAuto && errors.Is(storage, ebpf.ErrNotSupported):
 		return SockStateMap, nil
 	}
-	return "", fmt.Errorf("socket state %s: %w", c.SockState, err)
+	return "", fmt.Errorf("socket state %s: %w", c.SockState, storage)
 }
 
 // ResolveSockState is the mode a Load with c would use.
-func (c Config) ResolveSockState() (SockState, error) { return c.sockState() }
+func (c Config) ResolveSockState() (SockState, error) { return c.sockState(ProbeSockStorage()) }
 
 func (m SockState) knob() uint32 {
 	if m == SockStateStorage {

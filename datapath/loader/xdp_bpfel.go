@@ -21,6 +21,7 @@ const (
 	XdpMapSpCt                 = "sp_ct"
 	XdpMapSpEndpoints          = "sp_endpoints"
 	XdpMapSpFrags              = "sp_frags"
+	XdpMapSpFrontendAddrs      = "sp_frontend_addrs"
 	XdpMapSpMaglev             = "sp_maglev"
 	XdpMapSpMetrics            = "sp_metrics"
 	XdpMapSpNat                = "sp_nat"
@@ -37,6 +38,7 @@ const (
 	XdpVarCfgHairpinIpv4       = "cfg_hairpin_ipv4"
 	XdpVarCfgHairpinIpv6       = "cfg_hairpin_ipv6"
 	XdpVarCfgHaveSetRetval     = "cfg_have_set_retval"
+	XdpVarCfgHaveSkStorage     = "cfg_have_sk_storage"
 	XdpVarCfgHostNetnsCookie   = "cfg_host_netns_cookie"
 	XdpVarCfgHostRouting       = "cfg_host_routing"
 	XdpVarCfgMaglevSize        = "cfg_maglev_size"
@@ -96,19 +98,20 @@ type XdpProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type XdpMapSpecs struct {
-	SpAffinity  *ebpf.MapSpec `ebpf:"sp_affinity"`
-	SpBackends  *ebpf.MapSpec `ebpf:"sp_backends"`
-	SpCt        *ebpf.MapSpec `ebpf:"sp_ct"`
-	SpEndpoints *ebpf.MapSpec `ebpf:"sp_endpoints"`
-	SpFrags     *ebpf.MapSpec `ebpf:"sp_frags"`
-	SpMaglev    *ebpf.MapSpec `ebpf:"sp_maglev"`
-	SpMetrics   *ebpf.MapSpec `ebpf:"sp_metrics"`
-	SpNat       *ebpf.MapSpec `ebpf:"sp_nat"`
-	SpNetdevs   *ebpf.MapSpec `ebpf:"sp_netdevs"`
-	SpNodeAddrs *ebpf.MapSpec `ebpf:"sp_node_addrs"`
-	SpServices  *ebpf.MapSpec `ebpf:"sp_services"`
-	SpSrcRanges *ebpf.MapSpec `ebpf:"sp_src_ranges"`
-	SpSvcMeta   *ebpf.MapSpec `ebpf:"sp_svc_meta"`
+	SpAffinity      *ebpf.MapSpec `ebpf:"sp_affinity"`
+	SpBackends      *ebpf.MapSpec `ebpf:"sp_backends"`
+	SpCt            *ebpf.MapSpec `ebpf:"sp_ct"`
+	SpEndpoints     *ebpf.MapSpec `ebpf:"sp_endpoints"`
+	SpFrags         *ebpf.MapSpec `ebpf:"sp_frags"`
+	SpFrontendAddrs *ebpf.MapSpec `ebpf:"sp_frontend_addrs"`
+	SpMaglev        *ebpf.MapSpec `ebpf:"sp_maglev"`
+	SpMetrics       *ebpf.MapSpec `ebpf:"sp_metrics"`
+	SpNat           *ebpf.MapSpec `ebpf:"sp_nat"`
+	SpNetdevs       *ebpf.MapSpec `ebpf:"sp_netdevs"`
+	SpNodeAddrs     *ebpf.MapSpec `ebpf:"sp_node_addrs"`
+	SpServices      *ebpf.MapSpec `ebpf:"sp_services"`
+	SpSrcRanges     *ebpf.MapSpec `ebpf:"sp_src_ranges"`
+	SpSvcMeta       *ebpf.MapSpec `ebpf:"sp_svc_meta"`
 }
 
 // XdpVariableSpecs contains global variables before they are loaded into the kernel.
@@ -122,6 +125,7 @@ type XdpVariableSpecs struct {
 	CfgHairpinIpv4       *ebpf.VariableSpec `ebpf:"cfg_hairpin_ipv4"`
 	CfgHairpinIpv6       *ebpf.VariableSpec `ebpf:"cfg_hairpin_ipv6"`
 	CfgHaveSetRetval     *ebpf.VariableSpec `ebpf:"cfg_have_set_retval"`
+	CfgHaveSkStorage     *ebpf.VariableSpec `ebpf:"cfg_have_sk_storage"`
 	CfgHostNetnsCookie   *ebpf.VariableSpec `ebpf:"cfg_host_netns_cookie"`
 	CfgHostRouting       *ebpf.VariableSpec `ebpf:"cfg_host_routing"`
 	CfgMaglevSize        *ebpf.VariableSpec `ebpf:"cfg_maglev_size"`
@@ -152,19 +156,20 @@ func (o *XdpObjects) Close() error {
 //
 // It can be passed to LoadXdpObjects or ebpf.CollectionSpec.LoadAndAssign.
 type XdpMaps struct {
-	SpAffinity  *ebpf.Map `ebpf:"sp_affinity"`
-	SpBackends  *ebpf.Map `ebpf:"sp_backends"`
-	SpCt        *ebpf.Map `ebpf:"sp_ct"`
-	SpEndpoints *ebpf.Map `ebpf:"sp_endpoints"`
-	SpFrags     *ebpf.Map `ebpf:"sp_frags"`
-	SpMaglev    *ebpf.Map `ebpf:"sp_maglev"`
-	SpMetrics   *ebpf.Map `ebpf:"sp_metrics"`
-	SpNat       *ebpf.Map `ebpf:"sp_nat"`
-	SpNetdevs   *ebpf.Map `ebpf:"sp_netdevs"`
-	SpNodeAddrs *ebpf.Map `ebpf:"sp_node_addrs"`
-	SpServices  *ebpf.Map `ebpf:"sp_services"`
-	SpSrcRanges *ebpf.Map `ebpf:"sp_src_ranges"`
-	SpSvcMeta   *ebpf.Map `ebpf:"sp_svc_meta"`
+	SpAffinity      *ebpf.Map `ebpf:"sp_affinity"`
+	SpBackends      *ebpf.Map `ebpf:"sp_backends"`
+	SpCt            *ebpf.Map `ebpf:"sp_ct"`
+	SpEndpoints     *ebpf.Map `ebpf:"sp_endpoints"`
+	SpFrags         *ebpf.Map `ebpf:"sp_frags"`
+	SpFrontendAddrs *ebpf.Map `ebpf:"sp_frontend_addrs"`
+	SpMaglev        *ebpf.Map `ebpf:"sp_maglev"`
+	SpMetrics       *ebpf.Map `ebpf:"sp_metrics"`
+	SpNat           *ebpf.Map `ebpf:"sp_nat"`
+	SpNetdevs       *ebpf.Map `ebpf:"sp_netdevs"`
+	SpNodeAddrs     *ebpf.Map `ebpf:"sp_node_addrs"`
+	SpServices      *ebpf.Map `ebpf:"sp_services"`
+	SpSrcRanges     *ebpf.Map `ebpf:"sp_src_ranges"`
+	SpSvcMeta       *ebpf.Map `ebpf:"sp_svc_meta"`
 }
 
 func (m *XdpMaps) Close() error {
@@ -174,6 +179,7 @@ func (m *XdpMaps) Close() error {
 		m.SpCt,
 		m.SpEndpoints,
 		m.SpFrags,
+		m.SpFrontendAddrs,
 		m.SpMaglev,
 		m.SpMetrics,
 		m.SpNat,
@@ -196,6 +202,7 @@ type XdpVariables struct {
 	CfgHairpinIpv4       *ebpf.Variable `ebpf:"cfg_hairpin_ipv4"`
 	CfgHairpinIpv6       *ebpf.Variable `ebpf:"cfg_hairpin_ipv6"`
 	CfgHaveSetRetval     *ebpf.Variable `ebpf:"cfg_have_set_retval"`
+	CfgHaveSkStorage     *ebpf.Variable `ebpf:"cfg_have_sk_storage"`
 	CfgHostNetnsCookie   *ebpf.Variable `ebpf:"cfg_host_netns_cookie"`
 	CfgHostRouting       *ebpf.Variable `ebpf:"cfg_host_routing"`
 	CfgMaglevSize        *ebpf.Variable `ebpf:"cfg_maglev_size"`

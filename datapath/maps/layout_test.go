@@ -77,6 +77,7 @@ func TestGoTypesMirrorBTFLayout(t *testing.T) {
 		{maps.SockCtxName, int32(0), maps.SockCtx{}, "", "sock_ctx"},
 		{maps.SockRevName, maps.SockRevNATKey{}, maps.SockRevNATValue{}, "sock_revnat_key", "sock_revnat_value"},
 		{"sp_src_ranges", maps.SrcRangeKey{}, uint8(0), "src_range_key", ""},
+		{maps.FrontendAddrName, maps.NodeAddrKey{}, uint8(0), "node_addr_key", ""},
 		{maps.NATName, maps.CTKey{}, maps.NATEntry{}, "ct_key", "nat_entry"},
 		{maps.NetdevsName, uint32(0), maps.NetdevInfo{}, "", "netdev_info"},
 	} {

@@ -11,21 +11,22 @@ import (
 
 // Names of the pinned maps, as declared in bpf/lib.
 const (
-	ServicesName = "sp_services"
-	BackendsName = "sp_backends"
-	SvcMetaName  = "sp_svc_meta"
-	CTName       = "sp_ct"
-	CTNSName     = "sp_ct_ns"
-	FragsName    = "sp_frags"
-	MetricsName  = "sp_metrics"
-	SockRevName  = "sp_sock_revnat"
-	SockCtxName  = "sp_sock_ctx"
-	AffinityName = "sp_affinity"
-	NodeAddrName = "sp_node_addrs"
-	MaglevName   = "sp_maglev"
-	SrcRangeName = "sp_src_ranges"
-	NATName      = "sp_nat"
-	NetdevsName  = "sp_netdevs"
+	ServicesName     = "sp_services"
+	BackendsName     = "sp_backends"
+	SvcMetaName      = "sp_svc_meta"
+	CTName           = "sp_ct"
+	CTNSName         = "sp_ct_ns"
+	FragsName        = "sp_frags"
+	MetricsName      = "sp_metrics"
+	SockRevName      = "sp_sock_revnat"
+	SockCtxName      = "sp_sock_ctx"
+	AffinityName     = "sp_affinity"
+	NodeAddrName     = "sp_node_addrs"
+	MaglevName       = "sp_maglev"
+	SrcRangeName     = "sp_src_ranges"
+	FrontendAddrName = "sp_frontend_addrs"
+	NATName          = "sp_nat"
+	NetdevsName      = "sp_netdevs"
 )
 
 // Maps are the handles user space programs.
@@ -53,6 +54,9 @@ type Maps struct {
 	Maglev *ebpf.Map
 	// SrcRanges holds loadBalancerSourceRanges, by svc id.
 	SrcRanges *ebpf.Map
+	// FrontendAddrs holds every frontend's address (NodeAddrKey keys), for
+	// later fragments, which name no port.
+	FrontendAddrs *ebpf.Map
 	// NAT holds the SNAT mappings of north-south flows.
 	NAT *ebpf.Map
 	// Netdevs lists the node devices and the addresses SNAT uses on them.
@@ -93,6 +97,7 @@ func (m *Maps) named() []namedMap {
 		{NodeAddrName, &m.NodeAddrs},
 		{MaglevName, &m.Maglev},
 		{SrcRangeName, &m.SrcRanges},
+		{FrontendAddrName, &m.FrontendAddrs},
 		{NATName, &m.NAT},
 		{NetdevsName, &m.Netdevs},
 	}
@@ -140,7 +145,7 @@ func Occupancy(m *Maps) (map[string]Usage, error) {
 	out := map[string]Usage{}
 	for name, mp := range map[string]*ebpf.Map{
 		ServicesName: m.Services, BackendsName: m.Backends, CTName: m.CT, CTNSName: m.CTNS, FragsName: m.Frags, SockRevName: m.SockRevNAT,
-		AffinityName: m.Affinity, NATName: m.NAT,
+		AffinityName: m.Affinity, NATName: m.NAT, FrontendAddrName: m.FrontendAddrs,
 	} {
 		if mp == nil {
 			continue

@@ -58,6 +58,7 @@ var Names = []string{
 	"np_icmp_rev_snat",
 	"np_icmp_snat",
 	"hairpin",
+	"frag_pass",
 }
 
 // Read sums each counter over CPUs, keyed by name.

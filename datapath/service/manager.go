@@ -40,6 +40,8 @@ type Manager struct {
 	// tables and ranges count sp_maglev and sp_src_ranges entries in use.
 	tables, ranges       int
 	maxTables, maxRanges uint32
+	// addrRefs counts the frontends of each address in sp_frontend_addrs.
+	addrRefs map[maps.NodeAddrKey]int
 	// maglevSize is the table size the loader gave sp_maglev (its value
 	// size / 4), which is what the datapath reads with: no separate
 	// setting can disagree with it.
@@ -81,6 +83,7 @@ func NewManager(m *maps.Maps) (*Manager, error) {
 		maxSlots:  m.Services.MaxEntries(),
 		svcIDs:    map[uint32]maps.ServiceKey{},
 		nextSvcID: 1,
+		addrRefs:  map[maps.NodeAddrKey]int{},
 	}
 	if m.Maglev != nil {
 		mgr.maglevSize = int(m.Maglev.ValueSize() / 4)
@@ -204,6 +207,57 @@ func (mgr *Manager) load() error {
 	}
 	if err := mgr.loadTables(backends); err != nil {
 		return fmt.Errorf("read Maglev tables: %w", err)
+	}
+	if err := mgr.syncFrontendAddrs(); err != nil {
+		return fmt.Errorf("frontend addresses: %w", err)
+	}
+	return nil
+}
+
+// addrKey is k's address in sp_frontend_addrs; ok is false for NodePort
+// and HostPort frontends, whose all-zero address is every node address.
+func addrKey(k maps.ServiceKey) (key maps.NodeAddrKey, ok bool) {
+	return maps.NodeAddrKey{Addr: k.Addr, Family: k.Family}, k.Addr != maps.Addr{}
+}
+
+// syncFrontendAddrs makes sp_frontend_addrs the frontends' addresses: what
+// maps written before it existed, or an interrupted removal, left out of
+// step.
+func (mgr *Manager) syncFrontendAddrs() error {
+	for k := range mgr.frontends {
+		if ak, ok := addrKey(k); ok {
+			mgr.addrRefs[ak]++
+		}
+	}
+	if mgr.m.FrontendAddrs == nil {
+		return nil
+	}
+	want := map[maps.NodeAddrKey]bool{}
+	for k := range mgr.addrRefs {
+		want[k] = true
+	}
+	var k maps.NodeAddrKey
+	var v uint8
+	var stale []maps.NodeAddrKey
+	it := mgr.m.FrontendAddrs.Iterate()
+	for it.Next(&k, &v) {
+		if !want[k] {
+			stale = append(stale, k)
+		}
+		delete(want, k)
+	}
+	if err := it.Err(); err != nil {
+		return err
+	}
+	for k := range want {
+		if err := mgr.m.FrontendAddrs.Put(k, uint8(1)); err != nil {
+			return err
+		}
+	}
+	for _, k := range stale {
+		if err := deleteIfPresent(mgr.m.FrontendAddrs, &k); err != nil {
+			return err
+		}
 	}
 	return nil
 }
@@ -761,6 +815,16 @@ func (mgr *Manager) write(p *plan) error {
 			return fmt.Errorf("write source range %s: %w", r, err)
 		}
 	}
+	// Before the master: a later fragment to the address is then dropped
+	// as soon as the service could have DNATed its first.
+	if ak, ok := addrKey(p.key); ok && old == nil {
+		if mgr.addrRefs[ak] == 0 && mgr.m.FrontendAddrs != nil {
+			if err := mgr.m.FrontendAddrs.Put(ak, uint8(1)); err != nil {
+				return fmt.Errorf("write frontend address: %w", err)
+			}
+		}
+		mgr.addrRefs[ak]++
+	}
 	master := maps.ServiceValue{Count: uint16(p.count), Total: uint16(len(p.ids)), AffinityTimeout: p.affinity, Flags: p.flags,
 		SvcID: p.svcID}
 	if err := mgr.m.Services.Put(p.key, master); err != nil {
@@ -874,6 +938,16 @@ func (mgr *Manager) remove(k maps.ServiceKey) error {
 		}
 		delete(mgr.usedIDs, id)
 		mgr.noteRemoved(k, b)
+	}
+	if ak, ok := addrKey(k); ok {
+		if mgr.addrRefs[ak] <= 1 && mgr.m.FrontendAddrs != nil {
+			if err := deleteIfPresent(mgr.m.FrontendAddrs, &ak); err != nil {
+				return err
+			}
+		}
+		if mgr.addrRefs[ak]--; mgr.addrRefs[ak] <= 0 {
+			delete(mgr.addrRefs, ak)
+		}
 	}
 	if err := deleteIfPresent(mgr.m.SvcMeta, &k); err != nil {
 		return err

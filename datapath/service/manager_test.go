@@ -630,3 +630,47 @@ func TestRandomOperationsKeepInvariants(t *testing.T) {
 	require.NoError(t, err, "restart after the random sequence")
 	assert.Equal(t, env.Services.List(), mgr.List(), "a restarted manager reads back the same state")
 }
+
+// sp_frontend_addrs holds each frontend address once while any frontend
+// has it, never NodePort's all-zero one, and a new manager repairs it.
+func TestFrontendAddressesFollowFrontends(t *testing.T) {
+	env := newEnv(t, nil)
+	m := env.DP.Maps
+	addrs := func() []netip.Addr {
+		var out []netip.Addr
+		var k maps.NodeAddrKey
+		var v uint8
+		it := m.FrontendAddrs.Iterate()
+		for it.Next(&k, &v) {
+			out = append(out, k.Addr.Netip(k.Family))
+		}
+		require.NoError(t, it.Err(), "walk sp_frontend_addrs")
+		slices.SortFunc(out, netip.Addr.Compare)
+		return out
+	}
+	vip4, vip6 := fe4.Addr, fe6.Addr
+	np := kindFrontend("0.0.0.0", 30080, service.NodePort)
+	for _, f := range []service.Frontend{fe4, fe4udp, fe6, np} {
+		b := active("198.18.0.11", 8080)
+		if f.Addr.Is6() {
+			b = active("fd00:5e::11", 8080)
+		}
+		require.NoError(t, env.Services.Upsert(svc("default/web", f, b)), "upsert %s", f)
+	}
+	assert.Equal(t, []netip.Addr{vip4, vip6}, addrs(), "one entry per frontend address; none for the NodePort")
+
+	require.NoError(t, env.Services.Delete(fe4), "delete %s", fe4)
+	assert.Equal(t, []netip.Addr{vip4, vip6}, addrs(), "the address stays while %s has it", fe4udp)
+	require.NoError(t, env.Services.Delete(fe4udp), "delete %s", fe4udp)
+	assert.Equal(t, []netip.Addr{vip6}, addrs(), "the address goes with its last frontend")
+
+	stale, _ := maps.AddrFrom(netip.MustParseAddr("198.19.9.9"))
+	require.NoError(t, m.FrontendAddrs.Put(maps.NodeAddrKey{Addr: stale, Family: maps.IPv4}, uint8(1)), "plant a stale address")
+	fk, fam := maps.AddrFrom(vip6)
+	require.NoError(t, m.FrontendAddrs.Delete(maps.NodeAddrKey{Addr: fk, Family: fam}), "lose a live one")
+	mgr, err := service.NewManager(m)
+	require.NoError(t, err, "a new manager over the same maps")
+	assert.Equal(t, []netip.Addr{vip6}, addrs(), "the new manager repaired sp_frontend_addrs")
+	require.NoError(t, mgr.Delete(fe6), "delete %s through it", fe6)
+	assert.Empty(t, addrs(), "and it counts the addresses it found")
+}

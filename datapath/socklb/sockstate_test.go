@@ -107,44 +107,56 @@ func assertStateIn(t *testing.T, c *cluster.Cluster, mode loader.SockState) {
 	}
 }
 
-// One unconnected socket with several datagrams in flight to a service
-// of three backends before it reads any reply: every reply, whichever
-// backend sent it, reads as the VIP's. This is what a resolver sending A
-// and AAAA queries at once needs; in storage mode it is the socket's
-// send flows (one per backend) that make it work.
-func TestUnconnectedUDPRepliesInFlight(t *testing.T) {
+// One unconnected socket with datagrams in flight to two services before
+// it reads any reply: each destination keeps one backend for the socket
+// (QUIC and DTLS need their datagrams to reach one peer), and every reply
+// reads as the destination it answers. The services have disjoint
+// backends so that the replies can only be told apart by their source.
+func TestUnconnectedUDPKeepsOneBackendPerDestination(t *testing.T) {
 	forEachSockState(t, cluster.Options{SocketLB: true}, func(t *testing.T, mode loader.SockState, o cluster.Options) {
 		c := cluster.New(t, o)
 		for _, vip := range []netip.Addr{vip4, vip6} {
 			t.Run(vip.String(), func(t *testing.T) {
-				c.Program(t, vip, 53, service.UDP, cluster.Backends...)
-				dst := netip.AddrPortFrom(vip, 53)
-				// With 12 sends the chance that all go to one backend is 3^-11.
-				const n = 12
-				froms, ids, err := burst(c, dst, n)
-				require.NoError(t, err, "%d datagrams in flight to %s", n, dst)
-				for i, from := range froms {
-					assert.Equal(t, dst, from, "reply %d (from %s) reads as the VIP's", i, ids[i])
+				balanced := netip.AddrPortFrom(vip, 53)
+				single := netip.AddrPortFrom(vip, 54)
+				c.Program(t, vip, balanced.Port(), service.UDP, cluster.Backends[:2]...)
+				c.Program(t, vip, single.Port(), service.UDP, cluster.Backends[2])
+				// Balanced one by one, 15 datagrams would all land on
+				// one of two backends with chance 2^-14.
+				const n = 15
+				replies, err := burst(c, []netip.AddrPort{balanced, single}, n)
+				require.NoError(t, err, "%d datagrams in flight to each of %s and %s", n, balanced, single)
+				by := map[netip.AddrPort]map[string]int{}
+				for _, r := range replies {
+					if by[r.from] == nil {
+						by[r.from] = map[string]int{}
+					}
+					by[r.from][r.backend]++
 				}
-				distinct := map[string]bool{}
-				for _, id := range ids {
-					distinct[id] = true
+				assert.Equal(t, map[string]int{cluster.Backends[2]: n}, by[single], "%s's replies", single)
+				assert.Len(t, by[balanced], 1, "one backend answers all of the socket's datagrams to %s: %v", balanced, by[balanced])
+				for b, got := range by[balanced] {
+					assert.Equal(t, n, got, "%s answered every datagram to %s", b, balanced)
 				}
-				assert.Greater(t, len(distinct), 1, "replies from several backends were in flight at once: %v", ids)
+				assert.Len(t, by, 2, "every reply reads as one of the two destinations: %v", by)
 			})
 		}
 		assertStateIn(t, c, mode)
 	})
 }
 
-// burst sends n datagrams from one unconnected socket in the client pod,
-// then reads the n replies, returning each reply's source and sender.
-func burst(c *cluster.Cluster, dst netip.AddrPort, n int) ([]netip.AddrPort, []string, error) {
-	var froms []netip.AddrPort
-	var ids []string
+type reply struct {
+	from    netip.AddrPort
+	backend string
+}
+
+// burst sends n datagrams to each of dsts, in turn, from one unconnected
+// socket in the client pod, then reads every reply.
+func burst(c *cluster.Cluster, dsts []netip.AddrPort, n int) ([]reply, error) {
+	var replies []reply
 	err := c.Client.Do(func() error {
 		network := "udp6"
-		if dst.Addr().Is4() {
+		if dsts[0].Addr().Is4() {
 			network = "udp4"
 		}
 		conn, err := net.ListenUDP(network, nil)
@@ -154,23 +166,24 @@ func burst(c *cluster.Cluster, dst netip.AddrPort, n int) ([]netip.AddrPort, []s
 		defer conn.Close()
 		conn.SetDeadline(time.Now().Add(timeout))
 		for i := range n {
-			if _, err := conn.WriteToUDPAddrPort(fmt.Appendf(nil, "q%d", i), dst); err != nil {
-				return err
+			for _, dst := range dsts {
+				if _, err := conn.WriteToUDPAddrPort(fmt.Appendf(nil, "q%d", i), dst); err != nil {
+					return err
+				}
 			}
 		}
 		buf := make([]byte, 1024)
-		for range n {
+		for range n * len(dsts) {
 			m, from, err := conn.ReadFromUDPAddrPort(buf)
 			if err != nil {
-				return fmt.Errorf("after %d replies: %w", len(froms), err)
+				return fmt.Errorf("after %d replies: %w", len(replies), err)
 			}
 			id, _, _ := bytes.Cut(buf[:m], []byte{'\n'})
-			froms = append(froms, netip.AddrPortFrom(from.Addr().Unmap(), from.Port()))
-			ids = append(ids, string(id))
+			replies = append(replies, reply{netip.AddrPortFrom(from.Addr().Unmap(), from.Port()), string(id)})
 		}
 		return nil
 	})
-	return froms, ids, err
+	return replies, err
 }
 
 // Storage asked for where the kernel lacks it fails the load, naming the

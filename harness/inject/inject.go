@@ -141,7 +141,7 @@ func ClearMap(m *ebpf.Map) error {
 func (e *Env) Reset() error {
 	m := e.DP.Maps
 	for _, mp := range []*ebpf.Map{m.Services, m.Backends, m.SvcMeta, m.CT, m.Frags, m.Affinity, m.SockRevNAT,
-		m.NAT, m.Netdevs, m.NodeAddrs, m.Maglev, m.SrcRanges, m.CTNS} {
+		m.NAT, m.Netdevs, m.NodeAddrs, m.Maglev, m.SrcRanges, m.CTNS, m.FrontendAddrs} {
 		if mp == nil {
 			continue // a map of settings not in effect (CTNS: zones off)
 		}
