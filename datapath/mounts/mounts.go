@@ -114,11 +114,45 @@ func unescapeOctal(s string) (string, error) {
 
 // IsBPFFS reports whether path is the root of, or inside, a bpf filesystem.
 func IsBPFFS(path string) (bool, error) {
+	magic, err := fsMagic(path)
+	return magic == unix.BPF_FS_MAGIC, err
+}
+
+// FSType names the filesystem path is on, for messages: "bpf", "tmpfs",
+// "ext4", ..., or its statfs magic in hex when it is none of those.
+func FSType(path string) (string, error) {
+	magic, err := fsMagic(path)
+	if err != nil {
+		return "", err
+	}
+	if name, ok := fsNames[magic]; ok {
+		return name, nil
+	}
+	return fmt.Sprintf("%#x", magic), nil
+}
+
+// fsNames are the filesystems a mistyped --bpffs is likely to land on.
+var fsNames = map[int64]string{
+	unix.BPF_FS_MAGIC:          "bpf",
+	unix.TMPFS_MAGIC:           "tmpfs",
+	unix.EXT4_SUPER_MAGIC:      "ext2/ext3/ext4", // one magic for the three
+	unix.XFS_SUPER_MAGIC:       "xfs",
+	unix.BTRFS_SUPER_MAGIC:     "btrfs",
+	unix.OVERLAYFS_SUPER_MAGIC: "overlay",
+	unix.NFS_SUPER_MAGIC:       "nfs",
+	unix.SYSFS_MAGIC:           "sysfs",
+	unix.PROC_SUPER_MAGIC:      "proc",
+	unix.CGROUP2_SUPER_MAGIC:   "cgroup2",
+	unix.TRACEFS_MAGIC:         "tracefs",
+	unix.DEBUGFS_MAGIC:         "debugfs",
+}
+
+func fsMagic(path string) (int64, error) {
 	var st unix.Statfs_t
 	if err := unix.Statfs(path, &st); err != nil {
-		return false, &os.PathError{Op: "statfs", Path: path, Err: err}
+		return 0, &os.PathError{Op: "statfs", Path: path, Err: err}
 	}
-	return st.Type == unix.BPF_FS_MAGIC, nil
+	return int64(st.Type), nil
 }
 
 // EnsureBPFFS creates path and mounts a bpf filesystem on it unless one is

@@ -37,6 +37,17 @@ func TestIsBPFFSOnOtherFS(t *testing.T) {
 	}
 }
 
+func TestFSType(t *testing.T) {
+	for path, want := range map[string]string{"/proc": "proc", testenv.BPFFS(t): "bpf"} {
+		if got, err := mounts.FSType(path); err != nil || got != want {
+			t.Errorf("FSType(%s) = %q, %v; want %q", path, got, err, want)
+		}
+	}
+	if _, err := mounts.FSType(filepath.Join(t.TempDir(), "missing")); err == nil {
+		t.Error("FSType on a missing path succeeded")
+	}
+}
+
 func TestEnsureBPFFS(t *testing.T) {
 	testenv.RequireRoot(t)
 	dir := filepath.Join(t.TempDir(), "a", "b")
