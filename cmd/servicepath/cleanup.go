@@ -25,18 +25,16 @@ func cmdCleanup(args []string, o output) error {
 	defer lock.Release()
 
 	done, err := coexist.RemoveServicepath(*bpffs, linkDir(*bpffs))
+	// A mistyped --bpffs stops everything, kube-proxy's rules included.
+	if notOurs := (*coexist.NotPinDirError)(nil); errors.As(err, &notOurs) {
+		return err
+	}
 	if *kubeProxy {
 		kp, kerr := coexist.RemoveKubeProxy()
 		done, err = append(done, kp...), errors.Join(err, kerr)
 	}
-	for _, d := range done {
-		fmt.Fprintln(o.out, d)
-	}
-	if err != nil {
+	if err := report(o, *bpffs, done, err); err != nil {
 		return err
-	}
-	if len(done) == 0 {
-		fmt.Fprintf(o.out, "nothing to remove under %s\n", *bpffs)
 	}
 	fmt.Fprintln(o.out, "servicepath is detached from every device of this network namespace and every cgroup it attached to")
 	if *kubeProxy {
@@ -47,4 +45,16 @@ func cmdCleanup(args []string, o output) error {
 		}
 	}
 	return nil
+}
+
+// report prints what was removed, also before an error, so that a partial
+// failure shows what it did.
+func report(o output, bpffs string, done []string, err error) error {
+	for _, d := range done {
+		fmt.Fprintln(o.out, d)
+	}
+	if err == nil && len(done) == 0 {
+		fmt.Fprintf(o.out, "nothing to remove under %s\n", bpffs)
+	}
+	return err
 }

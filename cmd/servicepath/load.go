@@ -211,10 +211,11 @@ func cmdUnload(args []string, o output) error {
 	if err := parse(fs, args); err != nil {
 		return err
 	}
-	if _, err := coexist.RemoveServicepath(*bpffs, linkDir(*bpffs)); err != nil {
+	done, err := coexist.RemoveServicepath(*bpffs, linkDir(*bpffs))
+	if err := report(o, *bpffs, done, err); err != nil {
 		return err
 	}
-	fmt.Fprintf(o.out, "detached servicepath from every device of this network namespace and removed %s\n", *bpffs)
+	fmt.Fprintln(o.out, "detached servicepath from every device of this network namespace")
 	return nil
 }
 
