@@ -24,14 +24,7 @@ import (
 	"github.com/servicepath/servicepath/harness/testenv"
 )
 
-func TestMain(m *testing.M) {
-	code := m.Run()
-	if err := kubeapi.StopShared(); err != nil {
-		fmt.Fprintf(os.Stderr, "stop kube-apiserver and etcd: %v\n", err)
-		code = 1
-	}
-	os.Exit(code)
-}
+func TestMain(m *testing.M) { kubeapi.RunTests(m) }
 
 func TestAgentFlags(t *testing.T) {
 	code, _, errOut := runCLI("agent", "-h")

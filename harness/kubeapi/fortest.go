@@ -2,6 +2,7 @@ package kubeapi
 
 import (
 	"errors"
+	"fmt"
 	"os"
 	"sync"
 	"testing"
@@ -16,7 +17,7 @@ var shared struct {
 
 // Shared starts one server for the whole test binary (about 3 s each) and
 // returns it; t skips, saying why, when the binaries were never built. Tests
-// share it, so each uses namespaces of its own. A TestMain calls StopShared.
+// share it, so each uses namespaces of its own. A TestMain calls RunTests.
 func Shared(t testing.TB) *Server {
 	t.Helper()
 	shared.once.Do(func() {
@@ -36,6 +37,17 @@ func Shared(t testing.TB) *Server {
 		t.Fatalf("start kube-apiserver and etcd: %v", shared.err)
 	}
 	return shared.srv
+}
+
+// RunTests is a TestMain for a package whose tests use Shared: it runs
+// them, then stops the server.
+func RunTests(m *testing.M) {
+	code := m.Run()
+	if err := StopShared(); err != nil {
+		fmt.Fprintf(os.Stderr, "stop kube-apiserver and etcd: %v\n", err)
+		code = 1
+	}
+	os.Exit(code)
 }
 
 // StopShared stops the server Shared started, if any, and removes its files.
