@@ -11,6 +11,7 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
+	"k8s.io/apimachinery/pkg/util/validation/field"
 	k8sjson "sigs.k8s.io/json"
 	"sigs.k8s.io/yaml"
 )
@@ -27,7 +28,9 @@ type Objects struct {
 }
 
 // ReadManifests reads Services, EndpointSlices and Pods from YAML or JSON
-// files.
+// files and validates Services and EndpointSlices as the API server does on
+// create (validate.go); it returns every error found, each naming its file,
+// document, object and field path.
 // A directory contributes its *.yaml, *.yml and *.json files, sorted, not
 // recursing. Documents are numbered from 1, counting only non-empty ones.
 func ReadManifests(paths ...string) (*Objects, error) {
@@ -48,6 +51,15 @@ func ReadManifests(paths ...string) (*Objects, error) {
 		}
 	}
 	return objs, nil
+}
+
+// supportedVersions are the apiVersions servicepath reads each kind in,
+// the ones a v1.34 API server serves.
+var supportedVersions = map[string]string{
+	"Service":       "v1",
+	"EndpointSlice": "discovery.k8s.io/v1",
+	"Pod":           "v1",
+	"List":          "v1",
 }
 
 func manifestFiles(path string) ([]string, error) {
@@ -76,6 +88,7 @@ func manifestFiles(path string) ([]string, error) {
 
 func (o *Objects) addFile(file string, data []byte) error {
 	n := 0
+	var errs []error
 	for _, doc := range splitDocuments(data) {
 		// Strict conversion so that duplicate keys are refused.
 		js, err := yaml.YAMLToJSONStrict(doc)
@@ -86,11 +99,9 @@ func (o *Objects) addFile(file string, data []byte) error {
 			continue // empty or comments only
 		}
 		n++
-		if err := o.addObject(fmt.Sprintf("%s: document %d", file, n), js); err != nil {
-			return err
-		}
+		errs = append(errs, o.addObject(fmt.Sprintf("%s: document %d", file, n), js))
 	}
-	return nil
+	return errors.Join(errs...)
 }
 
 // splitDocuments splits a YAML stream at "---" lines, as kubectl does.
@@ -156,39 +167,58 @@ func (o *Objects) addObject(where string, js []byte) error {
 		return fmt.Errorf("%s: %s: apiVersion is missing (metadata.name %q)", where, h.Kind, h.Metadata.Name)
 	}
 	name := objectName(h.Metadata.Namespace, h.Metadata.Name)
-	switch {
-	case h.APIVersion == "v1" && h.Kind == "Service":
+	if v, ok := supportedVersions[h.Kind]; ok && h.APIVersion != v {
+		// The API server has no such resource: refused, not ignored.
+		return fmt.Errorf("%s: %s %s: %v", where, h.Kind, name, field.NotSupported(field.NewPath("apiVersion"), h.APIVersion, []string{v}))
+	}
+	switch h.Kind {
+	case "Service":
 		svc := &corev1.Service{}
 		if err := decodeStrict(js, svc); err != nil {
 			return fmt.Errorf("%s: Service %s: %w", where, name, err)
 		}
+		if err := fieldErrors(where+": Service "+name, validateService(svc)); err != nil {
+			return err
+		}
 		o.Services = append(o.Services, svc)
-	case h.APIVersion == "discovery.k8s.io/v1" && h.Kind == "EndpointSlice":
+	case "EndpointSlice":
 		es := &discoveryv1.EndpointSlice{}
 		if err := decodeStrict(js, es); err != nil {
 			return fmt.Errorf("%s: EndpointSlice %s: %w", where, name, err)
 		}
+		if err := fieldErrors(where+": EndpointSlice "+name, validateEndpointSlice(es)); err != nil {
+			return err
+		}
 		o.EndpointSlices = append(o.EndpointSlices, es)
-	case h.APIVersion == "v1" && h.Kind == "Pod":
+	case "Pod":
 		pod := &corev1.Pod{}
 		if err := decodeStrict(js, pod); err != nil {
 			return fmt.Errorf("%s: Pod %s: %w", where, name, err)
 		}
 		o.Pods = append(o.Pods, pod)
-	case h.APIVersion == "v1" && h.Kind == "List":
+	case "List":
 		var l list
 		if err := decodeStrict(js, &l); err != nil {
 			return fmt.Errorf("%s: List: %w", where, err)
 		}
+		var errs []error
 		for i, item := range l.Items {
-			if err := o.addObject(fmt.Sprintf("%s: items[%d]", where, i), item); err != nil {
-				return err
-			}
+			errs = append(errs, o.addObject(fmt.Sprintf("%s: items[%d]", where, i), item))
 		}
+		return errors.Join(errs...)
 	default:
 		o.Ignored = append(o.Ignored, where+": "+h.String())
 	}
 	return nil
+}
+
+// fieldErrors prefixes each error with the object it is about.
+func fieldErrors(prefix string, list field.ErrorList) error {
+	errs := make([]error, len(list))
+	for i, e := range list {
+		errs[i] = fmt.Errorf("%s: %w", prefix, e)
+	}
+	return errors.Join(errs...)
 }
 
 // decodeStrict decodes like the API server's strict field validation:

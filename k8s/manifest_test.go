@@ -106,7 +106,7 @@ func TestReadManifestsErrors(t *testing.T) {
 		},
 		{
 			name: "unknown field in the second document",
-			content: "---\n# empty\n---\n" + svcHead + "spec: {}\n---\n" +
+			content: "---\n# empty\n---\n" + svcHead + "spec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}\n---\n" +
 				"apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: web-1}\naddressType: IPv4\nendpoints: [{adresses: [10.0.0.1]}]\n",
 			want: `bad.yaml: document 2: EndpointSlice default/web-1: unknown field "endpoints[0].adresses"`,
 		},
@@ -119,6 +119,18 @@ func TestReadManifestsErrors(t *testing.T) {
 			name:    "duplicate key",
 			content: svcHead + "spec:\n  clusterIP: 10.96.0.1\n  clusterIP: 10.96.0.2\n",
 			want:    "bad.yaml: document 1: yaml: unmarshal errors:\n  line 8: key \"clusterIP\" already set in map",
+		},
+		{
+			name:    "apiVersion the API server does not serve",
+			content: "apiVersion: discovery.k8s.io/v1beta1\nkind: EndpointSlice\nmetadata: {name: web-1}\naddressType: IPv4\n",
+			want:    `bad.yaml: document 1: EndpointSlice default/web-1: apiVersion: Unsupported value: "discovery.k8s.io/v1beta1": supported values: "discovery.k8s.io/v1"`,
+		},
+		{
+			name: "invalid fields in two documents, all reported",
+			content: svcHead + "spec: {clusterIP: 10.96.0.1, ports: [{port: 80, targetPort: 70000}]}\n---\n" +
+				"apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: Web_1, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\n",
+			want: "bad.yaml: document 1: Service shop/web: spec.ports[0].targetPort: Invalid value: 70000: must be between 1 and 65535, inclusive\n" +
+				`bad.yaml: document 2: EndpointSlice default/Web_1: metadata.name: Invalid value: "Web_1": a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character (e.g. 'example.com', regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*')`,
 		},
 		{
 			name:    "no kind",

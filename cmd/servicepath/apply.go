@@ -57,9 +57,11 @@ func cmdApply(args []string, o output) error {
 	if err != nil {
 		return err
 	}
+	// Everything is validated before any map is opened: a bad manifest
+	// leaves the datapath as it was.
 	objs, err := k8s.ReadManifests(files...)
 	if err != nil {
-		return err
+		return fmt.Errorf("nothing applied:\n%w", err)
 	}
 	res, err := k8s.Translate(objs.Services, objs.EndpointSlices)
 	if err != nil {
@@ -108,7 +110,7 @@ func cmdDelete(args []string, o output) error {
 	}
 	objs, err := k8s.ReadManifests(files...)
 	if err != nil {
-		return err
+		return fmt.Errorf("nothing deleted:\n%w", err)
 	}
 	names := append(k8s.ServiceNames(objs.Services), k8s.PodNames(objs.Pods)...)
 	mgr, m, err := openManager(bpffs)

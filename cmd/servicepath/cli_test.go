@@ -83,8 +83,8 @@ spec:
 `), 0o644), "write manifest")
 	code, _, errOut := runCLI("apply", "--bpffs", filepath.Join(dir, "nowhere"), "-f", bad)
 	assert.Equal(t, 1, code, "exit code")
-	assert.Contains(t, errOut, "Service default/web", "names the object")
-	assert.Contains(t, errOut, "clusterIP", "names the field")
+	assert.Contains(t, errOut, bad+`: document 1: Service default/web: spec.clusterIPs[0]: Invalid value: "198.19.0.300"`,
+		"names the document, the object and the field")
 	assert.Contains(t, errOut, "nothing applied", "says nothing was applied")
 	_, err := os.Stat(filepath.Join(dir, "nowhere"))
 	assert.ErrorIs(t, err, os.ErrNotExist, "no state was created")
