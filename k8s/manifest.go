@@ -29,7 +29,8 @@ type Objects struct {
 
 // ReadManifests reads Services, EndpointSlices and Pods from YAML or JSON
 // files and validates Services and EndpointSlices as the API server does on
-// create (validate.go); it returns every error found, each naming its file,
+// create (validate.go), then as the datapath needs (what Translate checks
+// of one object); it returns every error found, each naming its file,
 // document, object and field path.
 // A directory contributes its *.yaml, *.yml and *.json files, sorted, not
 // recursing. Documents are numbered from 1, counting only non-empty ones.
@@ -180,6 +181,11 @@ func (o *Objects) addObject(where string, js []byte) error {
 		if err := fieldErrors(where+": Service "+name, validateService(svc)); err != nil {
 			return err
 		}
+		if skipReason(svc) == "" {
+			if _, _, errs := parseService(svc); len(errs) > 0 {
+				return prefixed(where, errs)
+			}
+		}
 		o.Services = append(o.Services, svc)
 	case "EndpointSlice":
 		es := &discoveryv1.EndpointSlice{}
@@ -188,6 +194,9 @@ func (o *Objects) addObject(where string, js []byte) error {
 		}
 		if err := fieldErrors(where+": EndpointSlice "+name, validateEndpointSlice(es)); err != nil {
 			return err
+		}
+		if _, errs := parseSlice(es); len(errs) > 0 {
+			return prefixed(where, errs)
 		}
 		o.EndpointSlices = append(o.EndpointSlices, es)
 	case "Pod":
@@ -216,9 +225,18 @@ func (o *Objects) addObject(where string, js []byte) error {
 func fieldErrors(prefix string, list field.ErrorList) error {
 	errs := make([]error, len(list))
 	for i, e := range list {
-		errs[i] = fmt.Errorf("%s: %w", prefix, e)
+		errs[i] = e
 	}
-	return errors.Join(errs...)
+	return prefixed(prefix, errs)
+}
+
+// prefixed joins errs, each prefixed.
+func prefixed(prefix string, errs []error) error {
+	out := make([]error, len(errs))
+	for i, e := range errs {
+		out[i] = fmt.Errorf("%s: %w", prefix, e)
+	}
+	return errors.Join(out...)
 }
 
 // decodeStrict decodes like the API server's strict field validation:

@@ -21,10 +21,12 @@ import (
 // as it concerns a manifest servicepath programs; each names its upstream
 // function in k8s.io/kubernetes. They run on a copy defaulted as the API
 // server defaults it (SetDefaults_Service, normalizeClusterIPs), so a
-// manifest is refused exactly when `kubectl apply` would be refused, except
-// where servicepath cannot do what the API server does: it allocates no
-// cluster IPs, node ports or health-check ports, it generates no names, and
-// it needs the Service an EndpointSlice belongs to.
+// manifest is refused when `kubectl apply` would be refused. Where
+// servicepath cannot do what the API server does it allocates nothing
+// (cluster IPs, node ports, health-check ports) and knows neither the
+// service CIDRs nor the node-port range: it checks numbers only. What the
+// datapath itself needs beyond this (parseService, parseSlice) is checked
+// after, at read time too.
 
 var (
 	portProtocols    = []string{string(corev1.ProtocolSCTP), string(corev1.ProtocolTCP), string(corev1.ProtocolUDP)}
@@ -48,15 +50,11 @@ const (
 const maxAffinitySeconds = 86400
 
 // validateMeta is ValidateObjectMeta with the namespace defaulted as
-// kubectl does; servicepath needs the name itself.
+// kubectl does.
 func validateMeta(m *metav1.ObjectMeta, nameFn apivalidation.ValidateNameFunc) field.ErrorList {
 	meta := *m
 	meta.Namespace = cmp.Or(meta.Namespace, "default")
-	errs := apivalidation.ValidateObjectMeta(&meta, true, nameFn, field.NewPath("metadata"))
-	if meta.Name == "" && meta.GenerateName != "" {
-		errs = append(errs, field.Required(field.NewPath("metadata", "name"), "servicepath does not generate names"))
-	}
-	return errs
+	return apivalidation.ValidateObjectMeta(&meta, true, nameFn, field.NewPath("metadata"))
 }
 
 // validateService is ValidateServiceCreate (pkg/apis/core/validation) on
@@ -80,6 +78,17 @@ func validateService(in *corev1.Service) field.ErrorList {
 	}
 	if !slices.Contains(serviceTypes, string(spec.Type)) {
 		errs = append(errs, field.NotSupported(specPath.Child("type"), spec.Type, serviceTypes))
+	}
+	if headless && (spec.Type == corev1.ServiceTypeNodePort || spec.Type == corev1.ServiceTypeLoadBalancer) {
+		errs = append(errs, field.Invalid(specPath.Child("clusterIPs").Index(0), spec.ClusterIPs[0], fmt.Sprintf("may not be set to 'None' for %s services", spec.Type)))
+	}
+	// validateLoadBalancerClassField
+	if c := spec.LoadBalancerClass; c != nil {
+		if spec.Type == corev1.ServiceTypeLoadBalancer {
+			errs = append(errs, dnsErrors(specPath.Child("loadBalancerClass"), *c, validation.IsQualifiedName)...)
+		} else {
+			errs = append(errs, field.Forbidden(specPath.Child("loadBalancerClass"), "may only be used when `type` is 'LoadBalancer'"))
+		}
 	}
 	if spec.Type == corev1.ServiceTypeExternalName {
 		if cname := strings.TrimSuffix(spec.ExternalName, "."); cname == "" {
@@ -151,10 +160,6 @@ func validateService(in *corev1.Service) field.ErrorList {
 	errs = append(errs, validateTrafficPolicies(svc)...)
 	if d := spec.TrafficDistribution; d != nil && !slices.Contains(distributions, *d) {
 		errs = append(errs, field.NotSupported(specPath.Child("trafficDistribution"), *d, distributions))
-	}
-	// Not the API server's: it would allocate one.
-	if len(spec.ClusterIPs) == 0 && skipReason(svc) == "" {
-		errs = append(errs, field.Required(specPath.Child("clusterIP"), "servicepath does not allocate cluster IPs"))
 	}
 	return errs
 }
@@ -417,11 +422,6 @@ func validateEndpointIP(f *field.Path, ip string) field.ErrorList {
 // (SetDefaults_EndpointPort: name "", protocol TCP).
 func validateEndpointSlice(es *discoveryv1.EndpointSlice) field.ErrorList {
 	errs := validateMeta(&es.ObjectMeta, apivalidation.NameIsDNSSubdomain)
-	// Not the API server's: without it servicepath has no Service to give
-	// the endpoints to.
-	if es.Labels[discoveryv1.LabelServiceName] == "" {
-		errs = append(errs, field.Required(field.NewPath("metadata", "labels").Key(discoveryv1.LabelServiceName), "names the slice's Service"))
-	}
 	switch {
 	case es.AddressType == "":
 		errs = append(errs, field.Required(field.NewPath("addressType"), ""))

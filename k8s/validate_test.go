@@ -26,11 +26,11 @@ func TestMain(m *testing.M) { kubeapi.RunTests(m) }
 // corpusCase is one file of testdata/validation: one object, whose
 // comments say what servicepath does with it ("# want: ok", or the field
 // path it refuses) and, where the API server differs on purpose,
-// "# apiserver: accepts".
+// "# apiserver: accepts" or "# apiserver: refuses".
 type corpusCase struct {
-	path             string
-	want             string
-	apiserverAccepts bool
+	path      string
+	want      string
+	apiserver string // "" when it agrees with servicepath
 }
 
 func readCorpus(t *testing.T) []corpusCase {
@@ -47,7 +47,9 @@ func readCorpus(t *testing.T) []corpusCase {
 			if v, ok := strings.CutPrefix(s.Text(), "# want: "); ok {
 				c.want = v
 			}
-			c.apiserverAccepts = c.apiserverAccepts || s.Text() == "# apiserver: accepts"
+			if v, ok := strings.CutPrefix(s.Text(), "# apiserver: "); ok {
+				c.apiserver = v
+			}
 		}
 		f.Close()
 		require.NotEmpty(t, c.want, "%s has no '# want:' line", p)
@@ -111,9 +113,14 @@ func TestValidationMatchesAPIServer(t *testing.T) {
 		t.Run(filepath.Base(c.path), func(t *testing.T) {
 			apiErr := dryRunCreate(ctx, t, cs, c.path)
 			ours := checkManifest(c.path)
-			if c.apiserverAccepts {
+			switch c.apiserver {
+			case "accepts":
 				deliberate++
 				assert.NoError(t, apiErr, "the API server accepts %s (servicepath differs on purpose)", c.path)
+				return
+			case "refuses":
+				deliberate++
+				assert.Error(t, apiErr, "the API server refuses %s (servicepath differs on purpose)", c.path)
 				return
 			}
 			if apiErr == nil {
