@@ -487,7 +487,7 @@ func sameServices(have []service.Programmed, want []service.Service) bool {
 	for _, w := range want {
 		h, ok := byFrontend[w.Frontend]
 		if !ok || h.PortName != w.PortName || h.Affinity != w.Affinity || len(h.Backends) != len(w.Backends) ||
-			h.ExternalLocal != w.ExternalLocal || h.Maglev != w.Maglev || h.Mode != w.Mode || h.Dispatch != w.Dispatch ||
+			h.ExternalLocal != w.ExternalLocal || h.InternalLocal != w.InternalLocal || h.Maglev != w.Maglev || h.Mode != w.Mode || h.Dispatch != w.Dispatch ||
 			!sameRanges(h.SourceRanges, w.SourceRanges) {
 			return false
 		}

@@ -54,9 +54,10 @@ static __always_inline int in_scope(struct bpf_sock_addr *ctx)
 	return 0;
 }
 
-/* Finds the service a destination means. An exact frontend first, except
- * that the host reaches a non-local ExternalIP by routing, untranslated,
- * as Kubernetes asks. Otherwise a node address (or loopback, from the host
+/* Finds the service a destination means, as in-cluster clients see it
+ * (lb_in_cluster). An exact frontend first, except that the host reaches a
+ * non-local ExternalIP by routing, untranslated, as Kubernetes asks.
+ * Otherwise a node address (or loopback, from the host
  * only: a pod's loopback is its own) means the NodePort frontend, whose
  * key has an all-zero address; fe is rewritten to that key. */
 static __always_inline struct lb_svc_value *sock_lookup(struct lb_frontend *fe, int host)
@@ -67,13 +68,13 @@ static __always_inline struct lb_svc_value *sock_lookup(struct lb_frontend *fe, 
 	if (svc) {
 		if ((svc->flags & SVC_F_EXTERNAL_IP) && host && !loopback && !is_node_addr(&fe->addr, fe->family))
 			return 0;
-		return svc;
+		return lb_in_cluster(fe, svc);
 	}
 	if (!(host && loopback) && !is_node_addr(&fe->addr, fe->family))
 		return 0;
 	__builtin_memset(&fe->addr, 0, sizeof(fe->addr));
 	svc = lb_lookup_service(fe);
-	return svc && (svc->flags & SVC_F_NODEPORT) ? svc : 0;
+	return svc && (svc->flags & SVC_F_NODEPORT) ? lb_in_cluster(fe, svc) : 0;
 }
 
 static __always_inline int refuse(struct bpf_sock_addr *ctx)

@@ -2,6 +2,7 @@ package k8s
 
 import (
 	"net/netip"
+	"slices"
 	"strings"
 	"testing"
 
@@ -35,11 +36,16 @@ func lbSvc(mut func(*corev1.Service)) *corev1.Service {
 	return s
 }
 
-// byKind indexes translated services by "kind addr".
+// byKind indexes translated services by "kind addr", and "kind addr
+// in-cluster" for in-cluster frontends.
 func byKind(res Result) map[string]service.Service {
 	out := map[string]service.Service{}
 	for _, s := range res.Services {
-		out[s.Frontend.Kind.String()+" "+s.Frontend.Addr.String()] = s
+		k := s.Frontend.Kind.String() + " " + s.Frontend.Addr.String()
+		if s.Frontend.InCluster {
+			k += " in-cluster"
+		}
+		out[k] = s
 	}
 	return out
 }
@@ -70,6 +76,10 @@ func TestExternalTrafficPolicy(t *testing.T) {
 				"ClusterIP 10.96.0.1": {all4, false}, "ClusterIP fd00::1": {all6, false},
 				"NodePort 0.0.0.0": {a4, true}, "NodePort ::": {none, true},
 				"ExternalIP 192.0.2.1": {a4, true}, "LoadBalancer 192.0.2.2": {a4, true}, "LoadBalancer 2001:db8::2": {none, true},
+				// This node's pods and the host reach every endpoint.
+				"NodePort 0.0.0.0 in-cluster": {all4, false}, "NodePort :: in-cluster": {all6, false},
+				"ExternalIP 192.0.2.1 in-cluster": {all4, false}, "LoadBalancer 192.0.2.2 in-cluster": {all4, false},
+				"LoadBalancer 2001:db8::2 in-cluster": {all6, false},
 			}},
 		{"Local without a node name (manifests) acts as Cluster", corev1.ServiceExternalTrafficPolicyLocal, "", "",
 			map[string]want{"NodePort 0.0.0.0": {all4, false}, "LoadBalancer 2001:db8::2": {all6, false}}},
@@ -95,8 +105,21 @@ func TestExternalTrafficPolicy(t *testing.T) {
 				assert.Equal(t, w.backends, got[fe].Backends, "%s: backends", fe)
 				assert.Equal(t, w.local, got[fe].ExternalLocal, "%s: ExternalLocal", fe)
 			}
+			localETP := tt.etp == corev1.ServiceExternalTrafficPolicyLocal && tt.node != ""
+			localITP := tt.itp == corev1.ServiceInternalTrafficPolicyLocal && tt.node != ""
+			for name, s := range got {
+				assert.Equal(t, localETP && s.Frontend.Kind != service.ClusterIP, s.Frontend.InCluster || s.ExternalLocal,
+					"%s: an in-cluster twin exactly for each externalTrafficPolicy Local frontend", name)
+				assert.Equal(t, localITP && s.Frontend.Kind == service.ClusterIP, s.InternalLocal, "%s: InternalLocal", name)
+			}
 		})
 	}
+}
+
+// withoutInCluster drops the in-cluster twins TestExternalTrafficPolicy
+// checks.
+func withoutInCluster(ss []service.Service) []service.Service {
+	return slices.DeleteFunc(slices.Clone(ss), func(s service.Service) bool { return s.Frontend.InCluster })
 }
 
 func TestSourceRangesTranslate(t *testing.T) {
@@ -323,7 +346,7 @@ func TestNorthSouthManifest(t *testing.T) {
 		ext(kindFE("::", 30080, service.NodePort), local6, nil),
 		ext(kindFE("192.0.2.30", 80, service.LoadBalancer), local4, prefixes("10.0.0.0/8", "192.168.7.0/24")),
 		ext(kindFE("2001:db8::30", 80, service.LoadBalancer), local6, prefixes("2001:db8:1::/48")),
-	}, res.Services, "the Service's frontends on node-1")
+	}, withoutInCluster(res.Services), "the Service's frontends on node-1")
 
 	pods, err := TranslatePods(Options{NodeName: "node-1"}, objs.Pods)
 	require.NoError(t, err, "translate the Pods")

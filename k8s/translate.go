@@ -505,7 +505,9 @@ type Options struct {
 	// does, a Service with internalTrafficPolicy Local gets only the
 	// endpoints whose nodeName is this node on its cluster IPs, and one
 	// with externalTrafficPolicy Local the same on its external frontends,
-	// which then say ExternalLocal (no local endpoint: the node drops).
+	// which then say ExternalLocal (no local endpoint: the node drops);
+	// those get a second, InCluster frontend with every endpoint, for
+	// this node's pods and the host.
 	// Manifests name no node: every endpoint is used, and both policies
 	// act as Cluster. Only this node's Pods give HostPort frontends.
 	NodeName string
@@ -599,7 +601,9 @@ func TranslateWith(opts Options, services []*corev1.Service, endpointSlices []*d
 				Backends: backends(slicesOf[ps.name], fe.Addr.Is4(), p, localNode(ps, fe.Kind, opts)),
 				Affinity: ps.affinity,
 			}
-			if fe.Kind != service.ClusterIP {
+			if fe.Kind == service.ClusterIP {
+				s.InternalLocal = ps.localOnly && opts.NodeName != ""
+			} else {
 				s.ExternalLocal = ps.externalLocal && opts.NodeName != ""
 				s.Maglev, s.Mode, s.Dispatch = ps.maglev, ps.mode, ps.dispatch
 			}
@@ -610,16 +614,29 @@ func TranslateWith(opts Options, services []*corev1.Service, endpointSlices []*d
 					}
 				}
 			}
-			if err := s.Validate(); err != nil {
-				errs = append(errs, fmt.Errorf("Service %s: %w", ps.name, err))
+			add := func(s service.Service) {
+				if err := s.Validate(); err != nil {
+					errs = append(errs, fmt.Errorf("Service %s: %w", ps.name, err))
+				}
+				res.Services = append(res.Services, s)
 			}
-			res.Services = append(res.Services, s)
+			add(s)
+			// kube-proxy sends this node's pods and the host to every
+			// endpoint whatever the external policy: UsesClusterEndpoints.
+			if s.ExternalLocal {
+				in := s
+				in.Frontend.InCluster = true
+				in.ExternalLocal = false
+				in.Backends = backends(slicesOf[ps.name], fe.Addr.Is4(), p, "")
+				add(in)
+			}
 		})
 	}
 	if len(errs) > 0 {
 		return Result{}, errors.Join(errs...)
 	}
-	slices.SortFunc(res.Services, func(a, b service.Service) int {
+	// Stable: an InCluster frontend stays after its twin.
+	slices.SortStableFunc(res.Services, func(a, b service.Service) int {
 		return cmp.Or(
 			cmp.Compare(a.Name, b.Name),
 			cmp.Compare(a.PortName, b.PortName),

@@ -14,6 +14,7 @@ struct lb_frontend {
 	__be16 port;
 	__u8 proto;
 	__u8 family;
+	__u8 scope; /* LB_SCOPE_* */
 };
 
 static __always_inline void lb_frontend_of(const struct pkt *p, struct lb_frontend *fe)
@@ -22,6 +23,7 @@ static __always_inline void lb_frontend_of(const struct pkt *p, struct lb_fronte
 	fe->port = p->dport;
 	fe->proto = p->proto;
 	fe->family = p->family;
+	fe->scope = LB_SCOPE_EXT;
 }
 
 static __always_inline struct lb_svc_value *lb_lookup_slot(const struct lb_frontend *fe, __u16 slot)
@@ -34,12 +36,28 @@ static __always_inline struct lb_svc_value *lb_lookup_slot(const struct lb_front
 	k.proto = fe->proto;
 	k.family = fe->family;
 	k.slot = slot;
+	k.scope = fe->scope;
 	return bpf_map_lookup_elem(&sp_services, &k);
 }
 
 static __always_inline struct lb_svc_value *lb_lookup_service(const struct lb_frontend *fe)
 {
 	return lb_lookup_slot(fe, 0);
+}
+
+/* What an in-cluster client gets for svc, fe's entry: an
+ * externalTrafficPolicy Local frontend's in-cluster entry where user space
+ * wrote one (fe then names it), else svc. */
+static __always_inline struct lb_svc_value *lb_in_cluster(struct lb_frontend *fe, struct lb_svc_value *svc)
+{
+	if (!svc || !(svc->flags & SVC_F_ETP_LOCAL))
+		return svc;
+	fe->scope = LB_SCOPE_INT;
+	struct lb_svc_value *in = lb_lookup_service(fe);
+	if (in)
+		return in;
+	fe->scope = LB_SCOPE_EXT;
+	return svc;
 }
 
 /* 1 when the client p comes from may use the service: it has no
@@ -225,10 +243,18 @@ static __always_inline struct lb_svc_value *lb_lookup_frontend(const struct pkt 
 	return svc;
 }
 
+/* Who sends what lb_translate sees: a pod of this node (bpf_lxc.c), or
+ * anyone through a node device (nodeport.h). */
+enum lb_client_scope {
+	LB_FROM_CLUSTER,
+	LB_FROM_OUTSIDE,
+};
+
 /* Load-balances a packet leaving a client: an existing flow keeps its
  * backend; a new one gets an active backend and two CT entries. The packet
  * is DNATed; r says where to and, for new flows, the frontend's flags. */
-static __always_inline int lb_translate(struct __ctx_buff *ctx, struct pkt *p, struct lb_result *r)
+static __always_inline int lb_translate(struct __ctx_buff *ctx, struct pkt *p, struct lb_result *r,
+					enum lb_client_scope from)
 {
 	struct ct_key skey, fkey;
 	struct lb_target *t = &r->t;
@@ -265,6 +291,8 @@ static __always_inline int lb_translate(struct __ctx_buff *ctx, struct pkt *p, s
 		struct lb_frontend fe;
 
 		struct lb_svc_value *svc = lb_lookup_frontend(p, &fe);
+		if (from == LB_FROM_CLUSTER)
+			svc = lb_in_cluster(&fe, svc);
 		if (!svc) {
 			ct_forget_reused(p);
 			count_pass(METRIC_PASS);
@@ -282,6 +310,10 @@ static __always_inline int lb_translate(struct __ctx_buff *ctx, struct pkt *p, s
 		if (svc->count == 0) {
 			if (svc->flags & SVC_F_ETP_LOCAL) {
 				count(METRIC_ETP_LOCAL_DROP);
+				return CTX_ACT_DROP;
+			}
+			if (svc->flags & SVC_F_ITP_LOCAL) {
+				count(METRIC_ITP_LOCAL_DROP);
 				return CTX_ACT_DROP;
 			}
 			return lb_no_backend(ctx, p);
@@ -410,7 +442,7 @@ static __always_inline int lb_forward(struct __ctx_buff *ctx, struct pkt *p)
 	int ret = lb_hairpin_reply(ctx, p, &hairpin);
 	if (ret >= 0)
 		return ret;
-	ret = lb_translate(ctx, p, &r);
+	ret = lb_translate(ctx, p, &r, LB_FROM_CLUSTER);
 	if (ret != CTX_ACT_OK || !r.t.backend_id || !addr_equal(&p->saddr, &p->daddr))
 		return ret;
 	if (nat_rewrite_addr(ctx, p, 1, &hairpin) < 0) {

@@ -15,8 +15,17 @@ struct lb_svc_key {
 	__u8 proto;
 	__u8 family;
 	__u16 slot;
-	__u8 pad[2];
+	__u8 scope; /* LB_SCOPE_* */
+	__u8 pad;
 };
+
+/* The scopes of a frontend's entries. An externalTrafficPolicy Local
+ * frontend serves clients from outside the cluster with this node's
+ * backends (EXT); clients inside it, this node's pods and the host, get
+ * all of the service's from a second entry (INT), as kube-proxy sends
+ * them to every endpoint. */
+#define LB_SCOPE_EXT 0
+#define LB_SCOPE_INT 1
 
 /* Frontend kinds and behaviours, in a master's flags. A NodePort or
  * HostPort frontend's address is all zero: it answers on every address of
@@ -26,7 +35,8 @@ struct lb_svc_key {
 #define SVC_F_LOADBALANCER 0x04
 #define SVC_F_HOSTPORT 0x08
 /* externalTrafficPolicy Local: the slots hold this node's backends only;
- * with none, traffic is dropped (the node does not answer). */
+ * with none, traffic is dropped (the node does not answer). In-cluster
+ * clients look for the LB_SCOPE_INT entry first. */
 #define SVC_F_ETP_LOCAL 0x10
 /* loadBalancerSourceRanges: only clients in sp_src_ranges[svc_id]. */
 #define SVC_F_SOURCE_RANGES 0x20
@@ -37,6 +47,9 @@ struct lb_svc_key {
 #define SVC_F_DSR 0x80
 #define SVC_F_DSR_HYBRID 0x100
 #define SVC_F_DSR_IPIP 0x200
+/* internalTrafficPolicy Local: the slots hold this node's backends only;
+ * with none, packets are dropped, as kube-proxy drops them. */
+#define SVC_F_ITP_LOCAL 0x400
 
 #define SVC_F_EXTERNAL (SVC_F_NODEPORT | SVC_F_EXTERNAL_IP | SVC_F_LOADBALANCER | SVC_F_HOSTPORT)
 

@@ -54,6 +54,8 @@ enum metric {
 	METRIC_NP_ICMP_SNAT,      /* north-south: ICMP error about a SNATed flow's reply sent on to the backend */
 	METRIC_HAIRPIN,           /* pod's flow to itself: sent back into it via the hairpin address */
 	METRIC_FRAG_PASS,         /* non-first fragment whose first was not seen, to no frontend address: passed */
+	METRIC_ITP_LOCAL_DROP,    /* internalTrafficPolicy Local without local backends: dropped */
+	METRIC_NP_HOST,           /* north-south: packet for a backend at this node's own address (hostNetwork): up the stack */
 	METRIC_MAX,
 };
 

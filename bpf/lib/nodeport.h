@@ -252,13 +252,19 @@ static __always_inline int np_from_netdev(struct __ctx_buff *ctx, struct pkt *p)
 		return ret;
 
 	struct lb_result r;
-	ret = lb_translate(ctx, p, &r);
+	ret = lb_translate(ctx, p, &r, LB_FROM_OUTSIDE);
 	if (ret != CTX_ACT_OK || !r.t.backend_id)
 		return ret;
 
 	struct endpoint_info *ep = endpoint_of(&r.t.addr, p->family);
 	if (ep)
 		return np_deliver_local(ctx, ep);
+	/* A hostNetwork backend on this node: its socket is the host's. The
+	 * FIB would not forward to a local address. */
+	if (is_node_addr(&r.t.addr, p->family)) {
+		count(METRIC_NP_HOST);
+		return np_into_pod(ctx, 0);
+	}
 	struct fib_next nh;
 	if (fib_egress(ctx, p, &nh) < 0) {
 		count(METRIC_FIB_FAILED);

@@ -46,12 +46,16 @@ type serviceJSON struct {
 	PortName string `json:"portName,omitempty"`
 	Frontend string `json:"frontend"`
 	Kind     string `json:"kind"`
-	Protocol string `json:"protocol"`
+	// InCluster: the entry this node's pods and the host use for an
+	// externalTrafficPolicy Local frontend (service.Frontend.InCluster).
+	InCluster bool   `json:"inCluster,omitempty"`
+	Protocol  string `json:"protocol"`
 	// AffinitySeconds is sessionAffinity ClientIP's timeout (0: none).
 	AffinitySeconds int           `json:"affinitySeconds,omitempty"`
 	Backends        []backendJSON `json:"backends"`
 	// North-south options; absent when the defaults.
 	ExternalLocal bool     `json:"externalLocal,omitempty"`
+	InternalLocal bool     `json:"internalLocal,omitempty"`
 	SourceRanges  []string `json:"sourceRanges,omitempty"`
 	Maglev        bool     `json:"maglev,omitempty"`
 	Mode          string   `json:"mode,omitempty"`
@@ -80,7 +84,8 @@ func cmdServices(args []string, o output) error {
 			Frontend: netip.AddrPortFrom(s.Frontend.Addr, s.Frontend.Port).String(), Backends: []backendJSON{},
 			Kind:            s.Frontend.Kind.String(),
 			AffinitySeconds: int(s.Affinity / time.Second),
-			ExternalLocal:   s.ExternalLocal, Maglev: s.Maglev}
+			InCluster:       s.Frontend.InCluster,
+			ExternalLocal:   s.ExternalLocal, InternalLocal: s.InternalLocal, Maglev: s.Maglev}
 		for _, r := range s.SourceRanges {
 			sj.SourceRanges = append(sj.SourceRanges, r.String())
 		}
@@ -116,7 +121,11 @@ func cmdServices(args []string, o output) error {
 		if s.AffinitySeconds > 0 {
 			affinity = fmt.Sprintf("ClientIP %ds", s.AffinitySeconds)
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", s.Name, dash(s.PortName), s.Kind, s.Frontend, s.Protocol, affinity,
+		kind := s.Kind
+		if s.InCluster {
+			kind += "(in-cluster)"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", s.Name, dash(s.PortName), kind, s.Frontend, s.Protocol, affinity,
 			strings.Join(bs, " "))
 	}
 	return tw.Flush()

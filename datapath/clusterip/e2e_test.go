@@ -1,7 +1,9 @@
 package clusterip
 
 import (
+	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 	"slices"
 	"syscall"
@@ -192,6 +194,26 @@ func TestClusterIPHairpin(t *testing.T) {
 					nodePortHairpin(t, c, f)
 				})
 			}
+		})
+	}
+}
+
+// Traffic policies on the per-packet path, with remote backends: a pod
+// reaching an externalTrafficPolicy Local LoadBalancer IP of a node
+// without local backends reaches every backend; an internalTrafficPolicy
+// Local cluster IP without local backends drops, as kube-proxy's does, so
+// the connect times out rather than being refused.
+func TestClusterIPTrafficPolicies(t *testing.T) {
+	c := cluster.New(t, cluster.Options{PerPacket: true, Mode: attach.Auto, RemoteBackends: true})
+	for _, f := range Families {
+		t.Run(f.Name, func(t *testing.T) {
+			before := c.Counters(t)
+			err := c.ExerciseTrafficPolicies(t, f.VIP, 30)
+			var netErr net.Error
+			assert.True(t, errors.As(err, &netErr) && netErr.Timeout(), "the internalTrafficPolicy Local connect times out: %v", err)
+			after := c.Counters(t)
+			assert.Positive(t, after["itp_local_drop"]-before["itp_local_drop"], "the SYNs were dropped as such")
+			assert.Zero(t, after["etp_local_drop"]-before["etp_local_drop"], "nothing took the outside clients' entry")
 		})
 	}
 }

@@ -73,6 +73,22 @@ func (f Family) Service(proto service.Protocol, backends ...service.Backend) ser
 	}
 }
 
+// internalLocal is the VIP under internalTrafficPolicy Local, on a node
+// without local backends.
+func (f Family) internalLocal(proto service.Protocol) service.Service {
+	s := f.Service(proto)
+	s.InternalLocal = true
+	return s
+}
+
+// external is the VIP as an externalTrafficPolicy Local LoadBalancer IP:
+// the entry outside clients use, or the in-cluster one.
+func (f Family) external(proto service.Protocol, inCluster bool, backends ...service.Backend) service.Service {
+	s := f.Service(proto, backends...)
+	s.Frontend.Kind, s.Frontend.InCluster, s.ExternalLocal = service.LoadBalancer, inCluster, !inCluster
+	return s
+}
+
 func (f Family) active(i int) service.Backend {
 	return service.Backend{Addr: f.Backends[i], Port: BackendPort}
 }
@@ -291,6 +307,27 @@ func familyFixtures(f Family) []inject.Fixture {
 			Input:    syn,
 			Verdict:  inject.Shot,
 			Counters: inject.CountersOf("no_backend_drop", 1),
+		},
+		{
+			// kube-proxy drops, not rejects, when the node has no local
+			// endpoint under internalTrafficPolicy Local.
+			Name:     name("itp-local-without-local-backends-dropped"),
+			Setup:    inject.Upsert(f.internalLocal(service.TCP)),
+			Input:    syn,
+			Verdict:  inject.Shot,
+			Counters: inject.CountersOf("itp_local_drop", 1),
+		},
+		{
+			// A pod reaching an externalTrafficPolicy Local frontend of a
+			// node without local backends: the in-cluster entry's backends.
+			Name: name("etp-local-frontend-from-a-pod-takes-in-cluster-entry"),
+			Setup: inject.Steps(inject.Upsert(f.external(service.TCP, false)),
+				inject.Upsert(f.external(service.TCP, true, f.active(0)))),
+			Input:    syn,
+			Verdict:  inject.OK,
+			Output:   packet.TCP(f.Client, f.backend(0), packet.SYN, nil, packet.Opts{}),
+			Counters: inject.CountersOf("lb_new", 1),
+			Check:    checkCT(f, service.TCP, f.backend(0)),
 		},
 		{
 			// Only terminating backends: they take new flows (Kubernetes'

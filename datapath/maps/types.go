@@ -57,8 +57,15 @@ type ServiceKey struct {
 	Proto  uint8
 	Family Family
 	Slot   uint16
-	Pad    [2]uint8
+	Scope  uint8
+	Pad    uint8
 }
+
+// Scopes of a frontend's entries, LB_SCOPE_*.
+const (
+	ScopeExternal uint8 = 0
+	ScopeInternal uint8 = 1
+)
 
 // ServiceValue is struct lb_svc_value.
 type ServiceValue struct {
@@ -83,6 +90,7 @@ const (
 	SvcFlagDSR          uint16 = 0x80
 	SvcFlagDSRHybrid    uint16 = 0x100
 	SvcFlagDSRIPIP      uint16 = 0x200
+	SvcFlagITPLocal     uint16 = 0x400
 )
 
 // SrcRangeKey is struct src_range_key (an LPM trie key).

@@ -59,6 +59,8 @@ var Names = []string{
 	"np_icmp_snat",
 	"hairpin",
 	"frag_pass",
+	"itp_local_drop",
+	"np_host",
 }
 
 // Read sums each counter over CPUs, keyed by name.

@@ -190,6 +190,27 @@ func TestNorthSouthEndToEnd(t *testing.T) {
 			}
 		})
 
+		t.Run(f.name+"/host-network-backend-answers-from-the-service", func(t *testing.T) {
+			// A hostNetwork pod's server: a socket of node 0's own netns.
+			const hostPort = 9090
+			srv, err := traffic.Serve(ns.Nodes[0], "node-0-host", hostPort)
+			require.NoError(t, err, "serve in node 0's netns")
+			t.Cleanup(func() { srv.Close() })
+			fresh()
+			for _, proto := range []service.Protocol{service.TCP, service.UDP} {
+				s := service.Service{Name: "default/hostnet", Frontend: np,
+					Backends: []service.Backend{{Addr: f.nodes[0], Port: hostPort}}}
+				s.Frontend.Protocol = proto
+				require.NoError(t, ns.Nodes[0].Services.Upsert(s), "program %s on node 0", s.Frontend)
+				t.Cleanup(func() { assert.NoError(t, ns.Nodes[0].Services.Delete(s.Frontend), "remove %s", s.Frontend) })
+			}
+			before := ns.Counters(t, 0)
+			tally := exchange(t, ns, nodePort(0), n/2)
+			assert.Equal(t, traffic.Tally{"node-0-host": n}, tally, "the node's own socket answered every exchange")
+			assert.True(t, srv.SawPeer(f.client), "the host socket saw the external client's address")
+			assert.GreaterOrEqual(t, grew(before, ns.Counters(t, 0), "np_host"), uint64(n), "every flow's packets went up node 0's stack")
+		})
+
 		t.Run(f.name+"/hostport-reaches-its-pod", func(t *testing.T) {
 			const hostPort = 8081
 			hp := service.Service{Name: "pod:default/backend-1", Frontend: service.Frontend{Addr: f.unspecified, Port: hostPort, Protocol: service.TCP, Kind: service.HostPort},

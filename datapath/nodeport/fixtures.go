@@ -217,6 +217,10 @@ func (f Family) loadBalancer(ranges ...netip.Prefix) func(*service.Service) {
 
 func externalLocal(s *service.Service) { s.ExternalLocal = true }
 
+// inCluster makes s the in-cluster entry of an externalTrafficPolicy
+// Local frontend.
+func inCluster(s *service.Service) { s.Frontend.InCluster = true }
+
 // wire is where fixtures' packets are: the first node's wire device.
 func (b *Bed) wire() *inject.Device {
 	ifindex := 0

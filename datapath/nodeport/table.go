@@ -390,6 +390,31 @@ func (b *Bed) familyFixtures(f Family, via ingress) []inject.Fixture {
 		Output:   tcp(f.lb(), f.Client, packet.SYNACK, in),
 		Counters: counters("rev_nat", 1),
 	}, via.row(inject.Fixture{
+		// A hostNetwork backend on this node: up the stack to the host's
+		// socket, which the FIB would not forward to.
+		Name:  name("host-network-backend-up-the-stack"),
+		Setup: inject.Steps(node, inject.Upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Node}))),
+		On:    dev,
+		Input: syn,
+		Check: checkFlow(f.Client, f.at(f.Node), f.nodePort()),
+	}, via.local(tcp(f.Client, f.at(f.Node), packet.SYN, in), counters("lb_new", 1, "np_host", 1))), {
+		Name:     name("host-network-backend-answers-from-the-service"),
+		Setup:    inject.Steps(node, inject.Upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Node})), first(syn)),
+		On:       dev,
+		Hook:     inject.ToNetdev,
+		Input:    tcp(f.at(f.Node), f.Client, packet.SYNACK, in),
+		Verdict:  inject.OK,
+		Output:   tcp(f.nodePort(), f.Client, packet.SYNACK, in),
+		Counters: counters("rev_nat", 1),
+	}, via.row(inject.Fixture{
+		// The in-cluster entry is for this node's pods and the host: what
+		// comes in from outside keeps to this node's backends.
+		Name: name("etp-local-ignores-in-cluster-entry"),
+		Setup: inject.Steps(node, inject.Upsert(f.nodePortSvc(service.TCP, nil, externalLocal)),
+			inject.Upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Remote}, inCluster))),
+		On:    dev,
+		Input: syn,
+	}, via.dropped(nil, counters("etp_local_drop", 1))), via.row(inject.Fixture{
 		Name:  name("etp-local-without-local-backends-drop"),
 		Setup: inject.Steps(node, inject.Upsert(f.nodePortSvc(service.TCP, nil, externalLocal))),
 		On:    dev,

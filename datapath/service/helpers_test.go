@@ -38,7 +38,11 @@ func newEnv(t *testing.T, adjust func(*loader.Config)) *inject.Env {
 
 func key(f service.Frontend, slot uint16) maps.ServiceKey {
 	addr, fam := maps.AddrFrom(f.Addr)
-	return maps.ServiceKey{Addr: addr, Port: maps.NewBE16(f.Port), Proto: uint8(f.Protocol), Family: fam, Slot: slot}
+	k := maps.ServiceKey{Addr: addr, Port: maps.NewBE16(f.Port), Proto: uint8(f.Protocol), Family: fam, Slot: slot}
+	if f.InCluster {
+		k.Scope = maps.ScopeInternal
+	}
+	return k
 }
 
 func backendValue(b service.Backend, p service.Protocol) maps.Backend {

@@ -426,6 +426,9 @@ func behaviourFlags(s Service) uint16 {
 	if s.ExternalLocal {
 		f |= maps.SvcFlagETPLocal
 	}
+	if s.InternalLocal {
+		f |= maps.SvcFlagITPLocal
+	}
 	if len(s.SourceRanges) > 0 {
 		f |= maps.SvcFlagSourceRanges
 	}
@@ -447,6 +450,7 @@ func behaviourFlags(s Service) uint16 {
 // fromFlags fills in what behaviourFlags wrote.
 func fromFlags(s *Service, f uint16) {
 	s.ExternalLocal = f&maps.SvcFlagETPLocal != 0
+	s.InternalLocal = f&maps.SvcFlagITPLocal != 0
 	s.Maglev = f&maps.SvcFlagMaglev != 0
 	switch {
 	case f&maps.SvcFlagDSRHybrid != 0:
@@ -470,11 +474,21 @@ func kindOf(flags uint16) Kind {
 
 func frontendKey(f Frontend) maps.ServiceKey {
 	addr, fam := maps.AddrFrom(f.Addr)
-	return maps.ServiceKey{Addr: addr, Port: maps.NewBE16(f.Port), Proto: uint8(f.Protocol), Family: fam}
+	k := maps.ServiceKey{Addr: addr, Port: maps.NewBE16(f.Port), Proto: uint8(f.Protocol), Family: fam}
+	if f.InCluster {
+		k.Scope = maps.ScopeInternal
+	}
+	return k
+}
+
+// frontendOf is the frontend k keys, of the kind its master's flags say.
+func frontendOf(k maps.ServiceKey, flags uint16) Frontend {
+	return Frontend{Addr: k.Addr.Netip(k.Family), Port: k.Port.Uint16(), Protocol: Protocol(k.Proto),
+		Kind: kindOf(flags), InCluster: k.Scope == maps.ScopeInternal}
 }
 
 func keyString(k maps.ServiceKey) string {
-	return Frontend{Addr: k.Addr.Netip(k.Family), Port: k.Port.Uint16(), Protocol: Protocol(k.Proto)}.String()
+	return frontendOf(k, 0).String()
 }
 
 func backendValue(b Backend, p Protocol) maps.Backend {
@@ -894,7 +908,7 @@ type Removed struct {
 }
 
 func (mgr *Manager) noteRemoved(k maps.ServiceKey, b maps.Backend) {
-	fe := Frontend{Addr: k.Addr.Netip(k.Family), Port: k.Port.Uint16(), Protocol: Protocol(k.Proto)}
+	fe := frontendOf(k, 0)
 	mgr.removed = append(mgr.removed, Removed{Frontend: fe, Backend: netip.AddrPortFrom(b.Addr.Netip(b.Family), b.Port.Uint16())})
 }
 
@@ -974,10 +988,9 @@ func (mgr *Manager) List() []Programmed {
 	var out []Programmed
 	for k, f := range mgr.frontends {
 		s := Programmed{Service: Service{
-			Name:     f.name,
-			PortName: f.portName,
-			Frontend: Frontend{Addr: k.Addr.Netip(k.Family), Port: k.Port.Uint16(), Protocol: Protocol(k.Proto),
-				Kind: kindOf(f.flags)},
+			Name:         f.name,
+			PortName:     f.portName,
+			Frontend:     frontendOf(k, f.flags),
 			Affinity:     time.Duration(f.affinity) * time.Second,
 			SourceRanges: slices.Clone(f.ranges),
 		}}

@@ -143,11 +143,19 @@ type Frontend struct {
 	Port     uint16
 	Protocol Protocol
 	Kind     Kind
+	// InCluster is an externalTrafficPolicy Local frontend as clients in
+	// the cluster (this node's pods and the host) see it: a second entry
+	// beside the one outside clients use, with all of the service's
+	// backends, as kube-proxy sends in-cluster traffic to every endpoint.
+	InCluster bool
 }
 
 func (f Frontend) String() string {
 	s := fmt.Sprintf("%s/%s", netip.AddrPortFrom(f.Addr, f.Port), f.Protocol)
-	if f.Kind != ClusterIP {
+	switch {
+	case f.InCluster:
+		s += " (" + f.Kind.String() + ", in-cluster)"
+	case f.Kind != ClusterIP:
 		s += " (" + f.Kind.String() + ")"
 	}
 	return s
@@ -197,6 +205,9 @@ type Service struct {
 	// ExternalLocal is externalTrafficPolicy Local on an external frontend:
 	// Backends are this node's only, and without any the node drops.
 	ExternalLocal bool
+	// InternalLocal is internalTrafficPolicy Local on a cluster IP: the
+	// same, as kube-proxy drops when the node has no local endpoint.
+	InternalLocal bool
 	// SourceRanges are loadBalancerSourceRanges: only clients in them may
 	// use a LoadBalancer frontend. Empty lets everyone in.
 	SourceRanges []netip.Prefix
@@ -274,6 +285,12 @@ func (s *Service) validateBehaviour() error {
 	k := s.Frontend.Kind
 	if s.ExternalLocal && !k.external() {
 		return fmt.Errorf("ExternalLocal: only for NodePort, ExternalIP and LoadBalancer frontends, not %s", k)
+	}
+	if s.InternalLocal && k != ClusterIP {
+		return fmt.Errorf("InternalLocal: only for ClusterIP frontends, not %s", k)
+	}
+	if s.Frontend.InCluster && (!k.external() || s.ExternalLocal) {
+		return fmt.Errorf("Frontend.InCluster: only for NodePort, ExternalIP and LoadBalancer frontends without ExternalLocal, not %s", s.Frontend)
 	}
 	if len(s.SourceRanges) > 0 && k != LoadBalancer {
 		return fmt.Errorf("SourceRanges: only for LoadBalancer frontends, not %s", k)

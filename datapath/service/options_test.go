@@ -28,6 +28,11 @@ func TestOptionsRoundTrip(t *testing.T) {
 		listed func(*service.Service)
 	}{
 		{"ClusterIP, Maglev", with(svc("ns/a", fe4, be4), func(s *service.Service) { s.Maglev = true }), maps.SvcFlagMaglev, nil},
+		{"ClusterIP, internalTrafficPolicy Local", with(svc("ns/a", fe4, be4), func(s *service.Service) { s.InternalLocal = true }),
+			maps.SvcFlagITPLocal, nil},
+		{"LoadBalancer, in-cluster entry (its own scope in the key)",
+			svc("ns/a", service.Frontend{Addr: lb4.Addr, Port: lb4.Port, Protocol: lb4.Protocol, Kind: service.LoadBalancer, InCluster: true}, be4),
+			maps.SvcFlagLoadBalancer, nil},
 		{"NodePort, externalTrafficPolicy Local",
 			with(svc("ns/a", kindFrontend("0.0.0.0", 30080, service.NodePort), be4), func(s *service.Service) { s.ExternalLocal = true }),
 			maps.SvcFlagNodePort | maps.SvcFlagETPLocal, nil},

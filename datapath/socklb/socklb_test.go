@@ -226,6 +226,23 @@ func TestSocketLBSessionAffinity(t *testing.T) {
 	})
 }
 
+// Traffic policies at the socket: the client pod reaches every backend of
+// an externalTrafficPolicy Local LoadBalancer IP without local backends;
+// connect to an internalTrafficPolicy Local cluster IP without local
+// backends is refused: a socket hook cannot drop a packet as kube-proxy
+// does, and failing at once beats a client's timeout.
+func TestSocketLBTrafficPolicies(t *testing.T) {
+	c := cluster.New(t, cluster.Options{SocketLB: true})
+	for _, vip := range []netip.Addr{vip4, vip6} {
+		t.Run(vip.String(), func(t *testing.T) {
+			err := c.ExerciseTrafficPolicies(t, vip, 30)
+			assert.ErrorIs(t, err, cluster.RefusalErrno(t, syscall.ECONNREFUSED), "the internalTrafficPolicy Local connect is refused")
+		})
+	}
+	got := c.Counters(t)
+	assert.Zero(t, got["lb_new"], "the per-packet path did nothing (counters %v)", got)
+}
+
 // A pod connecting to its own service through the socket hooks: connect
 // writes its own address in, and the kernel loops the flow back inside
 // the pod, so no packet needs translating.
