@@ -176,6 +176,7 @@ func TestCLILifeCycle(t *testing.T) {
 // A NodePort Service with ClientIP affinity, from a manifest to the maps.
 func TestApplyNodePortWithAffinity(t *testing.T) {
 	testenv.RequireRoot(t)
+	topo := topology.NewForTest(t, topology.Spec{Name: "cliaff"})
 	bpffs := filepath.Join(testenv.BPFFS(t), "sp")
 	manifest := filepath.Join(t.TempDir(), "np.yaml")
 	require.NoError(t, os.WriteFile(manifest, []byte(`apiVersion: v1
@@ -197,11 +198,11 @@ ports: [{name: http, port: 8080, protocol: TCP}]
 endpoints: [{addresses: [198.18.0.11]}]
 `), 0o644), "write manifest")
 
-	code, _, errOut := runCLI("load", "--bpffs", bpffs)
+	code, _, errOut := runCLIIn(t, topo.Node, "load", "--bpffs", bpffs)
 	require.Zero(t, code, "load: %s", errOut)
-	code, _, errOut = runCLI("apply", "--bpffs", bpffs, "-f", manifest)
+	code, _, errOut = runCLIIn(t, topo.Node, "apply", "--bpffs", bpffs, "-f", manifest)
 	require.Zero(t, code, "apply: %s", errOut)
-	code, out, errOut := runCLI("services", "--bpffs", bpffs, "-o", "json")
+	code, out, errOut := runCLIIn(t, topo.Node, "services", "--bpffs", bpffs, "-o", "json")
 	require.Zero(t, code, "services: %s", errOut)
 	var svcs []serviceJSON
 	require.NoError(t, json.Unmarshal([]byte(out), &svcs), "services json")
@@ -216,7 +217,7 @@ endpoints: [{addresses: [198.18.0.11]}]
 		"NodePort":   "0.0.0.0:30050",
 		"ExternalIP": "203.0.113.50:80",
 	}, got, "one frontend of each kind")
-	code, _, errOut = runCLI("unload", "--bpffs", bpffs)
+	code, _, errOut = runCLIIn(t, topo.Node, "unload", "--bpffs", bpffs)
 	require.Zero(t, code, "unload: %s", errOut)
 }
 
@@ -224,9 +225,10 @@ endpoints: [{addresses: [198.18.0.11]}]
 // zones on over it is refused until an unload.
 func TestCLIZonesOff(t *testing.T) {
 	testenv.RequireRoot(t)
+	topo := topology.NewForTest(t, topology.Spec{Name: "clizones"})
 	bpffs := filepath.Join(testenv.BPFFS(t), "sp")
 	mustRun := func(args ...string) string {
-		code, out, errOut := runCLI(args...)
+		code, out, errOut := runCLIIn(t, topo.Node, args...)
 		require.Zero(t, code, "servicepath %s: %s", strings.Join(args, " "), errOut)
 		return out
 	}
@@ -238,7 +240,7 @@ func TestCLIZonesOff(t *testing.T) {
 	assert.Contains(t, mustRun("gc", "--bpffs", bpffs), "gc shared: scanned 0", "the shared map is collected")
 	assert.Contains(t, mustRun("ct", "--bpffs", bpffs), "ZONE", "ct has a zone column")
 
-	code, _, errOut := runCLI("load", "--bpffs", bpffs)
+	code, _, errOut := runCLIIn(t, topo.Node, "load", "--bpffs", bpffs)
 	assert.Equal(t, 1, code, "turning zones on over pinned maps fails")
 	assert.Contains(t, errOut, "unload", "and says to unload first")
 	mustRun("unload", "--bpffs", bpffs)
