@@ -149,12 +149,3 @@ func Stamp() bench.Stamp {
 	}
 	return bench.NewStamp(root)
 }
-
-// Percentile returns the p-th percentile (0..100) of sorted xs.
-func Percentile(sorted []float64, p float64) float64 {
-	if len(sorted) == 0 {
-		return 0
-	}
-	i := int(p / 100 * float64(len(sorted)-1))
-	return sorted[i]
-}

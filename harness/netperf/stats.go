@@ -1,9 +1,10 @@
 package netperf
 
 import (
-	"math"
 	"slices"
 	"time"
+
+	"github.com/servicepath/servicepath/harness/stats"
 )
 
 // Summary describes a set of samples.
@@ -13,8 +14,7 @@ type Summary struct {
 	Mean                    float64
 }
 
-// Summarize sorts a copy of xs and reports its percentiles (linear
-// interpolation between closest ranks, as numpy's default).
+// Summarize sorts a copy of xs and reports its percentiles (stats.Percentile).
 func Summarize(xs []float64) Summary {
 	if len(xs) == 0 {
 		return Summary{}
@@ -27,22 +27,8 @@ func Summarize(xs []float64) Summary {
 	}
 	return Summary{
 		N: len(s), Min: s[0], Max: s[len(s)-1], Mean: sum / float64(len(s)),
-		P50: Percentile(s, 50), P90: Percentile(s, 90), P99: Percentile(s, 99),
+		P50: stats.Percentile(s, 50), P90: stats.Percentile(s, 90), P99: stats.Percentile(s, 99),
 	}
-}
-
-// Percentile of sorted xs, p in [0, 100].
-func Percentile(sorted []float64, p float64) float64 {
-	if len(sorted) == 0 {
-		return math.NaN()
-	}
-	r := p / 100 * float64(len(sorted)-1)
-	lo := int(math.Floor(r))
-	hi := int(math.Ceil(r))
-	if hi >= len(sorted) {
-		return sorted[len(sorted)-1]
-	}
-	return sorted[lo] + (sorted[hi]-sorted[lo])*(r-float64(lo))
 }
 
 // Micros converts durations to microseconds.

@@ -72,3 +72,21 @@ func TestChiSquareDecision(t *testing.T) {
 		t.Errorf("skewed spread accepted: %g <= %g", stat, crit)
 	}
 }
+
+func TestPercentile(t *testing.T) {
+	xs := []float64{1, 2, 3, 4, 5}
+	for _, c := range []struct{ p, want float64 }{{0, 1}, {50, 3}, {90, 4.6}, {99, 4.96}, {100, 5}} {
+		if got := Percentile(xs, c.p); math.Abs(got-c.want) > 1e-9 {
+			t.Errorf("Percentile(1..5, %g) = %g, want %g", c.p, got, c.want)
+		}
+	}
+	if got := Percentile([]float64{1, 2}, 50); got != 1.5 {
+		t.Errorf("median of {1, 2} = %g, want 1.5", got)
+	}
+	if got := Percentile([]float64{7}, 99); got != 7 {
+		t.Errorf("one sample is every percentile: got %g", got)
+	}
+	if got := Percentile(nil, 50); !math.IsNaN(got) {
+		t.Errorf("no samples: got %g, want NaN", got)
+	}
+}

@@ -25,6 +25,7 @@ import (
 	"github.com/servicepath/servicepath/datapath/service"
 	"github.com/servicepath/servicepath/datapath/sockdestroy"
 	"github.com/servicepath/servicepath/harness/cluster"
+	"github.com/servicepath/servicepath/harness/stats"
 	"github.com/servicepath/servicepath/harness/testenv"
 	"github.com/servicepath/servicepath/harness/traffic"
 	"github.com/servicepath/servicepath/scenarios"
@@ -222,7 +223,7 @@ func run(t *testing.T, o Options) Result {
 	}
 	sort.Float64s(res.latencies)
 	l := res.latencies
-	res.Latency = LatencyMs{P50: scenarios.Percentile(l, 50), P90: scenarios.Percentile(l, 90), P99: scenarios.Percentile(l, 99), Max: scenarios.Percentile(l, 100)}
+	res.Latency = LatencyMs{P50: stats.Percentile(l, 50), P90: stats.Percentile(l, 90), P99: stats.Percentile(l, 99), Max: stats.Percentile(l, 100)}
 	return res
 }
 

@@ -30,6 +30,7 @@ import (
 	"github.com/servicepath/servicepath/harness/cluster"
 	"github.com/servicepath/servicepath/harness/inject"
 	"github.com/servicepath/servicepath/harness/netperf"
+	"github.com/servicepath/servicepath/harness/stats"
 	"github.com/servicepath/servicepath/harness/testenv"
 )
 
@@ -361,7 +362,7 @@ func CRR(doer netperf.Doer, dsts []netip.AddrPort, o CRROptions) (CRRResult, err
 		r.NsPerConn = float64(elapsed.Nanoseconds()) / float64(o.N)
 		r.ClientCPUNsPerConn = float64((cpu1 - cpu0).Nanoseconds()) / float64(o.N)
 		slices.Sort(connectNs)
-		r.ConnectP50Ns = netperf.Percentile(connectNs, 50)
+		r.ConnectP50Ns = stats.Percentile(connectNs, 50)
 		return nil
 	})
 	return r, err

@@ -15,6 +15,7 @@ import (
 
 	"github.com/servicepath/servicepath/bench/plot"
 	"github.com/servicepath/servicepath/datapath/loader"
+	"github.com/servicepath/servicepath/harness/stats"
 	"github.com/servicepath/servicepath/scenarios"
 	"github.com/servicepath/servicepath/scenarios/sockstate"
 )
@@ -70,7 +71,7 @@ type spread struct{ Median, Min, Max float64 }
 func spreadOf(xs []float64) spread {
 	s := slices.Clone(xs)
 	slices.Sort(s)
-	return spread{Median: scenarios.Percentile(s, 50), Min: s[0], Max: s[len(s)-1]}
+	return spread{Median: stats.Percentile(s, 50), Min: s[0], Max: s[len(s)-1]}
 }
 
 // runCRR runs every row at every concurrency, round after round, the rows'
