@@ -3,7 +3,6 @@
 package mounts
 
 import (
-	"bufio"
 	"errors"
 	"fmt"
 	"io"
@@ -12,6 +11,7 @@ import (
 	"strconv"
 	"strings"
 
+	"github.com/moby/sys/mountinfo"
 	"golang.org/x/sys/unix"
 )
 
@@ -51,65 +51,16 @@ func MountPoints(fsType string) ([]string, error) {
 	return mountPoints(f, fsType)
 }
 
-func mountPoints(r io.Reader, want string) ([]string, error) {
-	var points []string
-	sc := bufio.NewScanner(r)
-	sc.Buffer(make([]byte, 0, 64*1024), 1024*1024)
-	for sc.Scan() {
-		mountPoint, fsType, err := parseMountInfoLine(sc.Text())
-		if err != nil {
-			return nil, err
-		}
-		if fsType == want {
-			points = append(points, mountPoint)
-		}
-	}
-	if err := sc.Err(); err != nil {
+func mountPoints(r io.Reader, fsType string) ([]string, error) {
+	infos, err := mountinfo.GetMountsFromReader(r, mountinfo.FSTypeFilter(fsType))
+	if err != nil {
 		return nil, fmt.Errorf("reading %s: %w", mountInfoPath, err)
 	}
+	points := make([]string, len(infos))
+	for i, m := range infos {
+		points[i] = m.Mountpoint
+	}
 	return points, nil
-}
-
-// parseMountInfoLine extracts the mount point and filesystem type from one
-// line of proc(5) mountinfo. Optional fields vary in number, so the fstype is
-// found after the "-" separator.
-func parseMountInfoLine(line string) (mountPoint, fsType string, err error) {
-	fields := strings.Fields(line)
-	for i := 6; i < len(fields)-1; i++ {
-		if fields[i] == "-" {
-			mp, err := unescapeOctal(fields[4])
-			if err != nil {
-				return "", "", fmt.Errorf("mountinfo line %q: %w", line, err)
-			}
-			return mp, fields[i+1], nil
-		}
-	}
-	return "", "", fmt.Errorf("malformed mountinfo line %q", line)
-}
-
-// unescapeOctal undoes the kernel's \ooo escaping of space, tab, newline and
-// backslash in mountinfo paths.
-func unescapeOctal(s string) (string, error) {
-	if !strings.Contains(s, `\`) {
-		return s, nil
-	}
-	var b strings.Builder
-	for i := 0; i < len(s); i++ {
-		if s[i] != '\\' {
-			b.WriteByte(s[i])
-			continue
-		}
-		if i+4 > len(s) {
-			return "", fmt.Errorf("truncated escape in %q", s)
-		}
-		v, err := strconv.ParseUint(s[i+1:i+4], 8, 8)
-		if err != nil {
-			return "", fmt.Errorf("bad escape in %q: %w", s, err)
-		}
-		b.WriteByte(byte(v))
-		i += 3
-	}
-	return b.String(), nil
 }
 
 // IsBPFFS reports whether path is the root of, or inside, a bpf filesystem.
