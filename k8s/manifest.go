@@ -1,10 +1,12 @@
 package k8s
 
 import (
+	"bufio"
 	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"strings"
@@ -12,6 +14,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
 	"k8s.io/apimachinery/pkg/util/validation/field"
+	utilyaml "k8s.io/apimachinery/pkg/util/yaml"
 	k8sjson "sigs.k8s.io/json"
 	"sigs.k8s.io/yaml"
 )
@@ -90,7 +93,16 @@ func manifestFiles(path string) ([]string, error) {
 func (o *Objects) addFile(file string, data []byte) error {
 	n := 0
 	var errs []error
-	for _, doc := range splitDocuments(data) {
+	// kubectl's document reader: "---" lines, comments allowed after them.
+	docs := utilyaml.NewYAMLReader(bufio.NewReader(bytes.NewReader(data)))
+	for {
+		doc, err := docs.Read()
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			return fmt.Errorf("%s: document %d: %w", file, n+1, err)
+		}
 		// Strict conversion so that duplicate keys are refused.
 		js, err := yaml.YAMLToJSONStrict(doc)
 		if err != nil {
@@ -103,29 +115,6 @@ func (o *Objects) addFile(file string, data []byte) error {
 		errs = append(errs, o.addObject(fmt.Sprintf("%s: document %d", file, n), js))
 	}
 	return errors.Join(errs...)
-}
-
-// splitDocuments splits a YAML stream at "---" lines, as kubectl does.
-func splitDocuments(data []byte) [][]byte {
-	var docs [][]byte
-	start := 0
-	for off := 0; off < len(data); {
-		end := bytes.IndexByte(data[off:], '\n')
-		if end < 0 {
-			end = len(data)
-		} else {
-			end += off + 1
-		}
-		if line := data[off:end]; bytes.HasPrefix(line, []byte("---")) {
-			rest := bytes.TrimSpace(line[3:])
-			if len(rest) == 0 || rest[0] == '#' {
-				docs = append(docs, data[start:off])
-				start = end
-			}
-		}
-		off = end
-	}
-	return append(docs, data[start:])
 }
 
 // header is the part of any object needed to dispatch and name it.

@@ -1,6 +1,7 @@
 package k8s
 
 import (
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -176,26 +177,41 @@ func TestReadManifestsMissingPath(t *testing.T) {
 	assert.ErrorIs(t, err, os.ErrNotExist, "a missing file is reported")
 }
 
-func TestSplitDocuments(t *testing.T) {
+// Documents are split as kubectl splits them: at "---" lines, which may
+// carry a comment, with CRLF line ends, not at dashes inside a value;
+// "---" followed by anything else is refused, naming the file.
+func TestDocumentSeparators(t *testing.T) {
+	const cm = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: %s}\ndata:\n  a: |\n    ---x\n"
+	doc := func(name string) string { return fmt.Sprintf(cm, name) }
 	tests := []struct {
-		name string
-		in   string
-		want []string
+		name, in string
+		want     []string
 	}{
-		{"no separator", "a: 1\n", []string{"a: 1\n"}},
-		{"leading separator", "---\na: 1\n", []string{"", "a: 1\n"}},
-		{"separator with comment", "a: 1\n--- # next\nb: 2", []string{"a: 1\n", "b: 2"}},
-		{"CRLF", "a: 1\r\n---\r\nb: 2\r\n", []string{"a: 1\r\n", "b: 2\r\n"}},
-		{"dashes inside a value are not a separator", "a: |\n  ---x\n---\nb: 2\n", []string{"a: |\n  ---x\n", "b: 2\n"}},
-		{"--- followed by content is not a separator", "---x: 1\n", []string{"---x: 1\n"}},
+		{"leading separator", "---\n" + doc("a"), []string{"document 1: v1 ConfigMap a"}},
+		{"separator with comment", doc("a") + "--- # next\n" + doc("b"),
+			[]string{"document 1: v1 ConfigMap a", "document 2: v1 ConfigMap b"}},
+		{"CRLF", strings.ReplaceAll(doc("a")+"---\n"+doc("b"), "\n", "\r\n"),
+			[]string{"document 1: v1 ConfigMap a", "document 2: v1 ConfigMap b"}},
+		{"empty documents are not counted", doc("a") + "---\n---\n# only a comment\n---\n" + doc("b"),
+			[]string{"document 1: v1 ConfigMap a", "document 2: v1 ConfigMap b"}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			var got []string
-			for _, d := range splitDocuments([]byte(tt.in)) {
-				got = append(got, string(d))
+			file := filepath.Join(t.TempDir(), "m.yaml")
+			require.NoError(t, os.WriteFile(file, []byte(tt.in), 0o644), "write manifest")
+			o, err := ReadManifests(file)
+			require.NoError(t, err, "read %q", tt.in)
+			var want []string
+			for _, w := range tt.want {
+				want = append(want, file+": "+w)
 			}
-			assert.Equal(t, tt.want, got, "documents of %q", tt.in)
+			assert.Equal(t, want, o.Ignored, "documents of %q", tt.in)
 		})
 	}
+
+	file := filepath.Join(t.TempDir(), "bad.yaml")
+	require.NoError(t, os.WriteFile(file, []byte(doc("a")+"---x: 1\n"), 0o644), "write manifest")
+	_, err := ReadManifests(file)
+	require.Error(t, err, "--- followed by content")
+	assert.Contains(t, err.Error(), file+": document 1: invalid Yaml document separator", "names the file and the document")
 }
