@@ -1,4 +1,4 @@
-// Package churn is scenario 5: backends replaced at thousands of changes
+// Package churn replaces backends at thousands of changes
 // per minute while clients keep connecting through the service; no
 // connection may reach a backend after its removal completed, and each
 // change's update latency is reported.
@@ -305,7 +305,7 @@ func TestChurnFull(t *testing.T) {
 	verdict := fmt.Sprintf("%d connections reached a removed backend after its removal completed. Per-packet kept up with %.0f changes/min (update p50 %.2f ms, p99 %.2f ms); "+
 		"socket-LB reached %.0f changes/min, capped by the socket-destroy pass each change runs (update p50 %.1f ms, p99 %.1f ms)",
 		total, pp.PerMinute, pp.Latency.P50, pp.Latency.P99, sl.PerMinute, sl.Latency.P50, sl.Latency.P99)
-	r := scenarios.Report{Name: "churn", Title: "Scenario 5: backend churn", Stamp: scenarios.Stamp(), Pass: pass, Verdict: verdict,
+	r := scenarios.Report{Name: "churn", Title: "Backend churn", Stamp: scenarios.Stamp(), Pass: pass, Verdict: verdict,
 		WallSeconds: time.Since(began).Seconds(),
 		Settings:    map[string]any{"live_backends": 6, "workers": 4, "duration_s": 20, "grace_s": 3},
 		Data:        results}

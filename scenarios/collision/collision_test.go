@@ -166,7 +166,7 @@ func TestCollisionFull(t *testing.T) {
 	if !pass {
 		verdict = "some reused tuples failed or were not re-balanced: see the table"
 	}
-	r := scenarios.Report{Name: "collision", Title: "Scenario 1: conntrack collisions", Stamp: scenarios.Stamp(), Pass: pass, Verdict: verdict,
+	r := scenarios.Report{Name: "collision", Title: "Conntrack collisions", Stamp: scenarios.Stamp(), Pass: pass, Verdict: verdict,
 		WallSeconds: time.Since(start).Seconds(),
 		Settings:    map[string]any{"path": "per-packet", "kind": "veth", "backends": 3, "alpha": 0.001},
 		Data:        cases}

@@ -1,4 +1,4 @@
-// Package collision is scenario 1: clients that reuse 5-tuples against a
+// Package collision replays clients that reuse 5-tuples against a
 // service (port reuse after close, after an RST, TIME_WAIT reuse, two
 // clients masqueraded to one address) through the per-packet path, whose
 // conntrack is keyed by the 5-tuple. The packet table pins down each exact

@@ -1,4 +1,4 @@
-// Package lruscale is scenario 2: fill the conntrack map to 1x, 2x and 10x
+// Package lruscale fills the conntrack map to 1x, 2x and 10x
 // its size with new flows, as fast as BPF_PROG_TEST_RUN injects them,
 // while a set of long-lived established flows keeps talking; count the
 // established flows that lost their state, the kernel-timed cost per

@@ -107,7 +107,7 @@ func TestLRUScaleFull(t *testing.T) {
 		fmt.Fprintf(&md, "| %d | %d | %s | %d | %.1f | %.1f | %d |\n", g.Size, g.Entries, g.Impl, g.Deleted, g.WallMs, g.CPUMs, g.Syscalls)
 	}
 	verdict := verdictText(results, gc)
-	r := scenarios.Report{Name: "lruscale", Title: "Scenario 2: LRU scale", Stamp: scenarios.Stamp(), Pass: pass, Verdict: verdict,
+	r := scenarios.Report{Name: "lruscale", Title: "LRU scale", Stamp: scenarios.Stamp(), Pass: pass, Verdict: verdict,
 		WallSeconds: time.Since(start).Seconds(),
 		Settings:    map[string]any{"map_sizes": "4096,65536", "fills": fills, "established": 128, "talk_periods": "0.25,1,4", "backends": 16},
 		Data:        map[string]any{"runs": results, "gc": gc}}

@@ -1,4 +1,4 @@
-// Package sockstate is scenario 4: where the socket hooks keep a socket's
+// Package sockstate asks where the socket hooks keep a socket's
 // reverse translation, sp_sock_revnat (an LRU keyed by socket cookie) or
 // the socket's own BPF storage (loader.SockState). It measures what each
 // costs per connection (CRR at several concurrencies, both modes in one

@@ -316,7 +316,7 @@ func TestSockStateFull(t *testing.T) {
 	fmt.Fprintf(&md, "\nStorage costs less than the default map while fewer than %.0f sockets hold state at once.\n", breakEven)
 
 	verdict := verdictText(cells, press, mem, breakEven)
-	r := scenarios.Report{Name: "sockstate", Title: "Scenario 4: socket-storage flow state", Stamp: scenarios.Stamp(), Pass: pass, Verdict: verdict,
+	r := scenarios.Report{Name: "sockstate", Title: "Socket-storage flow state", Stamp: scenarios.Stamp(), Pass: pass, Verdict: verdict,
 		WallSeconds: time.Since(start).Seconds(),
 		Settings: map[string]any{"concurrency": "1,64,1024", "rounds": plan.Rounds, "connections_per_run": plan.N, "request_bytes": sockstate.RequestSize,
 			"cpu": cpu, "pressure_revnat_size": mapSize, "pressure_sockets": 2 * mapSize, "memory_sockets": memSockets},

@@ -1,4 +1,4 @@
-// Package zones is scenario 3: a north-south new-flow flood (NodePort
+// Package zones floods north-south with new flows (NodePort
 // SYNs through the node-device program) of 1x, 2x and 10x the north-south
 // conntrack zone, while long-lived east-west flows (ClusterIP, through the
 // pod-device programs) wait; count the east-west entries evicted and the

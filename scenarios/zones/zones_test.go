@@ -128,7 +128,7 @@ func TestZonesFull(t *testing.T) {
 		}
 	}
 	verdict := verdictText(results)
-	r := scenarios.Report{Name: "zones", Title: "Scenario 3: conntrack zones", Stamp: scenarios.Stamp(), Pass: pass, Verdict: verdict,
+	r := scenarios.Report{Name: "zones", Title: "Conntrack zones", Stamp: scenarios.Stamp(), Pass: pass, Verdict: verdict,
 		WallSeconds: time.Since(start).Seconds(),
 		Settings: map[string]any{"sizes": "4096/4096, 524288/131072 (shared: the sum)", "fills": fills, "established": 128,
 			"talk": "idle, every 1x", "backends": 16},
