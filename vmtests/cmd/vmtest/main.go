@@ -38,6 +38,7 @@ type config struct {
 	memory      string
 	qemu        string
 	packages    []string
+	reportOnly  bool
 }
 
 // defaultModules are loaded in every guest when the kernel has them as
@@ -74,6 +75,7 @@ func main() {
 	flag.IntVar(&cfg.cpus, "cpus", 2, "guest CPUs")
 	flag.StringVar(&cfg.memory, "memory", "2G", "guest memory")
 	flag.StringVar(&cfg.qemu, "qemu", "qemu-system-x86_64", "QEMU binary")
+	flag.BoolVar(&cfg.reportOnly, "report-only", false, "boot nothing: rewrite the results README from the results files")
 	flag.Parse()
 	cfg.kernels = strings.Fields(*kernels)
 	cfg.modules = strings.Fields(*modules)

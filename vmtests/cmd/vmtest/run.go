@@ -25,6 +25,13 @@ func run(cfg config) (failed bool, err error) {
 	if cfg.results == "" {
 		cfg.results = filepath.Join(root, "results", "kernels")
 	}
+	if cfg.reportOnly {
+		readme, err := writeReadme(cfg.results)
+		if err == nil {
+			logf("wrote %s", readme)
+		}
+		return false, err
+	}
 	tmp, err := os.MkdirTemp("", "vmtest-")
 	if err != nil {
 		return false, err
@@ -104,12 +111,8 @@ func run(cfg config) (failed bool, err error) {
 		logf("%s (%s): %s, %d passed, %d failed, %d skipped in %.1fs -> %s",
 			k.Version, k.Release, status, c.Pass, c.Fail, c.Skip, res.Header.WallSeconds, path)
 	}
-	all, err := report.Load(cfg.results)
+	readme, err := writeReadme(cfg.results)
 	if err != nil {
-		return false, err
-	}
-	readme := filepath.Join(cfg.results, "README.md")
-	if err := os.WriteFile(readme, []byte(report.Render(report.Sorted(all))), 0o644); err != nil {
 		return false, err
 	}
 	logf("wrote %s; VM wall time %s; total %.0fs", readme, strings.Join(walls, ", "), time.Since(start).Seconds())
@@ -325,4 +328,14 @@ func gitCommit(root string) string {
 
 func logf(format string, a ...any) {
 	fmt.Fprintf(os.Stderr, "vmtest: "+format+"\n", a...)
+}
+
+// writeReadme renders the matrix README from every results file in dir.
+func writeReadme(dir string) (string, error) {
+	all, err := report.Load(dir)
+	if err != nil {
+		return "", err
+	}
+	readme := filepath.Join(dir, "README.md")
+	return readme, os.WriteFile(readme, []byte(report.Render(report.Sorted(all))), 0o644)
 }
