@@ -71,8 +71,9 @@ generate-check: generate
 	@untracked=$$(git ls-files --others --exclude-standard -- '*_bpfel.go' '*_bpfel.o'); \
 		[ -z "$$untracked" ] || { echo "untracked generated files: $$untracked"; exit 1; }
 
+# -buildvcs=auto: `servicepath version` names the commit where git can say it.
 build:
-	$(GO) build -o $(BIN)/servicepath ./cmd/servicepath
+	$(GO) build -buildvcs=auto -o $(BIN)/servicepath ./cmd/servicepath
 	$(GO) build -o $(BIN)/servicepath-demo ./cmd/servicepath-demo
 	$(GO) build -o $(BIN)/servicepath-agent-demo ./cmd/servicepath-agent-demo
 

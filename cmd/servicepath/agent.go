@@ -3,18 +3,23 @@ package main
 import (
 	"context"
 	"errors"
+	"flag"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"net/http"
 	"os"
 	"os/signal"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"github.com/spf13/pflag"
 	"k8s.io/client-go/kubernetes"
+	"k8s.io/klog/v2"
 
 	"github.com/servicepath/servicepath/agent"
 	"github.com/servicepath/servicepath/datapath/attach"
@@ -23,8 +28,7 @@ import (
 	"github.com/servicepath/servicepath/datapath/service"
 )
 
-func cmdAgent(args []string, o output) error {
-	fs := newFlags("agent", o)
+func cmdAgent(fs *pflag.FlagSet, o output) func() error {
 	lo := addLoadFlags(fs)
 	kubeconfig := fs.String("kubeconfig", "", "kubeconfig file (default: the in-cluster config of the pod)")
 	apiServer := fs.String("k8s-api-server", "", "API server as host:port or https://host[:port], in place of the in-cluster `kubernetes` "+
@@ -36,104 +40,102 @@ func cmdAgent(args []string, o output) error {
 	metricsAddr := fs.String("metrics-bind-address", "127.0.0.1:10249", "address of /metrics (empty: off)")
 	gcInterval := fs.Duration("ct-gc-interval", 30*time.Second, "interval between conntrack GC passes when calm, shortened under pressure, per zone (0: off)")
 	podDevices := fs.String("pod-device-pattern", agent.DefaultPodDevices, "host-side pod devices (veths) attached to as they appear, and BPF host routing delivers to: comma-separated globs, none of them a node device (empty: none)")
-	verbose := fs.Bool("v", false, "log every Service programmed")
-	if err := parse(fs, args); err != nil {
-		return err
-	}
-	pattern, err := agent.ParseDevicePattern(*podDevices)
-	if err != nil {
-		return fmt.Errorf("--pod-device-pattern: %w", err)
-	}
-	mode, err := attach.ParseMode(lo.mode)
-	if err != nil {
-		return err
-	}
-	name, err := resolveNodeName(*nodeName)
-	if err != nil {
-		return err
-	}
-	restCfg, err := kubeClientConfig(*kubeconfig, apiServerFlag(*apiServer))
-	if err != nil {
-		return err
-	}
-	restCfg.UserAgent = "servicepath-agent/" + name
-	client, err := kubernetes.NewForConfig(restCfg)
-	if err != nil {
-		return err
-	}
-	level := slog.LevelInfo
-	if *verbose {
-		level = slog.LevelDebug
-	}
-	log := slog.New(slog.NewTextHandler(o.errOut, &slog.HandlerOptions{Level: level}))
-
-	if len(lo.netdevs) == 1 && lo.netdevs[0] == agent.AutoNodeDevices {
-		if lo.netdevs, err = agent.DetectNodeDevices(); err != nil {
-			return fmt.Errorf("--node-device %s: %w", agent.AutoNodeDevices, err)
+	verbosity := fs.IntP("v", "v", 0, "log verbosity, as kube-proxy's --v: 0 info; client-go's messages at their own levels; 4 and up every Service programmed and every pod device event")
+	return func() error {
+		pattern, err := agent.ParseDevicePattern(*podDevices)
+		if err != nil {
+			return fmt.Errorf("--pod-device-pattern: %w", err)
 		}
-		fmt.Fprintf(o.out, "node devices (holding a default route): %s\n", strings.Join(lo.netdevs, ","))
-	}
-	dp, lock, err := loadDatapath(lo, o)
-	if err != nil {
-		return err
-	}
-	defer lock.Release()
-	defer dp.Close()
-	a, err := agent.New(client, dp.Maps, agent.Config{
-		NodeName: name, MinSyncPeriod: *minSync, SyncPeriod: *syncPeriod, Logger: log,
-		OnRemoved: func(removed []service.Removed) error {
-			return destroyStaleSockets(o, lo.bpffs, dp.Maps, removed)
-		},
-		Pods: &agent.PodNetwork{
-			Devices: pattern, NodeDevices: lo.netdevs,
-			Attacher: &attach.Attacher{LinkDir: linkDir(lo.bpffs), Mode: mode},
-			FromPod:  dp.FromPod, ToPod: dp.ToPod, Endpoints: dp.Endpoints,
-		},
-	})
-	if err != nil {
-		return err
-	}
-
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	defer stop()
-	errc := make(chan error, 3)
-	serve := func(addr, what string, h http.Handler) error {
-		if addr == "" {
-			return nil
-		}
-		ln, err := net.Listen("tcp", addr)
+		mode, err := attach.ParseMode(lo.mode)
 		if err != nil {
 			return err
 		}
-		srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second}
-		go func() { <-ctx.Done(); srv.Close() }()
-		go func() {
-			if err := srv.Serve(ln); !errors.Is(err, http.ErrServerClosed) {
-				errc <- fmt.Errorf("serve %s: %w", what, err)
+		name, err := resolveNodeName(*nodeName)
+		if err != nil {
+			return err
+		}
+		restCfg, err := kubeClientConfig(*kubeconfig, apiServerFlag(*apiServer))
+		if err != nil {
+			return err
+		}
+		restCfg.UserAgent = "servicepath-agent/" + name
+		client, err := kubernetes.NewForConfig(restCfg)
+		if err != nil {
+			return err
+		}
+		log, err := newLogger(o.errOut, *verbosity)
+		if err != nil {
+			return err
+		}
+
+		if len(lo.netdevs) == 1 && lo.netdevs[0] == agent.AutoNodeDevices {
+			if lo.netdevs, err = agent.DetectNodeDevices(); err != nil {
+				return fmt.Errorf("--node-device %s: %w", agent.AutoNodeDevices, err)
 			}
-		}()
-		log.Info("serving", "what", what, "address", ln.Addr().String())
-		return nil
-	}
-	if err := serve(*healthzAddr, "/livez /readyz /healthz", a.HealthHandler()); err != nil {
-		return err
-	}
-	metricsMux := http.NewServeMux()
-	metricsMux.Handle("/metrics", promhttp.HandlerFor(a.Metrics.Registry, promhttp.HandlerOpts{}))
-	if err := serve(*metricsAddr, "/metrics", metricsMux); err != nil {
-		return err
-	}
-	if *gcInterval > 0 {
-		go gcLoop(ctx, dp.Maps, *gcInterval, log)
-	}
-	log.Info("agent started", "node", name, "api", restCfg.Host)
-	go func() { errc <- a.Run(ctx) }()
-	select {
-	case err := <-errc:
-		return err
-	case <-ctx.Done():
-		log.Info("stopping; the datapath keeps its state for the next agent")
-		return nil
+			fmt.Fprintf(o.out, "node devices (holding a default route): %s\n", strings.Join(lo.netdevs, ","))
+		}
+		dp, lock, err := loadDatapath(lo, o)
+		if err != nil {
+			return err
+		}
+		defer lock.Release()
+		defer dp.Close()
+		a, err := agent.New(client, dp.Maps, agent.Config{
+			NodeName: name, MinSyncPeriod: *minSync, SyncPeriod: *syncPeriod, Logger: log,
+			OnRemoved: func(removed []service.Removed) error {
+				return destroyStaleSockets(o, lo.bpffs, dp.Maps, removed)
+			},
+			Pods: &agent.PodNetwork{
+				Devices: pattern, NodeDevices: lo.netdevs,
+				Attacher: &attach.Attacher{LinkDir: linkDir(lo.bpffs), Mode: mode},
+				FromPod:  dp.FromPod, ToPod: dp.ToPod, Endpoints: dp.Endpoints,
+			},
+		})
+		if err != nil {
+			return err
+		}
+
+		ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+		defer stop()
+		errc := make(chan error, 3)
+		serve := func(addr, what string, h http.Handler) error {
+			if addr == "" {
+				return nil
+			}
+			ln, err := net.Listen("tcp", addr)
+			if err != nil {
+				return err
+			}
+			srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second}
+			go func() { <-ctx.Done(); srv.Close() }()
+			go func() {
+				if err := srv.Serve(ln); !errors.Is(err, http.ErrServerClosed) {
+					errc <- fmt.Errorf("serve %s: %w", what, err)
+				}
+			}()
+			log.Info("serving", "what", what, "address", ln.Addr().String())
+			return nil
+		}
+		if err := serve(*healthzAddr, "/livez /readyz /healthz", a.HealthHandler()); err != nil {
+			return err
+		}
+		metricsMux := http.NewServeMux()
+		metricsMux.Handle("/metrics", promhttp.HandlerFor(a.Metrics.Registry, promhttp.HandlerOpts{}))
+		if err := serve(*metricsAddr, "/metrics", metricsMux); err != nil {
+			return err
+		}
+		if *gcInterval > 0 {
+			go gcLoop(ctx, dp.Maps, *gcInterval, log)
+		}
+		log.Info("agent started", "node", name, "api", restCfg.Host)
+		go func() { errc <- a.Run(ctx) }()
+		select {
+		case err := <-errc:
+			return err
+		case <-ctx.Done():
+			log.Info("stopping; the datapath keeps its state for the next agent")
+			return nil
+		}
 	}
 }
 
@@ -168,4 +170,18 @@ func gcLoop(ctx context.Context, m *maps.Maps, interval time.Duration, log *slog
 		case <-time.After(interval):
 		}
 	}
+}
+
+// newLogger is the agent's structured log at verbosity v, as slog level
+// -v (the mapping logr uses, so --v=4 is slog's debug), with klog's output,
+// client-go's, bridged into it at the same verbosity.
+func newLogger(w io.Writer, v int) (*slog.Logger, error) {
+	log := slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: slog.Level(-v)}))
+	kfs := flag.NewFlagSet("klog", flag.ContinueOnError)
+	klog.InitFlags(kfs)
+	if err := kfs.Set("v", strconv.Itoa(v)); err != nil {
+		return nil, fmt.Errorf("--v=%d: %w", v, err)
+	}
+	klog.SetSlogLogger(log)
+	return log, nil
 }

@@ -24,16 +24,25 @@ import (
 	"github.com/servicepath/servicepath/harness/testenv"
 )
 
-func TestMain(m *testing.M) { kubeapi.RunTests(m) }
+// asCLI makes the test binary run the CLI instead of the tests, so a test
+// can run it as another user (runAs).
+const asCLI = "SERVICEPATH_TEST_AS_CLI"
+
+func TestMain(m *testing.M) {
+	if os.Getenv(asCLI) != "" {
+		os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
+	}
+	kubeapi.RunTests(m)
+}
 
 func TestAgentFlags(t *testing.T) {
-	code, _, errOut := runCLI("agent", "-h")
+	code, help, _ := runCLI("agent", "-h")
 	assert.Zero(t, code, "agent -h exits 0")
-	for _, f := range []string{"-kubeconfig", "-k8s-api-server", "-node-name", "-device", "-cgroup", "-bpffs", "-attach-mode",
-		"-min-sync-period", "-sync-period", "-healthz-bind-address", "-metrics-bind-address", "-pod-device-pattern"} {
-		assert.Contains(t, errOut, f, "agent -h lists %s", f)
+	for _, f := range []string{"--kubeconfig", "--k8s-api-server", "--node-name", "--device", "--cgroup", "--bpffs", "--attach-mode",
+		"--min-sync-period", "--sync-period", "--healthz-bind-address", "--metrics-bind-address", "--pod-device-pattern", "-v, --v int"} {
+		assert.Contains(t, help, f, "agent -h lists %s", f)
 	}
-	code, _, errOut = runCLI("agent", "--kubeconfig", filepath.Join(t.TempDir(), "missing"))
+	code, _, errOut := runCLI("agent", "--kubeconfig", filepath.Join(t.TempDir(), "missing"))
 	assert.Equal(t, 1, code, "a missing kubeconfig fails")
 	assert.Contains(t, errOut, "kubernetes client config", "the message says what is wrong")
 	code, _, errOut = runCLI("agent", "--pod-device-pattern", "veth*,[x")

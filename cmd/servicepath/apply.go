@@ -6,6 +6,7 @@ import (
 	"io"
 
 	"github.com/cilium/ebpf"
+	"github.com/spf13/pflag"
 
 	"github.com/servicepath/servicepath/datapath/attach"
 	"github.com/servicepath/servicepath/datapath/loader"
@@ -17,20 +18,24 @@ import (
 	"github.com/servicepath/servicepath/k8s"
 )
 
-// manifestArgs parses -f and --bpffs for apply and delete.
-func manifestArgs(name string, args []string, o output) (files []string, bpffs string, err error) {
-	fs := newFlags(name, o)
-	dir := fs.String("bpffs", defaultBPFFS, "bpffs directory given to load")
-	fs.Var((*stringList)(&files), "f", "manifest file or directory (repeatable)")
-	if err := parse(fs, args); err != nil {
-		return nil, "", err
+// manifestOptions are the flags of apply and delete.
+type manifestOptions struct {
+	files stringList
+	bpffs string
+}
+
+func addManifestFlags(fs *pflag.FlagSet) *manifestOptions {
+	mo := &manifestOptions{}
+	fs.StringVar(&mo.bpffs, "bpffs", defaultBPFFS, "bpffs directory given to load")
+	fs.VarP(&mo.files, "filename", "f", "manifest file or directory (repeatable)")
+	return mo
+}
+
+func (mo *manifestOptions) check() error {
+	if len(mo.files) == 0 {
+		return usagef("-f is required")
 	}
-	if len(files) == 0 {
-		fmt.Fprintln(fs.Output(), "-f is required")
-		fs.Usage()
-		return nil, "", errUsage
-	}
-	return files, *dir, nil
+	return nil
 }
 
 func openManager(bpffs string) (*service.Manager, *maps.Maps, error) {
@@ -52,82 +57,78 @@ func warn(w io.Writer, kind string, items []string) {
 	}
 }
 
-func cmdApply(args []string, o output) error {
-	files, bpffs, err := manifestArgs("apply", args, o)
-	if err != nil {
-		return err
-	}
-	// Everything is validated before any map is opened: a bad manifest
-	// leaves the datapath as it was.
-	objs, err := k8s.ReadManifests(files...)
-	if err != nil {
-		return fmt.Errorf("nothing applied:\n%w", err)
-	}
-	res, err := k8s.Translate(objs.Services, objs.EndpointSlices)
-	if err != nil {
-		return fmt.Errorf("nothing applied:\n%w", err)
-	}
-	// Manifests name no node: every Pod's hostPorts are this node's.
-	pods, err := k8s.TranslatePods(k8s.Options{}, objs.Pods)
-	if err != nil {
-		return fmt.Errorf("nothing applied:\n%w", err)
-	}
-	warn(o.errOut, "ignored", objs.Ignored)
-	warn(o.errOut, "skipped", append(res.Skipped, pods.Skipped...))
-	warn(o.errOut, "unsupported", append(res.Unsupported, pods.Unsupported...))
-	if len(objs.Services) == 0 && len(objs.EndpointSlices) > 0 {
-		return errors.New("nothing applied: EndpointSlices without their Service; apply them together")
-	}
-
-	mgr, m, err := openManager(bpffs)
-	if err != nil {
-		return err
-	}
-	defer m.Close()
-	services := append(res.Services, pods.Services...)
-	if err := mgr.Apply(append(k8s.ServiceNames(objs.Services), k8s.PodNames(objs.Pods)...), services); err != nil {
-		return err
-	}
-	if err := destroyStaleSockets(o, bpffs, m, mgr.TakeRemoved()); err != nil {
-		return err
-	}
-	for _, s := range services {
-		active := 0
-		for _, b := range s.Backends {
-			if b.State == service.Active {
-				active++
-			}
+func cmdApply(fs *pflag.FlagSet, o output) func() error {
+	return checked(addManifestFlags(fs), func(mo *manifestOptions) error {
+		// Everything is validated before any map is opened: a bad manifest
+		// leaves the datapath as it was.
+		objs, err := k8s.ReadManifests(mo.files...)
+		if err != nil {
+			return fmt.Errorf("nothing applied:\n%w", err)
 		}
-		fmt.Fprintf(o.out, "%s %s: %d backends (%d active)\n", s.Name, s.Frontend, len(s.Backends), active)
-	}
-	return nil
+		res, err := k8s.Translate(objs.Services, objs.EndpointSlices)
+		if err != nil {
+			return fmt.Errorf("nothing applied:\n%w", err)
+		}
+		// Manifests name no node: every Pod's hostPorts are this node's.
+		pods, err := k8s.TranslatePods(k8s.Options{}, objs.Pods)
+		if err != nil {
+			return fmt.Errorf("nothing applied:\n%w", err)
+		}
+		warn(o.errOut, "ignored", objs.Ignored)
+		warn(o.errOut, "skipped", append(res.Skipped, pods.Skipped...))
+		warn(o.errOut, "unsupported", append(res.Unsupported, pods.Unsupported...))
+		if len(objs.Services) == 0 && len(objs.EndpointSlices) > 0 {
+			return errors.New("nothing applied: EndpointSlices without their Service; apply them together")
+		}
+
+		mgr, m, err := openManager(mo.bpffs)
+		if err != nil {
+			return err
+		}
+		defer m.Close()
+		services := append(res.Services, pods.Services...)
+		if err := mgr.Apply(append(k8s.ServiceNames(objs.Services), k8s.PodNames(objs.Pods)...), services); err != nil {
+			return err
+		}
+		if err := destroyStaleSockets(o, mo.bpffs, m, mgr.TakeRemoved()); err != nil {
+			return err
+		}
+		for _, s := range services {
+			active := 0
+			for _, b := range s.Backends {
+				if b.State == service.Active {
+					active++
+				}
+			}
+			fmt.Fprintf(o.out, "%s %s: %d backends (%d active)\n", s.Name, s.Frontend, len(s.Backends), active)
+		}
+		return nil
+	})
 }
 
-func cmdDelete(args []string, o output) error {
-	files, bpffs, err := manifestArgs("delete", args, o)
-	if err != nil {
-		return err
-	}
-	objs, err := k8s.ReadManifests(files...)
-	if err != nil {
-		return fmt.Errorf("nothing deleted:\n%w", err)
-	}
-	names := append(k8s.ServiceNames(objs.Services), k8s.PodNames(objs.Pods)...)
-	mgr, m, err := openManager(bpffs)
-	if err != nil {
-		return err
-	}
-	defer m.Close()
-	if err := mgr.DeleteOwned(names); err != nil {
-		return err
-	}
-	if err := destroyStaleSockets(o, bpffs, m, mgr.TakeRemoved()); err != nil {
-		return err
-	}
-	for _, n := range names {
-		fmt.Fprintf(o.out, "deleted %s\n", n)
-	}
-	return nil
+func cmdDelete(fs *pflag.FlagSet, o output) func() error {
+	return checked(addManifestFlags(fs), func(mo *manifestOptions) error {
+		objs, err := k8s.ReadManifests(mo.files...)
+		if err != nil {
+			return fmt.Errorf("nothing deleted:\n%w", err)
+		}
+		names := append(k8s.ServiceNames(objs.Services), k8s.PodNames(objs.Pods)...)
+		mgr, m, err := openManager(mo.bpffs)
+		if err != nil {
+			return err
+		}
+		defer m.Close()
+		if err := mgr.DeleteOwned(names); err != nil {
+			return err
+		}
+		if err := destroyStaleSockets(o, mo.bpffs, m, mgr.TakeRemoved()); err != nil {
+			return err
+		}
+		for _, n := range names {
+			fmt.Fprintf(o.out, "deleted %s\n", n)
+		}
+		return nil
+	})
 }
 
 // destroyStaleSockets closes sockets the socket hooks connected to removed

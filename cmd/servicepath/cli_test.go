@@ -3,17 +3,22 @@ package main
 import (
 	"bytes"
 	"encoding/json"
+	"errors"
+	"fmt"
 	"maps"
 	"net/netip"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"sigs.k8s.io/yaml"
 
 	"github.com/servicepath/servicepath/datapath/ct"
 	"github.com/servicepath/servicepath/harness/testenv"
@@ -46,10 +51,11 @@ func TestUsageErrors(t *testing.T) {
 		code int
 		msg  string
 	}{
-		{"unknown command", []string{"frobnicate"}, 2, `unknown command "frobnicate"`},
-		{"unknown flag", []string{"load", "--no-such-flag"}, 2, "flag provided but not defined"},
+		{"unknown flag", []string{"load", "--no-such-flag"}, 2, "unknown flag: --no-such-flag"},
 		{"apply without -f", []string{"apply"}, 2, "-f is required"},
-		{"bad output format", []string{"services", "-o", "yaml"}, 2, `-o "yaml"`},
+		{"bad output format", []string{"services", "-o", "xml"}, 2, `-o "xml": want table, json or yaml`},
+		{"unknown command", []string{"frobnicate"}, 2, `unknown command "frobnicate"`},
+		{"agent verbosity not a level", []string{"agent", "--v=debug"}, 2, `invalid argument "debug" for "-v, --v" flag`},
 		{"bad attach mode", []string{"load", "--attach-mode", "xdp"}, 1, `attach mode "xdp"`},
 		{"bad no-backend", []string{"load", "--no-backend", "ignore"}, 1, `no-backend action "ignore"`},
 		{"bad sock-state", []string{"load", "--sock-state", "lru"}, 1, `socket state "lru"`},
@@ -127,6 +133,18 @@ func TestCLILifeCycle(t *testing.T) {
 	for _, s := range svcs {
 		assert.Len(t, s.Backends, 3, "%s has three backends", s.Frontend)
 	}
+
+	var yamlSvcs []serviceJSON
+	require.NoError(t, yaml.Unmarshal([]byte(mustRun("services", "--bpffs", bpffs, "-o", "yaml")), &yamlSvcs), "services yaml")
+	assert.Equal(t, svcs, yamlSvcs, "YAML says what JSON says")
+	var st0 statusJSON
+	require.NoError(t, json.Unmarshal([]byte(mustRun("status", "--bpffs", bpffs, "-o", "json")), &st0), "status json")
+	assert.Equal(t, 1, st0.Services, "one Service")
+	assert.Equal(t, 4, st0.Frontends, "its four frontends")
+	assert.Equal(t, map[string]int{"active": 12}, st0.Backends, "three pods x two families x two ports, each counted once")
+	assert.Len(t, st0.Links, 2*len(devices)+10, "device and socket hooks pinned")
+	assert.Contains(t, mustRun("status", "--bpffs", bpffs), fmt.Sprintf("attached:   %d device hooks on %d devices, 10 socket hooks", 2*len(devices), len(devices)),
+		"the table says the same")
 
 	vip := netip.MustParseAddrPort("198.19.0.10:80")
 	client := topo.Pod("client")
@@ -246,4 +264,74 @@ func TestCLIZonesOff(t *testing.T) {
 	mustRun("unload", "--bpffs", bpffs)
 	mustRun("load", "--bpffs", bpffs)
 	mustRun("unload", "--bpffs", bpffs)
+}
+
+// runAs runs the CLI as uid:gid in a child process: a copy of the test
+// binary (TestMain's asCLI), where that user can execute it.
+func runAs(t *testing.T, uid, gid uint32, args ...string) (code int, output string) {
+	t.Helper()
+	self, err := os.Executable()
+	require.NoError(t, err, "test binary")
+	dir := t.TempDir()
+	for d := dir; d != os.TempDir() && d != "/"; d = filepath.Dir(d) {
+		require.NoError(t, os.Chmod(d, 0o755), "open %s to uid %d", d, uid)
+	}
+	bin := filepath.Join(dir, "servicepath")
+	data, err := os.ReadFile(self)
+	require.NoError(t, err, "read test binary")
+	require.NoError(t, os.WriteFile(bin, data, 0o755), "copy test binary")
+	cmd := exec.Command(bin, args...)
+	cmd.Env = append(os.Environ(), asCLI+"=1")
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uid, Gid: gid}}
+	out, err := cmd.CombinedOutput()
+	var exit *exec.ExitError
+	if errors.As(err, &exit) {
+		return exit.ExitCode(), string(out)
+	}
+	require.NoError(t, err, "run %v as %d", args, uid)
+	return 0, string(out)
+}
+
+// Without privileges load says what it needs; with a --cgroup that is no
+// cgroup2 directory it fails before anything is mounted or pinned.
+func TestLoadRefusals(t *testing.T) {
+	testenv.RequireRoot(t)
+	topo := topology.NewForTest(t, topology.Spec{Name: "cliref"})
+	bpffs := filepath.Join(testenv.BPFFS(t), "sp")
+	notCgroup := t.TempDir()
+	for _, tc := range []struct {
+		name, cgroup, msg string
+	}{
+		{"missing", filepath.Join(notCgroup, "nowhere"), "--cgroup: cgroup " + filepath.Join(notCgroup, "nowhere") + ": stat "},
+		{"not cgroup2", notCgroup, "--cgroup: " + notCgroup + " is not a cgroup2 directory"},
+		{"a file", filepath.Join(testenv.ChildCgroup(t), "cgroup.procs"), "cgroup.procs is not a cgroup2 directory"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			code, _, errOut := runCLIIn(t, topo.Node, "load", "--bpffs", bpffs, "--cgroup", tc.cgroup)
+			assert.Equal(t, 1, code, "exit code")
+			assert.Contains(t, errOut, tc.msg, "names the flag and what is wrong")
+			entries, err := os.ReadDir(bpffs)
+			if !errors.Is(err, os.ErrNotExist) {
+				require.NoError(t, err, "read %s", bpffs)
+				assert.Empty(t, entries, "nothing pinned")
+			}
+		})
+	}
+
+	const nobody = 65534
+	code, out := runAs(t, nobody, nobody, "load", "--bpffs", filepath.Join(t.TempDir(), "sp"))
+	assert.Equal(t, 1, code, "load as nobody fails")
+	assert.Contains(t, out, "needs root, or CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON", "and says what it needs: %s", out)
+}
+
+func TestVersionAndCompletion(t *testing.T) {
+	code, out, errOut := runCLI("version")
+	require.Zero(t, code, "version: %s", errOut)
+	assert.Regexp(t, `^servicepath \S+.*, go1\.\d+.* linux/`, out, "version, commit and toolchain")
+	code, out, _ = runCLI("version", "-o", "yaml")
+	require.Zero(t, code, "version -o yaml")
+	assert.Contains(t, out, "goVersion: go1.", "YAML with the JSON field names")
+	code, out, _ = runCLI("completion", "bash")
+	require.Zero(t, code, "completion bash")
+	assert.Contains(t, out, "__start_servicepath", "a bash completion script")
 }

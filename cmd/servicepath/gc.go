@@ -9,51 +9,51 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/spf13/pflag"
+
 	"github.com/servicepath/servicepath/datapath/ct"
 	"github.com/servicepath/servicepath/datapath/maps"
 )
 
-func cmdGC(args []string, o output) error {
-	fs := newFlags("gc", o)
+func cmdGC(fs *pflag.FlagSet, o output) func() error {
 	bpffs := fs.String("bpffs", defaultBPFFS, "bpffs directory given to load")
 	interval := fs.Duration("interval", 0, "run passes until interrupted, at most this far apart (0: one pass over the whole map)")
 	minInterval := fs.Duration("min-interval", 0, "shortest interval under pressure (default: interval/32, at least 250ms)")
 	fixed := fs.Bool("fixed", false, "walk the whole map every interval instead of pacing by pressure")
-	if err := parse(fs, args); err != nil {
-		return err
-	}
-	m, err := maps.OpenPinned(*bpffs)
-	if err != nil {
-		return err
-	}
-	defer m.Close()
-
-	if *interval <= 0 {
-		now, err := ct.Now()
+	return func() error {
+		m, err := maps.OpenPinned(*bpffs)
 		if err != nil {
 			return err
 		}
-		start := time.Now()
-		for _, z := range ct.Zones(m) {
-			res, err := ct.NewCollector(z.Map).Pass(now, 0)
+		defer m.Close()
+
+		if *interval <= 0 {
+			now, err := ct.Now()
 			if err != nil {
-				return fmt.Errorf("zone %s: %w", z.Name, err)
+				return err
 			}
-			fmt.Fprintf(o.out, "gc %s: scanned %d, deleted %d expired entries, %d orphaned\n", z.Name, res.Scanned, res.Deleted, res.Orphans)
+			start := time.Now()
+			for _, z := range ct.Zones(m) {
+				res, err := ct.NewCollector(z.Map).Pass(now, 0)
+				if err != nil {
+					return fmt.Errorf("zone %s: %w", z.Name, err)
+				}
+				fmt.Fprintf(o.out, "gc %s: scanned %d, deleted %d expired entries, %d orphaned\n", z.Name, res.Scanned, res.Deleted, res.Orphans)
+			}
+			nat, err := ct.GCNAT(m)
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(o.out, "gc: %d SNAT entries in %s\n", nat, time.Since(start).Round(time.Microsecond))
+			return nil
 		}
-		nat, err := ct.GCNAT(m)
-		if err != nil {
-			return err
-		}
-		fmt.Fprintf(o.out, "gc: %d SNAT entries in %s\n", nat, time.Since(start).Round(time.Microsecond))
-		return nil
-	}
 
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	defer stop()
-	loop := &ct.Loop{Maps: m, Base: *interval, Min: *minInterval, Fixed: *fixed,
-		Report: func(p ct.LoopPass) { writeGCPass(o.out, p) }}
-	return loop.Run(ctx)
+		ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+		defer stop()
+		loop := &ct.Loop{Maps: m, Base: *interval, Min: *minInterval, Fixed: *fixed,
+			Report: func(p ct.LoopPass) { writeGCPass(o.out, p) }}
+		return loop.Run(ctx)
+	}
 }
 
 func writeGCPass(w io.Writer, p ct.LoopPass) {

@@ -1,13 +1,15 @@
 package main
 
 import (
-	"flag"
+	"errors"
 	"fmt"
+	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
 
 	"github.com/cilium/ebpf/rlimit"
+	"github.com/spf13/pflag"
 	"github.com/vishvananda/netlink"
 
 	"github.com/servicepath/servicepath/datapath/attach"
@@ -50,7 +52,7 @@ type loadOptions struct {
 	allowKubeProxy bool
 }
 
-func addLoadFlags(fs *flag.FlagSet) *loadOptions {
+func addLoadFlags(fs *pflag.FlagSet) *loadOptions {
 	lo := &loadOptions{cfg: loader.DefaultConfig()}
 	def := &lo.cfg
 	fs.StringVar(&lo.bpffs, "bpffs", defaultBPFFS, "bpffs directory for pinned maps and links (bpffs is mounted there if absent)")
@@ -80,18 +82,16 @@ func addLoadFlags(fs *flag.FlagSet) *loadOptions {
 	return lo
 }
 
-func cmdLoad(args []string, o output) error {
-	fs := newFlags("load", o)
+func cmdLoad(fs *pflag.FlagSet, o output) func() error {
 	lo := addLoadFlags(fs)
-	if err := parse(fs, args); err != nil {
-		return err
+	return func() error {
+		dp, lock, err := loadDatapath(lo, o)
+		if err != nil {
+			return err
+		}
+		defer lock.Release()
+		return dp.Close()
 	}
-	dp, lock, err := loadDatapath(lo, o)
-	if err != nil {
-		return err
-	}
-	defer lock.Release()
-	return dp.Close()
 }
 
 // loadDatapath loads the datapath (re-using maps already pinned, so flows
@@ -99,6 +99,11 @@ func cmdLoad(args []string, o output) error {
 // found. The caller closes the result and releases the pin directory's
 // lock when it exits.
 func loadDatapath(lo *loadOptions, o output) (_ *loader.Datapath, _ *coexist.Lock, err error) {
+	defer func() {
+		if errors.Is(err, os.ErrPermission) {
+			err = fmt.Errorf("%w (loading the datapath needs root, or CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON; CAP_SYS_ADMIN before Linux 5.8)", err)
+		}
+	}()
 	m, err := attach.ParseMode(lo.mode)
 	if err != nil {
 		return nil, nil, err
@@ -122,6 +127,12 @@ func loadDatapath(lo *loadOptions, o output) (_ *loader.Datapath, _ *coexist.Loc
 	for _, dev := range append(append([]string{}, lo.devices...), lo.netdevs...) {
 		if _, err := netlink.LinkByName(dev); err != nil {
 			return nil, nil, fmt.Errorf("device %s: %w", dev, err)
+		}
+	}
+	// A bad --cgroup is found before anything is pinned.
+	if lo.cgroup != "" {
+		if _, err := attach.CheckCgroup(lo.cgroup); err != nil {
+			return nil, nil, fmt.Errorf("--cgroup: %w", err)
 		}
 	}
 	def.PinPath = lo.bpffs
@@ -205,23 +216,22 @@ func attachDatapath(dp *loader.Datapath, lo *loadOptions, m attach.Mode, xdp att
 	return nil
 }
 
-func cmdUnload(args []string, o output) error {
-	fs := newFlags("unload", o)
+func cmdUnload(fs *pflag.FlagSet, o output) func() error {
 	bpffs := fs.String("bpffs", defaultBPFFS, "bpffs directory given to load")
-	if err := parse(fs, args); err != nil {
-		return err
+	return func() error {
+		done, err := coexist.RemoveServicepath(*bpffs, linkDir(*bpffs))
+		if err := report(o, *bpffs, done, err); err != nil {
+			return err
+		}
+		fmt.Fprintln(o.out, "detached servicepath from every device of this network namespace")
+		return nil
 	}
-	done, err := coexist.RemoveServicepath(*bpffs, linkDir(*bpffs))
-	if err := report(o, *bpffs, done, err); err != nil {
-		return err
-	}
-	fmt.Fprintln(o.out, "detached servicepath from every device of this network namespace")
-	return nil
 }
 
 type uint32Flag uint32
 
 func (u *uint32Flag) String() string { return fmt.Sprint(uint32(*u)) }
+func (u *uint32Flag) Type() string   { return "uint32" }
 
 func (u *uint32Flag) Set(s string) error {
 	var v uint32
@@ -236,6 +246,7 @@ func (u *uint32Flag) Set(s string) error {
 type sizeOrOffFlag uint32
 
 func (u *sizeOrOffFlag) String() string { return fmt.Sprint(uint32(*u)) }
+func (u *sizeOrOffFlag) Type() string   { return "uint32" }
 
 func (u *sizeOrOffFlag) Set(s string) error {
 	if s == "0" {

@@ -4,11 +4,13 @@ package main
 
 import (
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"os"
 	"strings"
+
+	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
 )
 
 const defaultBPFFS = "/sys/fs/bpf/servicepath"
@@ -19,7 +21,9 @@ type output struct{ out, errOut io.Writer }
 type command struct {
 	name    string
 	summary string
-	run     func(args []string, o output) error
+	// setup declares the command's flags on fs and returns what runs it
+	// once they are parsed.
+	setup func(fs *pflag.FlagSet, o output) func() error
 }
 
 var commands = []command{
@@ -28,47 +32,86 @@ var commands = []command{
 	{"cleanup", "remove servicepath (and with --kube-proxy, kube-proxy's rules) before a migration or uninstall", cmdCleanup},
 	{"apply", "program Services and EndpointSlices from manifests", cmdApply},
 	{"delete", "remove the Services named in manifests", cmdDelete},
+	{"status", "summarise what is loaded, attached and programmed", cmdStatus},
 	{"services", "list programmed frontends and backends", cmdServices},
 	{"ct", "list connection tracking entries", cmdCT},
 	{"stats", "show datapath counters and map occupancy", cmdStats},
 	{"gc", "delete expired connection tracking entries", cmdGC},
 	{"agent", "program the Services of a Kubernetes cluster as it changes", cmdAgent},
+	{"version", "print the version this binary was built from", cmdVersion},
 }
 
-func usage(w io.Writer) {
-	fmt.Fprintf(w, "usage: servicepath COMMAND [flags]\n\ncommands:\n")
-	for _, c := range commands {
-		fmt.Fprintf(w, "  %-9s %s\n", c.name, c.summary)
+// usageError is a mistake in the command line: exit code 2.
+type usageError struct{ err error }
+
+func (e usageError) Error() string { return e.err.Error() }
+func (e usageError) Unwrap() error { return e.err }
+
+func usagef(format string, a ...any) error { return usageError{fmt.Errorf(format, a...)} }
+
+// checked runs fn with a command's options once they pass their check,
+// which cobra cannot do for flags that depend on each other.
+func checked[T interface{ check() error }](opts T, fn func(T) error) func() error {
+	return func() error {
+		if err := opts.check(); err != nil {
+			return err
+		}
+		return fn(opts)
 	}
-	fmt.Fprintf(w, "\n`servicepath COMMAND -h` lists a command's flags.\n")
 }
 
-// errUsage marks errors already explained by a flag set's usage output.
-var errUsage = errors.New("usage")
+func noArgs(_ *cobra.Command, args []string) error {
+	if len(args) > 0 {
+		return usagef("unexpected argument %q", args[0])
+	}
+	return nil
+}
+
+// newRoot is the command tree; cobra adds help and shell completion
+// (`servicepath completion bash`).
+func newRoot(o output) *cobra.Command {
+	root := &cobra.Command{
+		Use:           "servicepath",
+		Short:         "Kubernetes Services in eBPF, in place of kube-proxy",
+		SilenceUsage:  true,
+		SilenceErrors: true,
+		Args: func(_ *cobra.Command, args []string) error {
+			if len(args) > 0 {
+				return usagef("unknown command %q", args[0])
+			}
+			return nil
+		},
+		RunE: func(cmd *cobra.Command, _ []string) error { return cmd.Help() },
+	}
+	root.SetOut(o.out)
+	root.SetErr(o.errOut)
+	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageError{err} })
+	for _, c := range commands {
+		cmd := &cobra.Command{Use: c.name, Short: c.summary, Args: noArgs}
+		run := c.setup(cmd.Flags(), o)
+		cmd.RunE = func(*cobra.Command, []string) error { return run() }
+		root.AddCommand(cmd)
+	}
+	return root
+}
 
 func run(args []string, stdout, stderr io.Writer) int {
-	if len(args) == 0 || args[0] == "-h" || args[0] == "--help" || args[0] == "help" {
-		usage(stdout)
+	root := newRoot(output{stdout, stderr})
+	root.SetArgs(args)
+	cmd, err := root.ExecuteC()
+	if err == nil {
 		return 0
 	}
-	for _, c := range commands {
-		if c.name == args[0] {
-			err := c.run(args[1:], output{stdout, stderr})
-			switch {
-			case err == nil:
-				return 0
-			case errors.Is(err, flag.ErrHelp):
-				return 0
-			case errors.Is(err, errUsage):
-				return 2
-			}
-			fmt.Fprintf(stderr, "servicepath %s: %v\n", c.name, err)
-			return 1
-		}
+	name := "servicepath"
+	if cmd != nil && cmd != root {
+		name += " " + cmd.Name()
 	}
-	fmt.Fprintf(stderr, "servicepath: unknown command %q\n", args[0])
-	usage(stderr)
-	return 2
+	fmt.Fprintf(stderr, "%s: %v\n", name, err)
+	if errors.As(err, new(usageError)) {
+		fmt.Fprintf(stderr, "run '%s --help' for usage\n", name)
+		return 2
+	}
+	return 1
 }
 
 func main() {
@@ -79,34 +122,13 @@ func main() {
 type stringList []string
 
 func (s *stringList) String() string { return strings.Join(*s, ",") }
+func (s *stringList) Type() string   { return "strings" }
 
 func (s *stringList) Set(v string) error {
 	for _, p := range strings.Split(v, ",") {
 		if p = strings.TrimSpace(p); p != "" {
 			*s = append(*s, p)
 		}
-	}
-	return nil
-}
-
-func newFlags(name string, o output) *flag.FlagSet {
-	fs := flag.NewFlagSet("servicepath "+name, flag.ContinueOnError)
-	fs.SetOutput(o.errOut)
-	return fs
-}
-
-// parse reports flag errors once, through the flag set's own message.
-func parse(fs *flag.FlagSet, args []string) error {
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return err
-		}
-		return errUsage
-	}
-	if fs.NArg() > 0 {
-		fmt.Fprintf(fs.Output(), "unexpected argument %q\n", fs.Arg(0))
-		fs.Usage()
-		return errUsage
 	}
 	return nil
 }

@@ -10,32 +10,52 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/spf13/pflag"
+	"sigs.k8s.io/yaml"
+
 	"github.com/servicepath/servicepath/datapath/ct"
 	"github.com/servicepath/servicepath/datapath/maps"
 	"github.com/servicepath/servicepath/datapath/metrics"
 	"github.com/servicepath/servicepath/datapath/service"
 )
 
-// showFlags parses --bpffs and -o for the read-only commands.
-func showFlags(name string, args []string, o output) (bpffs string, asJSON bool, err error) {
-	fs := newFlags(name, o)
-	dir := fs.String("bpffs", defaultBPFFS, "bpffs directory given to load")
-	out := fs.String("o", "table", "output format: table or json")
-	if err := parse(fs, args); err != nil {
-		return "", false, err
-	}
-	switch *out {
-	case "table":
-	case "json":
-		asJSON = true
-	default:
-		fmt.Fprintf(fs.Output(), "-o %q: want table or json\n", *out)
-		return "", false, errUsage
-	}
-	return *dir, asJSON, nil
+// showOptions are the flags of the read-only commands.
+type showOptions struct {
+	bpffs, format string
 }
 
-func writeJSON(w io.Writer, v any) error {
+func addShowFlags(fs *pflag.FlagSet) *showOptions {
+	so := &showOptions{}
+	fs.StringVar(&so.bpffs, "bpffs", defaultBPFFS, "bpffs directory given to load")
+	addOutputFlag(fs, so)
+	return so
+}
+
+func addOutputFlag(fs *pflag.FlagSet, so *showOptions) {
+	fs.StringVarP(&so.format, "output", "o", "table", "output format: table, json or yaml")
+}
+
+func (so *showOptions) check() error {
+	switch so.format {
+	case "table", "json", "yaml":
+		return nil
+	}
+	return usagef("-o %q: want table, json or yaml", so.format)
+}
+
+// structured: the output is JSON or YAML, not a table.
+func (so *showOptions) structured() bool { return so.format != "table" }
+
+// write prints v as JSON or YAML, with the same field names.
+func (so *showOptions) write(w io.Writer, v any) error {
+	if so.format == "yaml" {
+		b, err := yaml.Marshal(v)
+		if err != nil {
+			return err
+		}
+		_, err = w.Write(b)
+		return err
+	}
 	enc := json.NewEncoder(w)
 	enc.SetIndent("", "  ")
 	return enc.Encode(v)
@@ -68,67 +88,65 @@ type backendJSON struct {
 	State   string `json:"state"`
 }
 
-func cmdServices(args []string, o output) error {
-	bpffs, asJSON, err := showFlags("services", args, o)
-	if err != nil {
-		return err
-	}
-	mgr, m, err := openManager(bpffs)
-	if err != nil {
-		return err
-	}
-	defer m.Close()
-	var out []serviceJSON
-	for _, s := range mgr.List() {
-		sj := serviceJSON{Name: s.Name, PortName: s.PortName, Protocol: s.Frontend.Protocol.String(),
-			Frontend: netip.AddrPortFrom(s.Frontend.Addr, s.Frontend.Port).String(), Backends: []backendJSON{},
-			Kind:            s.Frontend.Kind.String(),
-			AffinitySeconds: int(s.Affinity / time.Second),
-			InCluster:       s.Frontend.InCluster,
-			ExternalLocal:   s.ExternalLocal, InternalLocal: s.InternalLocal, Maglev: s.Maglev}
-		for _, r := range s.SourceRanges {
-			sj.SourceRanges = append(sj.SourceRanges, r.String())
+func cmdServices(fs *pflag.FlagSet, o output) func() error {
+	return checked(addShowFlags(fs), func(so *showOptions) error {
+		mgr, m, err := openManager(so.bpffs)
+		if err != nil {
+			return err
 		}
-		if s.Mode != service.SNAT {
-			sj.Mode, sj.Dispatch = s.Mode.String(), s.Dispatch.String()
-		}
-		for i, b := range s.Backends {
-			sj.Backends = append(sj.Backends, backendJSON{ID: s.BackendIDs[i], Address: b.String(), State: b.State.String()})
-		}
-		out = append(out, sj)
-	}
-	if asJSON {
-		if out == nil {
-			out = []serviceJSON{}
-		}
-		return writeJSON(o.out, out)
-	}
-	tw := tabwriter.NewWriter(o.out, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "NAME\tPORT\tKIND\tFRONTEND\tPROTO\tAFFINITY\tBACKENDS")
-	for _, s := range out {
-		var bs []string
-		for _, b := range s.Backends {
-			e := fmt.Sprintf("%s#%d", b.Address, b.ID)
-			if b.State != service.Active.String() {
-				e += "(" + b.State + ")"
+		defer m.Close()
+		var out []serviceJSON
+		for _, s := range mgr.List() {
+			sj := serviceJSON{Name: s.Name, PortName: s.PortName, Protocol: s.Frontend.Protocol.String(),
+				Frontend: netip.AddrPortFrom(s.Frontend.Addr, s.Frontend.Port).String(), Backends: []backendJSON{},
+				Kind:            s.Frontend.Kind.String(),
+				AffinitySeconds: int(s.Affinity / time.Second),
+				InCluster:       s.Frontend.InCluster,
+				ExternalLocal:   s.ExternalLocal, InternalLocal: s.InternalLocal, Maglev: s.Maglev}
+			for _, r := range s.SourceRanges {
+				sj.SourceRanges = append(sj.SourceRanges, r.String())
 			}
-			bs = append(bs, e)
+			if s.Mode != service.SNAT {
+				sj.Mode, sj.Dispatch = s.Mode.String(), s.Dispatch.String()
+			}
+			for i, b := range s.Backends {
+				sj.Backends = append(sj.Backends, backendJSON{ID: s.BackendIDs[i], Address: b.String(), State: b.State.String()})
+			}
+			out = append(out, sj)
 		}
-		if len(bs) == 0 {
-			bs = []string{"<none>"}
+		if so.structured() {
+			if out == nil {
+				out = []serviceJSON{}
+			}
+			return so.write(o.out, out)
 		}
-		affinity := "-"
-		if s.AffinitySeconds > 0 {
-			affinity = fmt.Sprintf("ClientIP %ds", s.AffinitySeconds)
+		tw := tabwriter.NewWriter(o.out, 0, 4, 2, ' ', 0)
+		fmt.Fprintln(tw, "NAME\tPORT\tKIND\tFRONTEND\tPROTO\tAFFINITY\tBACKENDS")
+		for _, s := range out {
+			var bs []string
+			for _, b := range s.Backends {
+				e := fmt.Sprintf("%s#%d", b.Address, b.ID)
+				if b.State != service.Active.String() {
+					e += "(" + b.State + ")"
+				}
+				bs = append(bs, e)
+			}
+			if len(bs) == 0 {
+				bs = []string{"<none>"}
+			}
+			affinity := "-"
+			if s.AffinitySeconds > 0 {
+				affinity = fmt.Sprintf("ClientIP %ds", s.AffinitySeconds)
+			}
+			kind := s.Kind
+			if s.InCluster {
+				kind += "(in-cluster)"
+			}
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", s.Name, dash(s.PortName), kind, s.Frontend, s.Protocol, affinity,
+				strings.Join(bs, " "))
 		}
-		kind := s.Kind
-		if s.InCluster {
-			kind += "(in-cluster)"
-		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", s.Name, dash(s.PortName), kind, s.Frontend, s.Protocol, affinity,
-			strings.Join(bs, " "))
-	}
-	return tw.Flush()
+		return tw.Flush()
+	})
 }
 
 func dash(s string) string {
@@ -140,47 +158,45 @@ func dash(s string) string {
 
 func protoName(p uint8) string { return service.Protocol(p).String() }
 
-func cmdCT(args []string, o output) error {
-	bpffs, asJSON, err := showFlags("ct", args, o)
-	if err != nil {
-		return err
-	}
-	m, err := maps.OpenPinned(bpffs)
-	if err != nil {
-		return err
-	}
-	defer m.Close()
-	entries, err := ct.DumpZones(m)
-	if err != nil {
-		return err
-	}
-	sort.Slice(entries, func(i, j int) bool {
-		a, b := entries[i], entries[j]
-		if a.Zone != b.Zone {
-			return a.Zone < b.Zone
+func cmdCT(fs *pflag.FlagSet, o output) func() error {
+	return checked(addShowFlags(fs), func(so *showOptions) error {
+		m, err := maps.OpenPinned(so.bpffs)
+		if err != nil {
+			return err
 		}
-		if a.Source != b.Source {
-			return a.Source.Compare(b.Source) < 0
+		defer m.Close()
+		entries, err := ct.DumpZones(m)
+		if err != nil {
+			return err
 		}
-		return a.Service && !b.Service
+		sort.Slice(entries, func(i, j int) bool {
+			a, b := entries[i], entries[j]
+			if a.Zone != b.Zone {
+				return a.Zone < b.Zone
+			}
+			if a.Source != b.Source {
+				return a.Source.Compare(b.Source) < 0
+			}
+			return a.Service && !b.Service
+		})
+		if so.structured() {
+			if entries == nil {
+				entries = []ct.Entry{}
+			}
+			return so.write(o.out, entries)
+		}
+		tw := tabwriter.NewWriter(o.out, 0, 4, 2, ' ', 0)
+		fmt.Fprintln(tw, "ZONE\tKIND\tPROTO\tSOURCE\tDESTINATION\tNAT\tSTATE\tEXPIRES\tPKTS(FWD/REV)")
+		for _, e := range entries {
+			kind := "flow"
+			if e.Service {
+				kind = "service"
+			}
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%d/%d\n", e.Zone, kind, protoName(e.Protocol), e.Source, e.Dest, e.NAT,
+				dash(strings.Join(e.State, ",")), e.ExpiresIn.Round(time.Second), e.FwdPackets, e.RevPackets)
+		}
+		return tw.Flush()
 	})
-	if asJSON {
-		if entries == nil {
-			entries = []ct.Entry{}
-		}
-		return writeJSON(o.out, entries)
-	}
-	tw := tabwriter.NewWriter(o.out, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "ZONE\tKIND\tPROTO\tSOURCE\tDESTINATION\tNAT\tSTATE\tEXPIRES\tPKTS(FWD/REV)")
-	for _, e := range entries {
-		kind := "flow"
-		if e.Service {
-			kind = "service"
-		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%d/%d\n", e.Zone, kind, protoName(e.Protocol), e.Source, e.Dest, e.NAT,
-			dash(strings.Join(e.State, ",")), e.ExpiresIn.Round(time.Second), e.FwdPackets, e.RevPackets)
-	}
-	return tw.Flush()
 }
 
 type statsJSON struct {
@@ -196,51 +212,49 @@ type mapStats struct {
 	MaxEntries uint32 `json:"maxEntries"`
 }
 
-func cmdStats(args []string, o output) error {
-	bpffs, asJSON, err := showFlags("stats", args, o)
-	if err != nil {
-		return err
-	}
-	m, err := maps.OpenPinned(bpffs)
-	if err != nil {
-		return err
-	}
-	defer m.Close()
-	counters, err := metrics.Read(m.Metrics)
-	if err != nil {
-		return err
-	}
-	occ, err := maps.Occupancy(m)
-	if err != nil {
-		return err
-	}
-	st := statsJSON{Counters: counters, Maps: map[string]mapStats{}}
-	for name, o := range occ {
-		st.Maps[name] = mapStats{Entries: o.Entries, MaxEntries: o.MaxEntries}
-	}
-	if asJSON {
-		if st.Conntrack, err = ctPressureLines(nil, m, counters); err != nil {
+func cmdStats(fs *pflag.FlagSet, o output) func() error {
+	return checked(addShowFlags(fs), func(so *showOptions) error {
+		m, err := maps.OpenPinned(so.bpffs)
+		if err != nil {
 			return err
 		}
-		return writeJSON(o.out, st)
-	}
-	tw := tabwriter.NewWriter(o.out, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "COUNTER\tPACKETS")
-	for _, name := range metrics.Names {
-		fmt.Fprintf(tw, "%s\t%d\n", name, counters[name])
-	}
-	fmt.Fprintln(tw, "\nMAP\tENTRIES\tMAX")
-	var names []string
-	for name := range st.Maps {
-		names = append(names, name)
-	}
-	sort.Strings(names)
-	for _, name := range names {
-		fmt.Fprintf(tw, "%s\t%d\t%d\n", name, st.Maps[name].Entries, st.Maps[name].MaxEntries)
-	}
-	if err := tw.Flush(); err != nil {
+		defer m.Close()
+		counters, err := metrics.Read(m.Metrics)
+		if err != nil {
+			return err
+		}
+		occ, err := maps.Occupancy(m)
+		if err != nil {
+			return err
+		}
+		st := statsJSON{Counters: counters, Maps: map[string]mapStats{}}
+		for name, o := range occ {
+			st.Maps[name] = mapStats{Entries: o.Entries, MaxEntries: o.MaxEntries}
+		}
+		if so.structured() {
+			if st.Conntrack, err = ctPressureLines(nil, m, counters); err != nil {
+				return err
+			}
+			return so.write(o.out, st)
+		}
+		tw := tabwriter.NewWriter(o.out, 0, 4, 2, ' ', 0)
+		fmt.Fprintln(tw, "COUNTER\tPACKETS")
+		for _, name := range metrics.Names {
+			fmt.Fprintf(tw, "%s\t%d\n", name, counters[name])
+		}
+		fmt.Fprintln(tw, "\nMAP\tENTRIES\tMAX")
+		var names []string
+		for name := range st.Maps {
+			names = append(names, name)
+		}
+		sort.Strings(names)
+		for _, name := range names {
+			fmt.Fprintf(tw, "%s\t%d\t%d\n", name, st.Maps[name].Entries, st.Maps[name].MaxEntries)
+		}
+		if err := tw.Flush(); err != nil {
+			return err
+		}
+		_, err = ctPressureLines(o.out, m, counters)
 		return err
-	}
-	_, err = ctPressureLines(o.out, m, counters)
-	return err
+	})
 }

@@ -13,21 +13,31 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// cgroupPin names a hook's pinned link by the cgroup's inode, so several
-// cgroups can be attached at once and a reload finds its own link.
-func (a *Attacher) cgroupPin(path, hook string) (string, uint64, error) {
+// CheckCgroup returns the inode of the cgroup2 directory at path, or why
+// socket hooks cannot attach there.
+func CheckCgroup(path string) (uint64, error) {
 	fi, err := os.Stat(path)
 	if err != nil {
-		return "", 0, fmt.Errorf("cgroup %s: %w", path, err)
+		return 0, fmt.Errorf("cgroup %s: %w", path, err)
 	}
 	st, ok := fi.Sys().(*syscall.Stat_t)
 	var fs unix.Statfs_t
 	if !ok || !fi.IsDir() || unix.Statfs(path, &fs) != nil || fs.Type != unix.CGROUP2_SUPER_MAGIC {
 		// Under `ip netns exec`, /sys is remounted and /sys/fs/cgroup is a
 		// plain directory: say so rather than fail inside the kernel.
-		return "", 0, fmt.Errorf("%s is not a cgroup2 directory (find the mount with: awk '$3 == \"cgroup2\" {print $2}' /proc/self/mounts)", path)
+		return 0, fmt.Errorf("%s is not a cgroup2 directory (find the mount with: awk '$3 == \"cgroup2\" {print $2}' /proc/self/mounts)", path)
 	}
-	return filepath.Join(a.LinkDir, fmt.Sprintf("cgroup-%d-%s", st.Ino, hook)), st.Ino, nil
+	return st.Ino, nil
+}
+
+// cgroupPin names a hook's pinned link by the cgroup's inode, so several
+// cgroups can be attached at once and a reload finds its own link.
+func (a *Attacher) cgroupPin(path, hook string) (string, uint64, error) {
+	ino, err := CheckCgroup(path)
+	if err != nil {
+		return "", 0, err
+	}
+	return filepath.Join(a.LinkDir, fmt.Sprintf("cgroup-%d-%s", ino, hook)), ino, nil
 }
 
 // AttachCgroup attaches prog as the named socket hook of the cgroup at
