@@ -86,6 +86,10 @@ type Agent struct {
 	dirty map[string]bool // Services ("namespace/name") to sync
 	full  bool            // sync every Service and every programmed owner
 	kick  chan struct{}
+	// pending is what the dirty Services are dirty for, for the change
+	// metrics: their Service, their EndpointSlices, and the earliest
+	// endpoints change trigger time among those slices.
+	pending map[string]*pendingChange
 
 	// reported is the problem last reported per Service, so that each is
 	// logged and sent as an Event once, not on every sync.
@@ -109,6 +113,7 @@ func New(client kubernetes.Interface, m *maps.Maps, cfg Config) (*Agent, error) 
 		cfg: cfg, log: cfg.Logger, mgr: mgr,
 		Metrics:  newMetrics(m, cfg.Logger),
 		dirty:    map[string]bool{},
+		pending:  map[string]*pendingChange{},
 		kick:     make(chan struct{}, 1),
 		reported: map[string]string{},
 	}
@@ -237,11 +242,12 @@ func (a *Agent) changed(obj any) {
 		obj = d.Obj
 	}
 	var name string
+	var slice *discoveryv1.EndpointSlice
 	switch o := obj.(type) {
 	case *corev1.Service:
 		name = k8s.ServiceName(o)
 	case *discoveryv1.EndpointSlice:
-		name = k8s.SliceOwner(o)
+		name, slice = k8s.SliceOwner(o), o
 	case *corev1.Pod:
 		name = k8s.PodName(o)
 	}
@@ -250,9 +256,66 @@ func (a *Agent) changed(obj any) {
 	}
 	a.mu.Lock()
 	a.dirty[name] = true
+	if _, isPod := obj.(*corev1.Pod); !isPod {
+		a.notePending(name, slice)
+	}
 	a.health.changed()
 	a.mu.Unlock()
+	a.Metrics.SyncLastQueued.SetToCurrentTime()
 	a.signal()
+}
+
+type pendingChange struct {
+	service, endpoints bool
+	trigger            time.Time // zero: none known
+}
+
+// notePending counts a change of name's Service (slice nil) or of one of
+// its EndpointSlices. a.mu is held.
+func (a *Agent) notePending(name string, slice *discoveryv1.EndpointSlice) {
+	if slice == nil {
+		a.Metrics.ServiceChanges.Inc()
+		a.addPending(name, pendingChange{service: true})
+		return
+	}
+	a.Metrics.EndpointChanges.Inc()
+	c := pendingChange{endpoints: true}
+	// Set by the EndpointSlice controller when the change that led to this
+	// slice happened (a Pod or the Service changing), as kube-proxy reads it
+	// for its network programming latency.
+	if t, err := time.Parse(time.RFC3339Nano, slice.Annotations[corev1.EndpointsLastChangeTriggerTime]); err == nil {
+		c.trigger = t
+	}
+	a.addPending(name, c)
+}
+
+// addPending merges c into what name is pending for, keeping the earliest
+// trigger time. a.mu is held.
+func (a *Agent) addPending(name string, c pendingChange) {
+	p := a.pending[name]
+	if p == nil {
+		p = &pendingChange{}
+		a.pending[name] = p
+	}
+	p.service, p.endpoints = p.service || c.service, p.endpoints || c.endpoints
+	if !c.trigger.IsZero() && (p.trigger.IsZero() || c.trigger.Before(p.trigger)) {
+		p.trigger = c.trigger
+	}
+	a.setPendingGauges()
+}
+
+func (a *Agent) setPendingGauges() {
+	var svcs, eps int
+	for _, p := range a.pending {
+		if p.service {
+			svcs++
+		}
+		if p.endpoints {
+			eps++
+		}
+	}
+	a.Metrics.ServiceChangesPending.Set(float64(svcs))
+	a.Metrics.EndpointChangesPending.Set(float64(eps))
 }
 
 func (a *Agent) markAll() {
@@ -306,8 +369,9 @@ type change struct {
 func (a *Agent) sync() error {
 	start := time.Now()
 	a.mu.Lock()
-	keys, full := a.dirty, a.full
-	a.dirty, a.full = map[string]bool{}, false
+	keys, full, pending := a.dirty, a.full, a.pending
+	a.dirty, a.full, a.pending = map[string]bool{}, false, map[string]*pendingChange{}
+	a.setPendingGauges()
 	a.health.syncing()
 	a.mu.Unlock()
 
@@ -361,7 +425,11 @@ func (a *Agent) sync() error {
 			errs = append(errs, fmt.Errorf("service %s: %w", c.name, err))
 			a.mu.Lock()
 			a.dirty[c.name] = true
+			if p := pending[c.name]; p != nil {
+				a.addPending(c.name, *p)
+			}
 			a.mu.Unlock()
+			delete(pending, c.name)
 			continue
 		}
 		a.Metrics.ServiceApplies.Inc()
@@ -373,18 +441,28 @@ func (a *Agent) sync() error {
 			a.log.Error("close sockets of removed backends", "backends", len(removed), "err", err)
 		}
 	}
+	now := time.Now()
+	for _, p := range pending {
+		if !p.trigger.IsZero() {
+			a.Metrics.NetworkProgramming.Observe(now.Sub(p.trigger).Seconds())
+		}
+	}
+	owners := map[string]bool{}
 	frontends, backends := 0, 0
 	for _, p := range a.mgr.List() {
+		owners[p.Name] = true
 		frontends++
 		backends += len(p.Backends)
 	}
 	a.checks.sync()
-	a.Metrics.ServicesProgrammed.Set(float64(frontends))
+	a.Metrics.ServicesProgrammed.Set(float64(len(owners)))
+	a.Metrics.FrontendsProgrammed.Set(float64(frontends))
 	a.Metrics.BackendsProgrammed.Set(float64(backends))
-	a.Metrics.Syncs.Inc()
-	a.Metrics.SyncDuration.Observe(time.Since(start).Seconds())
+	a.Metrics.SyncDuration.Observe(now.Sub(start).Seconds())
 	err := errors.Join(errs...)
-	if err != nil {
+	if err == nil {
+		a.Metrics.SyncLastTimestamp.Set(float64(now.UnixNano()) / 1e9)
+	} else {
 		a.Metrics.SyncErrors.Inc()
 		if full {
 			// The first full sync is what /readyz waits for: retry it whole.

@@ -6,6 +6,7 @@ import (
 	"net/http"
 	"net/netip"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -50,11 +51,18 @@ func TestServiceCreateUpdateDelete(t *testing.T) {
 	svc, err := k.client.CoreV1().Services(k.ns).Update(ctx, svc, metav1.UpdateOptions{})
 	require.NoError(t, err, "add a port to the Service")
 	es.Ports = append(es.Ports, slicePort("dns", corev1.ProtocolUDP, 5353))
+	// As the EndpointSlice controller stamps it: the change behind this
+	// slice happened 5 s ago.
+	trigger := time.Now().Add(-5 * time.Second)
+	es.Annotations = map[string]string{corev1.EndpointsLastChangeTriggerTime: trigger.Format(time.RFC3339Nano)}
 	k.updateSlice(t, es)
 	waitProgrammed(t, dp.Maps, k.name("web"), map[string][]string{
 		ip + ":80/TCP": {"10.1.0.1:8080", "10.1.0.2:8080"},
 		ip + ":53/UDP": {"10.1.0.1:5353", "10.1.0.2:5353"},
 	})
+	count, sum := histogram(t, a.Metrics.NetworkProgramming)
+	assert.Equal(t, 1.0, count, "one change carried a trigger time")
+	assert.GreaterOrEqual(t, sum, 5.0, "network programming counted from the trigger time")
 
 	// A changed port number moves the frontend.
 	svc.Spec.Ports[0].Port = 81
@@ -71,11 +79,42 @@ func TestServiceCreateUpdateDelete(t *testing.T) {
 		names[f.GetName()] = true
 	}
 	for _, n := range []string{"servicepath_sync_duration_seconds", "servicepath_sync_errors_total",
-		"servicepath_services_programmed", "servicepath_backends_programmed",
-		"servicepath_datapath_packets_total", "servicepath_map_entries", "servicepath_map_pressure"} {
+		"servicepath_sync_last_timestamp_seconds", "servicepath_sync_last_queued_timestamp_seconds",
+		"servicepath_service_changes_total", "servicepath_service_changes_pending",
+		"servicepath_endpoint_changes_total", "servicepath_endpoint_changes_pending",
+		"servicepath_services_programmed", "servicepath_frontends_programmed", "servicepath_backends_programmed",
+		"servicepath_datapath_packets_total", "servicepath_socket_operations_total", "servicepath_snat_port_allocations_total",
+		"servicepath_map_entries", "servicepath_map_pressure"} {
 		assert.True(t, names[n], "metric %s exported", n)
 	}
-	assert.GreaterOrEqual(t, testutil.ToFloat64(a.Metrics.ServicesProgrammed), 2.0, "frontends programmed gauge")
+	assert.False(t, names["servicepath_syncs_total"], "the sync count is the duration histogram's")
+	view, err := readMaps(dp.Maps)
+	require.NoError(t, err, "read maps")
+	owners := map[string]bool{}
+	for _, v := range view {
+		owners[v.Name] = true
+	}
+	assert.Equal(t, float64(len(owners)), testutil.ToFloat64(a.Metrics.ServicesProgrammed), "Services programmed, as the maps name them")
+	assert.Equal(t, float64(len(view)), testutil.ToFloat64(a.Metrics.FrontendsProgrammed), "frontends programmed, as the maps hold them")
+	assert.Greater(t, len(view), len(owners), "web's two frontends are one Service")
+	assert.Zero(t, testutil.ToFloat64(a.Metrics.ServiceChangesPending)+testutil.ToFloat64(a.Metrics.EndpointChangesPending),
+		"nothing pending once programmed")
+	assert.GreaterOrEqual(t, testutil.ToFloat64(a.Metrics.ServiceChanges), 3.0, "create and two updates of the Service counted")
+	assert.GreaterOrEqual(t, testutil.ToFloat64(a.Metrics.EndpointChanges), 2.0, "the slice's create and update counted")
+	assert.InDelta(t, float64(time.Now().Unix()), testutil.ToFloat64(a.Metrics.SyncLastTimestamp), 60, "last sync stamped")
+	for _, f := range families {
+		for _, m := range f.GetMetric() {
+			for _, l := range m.GetLabel() {
+				switch f.GetName() {
+				case "servicepath_datapath_packets_total":
+					assert.False(t, strings.HasPrefix(l.GetValue(), "sock_") || strings.HasPrefix(l.GetValue(), "nat_retry"),
+						"packet verdicts only: %s", l.GetValue())
+				case "servicepath_socket_operations_total":
+					assert.True(t, strings.HasPrefix(l.GetValue(), "sock_"), "socket calls only: %s", l.GetValue())
+				}
+			}
+		}
+	}
 
 	require.NoError(t, k.client.CoreV1().Services(k.ns).Delete(ctx, "web", metav1.DeleteOptions{}), "delete the Service")
 	waitProgrammed(t, dp.Maps, k.name("web"), map[string][]string{})
@@ -241,7 +280,7 @@ func TestBurstCoalesced(t *testing.T) {
 	for i := range 10 {
 		es.Endpoints = append(es.Endpoints, readyEP(fmt.Sprintf("10.6.1.%d", i+1)))
 	}
-	syncsBefore := testutil.ToFloat64(a.Metrics.Syncs)
+	syncsBefore := syncCount(t, a)
 	for i := range changes {
 		c := &es.Endpoints[i%10].Conditions
 		if *c.Ready {
@@ -257,7 +296,7 @@ func TestBurstCoalesced(t *testing.T) {
 		want = append(want, fmt.Sprintf("10.6.1.%d:8080", i+1))
 	}
 	waitProgrammed(t, dp.Maps, k.name("burst"), map[string][]string{fe: want})
-	syncs := testutil.ToFloat64(a.Metrics.Syncs) - syncsBefore
+	syncs := syncCount(t, a) - syncsBefore
 	t.Logf("%d endpoint changes programmed in %.0f syncs", changes, syncs)
 	assert.Less(t, syncs, float64(changes)/10, "1,000 changes coalesced into few syncs")
 	assert.Zero(t, testutil.ToFloat64(a.Metrics.SyncErrors), "no sync failed")

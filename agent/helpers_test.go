@@ -20,6 +20,8 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
+	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
 	"github.com/stretchr/testify/require"
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
@@ -346,4 +348,18 @@ func rawMaps(t *testing.T, m *maps.Maps) map[string]string {
 		require.NoError(t, it.Err(), "iterate %s", name)
 	}
 	return out
+}
+
+// histogram reads a histogram's sample count and sum.
+func histogram(t *testing.T, h prometheus.Histogram) (count, sum float64) {
+	t.Helper()
+	var m dto.Metric
+	require.NoError(t, h.Write(&m), "read histogram")
+	return float64(m.GetHistogram().GetSampleCount()), m.GetHistogram().GetSampleSum()
+}
+
+// syncCount is the syncs an agent ran: its sync duration histogram's count.
+func syncCount(t *testing.T, a *running) float64 {
+	count, _ := histogram(t, a.Metrics.SyncDuration)
+	return count
 }

@@ -233,7 +233,7 @@ func showMetrics(hc *http.Client) error {
 	sc := bufio.NewScanner(resp.Body)
 	for sc.Scan() {
 		line := sc.Text()
-		for _, p := range []string{"servicepath_syncs_total", "servicepath_sync_errors_total", "servicepath_service_applies_total",
+		for _, p := range []string{"servicepath_sync_errors_total", "servicepath_service_applies_total", "servicepath_frontends_programmed",
 			"servicepath_services_programmed", "servicepath_backends_programmed", "servicepath_sync_duration_seconds_count",
 			`servicepath_datapath_packets_total{reason="lb_new"}`, `servicepath_map_pressure{map="sp_services"}`} {
 			if strings.HasPrefix(line, p+" ") || strings.Contains(p, "{") && strings.HasPrefix(line, p) {
