@@ -351,24 +351,15 @@ func Load(cfg Config) (*Datapath, error) {
 		return nil, loadError(cfg, err)
 	}
 	shared := dp.lxc.LxcMaps
-	opts.MapReplacements = map[string]*ebpf.Map{
-		maps.ServicesName:     shared.SpServices,
-		maps.BackendsName:     shared.SpBackends,
-		maps.SvcMetaName:      shared.SpSvcMeta,
-		maps.CTName:           shared.SpCt,
-		maps.FragsName:        shared.SpFrags,
-		maps.MetricsName:      shared.SpMetrics,
-		maps.AffinityName:     shared.SpAffinity,
-		maps.NodeAddrName:     shared.SpNodeAddrs,
-		maps.MaglevName:       shared.SpMaglev,
-		maps.SrcRangeName:     shared.SpSrcRanges,
-		maps.FrontendAddrName: shared.SpFrontendAddrs,
-	}
+	// The later objects share the maps they declare with the first,
+	// whether or not they are pinned.
+	loaded := objectMaps(&shared)
+	opts.MapReplacements = declared(sockSpec, loaded)
 	if err := sockSpec.LoadAndAssign(&dp.sock, &opts); err != nil {
 		dp.lxc.Close()
 		return nil, loadError(cfg, err)
 	}
-	opts.MapReplacements["sp_endpoints"] = shared.SpEndpoints
+	opts.MapReplacements = declared(hostSpec, loaded)
 	// Every node-device object (bpf_host.c, and the XDP one) gets the
 	// north-south zone as its sp_ct.
 	if nsSpec := cfg.ctZoneSpec(hostSpec); nsSpec != nil {
@@ -391,23 +382,20 @@ func Load(cfg Config) (*Datapath, error) {
 			return nil, loadError(cfg, err)
 		}
 	}
-	dp.Maps = &maps.Maps{
-		Services:      shared.SpServices,
-		Backends:      shared.SpBackends,
-		SvcMeta:       shared.SpSvcMeta,
-		CT:            shared.SpCt,
-		CTNS:          dp.ctNS,
-		Frags:         shared.SpFrags,
-		Metrics:       shared.SpMetrics,
-		SockRevNAT:    dp.sock.SpSockRevnat,
-		SockCtx:       dp.sock.SpSockCtx,
-		Affinity:      shared.SpAffinity,
-		NodeAddrs:     shared.SpNodeAddrs,
-		Maglev:        shared.SpMaglev,
-		SrcRanges:     shared.SpSrcRanges,
-		FrontendAddrs: shared.SpFrontendAddrs,
-		NAT:           dp.host.SpNat,
-		Netdevs:       dp.host.SpNetdevs,
+	// Every object's maps; the first's sp_ct (east-west) over the node
+	// devices' (the north-south zone, when zones are on).
+	all := objectMaps(&dp.host.HostMaps)
+	for _, m := range []map[string]*ebpf.Map{objectMaps(&dp.sock.SockMaps), loaded} {
+		for name, mp := range m {
+			all[name] = mp
+		}
+	}
+	if dp.ctNS != nil {
+		all[maps.CTNSName] = dp.ctNS
+	}
+	if dp.Maps, err = maps.FromObjects(all); err != nil {
+		dp.Close()
+		return nil, loadError(cfg, err)
 	}
 	dp.HostRouting = routing
 	dp.Endpoints = shared.SpEndpoints
@@ -431,6 +419,17 @@ func Load(cfg Config) (*Datapath, error) {
 	}
 	dp.PinnedAt = cfg.PinPath
 	return &dp, nil
+}
+
+// declared are the maps of loaded that spec declares too.
+func declared(spec *ebpf.CollectionSpec, loaded map[string]*ebpf.Map) map[string]*ebpf.Map {
+	out := map[string]*ebpf.Map{}
+	for name := range spec.Maps {
+		if m, ok := loaded[name]; ok {
+			out[name] = m
+		}
+	}
+	return out
 }
 
 // ctZoneSpec is the north-south zone: sp_ct's spec under its own name

@@ -103,6 +103,20 @@ func (m *Maps) named() []namedMap {
 	}
 }
 
+// FromObjects takes the handles out of a loader's maps, by pinned name;
+// every map but the optional ones must be there.
+func FromObjects(byName map[string]*ebpf.Map) (*Maps, error) {
+	var m Maps
+	for _, x := range m.named() {
+		mp, ok := byName[x.name]
+		if !ok && !optional[x.name] {
+			return nil, fmt.Errorf("no map %s among the loaded objects", x.name)
+		}
+		*x.dst = mp
+	}
+	return &m, nil
+}
+
 // OpenPinned opens the maps a `servicepath load` pinned under dir.
 func OpenPinned(dir string) (*Maps, error) {
 	var m Maps
