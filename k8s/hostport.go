@@ -36,21 +36,11 @@ func PodNames(pods []*corev1.Pod) []string {
 // TranslateWith it validates all first and returns every error, naming Pod
 // and field, and no result.
 func TranslatePods(opts Options, pods []*corev1.Pod) (Result, error) {
-	sorted := slices.Clone(pods)
-	slices.SortFunc(sorted, func(a, b *corev1.Pod) int {
-		return cmp.Compare(objectName(a.Namespace, a.Name), objectName(b.Namespace, b.Name))
-	})
+	sorted, errs := byName("Pod", pods)
 	var res Result
-	var errs []error
 	owners := map[service.Frontend]string{}
-	seen := map[string]bool{}
 	for _, pod := range sorted {
 		name := objectName(pod.Namespace, pod.Name)
-		if seen[name] {
-			errs = append(errs, fmt.Errorf("Pod %s: given more than once", name))
-			continue
-		}
-		seen[name] = true
 		if opts.NodeName != "" && pod.Spec.NodeName != opts.NodeName {
 			continue
 		}

@@ -14,6 +14,7 @@ import (
 	"github.com/servicepath/servicepath/datapath/service"
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 )
 
 // LabelServiceProxyName marks a Service as handled by another proxy;
@@ -56,6 +57,24 @@ func ServiceNames(services []*corev1.Service) []string {
 	}
 	slices.Sort(names)
 	return slices.Compact(names)
+}
+
+// byName sorts objs by "namespace/name", keeping the first of a name given
+// more than once and an error for each other, naming its kind.
+func byName[T metav1.Object](kind string, objs []T) ([]T, []error) {
+	name := func(o T) string { return objectName(o.GetNamespace(), o.GetName()) }
+	sorted := slices.Clone(objs)
+	slices.SortStableFunc(sorted, func(a, b T) int { return cmp.Compare(name(a), name(b)) })
+	var out []T
+	var errs []error
+	for i, o := range sorted {
+		if i > 0 && name(o) == name(sorted[i-1]) {
+			errs = append(errs, fmt.Errorf("%s %s: given more than once", kind, name(o)))
+			continue
+		}
+		out = append(out, o)
+	}
+	return out, errs
 }
 
 // SliceOwner is the "namespace/name" of the Service an EndpointSlice
@@ -531,19 +550,10 @@ func TranslateWith(opts Options, services []*corev1.Service, endpointSlices []*d
 	var errs []error
 
 	// Every slice is validated, even one no Service uses.
-	sorted := slices.Clone(endpointSlices)
-	slices.SortFunc(sorted, func(a, b *discoveryv1.EndpointSlice) int {
-		return cmp.Compare(objectName(a.Namespace, a.Name), objectName(b.Namespace, b.Name))
-	})
+	sorted, dups := byName("EndpointSlice", endpointSlices)
+	errs = append(errs, dups...)
 	slicesOf := map[string][]*parsedSlice{}
-	seen := map[string]bool{}
 	for _, es := range sorted {
-		name := objectName(es.Namespace, es.Name)
-		if seen[name] {
-			errs = append(errs, fmt.Errorf("EndpointSlice %s: given more than once", name))
-			continue
-		}
-		seen[name] = true
 		ps, perrs := parseSlice(es)
 		errs = append(errs, perrs...)
 		if ps != nil && len(perrs) == 0 {
@@ -552,21 +562,13 @@ func TranslateWith(opts Options, services []*corev1.Service, endpointSlices []*d
 		}
 	}
 
-	sortedSvcs := slices.Clone(services)
-	slices.SortFunc(sortedSvcs, func(a, b *corev1.Service) int {
-		return cmp.Compare(objectName(a.Namespace, a.Name), objectName(b.Namespace, b.Name))
-	})
+	sortedSvcs, dups := byName("Service", services)
+	errs = append(errs, dups...)
 	var res Result
 	var parsed []*parsedService
 	owners := map[service.Frontend]string{}
-	clear(seen)
 	for _, svc := range sortedSvcs {
 		name := objectName(svc.Namespace, svc.Name)
-		if seen[name] {
-			errs = append(errs, fmt.Errorf("Service %s: given more than once", name))
-			continue
-		}
-		seen[name] = true
 		if reason := skipReason(svc); reason != "" {
 			res.Skipped = append(res.Skipped, fmt.Sprintf("Service %s: %s", name, reason))
 			continue
