@@ -11,7 +11,6 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http"
-	"net/netip"
 	"slices"
 	"strings"
 	"sync"
@@ -375,10 +374,6 @@ func (a *Agent) sync() error {
 	a.health.syncing()
 	a.mu.Unlock()
 
-	programmed := map[string][]service.Programmed{}
-	for _, p := range a.mgr.List() {
-		programmed[p.Name] = append(programmed[p.Name], p)
-	}
 	if full {
 		svcs, err := a.services.List(labels.Everything())
 		if err != nil {
@@ -397,8 +392,8 @@ func (a *Agent) sync() error {
 			}
 		}
 		// Owners the API no longer has: stale, removed.
-		for name := range programmed {
-			keys[name] = true
+		for _, p := range a.mgr.List() {
+			keys[p.Name] = true
 		}
 	}
 
@@ -407,7 +402,7 @@ func (a *Agent) sync() error {
 	var removals, updates []change
 	for name := range keys {
 		desired, ok := a.desired(name)
-		if !ok || sameServices(programmed[name], desired) {
+		if !ok {
 			continue
 		}
 		if len(desired) == 0 {
@@ -421,6 +416,9 @@ func (a *Agent) sync() error {
 	slices.SortFunc(updates, byName)
 	var errs []error
 	for _, c := range append(removals, updates...) {
+		// The manager writes only what differs from the maps, so an
+		// unchanged Service costs no map write at all.
+		before := a.mgr.Changes()
 		if err := a.mgr.Apply([]string{c.name}, c.desired); err != nil {
 			errs = append(errs, fmt.Errorf("service %s: %w", c.name, err))
 			a.mu.Lock()
@@ -432,8 +430,10 @@ func (a *Agent) sync() error {
 			delete(pending, c.name)
 			continue
 		}
-		a.Metrics.ServiceApplies.Inc()
-		a.log.Debug("programmed", "service", c.name, "frontends", len(c.desired))
+		if a.mgr.Changes() != before {
+			a.Metrics.ServiceApplies.Inc()
+			a.log.Debug("programmed", "service", c.name, "frontends", len(c.desired))
+		}
 	}
 
 	if removed := a.mgr.TakeRemoved(); len(removed) > 0 && a.cfg.OnRemoved != nil {
@@ -532,53 +532,4 @@ func (a *Agent) report(obj runtime.Object, name, invalid string, res k8s.Result,
 		a.recorder.Event(obj, corev1.EventTypeWarning, invalid, err.Error())
 		a.Metrics.InvalidServices.Inc()
 	}
-}
-
-// sameRanges compares source ranges as the manager stores them: masked,
-// as a set.
-func sameRanges(have, want []netip.Prefix) bool {
-	set := make(map[netip.Prefix]bool, len(want))
-	for _, r := range want {
-		set[r.Masked()] = true
-	}
-	if len(set) != len(have) {
-		return false
-	}
-	for _, r := range have {
-		if !set[r] {
-			return false
-		}
-	}
-	return true
-}
-
-// sameServices says whether the maps already hold exactly want, so that an
-// unchanged Service costs no map write at all.
-func sameServices(have []service.Programmed, want []service.Service) bool {
-	if len(have) != len(want) {
-		return false
-	}
-	byFrontend := make(map[service.Frontend]service.Programmed, len(have))
-	for _, p := range have {
-		byFrontend[p.Frontend] = p
-	}
-	for _, w := range want {
-		h, ok := byFrontend[w.Frontend]
-		if !ok || h.PortName != w.PortName || h.Affinity != w.Affinity || len(h.Backends) != len(w.Backends) ||
-			h.ExternalLocal != w.ExternalLocal || h.InternalLocal != w.InternalLocal || h.Maglev != w.Maglev || h.Mode != w.Mode || h.Dispatch != w.Dispatch ||
-			!sameRanges(h.SourceRanges, w.SourceRanges) {
-			return false
-		}
-		// Slot order is the manager's business; the set is what matters.
-		set := make(map[service.Backend]bool, len(h.Backends))
-		for _, b := range h.Backends {
-			set[b] = true
-		}
-		for _, b := range w.Backends {
-			if !set[b] {
-				return false
-			}
-		}
-	}
-	return true
 }

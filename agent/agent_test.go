@@ -4,8 +4,6 @@ import (
 	"context"
 	"fmt"
 	"net/http"
-	"net/netip"
-	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -18,7 +16,6 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/servicepath/servicepath/datapath/loader"
-	"github.com/servicepath/servicepath/datapath/service"
 	"github.com/servicepath/servicepath/k8s"
 )
 
@@ -380,46 +377,4 @@ func TestAPIServerRestart(t *testing.T) {
 	waitProgrammed(t, dp.Maps, k.name("before"), map[string][]string{ip + ":80/TCP": {"10.8.0.1:8080"}})
 	ok, why := a.Ready()
 	assert.True(t, ok, "agent ready across the API server restart: %s", why)
-}
-
-func TestSameServices(t *testing.T) {
-	fe := service.Frontend{Port: 80, Protocol: service.TCP}
-	b1 := service.Backend{Port: 1}
-	b2 := service.Backend{Port: 2}
-	have := []service.Programmed{{Service: service.Service{Name: "a", Frontend: fe, Backends: []service.Backend{b2, b1}}}}
-	assert.True(t, sameServices(have, []service.Service{{Name: "a", Frontend: fe, Backends: []service.Backend{b1, b2}}}),
-		"slot order does not matter")
-	assert.False(t, sameServices(have, []service.Service{{Name: "a", Frontend: fe, Backends: []service.Backend{b1}}}),
-		"a removed backend is a change")
-	b2t := b2
-	b2t.State = service.Terminating
-	assert.False(t, sameServices(have, []service.Service{{Name: "a", Frontend: fe, Backends: []service.Backend{b1, b2t}}}),
-		"a state change is a change")
-	assert.False(t, sameServices(have, []service.Service{{Name: "a", PortName: "x", Frontend: fe, Backends: []service.Backend{b1, b2}}}),
-		"a port name change is a change")
-	assert.False(t, sameServices(have, nil), "a removed frontend is a change")
-	assert.True(t, sameServices(nil, nil), "nothing stays nothing")
-
-	lb := service.Service{Name: "a", Frontend: fe, Backends: []service.Backend{b1}, Maglev: true, Mode: service.DSR,
-		SourceRanges: []netip.Prefix{netip.MustParsePrefix("10.0.0.0/8"), netip.MustParsePrefix("192.168.0.0/16")}}
-	haveLB := []service.Programmed{{Service: lb}}
-	for _, c := range []struct {
-		name string
-		mod  func(*service.Service)
-		same bool
-	}{
-		{"ranges in another order, unmasked", func(s *service.Service) {
-			s.SourceRanges = []netip.Prefix{netip.MustParsePrefix("192.168.1.1/16"), netip.MustParsePrefix("10.0.0.0/8")}
-		}, true},
-		{"a range less", func(s *service.Service) { s.SourceRanges = s.SourceRanges[:1] }, false},
-		{"Maglev off", func(s *service.Service) { s.Maglev = false }, false},
-		{"another mode", func(s *service.Service) { s.Mode = service.Hybrid }, false},
-		{"another dispatch", func(s *service.Service) { s.Dispatch = service.IPIP }, false},
-		{"externalTrafficPolicy Local", func(s *service.Service) { s.ExternalLocal = true }, false},
-	} {
-		want := lb
-		want.SourceRanges = slices.Clone(lb.SourceRanges)
-		c.mod(&want)
-		assert.Equal(t, c.same, sameServices(haveLB, []service.Service{want}), "%s: same is %v", c.name, c.same)
-	}
 }

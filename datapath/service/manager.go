@@ -22,8 +22,11 @@ import (
 // read back from the (pinned) maps, so a new process continues where the
 // last one stopped. Not safe for concurrent use.
 type Manager struct {
-	m         *maps.Maps
-	removed   []Removed
+	m       *maps.Maps
+	removed []Removed
+	// changes counts frontends written or removed: an Apply of what the
+	// maps already hold writes nothing and counts nothing.
+	changes   uint64
 	frontends map[maps.ServiceKey]*frontend
 	usedIDs   map[uint32]bool
 	// slots counts service map entries in use (masters and slots), kept
@@ -763,13 +766,66 @@ func (mgr *Manager) commit(plans []*plan, stale []maps.ServiceKey) error {
 		if err := mgr.remove(k); err != nil {
 			return fmt.Errorf("remove %s: %w", keyString(k), err)
 		}
+		mgr.changes++
 	}
 	for _, st := range steps {
+		if mgr.unchanged(st.p) {
+			continue
+		}
 		if err := mgr.write(st.p); err != nil {
 			return fmt.Errorf("program %s: %w", keyString(st.p.key), err)
 		}
+		mgr.changes++
 	}
 	return nil
+}
+
+// Changes counts the frontends this manager wrote or removed.
+func (mgr *Manager) Changes() uint64 { return mgr.changes }
+
+// unchanged says the maps hold p already: the same names, flags, backends
+// and ranges, the same backends taking new flows (in whatever slot order),
+// and the table, if any, up to date.
+func (mgr *Manager) unchanged(p *plan) bool {
+	old := mgr.frontends[p.key]
+	if old == nil {
+		return false
+	}
+	name, portName := p.meta.Names()
+	return old.name == name && old.portName == portName && old.svcID == p.svcID && old.affinity == p.affinity &&
+		old.flags == p.flags && old.count == p.count && len(old.ids) == len(p.ids) &&
+		sameIDs(old.ids[:old.count], p.ids[:p.count]) && sameIDs(old.ids[old.count:], p.ids[p.count:]) &&
+		sameBackends(old.backends, p.backends) && slices.Equal(old.ranges, p.ranges) &&
+		old.hasTable == p.hasTable() && p.table == nil
+}
+
+// sameIDs compares two lists of a frontend's (distinct) backend ids as sets.
+func sameIDs(a, b []uint32) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	set := make(map[uint32]bool, len(a))
+	for _, id := range a {
+		set[id] = true
+	}
+	for _, id := range b {
+		if !set[id] {
+			return false
+		}
+	}
+	return true
+}
+
+func sameBackends(a, b map[uint32]maps.Backend) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for id, v := range b {
+		if w, ok := a[id]; !ok || w != v {
+			return false
+		}
+	}
+	return true
 }
 
 // Delete removes one frontend; absent is not an error.

@@ -8,6 +8,7 @@ import (
 	"sort"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -673,4 +674,57 @@ func TestFrontendAddressesFollowFrontends(t *testing.T) {
 	assert.Equal(t, []netip.Addr{vip6}, addrs(), "the new manager repaired sp_frontend_addrs")
 	require.NoError(t, mgr.Delete(fe6), "delete %s through it", fe6)
 	assert.Empty(t, addrs(), "and it counts the addresses it found")
+}
+
+// Applying what the maps hold writes nothing, so an agent's full sync of
+// unchanged Services costs no map write; any change of what a frontend
+// programs is written.
+func TestApplyUnchangedWritesNothing(t *testing.T) {
+	env := newEnv(t, nil)
+	mgr := env.Services
+	base := with(svc("ns/a", lb4, active("198.18.0.1", 80), active("198.18.0.2", 80)),
+		ranges("10.0.0.0/8", "192.168.0.0/16"))
+	base.Maglev, base.Mode = true, service.DSR
+	apply := func(s service.Service) uint64 {
+		t.Helper()
+		before := mgr.Changes()
+		require.NoError(t, mgr.Apply([]string{"ns/a"}, []service.Service{s}), "apply %s", s.Frontend)
+		return mgr.Changes() - before
+	}
+	require.Equal(t, uint64(1), apply(base), "the first apply writes the frontend")
+	snap := takeSnapshot(t, env.DP.Maps)
+	for _, c := range []struct {
+		name string
+		mod  func(*service.Service)
+		same bool
+	}{
+		{"the same again", func(*service.Service) {}, true},
+		{"backends in another order", func(s *service.Service) { slices.Reverse(s.Backends) }, true},
+		{"ranges in another order, unmasked", func(s *service.Service) {
+			s.SourceRanges = []netip.Prefix{netip.MustParsePrefix("192.168.1.1/16"), netip.MustParsePrefix("10.0.0.0/8")}
+		}, true},
+		{"a backend less", func(s *service.Service) { s.Backends = s.Backends[:1] }, false},
+		{"a backend terminating", func(s *service.Service) { s.Backends[1].State = service.Terminating }, false},
+		{"a port name", func(s *service.Service) { s.PortName = "x" }, false},
+		{"affinity", func(s *service.Service) { s.Affinity = time.Minute }, false},
+		{"a range less", func(s *service.Service) { s.SourceRanges = s.SourceRanges[:1] }, false},
+		{"Maglev off", func(s *service.Service) { s.Maglev = false }, false},
+		{"another mode", func(s *service.Service) { s.Mode = service.Hybrid }, false},
+		{"another dispatch", func(s *service.Service) { s.Dispatch = service.IPIP }, false},
+		{"externalTrafficPolicy Local", func(s *service.Service) { s.ExternalLocal = true }, false},
+	} {
+		s := base
+		s.Backends, s.SourceRanges = slices.Clone(base.Backends), slices.Clone(base.SourceRanges)
+		c.mod(&s)
+		if c.same {
+			assert.Zero(t, apply(s), "%s: nothing written", c.name)
+			assert.Equal(t, snap, takeSnapshot(t, env.DP.Maps), "%s: maps untouched", c.name)
+			continue
+		}
+		assert.Equal(t, uint64(1), apply(s), "%s: written", c.name)
+		require.Equal(t, uint64(1), apply(base), "%s: and back", c.name)
+	}
+	before := mgr.Changes()
+	require.NoError(t, mgr.Apply([]string{"ns/a"}, nil), "remove")
+	assert.Equal(t, uint64(1), mgr.Changes()-before, "a removal counts")
 }
