@@ -269,68 +269,24 @@ type Datapath struct {
 	PinnedAt      string
 }
 
-// Load verifies and loads the programs with cfg applied. Both objects
+// Load verifies and loads the programs with cfg applied. The objects
 // share their maps: the pod-device object creates (or re-uses the pinned)
-// maps and the socket object is given the same ones.
+// maps, and the socket and node-device objects are given the same ones.
 func Load(cfg Config) (*Datapath, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, fmt.Errorf("load config: %w", err)
-	}
-	knobs, err := cfg.knobs()
-	if err != nil {
-		return nil, err
 	}
 	routing, err := cfg.hostRouting()
 	if err != nil {
 		return nil, err
 	}
-	knobs["cfg_host_routing"] = uint32(0)
-	if routing == HostRoutingBPF {
-		knobs["cfg_host_routing"] = uint32(1)
-	}
-	lxcSpec, err := LoadLxc()
+	specs, err := cfg.objectSpecs(routing)
 	if err != nil {
-		return nil, fmt.Errorf("read BPF object: %w", err)
+		return nil, err
 	}
-	sockSpec, err := LoadSock()
-	if err != nil {
-		return nil, fmt.Errorf("read BPF object: %w", err)
-	}
-	hostSpec, err := LoadHost()
-	if err != nil {
-		return nil, fmt.Errorf("read BPF object: %w", err)
-	}
-	specs := []*ebpf.CollectionSpec{lxcSpec, sockSpec, hostSpec}
-	// The XDP object is optional: without it north-south runs in tc alone.
-	var xdpSpec *ebpf.CollectionSpec
-	var xdpMissing error
-	if cfg.XDP {
-		xdpMissing = ProbeXDP()
-		switch {
-		case xdpMissing == nil:
-			if xdpSpec, err = LoadXdp(); err != nil {
-				return nil, fmt.Errorf("read BPF object: %w", err)
-			}
-			specs = append(specs, xdpSpec)
-		case !errors.Is(xdpMissing, ebpf.ErrNotSupported):
-			return nil, fmt.Errorf("probe XDP: %w", xdpMissing)
-		}
-	}
-	for _, spec := range specs {
-		cfg.sizeMaps(spec)
-		for name, v := range knobs {
-			if spec.Variables[name] == nil {
-				continue // a knob this object's code never reads
-			}
-			if err := spec.Variables[name].Set(v); err != nil {
-				return nil, fmt.Errorf("set %s: %w", name, err)
-			}
-		}
-	}
-
 	var opts ebpf.CollectionOptions
 	if cfg.PinPath == "" {
-		for _, spec := range specs {
+		for _, spec := range specs.all() {
 			for _, m := range spec.Maps {
 				m.Pinning = ebpf.PinNone
 			}
@@ -341,71 +297,131 @@ func Load(cfg Config) (*Datapath, error) {
 		}
 		opts.Maps.PinPath = cfg.PinPath
 	}
-
 	if err := cfg.checkPinnedZones(); err != nil {
 		return nil, loadError(cfg, err)
 	}
+	dp := &Datapath{HostRouting: routing, XDPMissing: specs.xdpMissing, PinnedAt: cfg.PinPath}
+	if err := dp.load(cfg, specs, opts); err != nil {
+		dp.Close()
+		return nil, loadError(cfg, err)
+	}
+	return dp, nil
+}
 
-	var dp Datapath
-	if err := lxcSpec.LoadAndAssign(&dp.lxc, &opts); err != nil {
-		return nil, loadError(cfg, err)
+// objectSpecs are the BPF objects of a load, sized and configured.
+type objectSpecs struct {
+	lxc, sock, host *ebpf.CollectionSpec
+	// xdp is nil when not asked for or, xdpMissing says why, when the
+	// kernel cannot run it: north-south then runs in tc alone.
+	xdp        *ebpf.CollectionSpec
+	xdpMissing error
+}
+
+func (o *objectSpecs) all() []*ebpf.CollectionSpec {
+	specs := []*ebpf.CollectionSpec{o.lxc, o.sock, o.host}
+	if o.xdp != nil {
+		specs = append(specs, o.xdp)
 	}
-	shared := dp.lxc.LxcMaps
-	// The later objects share the maps they declare with the first,
-	// whether or not they are pinned.
-	loaded := objectMaps(&shared)
-	opts.MapReplacements = declared(sockSpec, loaded)
-	if err := sockSpec.LoadAndAssign(&dp.sock, &opts); err != nil {
-		dp.lxc.Close()
-		return nil, loadError(cfg, err)
+	return specs
+}
+
+// objectSpecs reads the objects and gives them cfg's map sizes and knobs.
+func (c Config) objectSpecs(routing HostRouting) (*objectSpecs, error) {
+	knobs, err := c.knobs()
+	if err != nil {
+		return nil, err
 	}
-	opts.MapReplacements = declared(hostSpec, loaded)
+	knobs["cfg_host_routing"] = uint32(0)
+	if routing == HostRoutingBPF {
+		knobs["cfg_host_routing"] = uint32(1)
+	}
+	var o objectSpecs
+	for _, x := range []struct {
+		spec **ebpf.CollectionSpec
+		read func() (*ebpf.CollectionSpec, error)
+	}{{&o.lxc, LoadLxc}, {&o.sock, LoadSock}, {&o.host, LoadHost}} {
+		if *x.spec, err = x.read(); err != nil {
+			return nil, fmt.Errorf("read BPF object: %w", err)
+		}
+	}
+	if c.XDP {
+		o.xdpMissing = ProbeXDP()
+		switch {
+		case o.xdpMissing == nil:
+			if o.xdp, err = LoadXdp(); err != nil {
+				return nil, fmt.Errorf("read BPF object: %w", err)
+			}
+		case !errors.Is(o.xdpMissing, ebpf.ErrNotSupported):
+			return nil, fmt.Errorf("probe XDP: %w", o.xdpMissing)
+		}
+	}
+	for _, spec := range o.all() {
+		c.sizeMaps(spec)
+		for name, v := range knobs {
+			if spec.Variables[name] == nil {
+				continue // a knob this object's code never reads
+			}
+			if err := spec.Variables[name].Set(v); err != nil {
+				return nil, fmt.Errorf("set %s: %w", name, err)
+			}
+		}
+	}
+	return &o, nil
+}
+
+// load loads the objects into d, the later ones sharing the maps they
+// declare with the first (whether or not they are pinned), and takes out
+// the handles. On error the caller closes d.
+func (d *Datapath) load(cfg Config, specs *objectSpecs, opts ebpf.CollectionOptions) error {
+	if err := specs.lxc.LoadAndAssign(&d.lxc, &opts); err != nil {
+		return err
+	}
+	shared := objectMaps(&d.lxc.LxcMaps)
+	opts.MapReplacements = declared(specs.sock, shared)
+	if err := specs.sock.LoadAndAssign(&d.sock, &opts); err != nil {
+		return err
+	}
+	opts.MapReplacements = declared(specs.host, shared)
 	// Every node-device object (bpf_host.c, and the XDP one) gets the
 	// north-south zone as its sp_ct.
-	if nsSpec := cfg.ctZoneSpec(hostSpec); nsSpec != nil {
-		if dp.ctNS, err = ebpf.NewMapWithOptions(nsSpec, opts.Maps); err != nil {
-			dp.sock.Close()
-			dp.lxc.Close()
-			return nil, loadError(cfg, fmt.Errorf("north-south conntrack zone %s: %w", maps.CTNSName, err))
+	if nsSpec := cfg.ctZoneSpec(specs.host); nsSpec != nil {
+		var err error
+		if d.ctNS, err = ebpf.NewMapWithOptions(nsSpec, opts.Maps); err != nil {
+			return fmt.Errorf("north-south conntrack zone %s: %w", maps.CTNSName, err)
 		}
-		opts.MapReplacements[maps.CTName] = dp.ctNS
+		opts.MapReplacements[maps.CTName] = d.ctNS
 	}
-	if err := hostSpec.LoadAndAssign(&dp.host, &opts); err != nil {
-		dp.closeCTNS()
-		dp.sock.Close()
-		dp.lxc.Close()
-		return nil, loadError(cfg, err)
+	if err := specs.host.LoadAndAssign(&d.host, &opts); err != nil {
+		return err
 	}
-	if xdpSpec != nil {
-		if err := dp.loadXDP(xdpSpec, hostSpec, opts); err != nil {
-			dp.Close()
-			return nil, loadError(cfg, err)
+	if specs.xdp != nil {
+		if err := d.loadXDP(specs.xdp, specs.host, opts); err != nil {
+			return err
 		}
 	}
 	// Every object's maps; the first's sp_ct (east-west) over the node
 	// devices' (the north-south zone, when zones are on).
-	all := objectMaps(&dp.host.HostMaps)
-	for _, m := range []map[string]*ebpf.Map{objectMaps(&dp.sock.SockMaps), loaded} {
+	all := objectMaps(&d.host.HostMaps)
+	for _, m := range []map[string]*ebpf.Map{objectMaps(&d.sock.SockMaps), shared} {
 		for name, mp := range m {
 			all[name] = mp
 		}
 	}
-	if dp.ctNS != nil {
-		all[maps.CTNSName] = dp.ctNS
+	if d.ctNS != nil {
+		all[maps.CTNSName] = d.ctNS
 	}
-	if dp.Maps, err = maps.FromObjects(all); err != nil {
-		dp.Close()
-		return nil, loadError(cfg, err)
+	var err error
+	if d.Maps, err = maps.FromObjects(all); err != nil {
+		return err
 	}
-	dp.HostRouting = routing
-	dp.Endpoints = shared.SpEndpoints
-	dp.FromPod = dp.lxc.SpFromPod
-	dp.ToPod = dp.lxc.SpToPod
-	dp.FromNetdev = dp.host.SpFromNetdev
-	dp.ToNetdev = dp.host.SpToNetdev
-	dp.XDPFromNetdev, dp.XDPMissing = dp.xdp.SpXdpFromNetdev, xdpMissing
-	p := dp.sock.SockPrograms
-	dp.SockHooks = []SockHook{
+	d.Endpoints = d.lxc.SpEndpoints
+	d.FromPod = d.lxc.SpFromPod
+	d.ToPod = d.lxc.SpToPod
+	d.FromNetdev = d.host.SpFromNetdev
+	d.ToNetdev = d.host.SpToNetdev
+	d.XDPFromNetdev = d.xdp.SpXdpFromNetdev
+	p := d.sock.SockPrograms
+	d.SockHooks = []SockHook{
 		{"connect4", ebpf.AttachCGroupInet4Connect, p.SpConnect4},
 		{"connect6", ebpf.AttachCGroupInet6Connect, p.SpConnect6},
 		{"sendmsg4", ebpf.AttachCGroupUDP4Sendmsg, p.SpSendmsg4},
@@ -417,8 +433,7 @@ func Load(cfg Config) (*Datapath, error) {
 		{"post_bind4", ebpf.AttachCGroupInet4PostBind, p.SpPostBind4},
 		{"post_bind6", ebpf.AttachCGroupInet6PostBind, p.SpPostBind6},
 	}
-	dp.PinnedAt = cfg.PinPath
-	return &dp, nil
+	return nil
 }
 
 // declared are the maps of loaded that spec declares too.
