@@ -1,0 +1,130 @@
+package nodeport
+
+import (
+	"net"
+	"net/netip"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/google/gopacket/layers"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/servicepath/servicepath/datapath/service"
+	"github.com/servicepath/servicepath/harness/cluster"
+	"github.com/servicepath/servicepath/harness/packet"
+	"github.com/servicepath/servicepath/harness/traffic"
+)
+
+// Ports of the ICMP end-to-end backends: nothing listens on closedPort;
+// a traffic.Responder on answerPort.
+const (
+	closedPort = 9
+	answerPort = 9097
+)
+
+// ICMP errors about flows that are only DNATed (a local backend, ETP
+// Local, DSR), with real sockets: the client hears a backend's refusal
+// from the service; a backend hears the client's, and a smaller path MTU
+// toward the client, about its own answers.
+func TestNorthSouthICMPErrors(t *testing.T) {
+	ns := cluster.NewNorthSouth(t, nil)
+	port := uint16(NodePort + 100)
+	for _, f := range e2eFamilies(ns) {
+		network := map[bool]string{true: "udp4", false: "udp6"}[f.client.Is4()]
+		// serve gives a fresh UDP NodePort, on every node, the one backend
+		// pod:backendPort, then edit. It returns node 0's address of it.
+		serve := func(t *testing.T, pod string, backendPort uint16, edit func(*service.Service)) netip.AddrPort {
+			port++
+			b := ns.Backend(pod, f.client)
+			b.Port = backendPort
+			for _, n := range ns.Nodes {
+				s := service.Service{Name: "default/icmp", Backends: []service.Backend{b},
+					Frontend: service.Frontend{Addr: f.unspecified, Port: port, Protocol: service.UDP, Kind: service.NodePort}}
+				if edit != nil {
+					edit(&s)
+				}
+				require.NoError(t, n.Services.Upsert(s), "program %s on %s", s.Frontend, n.Name)
+				t.Cleanup(func() { assert.NoError(t, n.Services.Delete(s.Frontend), "remove %s from %s", s.Frontend, n.Name) })
+			}
+			return netip.AddrPortFrom(f.nodes[0], port)
+		}
+		cases := []struct {
+			name, pod string
+			edit      func(*service.Service)
+		}{
+			{"local-backend", "backend-0", nil},
+			{"etp-local", "backend-0", func(s *service.Service) { s.ExternalLocal = true }},
+			{"dsr-option", "backend-1", dsr(service.Option)},
+			{"dsr-ipip", "backend-1", dsr(service.IPIP)},
+		}
+		for _, c := range cases {
+			t.Run(f.name+"/"+c.name+"/client-hears-the-refusal-from-the-service", func(t *testing.T) {
+				dst := serve(t, c.pod, closedPort, c.edit)
+				r, err := traffic.UDPErrorReport(ns.Topo.External, dst, []byte("anyone?"), timeout)
+				require.NoError(t, err, "an ICMP error about the datagram to %s", dst)
+				assert.Equal(t, syscall.ECONNREFUSED, r.Errno, "port unreachable")
+				assert.Equal(t, dst.Addr(), r.Offender, "the refusal came from the service address")
+				assert.Equal(t, dst, r.About, "about the datagram to the service")
+			})
+
+			t.Run(f.name+"/"+c.name+"/backend-hears-the-client-refusal", func(t *testing.T) {
+				dst := serve(t, c.pod, answerPort, c.edit)
+				resp, err := traffic.Respond(ns.Topo.Pod(c.pod), network, answerPort)
+				require.NoError(t, err, "serve in %s", c.pod)
+				t.Cleanup(func() { resp.Close() })
+				before := ns.Counters(t, 0)
+				_, err = traffic.SendAndClose(ns.Topo.External, dst, []byte("bye"))
+				require.NoError(t, err, "send to %s", dst)
+				peer, err := resp.Answer([]byte("too late"), timeout)
+				require.NoError(t, err, "%s answers", c.pod)
+				assert.Equal(t, f.client, peer.Addr(), "the backend saw the client's own address")
+				assert.ErrorIs(t, resp.Refused(timeout), syscall.ECONNREFUSED, "the backend's connected socket heard the client's port unreachable")
+				assert.Positive(t, grew(before, ns.Counters(t, 0), "icmp_to_backend"), "node 0 sent the error on to the backend")
+			})
+		}
+
+		// The backend's node answers the client from node 0's NodePort, so
+		// the error about a too-big answer goes to node 0, which sends it on.
+		t.Run(f.name+"/dsr-path-mtu-reaches-the-backend", func(t *testing.T) {
+			dst := serve(t, "backend-1", answerPort, dsr(service.Option))
+			resp, err := traffic.Respond(ns.Topo.Pod("backend-1"), network, answerPort)
+			require.NoError(t, err, "serve in backend-1")
+			t.Cleanup(func() { resp.Close() })
+			var client *net.UDPConn
+			require.NoError(t, ns.Topo.External.Do(func() (err error) {
+				client, err = net.ListenUDP(network, nil)
+				return err
+			}), "client socket")
+			t.Cleanup(func() { client.Close() })
+			_, err = client.WriteToUDPAddrPort([]byte("hello"), dst)
+			require.NoError(t, err, "send to %s", dst)
+			answer := []byte("an answer the path is too small for")
+			_, err = resp.Answer(answer, timeout)
+			require.NoError(t, err, "backend-1 answers")
+			before, err := resp.PathMTU()
+			require.NoError(t, err, "backend-1's path MTU")
+			require.Greater(t, before, 1400, "the path MTU before the error")
+
+			// What a router toward the client would send about the answer.
+			self := netip.AddrPortFrom(f.client, client.LocalAddr().(*net.UDPAddr).AddrPort().Port())
+			quote := packet.L3(layers.IPProtocolUDP, dst, self, packet.TCPFlags{}, answer, packet.Opts{})
+			frame := packet.ICMPError(packet.FragNeeded, f.client, dst.Addr(), quote, packet.Opts{})
+			require.NoError(t, traffic.SendICMP(ns.Topo.External, dst.Addr(), icmpMessage(frame)), "frag needed to %s", dst.Addr())
+			assert.Eventually(t, func() bool {
+				mtu, err := resp.PathMTU()
+				return err == nil && mtu == 1400
+			}, timeout, 50*time.Millisecond, "backend-1's path MTU to the client fell to the error's 1400")
+		})
+	}
+}
+
+// icmpMessage is an ICMP error frame from its ICMP header on.
+func icmpMessage(frame []byte) []byte {
+	l3 := frame[14:]
+	if l3[0]>>4 == 4 {
+		return l3[int(l3[0]&0x0f)*4:]
+	}
+	return l3[40:]
+}
