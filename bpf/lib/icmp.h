@@ -205,7 +205,9 @@ static __always_inline int icmp_quote_rewrite(struct __ctx_buff *ctx, const stru
 /* The quote in (client -> backend, after DNAT) of an error on its way to
  * the client gets vip:vport, the service the client used, back as its
  * destination; so does the outer source when the backend itself sent the
- * error, as the client knows no backend. */
+ * error, as the client knows no backend. A router's address stays, where
+ * kube-proxy's nf_nat would put the service there too: the client can
+ * still tell which hop sent it. */
 static __always_inline int icmp_quote_to_service(struct __ctx_buff *ctx, struct pkt *p, struct pkt *in,
 						 const union v6addr *vip, __be16 vport)
 {
