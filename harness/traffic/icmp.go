@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"os"
 	"syscall"
 	"time"
 
@@ -253,6 +254,20 @@ func (r *Responder) Close() error {
 		err = errors.Join(err, r.conn.Close())
 	}
 	return err
+}
+
+// UnlimitICMP lifts the kernel's per-destination ICMP error rate limits
+// (net.ipv4.icmp_ratelimit, net.ipv6.icmp.ratelimit) in doer's netns, so
+// a test's back-to-back errors to one address are all sent.
+func UnlimitICMP(doer Doer) error {
+	return doer.Do(func() error {
+		for _, knob := range []string{"/proc/sys/net/ipv4/icmp_ratelimit", "/proc/sys/net/ipv6/icmp/ratelimit"} {
+			if err := os.WriteFile(knob, []byte("0"), 0); err != nil {
+				return fmt.Errorf("lift the ICMP rate limit: %w", err)
+			}
+		}
+		return nil
+	})
 }
 
 // SendICMP sends an ICMP or ICMPv6 message (from its type on) to dst from
