@@ -40,14 +40,23 @@ func exerciseICMPErrors(t *testing.T, ns *cluster.NorthSouth, port uint16) {
 	require.NoError(t, traffic.UnlimitICMP(ns.Topo.External), "the client's netns")
 	for _, f := range e2eFamilies(ns) {
 		network := map[bool]string{true: "udp4", false: "udp6"}[f.client.Is4()]
+		// A backend: a pod, or node 0's own netns (a hostNetwork pod).
+		type backend struct {
+			name  string
+			netns traffic.Doer
+			addr  netip.Addr
+		}
+		pod := func(name string) backend {
+			return backend{name, ns.Topo.Pod(name), ns.Backend(name, f.client).Addr}
+		}
 		// serve gives a fresh UDP NodePort, on every node, the one backend
-		// pod:backendPort, then edit. It returns node 0's address of it.
-		serve := func(t *testing.T, pod string, backendPort uint16, edit func(*service.Service)) netip.AddrPort {
+		// b at port backendPort, then edit. It returns node 0's address of
+		// it.
+		serve := func(t *testing.T, b backend, backendPort uint16, edit func(*service.Service)) netip.AddrPort {
 			port++
-			b := ns.Backend(pod, f.client)
-			b.Port = backendPort
+			be := service.Backend{Addr: b.addr, Port: backendPort}
 			for _, n := range ns.Nodes {
-				s := service.Service{Name: "default/icmp", Backends: []service.Backend{b},
+				s := service.Service{Name: "default/icmp", Backends: []service.Backend{be},
 					Frontend: service.Frontend{Addr: f.unspecified, Port: port, Protocol: service.UDP, Kind: service.NodePort}}
 				if edit != nil {
 					edit(&s)
@@ -58,17 +67,19 @@ func exerciseICMPErrors(t *testing.T, ns *cluster.NorthSouth, port uint16) {
 			return netip.AddrPortFrom(f.nodes[0], port)
 		}
 		cases := []struct {
-			name, pod string
-			edit      func(*service.Service)
+			name    string
+			backend backend
+			edit    func(*service.Service)
 		}{
-			{"local-backend", "backend-0", nil},
-			{"etp-local", "backend-0", func(s *service.Service) { s.ExternalLocal = true }},
-			{"dsr-option", "backend-1", dsr(service.Option)},
-			{"dsr-ipip", "backend-1", dsr(service.IPIP)},
+			{"local-backend", pod("backend-0"), nil},
+			{"host-network-backend", backend{"node-0", ns.Nodes[0], f.nodes[0]}, nil},
+			{"etp-local", pod("backend-0"), func(s *service.Service) { s.ExternalLocal = true }},
+			{"dsr-option", pod("backend-1"), dsr(service.Option)},
+			{"dsr-ipip", pod("backend-1"), dsr(service.IPIP)},
 		}
 		for _, c := range cases {
 			t.Run(f.name+"/"+c.name+"/client-hears-the-refusal-from-the-service", func(t *testing.T) {
-				dst := serve(t, c.pod, closedPort, c.edit)
+				dst := serve(t, c.backend, closedPort, c.edit)
 				r, err := traffic.UDPErrorReport(ns.Topo.External, dst, []byte("anyone?"), timeout)
 				require.NoError(t, err, "an ICMP error about the datagram to %s", dst)
 				assert.Equal(t, syscall.ECONNREFUSED, r.Errno, "port unreachable")
@@ -77,15 +88,15 @@ func exerciseICMPErrors(t *testing.T, ns *cluster.NorthSouth, port uint16) {
 			})
 
 			t.Run(f.name+"/"+c.name+"/backend-hears-the-client-refusal", func(t *testing.T) {
-				dst := serve(t, c.pod, answerPort, c.edit)
-				resp, err := traffic.Respond(ns.Topo.Pod(c.pod), network, answerPort)
-				require.NoError(t, err, "serve in %s", c.pod)
+				dst := serve(t, c.backend, answerPort, c.edit)
+				resp, err := traffic.Respond(c.backend.netns, network, answerPort)
+				require.NoError(t, err, "serve in %s", c.backend.name)
 				t.Cleanup(func() { resp.Close() })
 				before := ns.Counters(t, 0)
 				_, err = traffic.SendAndClose(ns.Topo.External, dst, []byte("bye"))
 				require.NoError(t, err, "send to %s", dst)
 				peer, err := resp.Answer([]byte("too late"), timeout)
-				require.NoError(t, err, "%s answers", c.pod)
+				require.NoError(t, err, "%s answers", c.backend.name)
 				assert.Equal(t, f.client, peer.Addr(), "the backend saw the client's own address")
 				assert.ErrorIs(t, resp.Refused(timeout), syscall.ECONNREFUSED, "the backend's connected socket heard the client's port unreachable")
 				assert.Positive(t, grew(before, ns.Counters(t, 0), "icmp_to_backend"), "node 0 sent the error on to the backend")
@@ -95,7 +106,7 @@ func exerciseICMPErrors(t *testing.T, ns *cluster.NorthSouth, port uint16) {
 		// The backend's node answers the client from node 0's NodePort, so
 		// the error about a too-big answer goes to node 0, which sends it on.
 		t.Run(f.name+"/dsr-path-mtu-reaches-the-backend", func(t *testing.T) {
-			dst := serve(t, "backend-1", answerPort, dsr(service.Option))
+			dst := serve(t, pod("backend-1"), answerPort, dsr(service.Option))
 			resp, err := traffic.Respond(ns.Topo.Pod("backend-1"), network, answerPort)
 			require.NoError(t, err, "serve in backend-1")
 			t.Cleanup(func() { resp.Close() })

@@ -483,6 +483,13 @@ func (b *Bed) familyFixtures(f Family, via ingress) []inject.Fixture {
 		Output:   tcp(f.nodePort(), f.Client, packet.SYNACK, in),
 		Counters: counters("rev_nat", 1),
 	}, via.row(inject.Fixture{
+		Name: name("host-network-backend-port-unreachable-from-client-up-the-stack"),
+		Setup: inject.Steps(node, inject.Upsert(f.nodePortSvc(service.UDP, []netip.Addr{f.Node})),
+			first(udp(f.Client, f.nodePort(), in))),
+		On:    dev,
+		Input: packet.ICMPError(packet.PortUnreachable, f.Client.Addr(), f.Node, packet.HeaderQuote(udp(f.nodePort(), f.Client, in)), in),
+	}, via.icmpErrorLocal(packet.ICMPError(packet.PortUnreachable, f.Client.Addr(), f.Node, packet.HeaderQuote(udp(f.at(f.Node), f.Client, in)), in), nil,
+		counters("icmp_to_backend", 1))), via.row(inject.Fixture{
 		// The in-cluster entry is for this node's pods and the host: what
 		// comes in from outside keeps to this node's backends.
 		Name: name("etp-local-ignores-in-cluster-entry"),
