@@ -205,7 +205,9 @@ static __always_inline int icmp_quote_rewrite(struct __ctx_buff *ctx, const stru
 /* The quote in (client -> backend, after DNAT) of an error on its way to
  * the client gets vip:vport, the service the client used, back as its
  * destination; so does the outer source when the backend itself sent the
- * error, as the client knows no backend. */
+ * error, as the client knows no backend. A router's address stays, where
+ * kube-proxy's nf_nat would put the service there too: the client can
+ * still tell which hop sent it. */
 static __always_inline int icmp_quote_to_service(struct __ctx_buff *ctx, struct pkt *p, struct pkt *in,
 						 const union v6addr *vip, __be16 vport)
 {
@@ -214,6 +216,65 @@ static __always_inline int icmp_quote_to_service(struct __ctx_buff *ctx, struct 
 	if (icmp_quote_rewrite(ctx, p, in, 0, vip, vport) < 0)
 		return -1;
 	if (addr_equal(&p->saddr, &backend) && nat_rewrite_addr(ctx, p, 1, vip) < 0)
+		return -1;
+	return 0;
+}
+
+/* An error about a client's packet whose source was translated (SNAT to
+ * the node, or the hairpin address) gets to the client as one about its
+ * own packet: quoting client:cport -> service, to the client, from the
+ * service when the backend sent it. Both entries are found before anything
+ * is rewritten, so an error only half known passes untouched. 1 when
+ * rewritten, 0 when in is no flow's, -1 on a rewrite failure. */
+static __always_inline int icmp_error_to_client(struct __ctx_buff *ctx, struct pkt *p, struct pkt *in,
+						const union v6addr *client, __be16 cport)
+{
+	struct ct_key k;
+
+	ct_key_init(&k, client, &in->daddr, cport, in->dport, in, 0);
+	struct ct_entry *flow = bpf_map_lookup_elem(&sp_ct, &k);
+	if (!flow)
+		return 0;
+	union v6addr vip = flow->nat_addr;
+	__be16 vport = flow->nat_port;
+
+	if (icmp_quote_rewrite(ctx, p, in, 1, client, cport) < 0 || nat_rewrite_addr(ctx, p, 0, client) < 0 ||
+	    icmp_quote_to_service(ctx, p, in, &vip, vport) < 0)
+		return -1;
+	return 1;
+}
+
+/* The service entry of the flow whose reply an error quotes (in: vip:vport
+ * -> client, as the client got it): the client's own tuple to the service,
+ * naming the backend. */
+static __always_inline struct ct_entry *icmp_quoted_reply_service(const struct pkt *in)
+{
+	struct ct_key k;
+
+	ct_key_init(&k, &in->daddr, &in->saddr, in->dport, in->sport, in, CT_F_SERVICE);
+	return bpf_map_lookup_elem(&sp_ct, &k);
+}
+
+/* An error about a reply on its way to the client (in: vip:vport ->
+ * client, from the client or a router toward it) goes to the backend svc
+ * names as one about its own reply, as nf_nat translates it for
+ * kube-proxy: quoting backend -> client, to the backend. A flow whose
+ * source was translated (snat: the node's address and port, or the
+ * hairpin address) has that as the quoted destination, and as the outer
+ * source when the client itself sent the error. */
+static __always_inline int icmp_error_to_backend(struct __ctx_buff *ctx, struct pkt *p, struct pkt *in,
+						 const struct ct_entry *svc, const union v6addr *snat, __be16 sport)
+{
+	union v6addr client = in->daddr, backend = svc->nat_addr;
+	__be16 bport = svc->nat_port;
+
+	if (icmp_quote_rewrite(ctx, p, in, 1, &backend, bport) < 0 || nat_rewrite_addr(ctx, p, 0, &backend) < 0)
+		return -1;
+	if (!snat)
+		return 0;
+	if (icmp_quote_rewrite(ctx, p, in, 0, snat, sport) < 0)
+		return -1;
+	if (addr_equal(&p->saddr, &client) && nat_rewrite_addr(ctx, p, 1, snat) < 0)
 		return -1;
 	return 0;
 }

@@ -431,8 +431,50 @@ static __always_inline int lb_hairpin_reply(struct __ctx_buff *ctx, struct pkt *
 	return lb_hairpin_back(ctx);
 }
 
-/* What a pod sends: hairpin replies, else lb_translate, then the hairpin
- * SNAT when the backend is the sender itself. */
+/* An ICMP error a pod sends about a translated flow; -1 when p is none.
+ *  - As a hairpin backend, about its client's packet (quoting hairpin ->
+ *    pod): back into the pod as its client, about its packet to the
+ *    service (icmp_error_to_client; the hairpin SNAT kept the port).
+ *  - As a client, about a reply it got from a service (quoting vip:vport
+ *    -> pod): to the backend, about its own reply (icmp_error_to_backend);
+ *    back into the pod, from the hairpin address, when it is the backend.
+ * Errors about a client's packet from other backends reach it by
+ * lb_reply. */
+static __always_inline int lb_icmp_error(struct __ctx_buff *ctx, struct pkt *p, const union v6addr *hairpin)
+{
+	struct pkt in;
+	int ret;
+
+	if (p->proto != (p->family == SP_AF_INET ? IPPROTO_ICMP : IPPROTO_ICMPV6) || !icmp_error_quote(ctx, p, &in))
+		return -1;
+	if (addr_equal(&in.saddr, hairpin)) {
+		union v6addr pod = in.daddr;
+
+		ret = icmp_error_to_client(ctx, p, &in, &pod, in.sport);
+		if (ret == 0)
+			return -1;
+		if (ret < 0) {
+			count(METRIC_MALFORMED);
+			return CTX_ACT_DROP;
+		}
+		count(METRIC_ICMP_REV_NAT);
+		return lb_hairpin_back(ctx);
+	}
+	struct ct_entry *svc = icmp_quoted_reply_service(&in);
+	if (!svc)
+		return -1;
+	int self = addr_equal(&svc->nat_addr, &in.daddr);
+	if (icmp_error_to_backend(ctx, p, &in, svc, self ? hairpin : 0, in.dport) < 0) {
+		count(METRIC_MALFORMED);
+		return CTX_ACT_DROP;
+	}
+	count(METRIC_ICMP_TO_BACKEND);
+	return self ? lb_hairpin_back(ctx) : CTX_ACT_OK;
+}
+
+/* What a pod sends: hairpin replies and ICMP errors about translated
+ * flows, else lb_translate, then the hairpin SNAT when the backend is the
+ * sender itself. */
 static __always_inline int lb_forward(struct __ctx_buff *ctx, struct pkt *p)
 {
 	struct lb_result r;
@@ -440,6 +482,9 @@ static __always_inline int lb_forward(struct __ctx_buff *ctx, struct pkt *p)
 
 	lb_hairpin_addr(p->family, &hairpin);
 	int ret = lb_hairpin_reply(ctx, p, &hairpin);
+	if (ret >= 0)
+		return ret;
+	ret = lb_icmp_error(ctx, p, &hairpin);
 	if (ret >= 0)
 		return ret;
 	ret = lb_translate(ctx, p, &r, LB_FROM_CLUSTER);

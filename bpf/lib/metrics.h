@@ -56,6 +56,7 @@ enum metric {
 	METRIC_FRAG_PASS,         /* non-first fragment whose first was not seen, to no frontend address: passed */
 	METRIC_ITP_LOCAL_DROP,    /* internalTrafficPolicy Local without local backends: dropped */
 	METRIC_NP_HOST,           /* north-south: packet for a backend at this node's own address (hostNetwork): up the stack */
+	METRIC_ICMP_TO_BACKEND,   /* ICMP error about a reply of a flow without SNAT (DNAT only, hairpin) sent on to its backend */
 	METRIC_MAX,
 };
 

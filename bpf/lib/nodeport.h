@@ -152,23 +152,65 @@ static __always_inline const union v6addr *np_snat_addr(__u32 ifindex, __u8 fami
 	return a;
 }
 
-/* An ICMP error about a SNATed flow: to the client, about its own packet
- * to the service (snat_icmp_error_reverse), or, about a reply, to the
- * backend, about its own reply (snat_icmp_error_forward). -1 when p is
- * none. XDP passes ICMP on to tc, which translates it: errors are rare,
- * and XDP's program stays smaller without the quote rewrites. */
+#if !CTX_IS_XDP
+/* An ICMP error about a reply on its way to the client, to the backend:
+ * through the flow's SNAT mapping, or, for a flow only DNATed (a local
+ * backend's, or a DSR flow's, whose backend's node answered the client
+ * from the service), quoting backend -> client. The flow entry says
+ * which. 1 when p was one, 0 when not, -1 on a rewrite failure. */
+static __always_inline int np_icmp_error_forward(struct __ctx_buff *ctx, struct pkt *p, struct pkt *in,
+						 enum metric *m)
+{
+	struct ct_entry *svc = icmp_quoted_reply_service(in);
+	struct ct_key k;
+
+	if (!svc)
+		return 0;
+	ct_key_init(&k, &in->daddr, &svc->nat_addr, in->dport, svc->nat_port, in, 0);
+	struct ct_entry *flow = bpf_map_lookup_elem(&sp_ct, &k);
+	if (!flow)
+		return 0;
+	if (flow->state & CT_S_NS_SNAT) {
+		*m = METRIC_NP_ICMP_SNAT;
+		return snat_icmp_error_forward(ctx, p, in, svc);
+	}
+	*m = METRIC_ICMP_TO_BACKEND;
+	return icmp_error_to_backend(ctx, p, in, svc, 0, 0) < 0 ? -1 : 1;
+}
+
+/* A translated ICMP error on to its new destination: into a local
+ * backend's pod, up the stack to a hostNetwork one, else where the FIB
+ * says (the client, or a remote backend). */
+static __always_inline int np_icmp_send(struct __ctx_buff *ctx, const struct pkt *p)
+{
+	struct endpoint_info *ep = endpoint_of(&p->daddr, p->family);
+
+	if (ep || is_node_addr(&p->daddr, p->family))
+		return np_into_pod(ctx, ep);
+	return np_redirect(ctx, p);
+}
+#endif
+
+/* An ICMP error about a translated flow: to the client, about its own
+ * packet to the service, when a SNATed flow's (snat_icmp_error_reverse;
+ * errors about a DNAT-only flow's packets reach the client by the egress
+ * program, lb_reply); or, about a reply, to the backend, about its own
+ * reply (np_icmp_error_forward). -1 when p is none. XDP passes ICMP on to
+ * tc, which translates it: errors are rare, and XDP's program stays
+ * smaller without the quote rewrites. */
 static __always_inline int np_icmp_error(struct __ctx_buff *ctx, struct pkt *p)
 {
 #if CTX_IS_XDP
 	return CTX_ACT_OK;
 #else
 	enum metric m = METRIC_NP_ICMP_REV_SNAT;
-	int ret = snat_icmp_error_reverse(ctx, p);
+	struct pkt in;
 
-	if (ret == 0) {
-		m = METRIC_NP_ICMP_SNAT;
-		ret = snat_icmp_error_forward(ctx, p);
-	}
+	if (!icmp_error_quote(ctx, p, &in))
+		return -1;
+	int ret = snat_icmp_error_reverse(ctx, p, &in);
+	if (ret == 0)
+		ret = np_icmp_error_forward(ctx, p, &in, &m);
 	if (ret == 0)
 		return -1;
 	if (ret < 0) {
@@ -176,7 +218,7 @@ static __always_inline int np_icmp_error(struct __ctx_buff *ctx, struct pkt *p)
 		return CTX_ACT_DROP;
 	}
 	count(m);
-	return np_redirect(ctx, p);
+	return np_icmp_send(ctx, p);
 #endif
 }
 

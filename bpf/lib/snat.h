@@ -118,68 +118,39 @@ static __always_inline int snat_reverse(struct __ctx_buff *ctx, struct pkt *p)
 	return 1;
 }
 
-/* An ICMP error about a SNATed flow (quoting node:port -> backend, sent by
- * the backend or a router on the way) gets to the client as one about its
- * own packet: to the client, quoting client -> service, from the service
- * when the backend sent it. Both the reply mapping and the flow entry are
- * found before anything is rewritten, so an error only half known passes
- * untouched. 1 when p was one, 0 when not, -1 on a rewrite failure. */
-static __always_inline int snat_icmp_error_reverse(struct __ctx_buff *ctx, struct pkt *p)
+/* An ICMP error about a SNATed flow (in: node:port -> backend, sent by the
+ * backend or a router on the way) gets to the client as one about its own
+ * packet (icmp_error_to_client). 1 when p was one, 0 when not, -1 on a
+ * rewrite failure. */
+static __always_inline int snat_icmp_error_reverse(struct __ctx_buff *ctx, struct pkt *p, struct pkt *in)
 {
-	struct pkt in;
 	struct ct_key k;
 
-	if (!icmp_error_quote(ctx, p, &in))
-		return 0;
 	/* The quote is a packet sent; its reply's tuple is the mapping's key. */
-	ct_key_init(&k, &in.daddr, &in.saddr, in.dport, in.sport, &in, NAT_F_IN);
+	ct_key_init(&k, &in->daddr, &in->saddr, in->dport, in->sport, in, NAT_F_IN);
 	struct nat_entry *m = bpf_map_lookup_elem(&sp_nat, &k);
 	if (!m)
 		return 0;
 	union v6addr client = m->addr;
-	__be16 cport = m->port;
-	ct_key_init(&k, &client, &in.daddr, cport, in.dport, &in, 0);
-	struct ct_entry *flow = bpf_map_lookup_elem(&sp_ct, &k);
-	if (!flow)
-		return 0;
-	union v6addr vip = flow->nat_addr;
-	__be16 vport = flow->nat_port;
 
-	if (icmp_quote_rewrite(ctx, p, &in, 1, &client, cport) < 0 || nat_rewrite_addr(ctx, p, 0, &client) < 0 ||
-	    icmp_quote_to_service(ctx, p, &in, &vip, vport) < 0)
-		return -1;
-	return 1;
+	return icmp_error_to_client(ctx, p, in, &client, m->port);
 }
 
-/* An ICMP error about a SNATed flow's reply on its way to the client
- * (quoting service -> client, sent by a router on the way, or the client)
- * goes to the backend as one about its own reply: quoting backend ->
- * node:port, from the node when the client sent it. 1 when p was one, 0
- * when not, -1 on a rewrite failure. */
-static __always_inline int snat_icmp_error_forward(struct __ctx_buff *ctx, struct pkt *p)
+/* An ICMP error about a SNATed flow's reply on its way to the client (in:
+ * service -> client) goes to the backend svc names as one about its own
+ * reply: quoting backend -> node:port, from the node when the client sent
+ * it (icmp_error_to_backend). 1 when p was one, 0 when the flow has no
+ * mapping, -1 on a rewrite failure. */
+static __always_inline int snat_icmp_error_forward(struct __ctx_buff *ctx, struct pkt *p, struct pkt *in,
+						   const struct ct_entry *svc)
 {
-	struct pkt in;
 	struct ct_key k;
 
-	if (!icmp_error_quote(ctx, p, &in))
-		return 0;
-	ct_key_init(&k, &in.daddr, &in.saddr, in.dport, in.sport, &in, CT_F_SERVICE);
-	struct ct_entry *svc = bpf_map_lookup_elem(&sp_ct, &k);
-	if (!svc)
-		return 0;
-	union v6addr client = in.daddr, backend = svc->nat_addr;
-	__be16 bport = svc->nat_port;
-	ct_key_init(&k, &client, &backend, in.dport, bport, &in, NAT_F_OUT);
+	ct_key_init(&k, &in->daddr, &svc->nat_addr, in->dport, svc->nat_port, in, NAT_F_OUT);
 	struct nat_entry *m = bpf_map_lookup_elem(&sp_nat, &k);
 	if (!m)
 		return 0;
 	union v6addr node = m->addr;
-	__be16 nport = m->port;
 
-	if (icmp_quote_rewrite(ctx, p, &in, 1, &backend, bport) < 0 || icmp_quote_rewrite(ctx, p, &in, 0, &node, nport) < 0 ||
-	    nat_rewrite_addr(ctx, p, 0, &backend) < 0)
-		return -1;
-	if (addr_equal(&p->saddr, &client) && nat_rewrite_addr(ctx, p, 1, &node) < 0)
-		return -1;
-	return 1;
+	return icmp_error_to_backend(ctx, p, in, svc, &node, m->port) < 0 ? -1 : 1;
 }

@@ -250,3 +250,60 @@ func nodePortHairpin(t *testing.T, c *cluster.Cluster, f Family) {
 	assert.Equal(t, 20, tally[self], "%s answered every exchange itself: %v", self, tally)
 	assert.GreaterOrEqual(t, c.Counters(t)["hairpin"]-before, uint64(2*20), "every exchange went through the hairpin path")
 }
+
+// ICMP errors a pod's own stack sends about translated flows, with real
+// sockets: a pod that is its own backend hears its refusal from the VIP;
+// a backend hears a client's refusal of its answer, from the hairpin
+// address when the client is itself. Either routing.
+func TestClusterIPICMPErrors(t *testing.T) {
+	const closedPort, answerPort = 9, 9097
+	for _, routing := range []loader.HostRouting{loader.HostRoutingStack, loader.HostRoutingBPF} {
+		t.Run(string(routing), func(t *testing.T) {
+			c := cluster.New(t, cluster.Options{PerPacket: true, Mode: attach.Auto, HostRouting: routing})
+			self := cluster.Backends[0]
+			pod := c.Topo.Pod(self)
+			port := uint16(5300)
+			for _, f := range Families {
+				network := map[bool]string{true: "udp4", false: "udp6"}[f.VIP.Is4()]
+				// serve gives a fresh UDP port of the VIP the one backend
+				// self:backendPort.
+				serve := func(backendPort uint16) netip.AddrPort {
+					port++
+					c.ProgramTo(t, f.VIP, port, service.UDP, backendPort, self)
+					return netip.AddrPortFrom(f.VIP, port)
+				}
+				t.Run(f.Name+"/hairpin-refusal-comes-from-the-vip", func(t *testing.T) {
+					vip := serve(closedPort)
+					r, err := traffic.UDPErrorReport(pod, vip, []byte("anyone?"), timeout)
+					require.NoError(t, err, "an ICMP error about the datagram to %s", vip)
+					assert.Equal(t, syscall.ECONNREFUSED, r.Errno, "port unreachable")
+					assert.Equal(t, f.VIP, r.Offender, "the refusal came from the VIP")
+					assert.Equal(t, vip, r.About, "about the datagram to the VIP")
+				})
+				for _, client := range []struct {
+					name string
+					pod  traffic.Doer
+					peer netip.Addr
+				}{
+					{"hairpin", pod, f.hairpinAddr()},
+					{"other-pod", c.Client, c.Addr("client", f.VIP)},
+				} {
+					t.Run(f.Name+"/"+client.name+"-backend-hears-the-client-refusal", func(t *testing.T) {
+						vip := serve(answerPort)
+						resp, err := traffic.Respond(pod, network, answerPort)
+						require.NoError(t, err, "serve in %s", self)
+						t.Cleanup(func() { resp.Close() })
+						before := c.Counters(t)["icmp_to_backend"]
+						_, err = traffic.SendAndClose(client.pod, vip, []byte("bye"))
+						require.NoError(t, err, "send to %s", vip)
+						peer, err := resp.Answer([]byte("too late"), timeout)
+						require.NoError(t, err, "%s answers", self)
+						assert.Equal(t, client.peer, peer.Addr(), "the backend's peer")
+						assert.ErrorIs(t, resp.Refused(timeout), syscall.ECONNREFUSED, "the backend's connected socket heard the client's port unreachable")
+						assert.Positive(t, c.Counters(t)["icmp_to_backend"]-before, "the error was sent on to the backend")
+					})
+				}
+			}
+		})
+	}
+}

@@ -103,6 +103,11 @@ func reply() packet.Opts { return packet.Opts{FromHost: true} }
 
 func udp(src, dst netip.AddrPort) []byte { return packet.UDP(src, dst, payload, packet.Opts{}) }
 
+// l3UDP is a datagram without Ethernet, as ICMP errors quote it.
+func l3UDP(src, dst netip.AddrPort) []byte {
+	return packet.L3(layers.IPProtocolUDP, src, dst, packet.TCPFlags{}, payload, packet.Opts{})
+}
+
 // checkCT asserts the two CT entries a new flow of f.Client creates.
 func checkCT(f Family, proto service.Protocol, backend netip.AddrPort) func(t testing.TB, e *inject.Env) {
 	return checkClientCT(f, proto, f.Client, backend)
@@ -413,6 +418,16 @@ func familyFixtures(f Family) []inject.Fixture {
 			Verdict:  inject.OK,
 			Output:   packet.ICMPError(packet.FragNeeded, f.Router, f.Client.Addr(), quote(vipTCP), reply()),
 			Counters: inject.CountersOf("icmp_rev_nat", 1),
+		},
+		{
+			// The client refuses a reply from the VIP: the backend hears it
+			// about its own reply, from the client, as through kube-proxy.
+			Name:     name("icmp-port-unreachable-from-client-about-reply-to-backend"),
+			Setup:    inject.Steps(inject.Upsert(udpSvc), inject.Send(nil, inject.FromPod, udp(f.Client, f.vip()))),
+			Input:    packet.ICMPError(packet.PortUnreachable, f.Client.Addr(), f.VIP, quote(l3UDP(f.vip(), f.Client)), packet.Opts{}),
+			Verdict:  inject.OK,
+			Output:   packet.ICMPError(packet.PortUnreachable, f.Client.Addr(), f.Backends[0], quote(l3UDP(f.backend(0), f.Client)), packet.Opts{}),
+			Counters: inject.CountersOf("icmp_to_backend", 1),
 		},
 		{
 			Name:     name("icmp-error-for-unknown-flow-untouched"),

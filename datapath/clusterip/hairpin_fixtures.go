@@ -103,6 +103,26 @@ func hairpinFixtures(f Family) []inject.Fixture {
 			Counters: inject.CountersOf("rev_nat", 1, "hairpin", 1),
 		},
 		{
+			// The pod as the backend refuses its own datagram: it hears it as
+			// the client, about its datagram to the VIP, from the VIP.
+			Name:     name("port-unreachable-from-the-backend-back-from-vip"),
+			Setup:    inject.Steps(inject.Upsert(udpSvc), inject.Send(nil, inject.FromPod, dgram)),
+			Input:    packet.ICMPError(packet.PortUnreachable, f.Backends[0], hairpin.Addr(), quote(l3UDP(hairpin, f.backend(0))), packet.Opts{}),
+			Verdict:  inject.Redirect,
+			Output:   packet.ICMPError(packet.PortUnreachable, f.VIP, f.Backends[0], quote(l3UDP(pod, f.vip())), reply()),
+			Counters: inject.CountersOf("icmp_rev_nat", 1, "hairpin", 1),
+		},
+		{
+			// The pod as the client refuses the VIP's reply: it hears it as
+			// the backend, about its reply to the hairpin address, from there.
+			Name:     name("port-unreachable-from-the-client-back-to-backend"),
+			Setup:    inject.Steps(inject.Upsert(udpSvc), inject.Send(nil, inject.FromPod, dgram)),
+			Input:    packet.ICMPError(packet.PortUnreachable, f.Backends[0], f.VIP, quote(l3UDP(f.vip(), pod)), packet.Opts{}),
+			Verdict:  inject.Redirect,
+			Output:   packet.ICMPError(packet.PortUnreachable, hairpin.Addr(), f.Backends[0], quote(l3UDP(f.backend(0), hairpin)), reply()),
+			Counters: inject.CountersOf("icmp_to_backend", 1, "hairpin", 1),
+		},
+		{
 			// Another client of the same service is translated as ever.
 			Name:     name("other-client-not-hairpinned"),
 			Setup:    inject.Upsert(tcpSvc),

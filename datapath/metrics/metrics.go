@@ -61,6 +61,7 @@ var Names = []string{
 	"frag_pass",
 	"itp_local_drop",
 	"np_host",
+	"icmp_to_backend",
 }
 
 // Read sums each counter over CPUs, keyed by name.

@@ -160,6 +160,19 @@ func (via ingress) icmpError(to hop, out []byte, counters map[string]uint64) out
 	return via.sent(to, out, counters)
 }
 
+// icmpErrorLocal: an ICMP error translated by tc for a backend on this
+// node, delivered by the stack, or with BPF host routing (peerOut not nil)
+// straight into its pod. XDP passes ICMP on to tc untouched.
+func (via ingress) icmpErrorLocal(out, peerOut []byte, counters map[string]uint64) outcome {
+	if via.xdp {
+		return via.passed(counters)
+	}
+	if peerOut != nil {
+		return via.intoPod(out, peerOut, counters)
+	}
+	return via.local(out, counters)
+}
+
 func (via ingress) dropped(out []byte, counters map[string]uint64) outcome {
 	if !via.xdp {
 		return outcome{inject.Shot, out, nil, counters}
@@ -293,6 +306,69 @@ func (b *Bed) familyFixtures(f Family, via ingress) []inject.Fixture {
 		Input: packet.ICMPError(packet.FragNeeded, router, f.Node, l3(tcp(f.nodePort(), f.Client, packet.SYNACK, in)), in),
 	}, via.icmpError(toPeer, packet.ICMPError(packet.FragNeeded, router, f.Remote, l3(tcp(remote, snatted, packet.SYNACK, in)), in),
 		counters("np_icmp_snat", 1))), via.row(inject.Fixture{
+		// A local backend's flow is only DNATed: the client's refusal of
+		// the reply reaches the backend about its own reply, from the client.
+		Name: name("local-backend-port-unreachable-from-client-on-to-backend"),
+		Setup: inject.Steps(node, inject.Upsert(f.nodePortSvc(service.UDP, []netip.Addr{f.Local})),
+			first(udp(f.Client, f.nodePort(), in))),
+		On:    dev,
+		Input: packet.ICMPError(packet.PortUnreachable, f.Client.Addr(), f.Node, packet.HeaderQuote(udp(f.nodePort(), f.Client, in)), in),
+	}, via.icmpErrorLocal(packet.ICMPError(packet.PortUnreachable, f.Client.Addr(), f.Local, packet.HeaderQuote(udp(local, f.Client, in)), in), nil,
+		counters("icmp_to_backend", 1))), via.row(inject.Fixture{
+		Name:   name("local-backend-frag-needed-about-reply-into-pod-with-bpf-routing"),
+		Config: bpfRouting,
+		Setup: inject.Steps(node, inject.Upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Local})),
+			first(syn)),
+		On:    dev,
+		Input: packet.ICMPError(packet.FragNeeded, router, f.Node, l3(tcp(f.nodePort(), f.Client, packet.SYNACK, in)), in),
+	}, via.icmpErrorLocal(packet.ICMPError(packet.FragNeeded, router, f.Local, l3(tcp(local, f.Client, packet.SYNACK, in)), in),
+		packet.ICMPError(packet.FragNeeded, router, f.Local, l3(tcp(local, f.Client, packet.SYNACK, in)), out),
+		counters("icmp_to_backend", 1))), via.row(inject.Fixture{
+		// externalTrafficPolicy Local keeps the client's address: only DNAT.
+		Name: name("etp-local-frag-needed-about-reply-on-to-backend"),
+		Setup: inject.Steps(node, inject.Upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Local}, f.loadBalancer(), externalLocal)),
+			first(tcp(f.Client, f.lb(), packet.SYN, in))),
+		On:    dev,
+		Input: packet.ICMPError(packet.FragNeeded, router, f.LBVIP, l3(tcp(f.lb(), f.Client, packet.SYNACK, in)), in),
+	}, via.icmpErrorLocal(packet.ICMPError(packet.FragNeeded, router, f.Local, l3(tcp(local, f.Client, packet.SYNACK, in)), in), nil,
+		counters("icmp_to_backend", 1))), via.row(inject.Fixture{
+		// The backend's node answered the client from the service, so
+		// errors about its replies come here: on to the backend, unwrapped.
+		Name: name("dsr-frag-needed-about-reply-on-to-backend"),
+		Setup: inject.Steps(node, inject.Upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Remote}, dsr(service.Option))),
+			first(syn)),
+		On:    dev,
+		Input: packet.ICMPError(packet.FragNeeded, router, f.Node, l3(tcp(f.nodePort(), f.Client, packet.SYNACK, in)), in),
+	}, via.icmpError(toPeer, packet.ICMPError(packet.FragNeeded, router, f.Remote, l3(tcp(remote, f.Client, packet.SYNACK, in)), in),
+		counters("icmp_to_backend", 1))), via.row(inject.Fixture{
+		Name: name("dsr-ipip-port-unreachable-from-client-on-to-backend"),
+		Setup: inject.Steps(node, inject.Upsert(f.nodePortSvc(service.UDP, []netip.Addr{f.Remote}, dsr(service.IPIP))),
+			first(udp(f.Client, f.nodePort(), in))),
+		On:    dev,
+		Input: packet.ICMPError(packet.PortUnreachable, f.Client.Addr(), f.Node, packet.HeaderQuote(udp(f.nodePort(), f.Client, in)), in),
+	}, via.icmpError(toPeer, packet.ICMPError(packet.PortUnreachable, f.Client.Addr(), f.Remote, packet.HeaderQuote(udp(remote, f.Client, in)), in),
+		counters("icmp_to_backend", 1))), {
+		// The backend's node: the backend refuses a DSR datagram, quoting it
+		// with the option; the client hears it from the service, about its
+		// own datagram to the service.
+		Name:     name("backend-node-dsr-port-unreachable-from-backend-quotes-the-service"),
+		Setup:    inject.Steps(node, first(udp(f.Client, local, packet.Opts{DSR: f.lb()}))),
+		On:       dev,
+		Hook:     inject.ToNetdev,
+		Input:    packet.ICMPError(packet.PortUnreachable, f.Local, f.Client.Addr(), l3(udp(f.Client, local, packet.Opts{DSR: f.lb()})), in),
+		Verdict:  inject.OK,
+		Output:   packet.ICMPError(packet.PortUnreachable, f.LBVIP, f.Client.Addr(), l3(udp(f.Client, f.lb(), packet.Opts{DSR: f.lb()})), in),
+		Counters: counters("icmp_rev_nat", 1),
+	}, {
+		Name:     name("etp-local-port-unreachable-from-backend-quotes-the-service"),
+		Setup:    inject.Steps(node, inject.Upsert(f.nodePortSvc(service.UDP, []netip.Addr{f.Local}, f.loadBalancer(), externalLocal)), first(udp(f.Client, f.lb(), in))),
+		On:       dev,
+		Hook:     inject.ToNetdev,
+		Input:    packet.ICMPError(packet.PortUnreachable, f.Local, f.Client.Addr(), packet.HeaderQuote(udp(f.Client, local, in)), in),
+		Verdict:  inject.OK,
+		Output:   packet.ICMPError(packet.PortUnreachable, f.LBVIP, f.Client.Addr(), packet.HeaderQuote(udp(f.Client, f.lb(), in)), in),
+		Counters: counters("icmp_rev_nat", 1),
+	}, via.row(inject.Fixture{
 		Name:   name("icmp-error-about-an-unknown-flow-passes"),
 		Config: keepPorts,
 		Setup:  inject.Steps(node, inject.Upsert(f.nodePortSvc(service.UDP, []netip.Addr{f.Remote}))),
@@ -407,6 +483,13 @@ func (b *Bed) familyFixtures(f Family, via ingress) []inject.Fixture {
 		Output:   tcp(f.nodePort(), f.Client, packet.SYNACK, in),
 		Counters: counters("rev_nat", 1),
 	}, via.row(inject.Fixture{
+		Name: name("host-network-backend-port-unreachable-from-client-up-the-stack"),
+		Setup: inject.Steps(node, inject.Upsert(f.nodePortSvc(service.UDP, []netip.Addr{f.Node})),
+			first(udp(f.Client, f.nodePort(), in))),
+		On:    dev,
+		Input: packet.ICMPError(packet.PortUnreachable, f.Client.Addr(), f.Node, packet.HeaderQuote(udp(f.nodePort(), f.Client, in)), in),
+	}, via.icmpErrorLocal(packet.ICMPError(packet.PortUnreachable, f.Client.Addr(), f.Node, packet.HeaderQuote(udp(f.at(f.Node), f.Client, in)), in), nil,
+		counters("icmp_to_backend", 1))), via.row(inject.Fixture{
 		// The in-cluster entry is for this node's pods and the host: what
 		// comes in from outside keeps to this node's backends.
 		Name: name("etp-local-ignores-in-cluster-entry"),

@@ -60,6 +60,10 @@ func TestNorthSouthXDPEndToEnd(t *testing.T) {
 					})
 				}
 			}
+			// XDP passes ICMP errors on to tc, which translates them.
+			t.Run("icmp-errors", func(t *testing.T) {
+				exerciseICMPErrors(t, ns, map[attach.XDPMode]uint16{attach.XDPGeneric: NodePort + 200, attach.XDPNative: NodePort + 300}[mode])
+			})
 		})
 	}
 }

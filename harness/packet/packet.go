@@ -41,6 +41,8 @@ type Opts struct {
 	// DSR carries a service address in the DSR IPv4 option or IPv6
 	// destination option (bpf/lib/dsr.h) when valid.
 	DSR netip.AddrPort
+	// MTU is the next-hop MTU a FragNeeded error announces (0: 1400).
+	MTU uint16
 }
 
 // DSR option types (bpf/lib/dsr.h).
@@ -177,6 +179,13 @@ const (
 	FragNeeded               // IPv4 fragmentation needed / ICMPv6 packet too big
 )
 
+func (o Opts) mtu() uint16 {
+	if o.MTU == 0 {
+		return 1400
+	}
+	return o.MTU
+}
+
 // ICMPError builds an ICMP (IPv4) or ICMPv6 error from src to dst quoting
 // the IP packet quote (which the caller may truncate).
 func ICMPError(kind ICMPKind, src, dst netip.Addr, quote []byte, o Opts) []byte {
@@ -185,7 +194,7 @@ func ICMPError(kind ICMPKind, src, dst netip.Addr, quote []byte, o Opts) []byte 
 		ic := &layers.ICMPv4{TypeCode: layers.CreateICMPv4TypeCode(layers.ICMPv4TypeDestinationUnreachable, layers.ICMPv4CodePort)}
 		if kind == FragNeeded {
 			ic.TypeCode = layers.CreateICMPv4TypeCode(layers.ICMPv4TypeDestinationUnreachable, layers.ICMPv4CodeFragmentationNeeded)
-			ic.Seq = 1400 // next-hop MTU sits in the low 16 bits of the rest
+			ic.Seq = o.mtu() // next-hop MTU sits in the low 16 bits of the rest
 		}
 		return append(ethHeader(false, o.FromHost), serialize(ip, ic, gopacket.Payload(quote))...)
 	}
@@ -194,7 +203,7 @@ func ICMPError(kind ICMPKind, src, dst netip.Addr, quote []byte, o Opts) []byte 
 	rest := make([]byte, 4)
 	if kind == FragNeeded {
 		ic.TypeCode = layers.CreateICMPv6TypeCode(layers.ICMPv6TypePacketTooBig, 0)
-		binary.BigEndian.PutUint32(rest, 1400)
+		binary.BigEndian.PutUint32(rest, uint32(o.mtu()))
 	}
 	withChecksumNet(ic, ip)
 	return append(ethHeader(true, o.FromHost), serialize(ip, ic, gopacket.Payload(append(rest, quote...)))...)
