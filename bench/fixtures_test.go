@@ -3,7 +3,7 @@ package bench
 import (
 	"testing"
 
-	"github.com/servicepath/servicepath/datapath/clusterip"
+	"github.com/servicepath/servicepath/suites/clusterip"
 	"github.com/servicepath/servicepath/harness/inject"
 	"github.com/servicepath/servicepath/harness/testenv"
 )

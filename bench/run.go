@@ -8,7 +8,7 @@ import (
 	"math/rand/v2"
 	"time"
 
-	"github.com/servicepath/servicepath/datapath/clusterip"
+	"github.com/servicepath/servicepath/suites/clusterip"
 	"github.com/servicepath/servicepath/datapath/loader"
 	"github.com/servicepath/servicepath/harness/inject"
 	"github.com/servicepath/servicepath/harness/kubeproxy"

@@ -1,4 +1,4 @@
-/* Flow hashing for Maglev selection. Go mirror: datapath/clusterip
+/* Flow hashing for Maglev selection. Go mirror: suites/clusterip
  * (flowHash), which a fixture checks against this code. */
 #pragma once
 

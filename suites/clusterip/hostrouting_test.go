@@ -1,12 +1,11 @@
 package clusterip
 
 import (
+	"fmt"
 	"net/netip"
 	"testing"
 
 	"github.com/google/gopacket/layers"
-	"github.com/stretchr/testify/assert"
-	"github.com/stretchr/testify/require"
 
 	"github.com/servicepath/servicepath/datapath/endpoints"
 	"github.com/servicepath/servicepath/datapath/loader"
@@ -26,39 +25,19 @@ import (
 // wire. Local pods are registered with the fixture MACs, so a packet
 // delivered into one reads as packet.Opts{FromHost: true}.
 
-type routeBed struct {
-	topo *topology.Topology
-	envs map[loader.HostRouting]*inject.Env
-}
-
-func newRouteBed(t *testing.T) *routeBed {
-	testenv.RequireRoot(t)
-	testenv.RequireFeature(t, "BPF host routing", "5.10", loader.ProbeHostRouting())
-	topo := topology.NewForTest(t, topology.Spec{Name: "fib", Nodes: 2, Pods: []topology.PodSpec{
-		{Name: "client"}, {Name: "backend-1"}, {Name: "remote", Node: 1},
-	}})
-	b := &routeBed{topo: topo, envs: map[loader.HostRouting]*inject.Env{}}
-	for _, r := range []loader.HostRouting{loader.HostRoutingStack, loader.HostRoutingBPF} {
-		cfg := inject.Config()
-		cfg.HostRouting = r
-		e, err := inject.NewEnv(cfg)
-		require.NoError(t, err, "load datapath with %s routing", r)
-		t.Cleanup(func() { e.Close() })
-		for _, name := range []string{"client", "backend-1"} {
-			p := topo.Pod(name)
-			require.NoError(t, endpoints.Upsert(e.DP.Endpoints, endpoints.Endpoint{
-				Addrs: []netip.Addr{p.IPv4, p.IPv6}, Ifindex: p.HostIfIndex, Flags: endpoints.TCIngress,
-				MAC: packet.PodMAC, NodeMAC: packet.HostMAC,
-			}), "register %s", name)
+// registerPods puts the node's local pods in sp_endpoints, with the
+// fixture MACs.
+func registerPods(e *inject.Env, topo *topology.Topology, names ...string) error {
+	for _, name := range names {
+		p := topo.Pod(name)
+		if err := endpoints.Upsert(e.DP.Endpoints, endpoints.Endpoint{
+			Addrs: []netip.Addr{p.IPv4, p.IPv6}, Ifindex: p.HostIfIndex, Flags: endpoints.TCIngress,
+			MAC: packet.PodMAC, NodeMAC: packet.HostMAC,
+		}); err != nil {
+			return fmt.Errorf("register %s: %w", name, err)
 		}
-		b.envs[r] = e
 	}
-	return b
-}
-
-// inject runs pkt through from-pod as if it arrived on pod's host device.
-func (b *routeBed) inject(e *inject.Env, pod string, pkt []byte) (inject.Verdict, []byte, error) {
-	return e.InjectOn(&inject.Device{Do: b.topo.Node.Do, Ifindex: b.topo.Pod(pod).HostIfIndex}, inject.FromPod, pkt)
+	return nil
 }
 
 type routeFixture struct {
@@ -159,49 +138,35 @@ func upsertOnly(s service.Service) func(e *inject.Env, _ func(string, []byte) er
 	return func(e *inject.Env, _ func(string, []byte) error) error { return e.Services.Upsert(s) }
 }
 
-// TestHostRoutingFixtures is the host-routing table: verdicts, output
-// bytes and counters, as TestFixtures checks the ClusterIP table.
+// TestHostRoutingFixtures is the host-routing table, run as every fixture
+// table is (inject.Run), on the pods' devices of a real topology.
 func TestHostRoutingFixtures(t *testing.T) {
-	b := newRouteBed(t)
-	remote := b.topo.Pod("remote")
-	var fixtures []routeFixture
-	fixtures = append(fixtures, routeFixtures(V4, remote.IPv4, b.topo.Node.GatewayIPv4)...)
-	fixtures = append(fixtures, routeFixtures(V6, remote.IPv6, b.topo.Node.IPv6)...)
-	for _, f := range fixtures {
-		t.Run(f.name, func(t *testing.T) {
-			e := b.envs[f.routing]
-			require.NoError(t, e.Reset(), "reset maps")
-			send := func(pod string, pkt []byte) error {
-				_, _, err := b.inject(e, pod, pkt)
-				return err
-			}
-			if f.setup != nil {
-				require.NoError(t, f.setup(e, send), "fixture setup")
-			}
-			before, err := e.Counters()
-			require.NoError(t, err, "read counters before")
-			verdict, out, err := b.inject(e, f.from, f.input)
-			require.NoError(t, err, "inject")
-			assert.Equal(t, f.verdict, verdict, "verdict")
-			want := f.output
-			if want == nil {
-				want = f.input
-			}
-			if d := packet.Diff(want, out); d != "" {
-				t.Errorf("output packet differs from expected: %s", d)
-			}
-			if string(out) != string(f.input) {
-				assert.NoError(t, packet.VerifyChecksums(out), "checksums of the rewritten packet verify")
-			}
-			after, err := e.Counters()
-			require.NoError(t, err, "read counters after")
-			grew := map[string]uint64{}
-			for k, v := range after {
-				if v != before[k] {
-					grew[k] = v - before[k]
+	testenv.RequireRoot(t)
+	testenv.RequireFeature(t, "BPF host routing", "5.10", loader.ProbeHostRouting())
+	topo := topology.NewForTest(t, topology.Spec{Name: "fib", Nodes: 2, Pods: []topology.PodSpec{
+		{Name: "client"}, {Name: "backend-1"}, {Name: "remote", Node: 1},
+	}})
+	device := func(pod string) *inject.Device {
+		return &inject.Device{Do: topo.Node.Do, Ifindex: topo.Pod(pod).HostIfIndex}
+	}
+	remote := topo.Pod("remote")
+	var fixtures []inject.Fixture
+	for _, f := range append(routeFixtures(V4, remote.IPv4, topo.Node.GatewayIPv4), routeFixtures(V6, remote.IPv6, topo.Node.IPv6)...) {
+		fixtures = append(fixtures, inject.Fixture{
+			Name:   f.name,
+			Config: func(c *loader.Config) { c.HostRouting = f.routing },
+			Setup: func(e *inject.Env) error {
+				if err := registerPods(e, topo, "client", "backend-1"); err != nil || f.setup == nil {
+					return err
 				}
-			}
-			assert.Equal(t, f.counters, grew, "counters that grew")
+				return f.setup(e, func(pod string, pkt []byte) error {
+					_, _, err := e.InjectOn(device(pod), inject.FromPod, pkt)
+					return err
+				})
+			},
+			On: device(f.from), Hook: inject.FromPod, Input: f.input, Verdict: f.verdict, Output: f.output,
+			Counters: f.counters,
 		})
 	}
+	inject.Run(t, fixtures)
 }
