@@ -3,9 +3,9 @@ package bench
 import (
 	"testing"
 
-	"github.com/servicepath/servicepath/suites/clusterip"
 	"github.com/servicepath/servicepath/harness/inject"
 	"github.com/servicepath/servicepath/harness/testenv"
+	"github.com/servicepath/servicepath/suites/clusterip"
 )
 
 // BenchmarkClusterIPFixtures reports the BPF programs' own cost in

@@ -8,11 +8,11 @@ import (
 	"math/rand/v2"
 	"time"
 
-	"github.com/servicepath/servicepath/suites/clusterip"
 	"github.com/servicepath/servicepath/datapath/loader"
 	"github.com/servicepath/servicepath/harness/inject"
 	"github.com/servicepath/servicepath/harness/kubeproxy"
 	"github.com/servicepath/servicepath/harness/netperf"
+	"github.com/servicepath/servicepath/suites/clusterip"
 )
 
 // Runner runs a profile.

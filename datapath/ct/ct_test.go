@@ -8,7 +8,6 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
-	"github.com/servicepath/servicepath/suites/clusterip"
 	"github.com/servicepath/servicepath/datapath/ct"
 	"github.com/servicepath/servicepath/datapath/loader"
 	"github.com/servicepath/servicepath/datapath/maps"
@@ -16,6 +15,7 @@ import (
 	"github.com/servicepath/servicepath/harness/inject"
 	"github.com/servicepath/servicepath/harness/packet"
 	"github.com/servicepath/servicepath/harness/testenv"
+	"github.com/servicepath/servicepath/suites/clusterip"
 )
 
 func newEnv(t *testing.T) *inject.Env {

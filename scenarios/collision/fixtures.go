@@ -14,12 +14,12 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
-	"github.com/servicepath/servicepath/suites/clusterip"
 	"github.com/servicepath/servicepath/datapath/ct"
 	"github.com/servicepath/servicepath/datapath/maps"
 	"github.com/servicepath/servicepath/datapath/service"
 	"github.com/servicepath/servicepath/harness/inject"
 	"github.com/servicepath/servicepath/harness/packet"
+	"github.com/servicepath/servicepath/suites/clusterip"
 )
 
 var (
