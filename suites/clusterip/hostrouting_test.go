@@ -5,7 +5,7 @@ import (
 	"net/netip"
 	"testing"
 
-	"github.com/google/gopacket/layers"
+	"github.com/gopacket/gopacket/layers"
 
 	"github.com/servicepath/servicepath/datapath/endpoints"
 	"github.com/servicepath/servicepath/datapath/loader"
