@@ -5,7 +5,7 @@
 #include "lib/common.h"
 #include "lib/config.h"
 #include "lib/frag.h"
-#include "lib/lb.h"
+#include "lib/lb_packet.h"
 #include "lib/metrics.h"
 #include "lib/nodeport.h"
 

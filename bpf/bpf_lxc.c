@@ -9,7 +9,7 @@
 #include "lib/config.h"
 #include "lib/fib.h"
 #include "lib/frag.h"
-#include "lib/lb.h"
+#include "lib/lb_packet.h"
 #include "lib/metrics.h"
 
 /* Packets the pod sends (tc ingress of the host-side device). */

@@ -51,7 +51,7 @@ enum sock_state {
 volatile const __u32 cfg_sock_state = SOCK_STATE_MAP;
 
 /* Hairpin: a pod whose service flow was sent to itself gets this source
- * instead of its own (bpf/lib/lb.h: lb_forward). No pod may own it, and every
+ * instead of its own (bpf/lib/lb_packet.h: lb_forward). No pod may own it, and every
  * pod must route it out of its device, so the reply comes back through the
  * datapath; should it leak, routers discard it. IPv4: Cilium's link-local
  * 169.254.42.1. IPv6: 100::1 of the discard prefix (RFC 6666), not Cilium's

@@ -12,7 +12,7 @@
 #include "common.h"
 #include "config.h"
 #include "endpoint_maps.h"
-#include "lb.h"
+#include "lb_packet.h"
 #include "metrics.h"
 
 #define SP_AF_INET_KERNEL 2   /* AF_INET, for bpf_fib_lookup */

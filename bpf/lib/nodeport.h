@@ -19,7 +19,7 @@
 #include "config.h"
 #include "dsr.h"
 #include "fib.h"
-#include "lb.h"
+#include "lb_packet.h"
 #include "metrics.h"
 #include "nat_maps.h"
 #include "snat.h"

@@ -18,8 +18,6 @@ import (
 const (
 	SockMapSpAffinity           = "sp_affinity"
 	SockMapSpBackends           = "sp_backends"
-	SockMapSpCt                 = "sp_ct"
-	SockMapSpFrags              = "sp_frags"
 	SockMapSpFrontendAddrs      = "sp_frontend_addrs"
 	SockMapSpMaglev             = "sp_maglev"
 	SockMapSpMetrics            = "sp_metrics"
@@ -118,8 +116,6 @@ type SockProgramSpecs struct {
 type SockMapSpecs struct {
 	SpAffinity      *ebpf.MapSpec `ebpf:"sp_affinity"`
 	SpBackends      *ebpf.MapSpec `ebpf:"sp_backends"`
-	SpCt            *ebpf.MapSpec `ebpf:"sp_ct"`
-	SpFrags         *ebpf.MapSpec `ebpf:"sp_frags"`
 	SpFrontendAddrs *ebpf.MapSpec `ebpf:"sp_frontend_addrs"`
 	SpMaglev        *ebpf.MapSpec `ebpf:"sp_maglev"`
 	SpMetrics       *ebpf.MapSpec `ebpf:"sp_metrics"`
@@ -176,8 +172,6 @@ func (o *SockObjects) Close() error {
 type SockMaps struct {
 	SpAffinity      *ebpf.Map `ebpf:"sp_affinity"`
 	SpBackends      *ebpf.Map `ebpf:"sp_backends"`
-	SpCt            *ebpf.Map `ebpf:"sp_ct"`
-	SpFrags         *ebpf.Map `ebpf:"sp_frags"`
 	SpFrontendAddrs *ebpf.Map `ebpf:"sp_frontend_addrs"`
 	SpMaglev        *ebpf.Map `ebpf:"sp_maglev"`
 	SpMetrics       *ebpf.Map `ebpf:"sp_metrics"`
@@ -194,8 +188,6 @@ func (m *SockMaps) Close() error {
 	return _SockClose(
 		m.SpAffinity,
 		m.SpBackends,
-		m.SpCt,
-		m.SpFrags,
 		m.SpFrontendAddrs,
 		m.SpMaglev,
 		m.SpMetrics,
