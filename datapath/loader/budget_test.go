@@ -22,7 +22,7 @@ import (
 var verifierBudget = map[string]uint32{
 	"sp_from_netdev":     450_000,
 	"sp_xdp_from_netdev": 475_000,
-	"sp_from_pod":        225_000,
+	"sp_from_pod":        150_000,
 	"sp_to_pod":          10_000,
 	"sp_to_netdev":       10_000,
 	"socket hook":        15_000,
