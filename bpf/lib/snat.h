@@ -15,11 +15,6 @@
  * known amount per packet. */
 #define SNAT_TRIES 32
 
-static __always_inline __u16 snat_random_port(void)
-{
-	return cfg_nat_port_min + bpf_get_prandom_u32() % (cfg_nat_port_max - cfg_nat_port_min + 1);
-}
-
 static __always_inline void snat_count_tries(__u32 retries)
 {
 	if (retries == 0)
@@ -41,17 +36,22 @@ static __always_inline void snat_count_tries(__u32 retries)
  * the port taken. */
 static __always_inline int snat_claim(const struct pkt *p, const union v6addr *node, struct nat_entry *out)
 {
+	__u32 range = cfg_nat_port_max - cfg_nat_port_min + 1;
+	__u32 off = bpf_ntohs(p->sport) - cfg_nat_port_min;
 	struct nat_entry rev;
-	__u16 port = bpf_ntohs(p->sport);
 	struct ct_key ik;
 
 	__builtin_memset(&rev, 0, sizeof(rev));
 	rev.addr = p->saddr;
 	rev.port = p->sport;
-	if (port < cfg_nat_port_min || port > cfg_nat_port_max)
-		port = snat_random_port();
+	if (off >= range)
+		off = bpf_get_prandom_u32() % range;
+	/* The port is always an offset modulo the range, never a constant the
+	 * verifier knows, so what follows a successful try is verified once
+	 * and not once per try. */
+	ct_key_init(&ik, &p->daddr, node, p->dport, 0, p, NAT_F_IN);
 	for (__u32 i = 0; i < SNAT_TRIES; i++) {
-		ct_key_init(&ik, &p->daddr, node, p->dport, bpf_htons(port), p, NAT_F_IN);
+		ik.dport = bpf_htons(cfg_nat_port_min + off);
 		int ok = bpf_map_update_elem(&sp_nat, &ik, &rev, BPF_NOEXIST) == 0;
 		if (!ok) {
 			struct nat_entry *cur = bpf_map_lookup_elem(&sp_nat, &ik);
@@ -61,14 +61,11 @@ static __always_inline int snat_claim(const struct pkt *p, const union v6addr *n
 		if (ok) {
 			__builtin_memset(out, 0, sizeof(*out));
 			out->addr = *node;
-			out->port = bpf_htons(port);
+			out->port = ik.dport;
 			snat_count_tries(i);
 			return 0;
 		}
-		if (i == 0)
-			port = snat_random_port();
-		else
-			port = port >= cfg_nat_port_max ? cfg_nat_port_min : port + 1;
+		off = (i == 0 ? bpf_get_prandom_u32() : off + 1) % range;
 	}
 	count(METRIC_NAT_EXHAUSTED);
 	return -1;
