@@ -79,3 +79,22 @@ func TestContendersList(t *testing.T) {
 		assert.True(t, names[want], "contender %s listed", want)
 	}
 }
+
+func TestProgramCostTable(t *testing.T) {
+	r := &Results{
+		Settings:   Profile{Ns: []int{1}, Samples: 100},
+		Contenders: []ContenderInfo{{Name: "floor"}, {Name: "servicepath-tc"}},
+		Connect: []ConnectResult{
+			{Contender: "floor", N: 1, Rounds: []Round{{}}, P50: Spread{Median: 50, N: 1}},
+			{Contender: "servicepath-tc", N: 1, Rounds: []Round{{}}, P50: Spread{Median: 60, N: 1}, Programs: []ProgramCost{
+				{Program: "sp_from_pod", RunsPerConn: 5, NsPerRun: 200},
+				{Program: "sp_to_pod", RunsPerConn: 5, NsPerRun: 100},
+			}},
+		},
+	}
+	got := programCostTable(r)
+	assert.Contains(t, got, "| servicepath-tc | 1 | sp_from_pod | 5.0 | 200 | | |\n", "a program's runs and cost")
+	assert.Contains(t, got, "| servicepath-tc | 1 | all | | | 1.50 | 2.5% |\n", "a connection's BPF time and its share of the p50")
+	assert.NotContains(t, got, "| floor |", "a contender without BPF has no rows")
+	assert.Empty(t, programCostTable(&Results{Settings: r.Settings, Contenders: r.Contenders, Connect: r.Connect[:1]}), "no table without BPF contenders")
+}

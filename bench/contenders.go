@@ -10,6 +10,7 @@ import (
 	"slices"
 	"time"
 
+	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
 
 	"github.com/servicepath/servicepath/datapath/attach"
@@ -368,6 +369,26 @@ func setupServicepathSocket(_ context.Context, e *Env, services []kubeproxy.Serv
 		return nil, err
 	}
 	return servicepathSocket{s}, nil
+}
+
+// programmed is an instance whose BPF programs the bench can ask the
+// kernel's run-time stats of.
+type programmed interface {
+	Programs() map[string]*ebpf.Program
+}
+
+// Programs are the per-packet programs on the pod devices.
+func (s *servicepathTC) Programs() map[string]*ebpf.Program {
+	return map[string]*ebpf.Program{"sp_from_pod": s.dp.FromPod, "sp_to_pod": s.dp.ToPod}
+}
+
+// Programs are the socket hooks.
+func (s servicepathSocket) Programs() map[string]*ebpf.Program {
+	progs := map[string]*ebpf.Program{}
+	for _, h := range s.dp.SockHooks {
+		progs["sp_"+h.Name] = h.Prog
+	}
+	return progs
 }
 
 // cgroupJoiner is an instance whose clients must run in its cgroup.

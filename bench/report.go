@@ -270,11 +270,12 @@ func Markdown(r *Results, plots []string) string {
 			}
 		}
 		fmt.Fprintf(&b, "\n%d rounds × %d connections per contender per N (after %d unrecorded).\n\n", r.Settings.Rounds, r.Settings.Samples, r.Settings.Warmup)
+		b.WriteString(programCostTable(r))
 	}
 
 	if len(r.BPF) > 0 {
 		b.WriteString("## 2. BPF program cost (BPF_PROG_TEST_RUN, ns/packet)\n\n")
-		b.WriteString("Rows of the ClusterIP fixture table (`datapath/clusterip`), timed by `inject.Measure` with N−1 other services programmed first; the empty program's time is subtracted.\n\n| fixture | ")
+		b.WriteString("Rows of the ClusterIP fixture table (`suites/clusterip`), timed by `inject.Measure` with N−1 other services programmed first; the empty program's time is subtracted.\n\n| fixture | ")
 		for _, n := range ns(r) {
 			fmt.Fprintf(&b, "N=%s | ", plot.Label(float64(n)))
 		}
@@ -390,4 +391,34 @@ func WriteIndex(resultsDir, reportDir string, r *Results) error {
 	fmt.Fprintf(&b, "![p50](%s/connect-p50.svg)\n\n", filepath.ToSlash(rel))
 	b.WriteString("## Kernel matrix\n\n[kernels/README.md](kernels/README.md) (`make vmtest`).\n")
 	return os.WriteFile(filepath.Join(resultsDir, "README.md"), []byte(b.String()), 0o644)
+}
+
+// programCostTable is where a BPF contender's time goes: each program's
+// kernel run-time stats over a round of its own.
+func programCostTable(r *Results) string {
+	var b strings.Builder
+	for _, c := range measured(r) {
+		for _, n := range ns(r) {
+			cr := r.ConnectAt(c.Name, n)
+			if cr == nil || len(cr.Programs) == 0 {
+				continue
+			}
+			if b.Len() == 0 {
+				b.WriteString("### Where the BPF contenders' time goes\n\n")
+				fmt.Fprintf(&b, "One more round of %d connections per BPF contender with the kernel's run-time stats on "+
+					"(`kernel.bpf_stats_enabled`, off in the rounds above: it costs two clock reads per run): what each "+
+					"program costs per run on real packets and socket calls, and the BPF time of one connection beside its p50.\n\n", r.Settings.Samples)
+				b.WriteString("| contender | N | program | runs / connection | ns / run | BPF µs / connection | share of p50 |\n|---|---|---|---|---|---|---|\n")
+			}
+			for _, p := range cr.Programs {
+				fmt.Fprintf(&b, "| %s | %d | %s | %.1f | %.0f | | |\n", c.Name, n, p.Program, p.RunsPerConn, p.NsPerRun)
+			}
+			total := cr.NsPerConn() / 1e3
+			fmt.Fprintf(&b, "| %s | %d | all | | | %.2f | %.1f%% |\n", c.Name, n, total, 100*total/cr.P50.Median)
+		}
+	}
+	if b.Len() > 0 {
+		b.WriteString("\n")
+	}
+	return b.String()
 }

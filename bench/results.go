@@ -70,6 +70,27 @@ type ConnectResult struct {
 	ConnPerSec Spread  `json:"conn_per_s"`
 	// RatioP50 is this contender's median p50 over the floor's, same run.
 	RatioP50 float64 `json:"ratio_p50_to_floor,omitempty"`
+	// Programs is what each of a BPF contender's programs cost per run in
+	// a round of its own with the kernel's run-time stats on.
+	Programs []ProgramCost `json:"bpf_programs,omitempty"`
+}
+
+// ProgramCost is one BPF program's kernel run-time stats over a round of
+// connections: the real per-packet (or per-call) cost, where
+// BPF_PROG_TEST_RUN times a fixture packet in isolation.
+type ProgramCost struct {
+	Program     string  `json:"program"`
+	RunsPerConn float64 `json:"runs_per_connection"`
+	NsPerRun    float64 `json:"ns_per_run"`
+}
+
+// NsPerConn is the BPF time one connection costs, every program summed.
+func (c ConnectResult) NsPerConn() float64 {
+	var sum float64
+	for _, p := range c.Programs {
+		sum += p.RunsPerConn * p.NsPerRun
+	}
+	return sum
 }
 
 // ControlResult is one control-plane operation for one contender at one N.

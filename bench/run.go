@@ -4,9 +4,14 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"math"
 	"math/rand/v2"
+	"slices"
 	"time"
+
+	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
 
 	"github.com/servicepath/servicepath/datapath/loader"
 	"github.com/servicepath/servicepath/harness/inject"
@@ -206,6 +211,10 @@ func (r *Runner) connectAndControl(ctx context.Context, res *Results) error {
 				if floorP50 > 0 {
 					cr.RatioP50 = math.Round(cr.P50.Median/floorP50*100) / 100
 				}
+				var err error
+				if cr.Programs, err = r.programCosts(insts[c.Name]); err != nil {
+					return errors.Join(fmt.Errorf("%s at N=%d: %w", c.Name, n, err), closeAll())
+				}
 				r.Progress("  %-18s N=%-6d p50 %.1f us  p99 %.1f us  %.0f conn/s", c.Name, n, cr.P50.Median, cr.P99.Median, cr.ConnPerSec.Median)
 			}
 			res.Connect = append(res.Connect, cr)
@@ -227,6 +236,59 @@ func (r *Runner) connectAndControl(ctx context.Context, res *Results) error {
 		}
 	}
 	return nil
+}
+
+// programCosts runs one more round of connections through in with the
+// kernel's BPF run-time stats on, and gives each program's runs per
+// connection and time per run. The stats cost two clock reads per run, so
+// they are off in the latency rounds. Nil for an instance without BPF.
+func (r *Runner) programCosts(in Instance) ([]ProgramCost, error) {
+	progs, ok := in.(programmed)
+	if !ok {
+		return nil, nil
+	}
+	stats, err := ebpf.EnableStats(uint32(unix.BPF_STATS_RUN_TIME))
+	if err != nil {
+		return nil, fmt.Errorf("enable BPF run-time stats: %w", err)
+	}
+	defer stats.Close()
+	snapshot := func() (map[string]*ebpf.ProgramStats, error) {
+		out := map[string]*ebpf.ProgramStats{}
+		for name, prog := range progs.Programs() {
+			st, err := prog.Stats()
+			if err != nil {
+				return nil, fmt.Errorf("stats of %s: %w", name, err)
+			}
+			out[name] = st
+		}
+		return out, nil
+	}
+	before, err := snapshot()
+	if err != nil {
+		return nil, err
+	}
+	l, err := crr(in, netperf.CRROptions{CPU: r.Env.CPU, Size: 64, N: r.Profile.Samples})
+	if err != nil {
+		return nil, err
+	}
+	after, err := snapshot()
+	if err != nil {
+		return nil, err
+	}
+	var costs []ProgramCost
+	for _, name := range slices.Sorted(maps.Keys(after)) {
+		runs := after[name].RunCount - before[name].RunCount
+		if runs == 0 {
+			continue // a hook these connections never call
+		}
+		runtime := after[name].Runtime - before[name].Runtime
+		costs = append(costs, ProgramCost{
+			Program:     name,
+			RunsPerConn: round1(float64(runs) / float64(len(l.Samples))),
+			NsPerRun:    round1(float64(runtime.Nanoseconds()) / float64(runs)),
+		})
+	}
+	return costs, nil
 }
 
 func (r *Runner) control(ctx context.Context, res *Results, c Contender, in Instance, n int, services []kubeproxy.Service) {
