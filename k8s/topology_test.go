@@ -75,17 +75,18 @@ func TestTopology(t *testing.T) {
 		// clusterIP, nodePort and inCluster are the frontends' backends;
 		// inCluster only under externalTrafficPolicy Local.
 		clusterIP, nodePort, inCluster []service.Backend
-		// drop: the cluster IP drops rather than rejects without backends.
-		drop bool
+		// itpDrop, etpDrop: the cluster IP, the NodePort drops rather than
+		// rejects without backends; the latter has an in-cluster entry.
+		itpDrop, etpDrop bool
 	}{
 		{name: "every endpoint hinted, some for the node's zone: those",
 			eps: byZone, clusterIP: zoneA, nodePort: zoneA},
-		{name: "eTP Local: topology ignored for local endpoints", etp: true,
+		{name: "eTP Local: topology ignored for local endpoints", etp: true, etpDrop: true,
 			eps:       []discoveryv1.Endpoint{local(byZone[0]), local(byZone[1]), remote(byZone[2]), remote(byZone[3])},
 			clusterIP: zoneA, nodePort: bes(A, "10.1.2.3", "10.1.2.4"), inCluster: zoneA},
 		{name: "iTP Local: topology ignored for local endpoints", itp: true,
 			eps:       []discoveryv1.Endpoint{local(byZone[0]), local(byZone[1]), remote(byZone[2]), remote(byZone[3])},
-			clusterIP: bes(A, "10.1.2.3", "10.1.2.4"), nodePort: zoneA, drop: true},
+			clusterIP: bes(A, "10.1.2.3", "10.1.2.4"), nodePort: zoneA, itpDrop: true},
 		{name: "node without a zone label", zone: "-",
 			eps: byZone[:1], clusterIP: bes(A, "10.1.2.3"), nodePort: bes(A, "10.1.2.3")},
 		{name: "node in a zone no endpoint is hinted for: no filtering", zone: "zone-b",
@@ -115,30 +116,32 @@ func TestTopology(t *testing.T) {
 			byZone[0], hinted(terminating("10.1.2.4"), zones("zone-b"))},
 			clusterIP: with(bes(A, "10.1.2.3"), bes(T, "10.1.2.4")), nodePort: with(bes(A, "10.1.2.3"), bes(T, "10.1.2.4"))},
 		{name: "iTP Local without endpoints anywhere: rejects", itp: true},
+		{name: "eTP Local without endpoints anywhere: rejects, one entry for everyone", etp: true,
+			eps: []discoveryv1.Endpoint{remote(notReady("10.0.0.0"))}},
 		{name: "iTP Local, every endpoint remote: drops", itp: true,
 			eps:       []discoveryv1.Endpoint{remote(readyEP("10.0.0.0")), remote(readyEP("10.0.0.1"))},
-			clusterIP: nil, nodePort: bes(A, "10.0.0.0", "10.0.0.1"), drop: true},
+			clusterIP: nil, nodePort: bes(A, "10.0.0.0", "10.0.0.1"), itpDrop: true},
 		{name: "iTP Local, every endpoint local", itp: true,
 			eps:       []discoveryv1.Endpoint{local(readyEP("10.0.0.0")), local(readyEP("10.0.0.1"))},
-			clusterIP: bes(A, "10.0.0.0", "10.0.0.1"), nodePort: bes(A, "10.0.0.0", "10.0.0.1"), drop: true},
+			clusterIP: bes(A, "10.0.0.0", "10.0.0.1"), nodePort: bes(A, "10.0.0.0", "10.0.0.1"), itpDrop: true},
 		{name: "iTP Local, some endpoints local", itp: true,
 			eps:       []discoveryv1.Endpoint{local(readyEP("10.0.0.0")), remote(readyEP("10.0.0.1"))},
-			clusterIP: bes(A, "10.0.0.0"), nodePort: bes(A, "10.0.0.0", "10.0.0.1"), drop: true},
+			clusterIP: bes(A, "10.0.0.0"), nodePort: bes(A, "10.0.0.0", "10.0.0.1"), itpDrop: true},
 		{name: "Cluster, no endpoint ready", eps: []discoveryv1.Endpoint{notReady("10.0.0.0"), notReady("10.0.0.1")}},
-		{name: "iTP Local, eTP Local, some endpoints local", itp: true, etp: true,
+		{name: "iTP Local, eTP Local, some endpoints local", itp: true, etp: true, etpDrop: true,
 			eps:       []discoveryv1.Endpoint{local(readyEP("10.0.0.0")), remote(readyEP("10.0.0.1"))},
-			clusterIP: bes(A, "10.0.0.0"), nodePort: bes(A, "10.0.0.0"), inCluster: bes(A, "10.0.0.0", "10.0.0.1"), drop: true},
-		{name: "iTP Local, eTP Local, every endpoint remote", itp: true, etp: true,
+			clusterIP: bes(A, "10.0.0.0"), nodePort: bes(A, "10.0.0.0"), inCluster: bes(A, "10.0.0.0", "10.0.0.1"), itpDrop: true},
+		{name: "iTP Local, eTP Local, every endpoint remote", itp: true, etp: true, etpDrop: true,
 			eps:      []discoveryv1.Endpoint{remote(readyEP("10.0.0.0")), remote(readyEP("10.0.0.1"))},
-			nodePort: nil, inCluster: bes(A, "10.0.0.0", "10.0.0.1"), drop: true},
-		{name: "iTP Local, eTP Local, every endpoint remote and terminating: drops", itp: true, etp: true,
+			nodePort: nil, inCluster: bes(A, "10.0.0.0", "10.0.0.1"), itpDrop: true},
+		{name: "iTP Local, eTP Local, every endpoint remote and terminating: drops", itp: true, etp: true, etpDrop: true,
 			eps:       []discoveryv1.Endpoint{remote(terminating("10.0.0.0")), remote(terminating("10.0.0.1"))},
-			inCluster: bes(T, "10.0.0.0", "10.0.0.1"), drop: true},
-		{name: "iTP Cluster, eTP Local, with terminating endpoints", etp: true, eps: []discoveryv1.Endpoint{
+			inCluster: bes(T, "10.0.0.0", "10.0.0.1"), itpDrop: true},
+		{name: "iTP Cluster, eTP Local, with terminating endpoints", etp: true, etpDrop: true, eps: []discoveryv1.Endpoint{
 			remote(readyEP("10.0.0.0")), local(notReady("10.0.0.1")), local(terminating("10.0.0.2")), remote(terminating("10.0.0.3"))},
 			clusterIP: with(bes(A, "10.0.0.0"), bes(T, "10.0.0.2", "10.0.0.3")), nodePort: bes(T, "10.0.0.2"),
 			inCluster: with(bes(A, "10.0.0.0"), bes(T, "10.0.0.2", "10.0.0.3"))},
-		{name: "conflicting topology and localness", etp: true, eps: []discoveryv1.Endpoint{
+		{name: "conflicting topology and localness", etp: true, etpDrop: true, eps: []discoveryv1.Endpoint{
 			local(hinted(readyEP("10.0.0.0"), zones("zone-a"))), local(hinted(readyEP("10.0.0.1"), zones("zone-b"))),
 			remote(hinted(readyEP("10.0.0.2"), zones("zone-a"))), remote(hinted(readyEP("10.0.0.3"), zones("zone-b")))},
 			clusterIP: bes(A, "10.0.0.0", "10.0.0.2"), nodePort: bes(A, "10.0.0.0", "10.0.0.1"), inCluster: bes(A, "10.0.0.0", "10.0.0.2")},
@@ -161,14 +164,15 @@ func TestTopology(t *testing.T) {
 			require.NoError(t, err, "translate")
 			got := byKind(res)
 			want := map[string][]service.Backend{"ClusterIP 10.96.0.1": tt.clusterIP, "NodePort 0.0.0.0": tt.nodePort}
-			if tt.etp && opts.NodeName != "" {
+			if tt.etpDrop {
 				want["NodePort 0.0.0.0 in-cluster"] = tt.inCluster
 			}
 			require.Len(t, got, len(want), "frontends: %v", got)
 			for k, w := range want {
 				assert.ElementsMatch(t, w, got[k].Backends, "%s", k)
 			}
-			assert.Equal(t, tt.drop, got["ClusterIP 10.96.0.1"].InternalLocal, "the cluster IP drops without backends")
+			assert.Equal(t, tt.itpDrop, got["ClusterIP 10.96.0.1"].InternalLocal, "the cluster IP drops without backends")
+			assert.Equal(t, tt.etpDrop, got["NodePort 0.0.0.0"].ExternalLocal, "the NodePort drops without backends")
 		})
 	}
 }

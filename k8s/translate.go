@@ -537,10 +537,12 @@ type Options struct {
 	// NodeName is the node the datapath runs on. When set, as kube-proxy
 	// does, a Service with internalTrafficPolicy Local gets only the
 	// endpoints whose nodeName is this node on its cluster IPs, and one
-	// with externalTrafficPolicy Local the same on its external frontends,
-	// which then say ExternalLocal (no local endpoint: the node drops);
-	// those get a second, InCluster frontend with every endpoint, for
-	// this node's pods and the host.
+	// with externalTrafficPolicy Local the same on its external frontends.
+	// Where the Service has endpoints on other nodes, these say
+	// InternalLocal or ExternalLocal (no local endpoint: the node drops;
+	// with no endpoint anywhere it refuses, as kube-proxy), and the
+	// external ones get a second, InCluster frontend with the cluster's
+	// endpoints, for this node's pods and the host.
 	// Manifests name no node: every endpoint is used, and both policies
 	// act as Cluster. Only this node's Pods give HostPort frontends.
 	NodeName string
@@ -629,12 +631,13 @@ func TranslateWith(opts Options, services []*corev1.Service, endpointSlices []*d
 			}
 			switch {
 			case opts.NodeName == "":
+			// kube-proxy drops for want of local endpoints only when there
+			// are endpoints elsewhere; without any it rejects, as for any
+			// Service.
 			case fe.Kind == service.ClusterIP && ps.localOnly:
-				// kube-proxy drops when endpoints exist elsewhere only;
-				// without any it rejects, as for any Service.
 				s.Backends, s.InternalLocal = local, len(eps) > 0
 			case fe.Kind != service.ClusterIP && ps.externalLocal:
-				s.Backends, s.ExternalLocal = local, true
+				s.Backends, s.ExternalLocal = local, len(eps) > 0
 			}
 			if fe.Kind != service.ClusterIP {
 				s.Maglev, s.Mode, s.Dispatch = ps.maglev, ps.mode, ps.dispatch

@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -22,8 +23,9 @@ import (
 // The node apply is told about, end to end on the per-packet path: a
 // client pod on node-a in zone-a reaches only the backends hinted for its
 // zone, and an internalTrafficPolicy Local Service whose only endpoint is
-// on node-b drops its connects. Applied without a node, the same manifest
-// reaches every backend of both.
+// on node-c drops its connects, while one without endpoints anywhere
+// refuses them, as kube-proxy. Applied without a node, the same manifest
+// reaches every backend of the first two.
 func TestApplyForNode(t *testing.T) {
 	topo, devices := servedPods(t, "clitopo")
 	ip := func(pod string) string { return topo.Pod(pod).IPv4.String() }
@@ -61,6 +63,14 @@ addressType: IPv4
 ports: [{name: http, port: 8080, protocol: TCP}]
 endpoints:
 - {addresses: [%[3]s], nodeName: node-c, zone: zone-b}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: nowhere, namespace: default}
+spec:
+  clusterIP: 198.19.0.62
+  internalTrafficPolicy: Local
+  ports: [{name: http, port: 80, targetPort: 8080}]
 `, ip("backend-1"), ip("backend-2"), ip("backend-3")), 0o644), "write manifest")
 
 	bpffs := filepath.Join(testenv.BPFFS(t), "sp")
@@ -103,4 +113,6 @@ endpoints:
 	var netErr net.Error
 	assert.True(t, errors.As(err, &netErr) && netErr.Timeout(), "the connect times out, dropped rather than refused: %v", err)
 	assert.Positive(t, drops()-before, "the SYNs were counted as itp_local_drop")
+	_, err = traffic.TCPExchange(client, netip.MustParseAddrPort("198.19.0.62:80"), []byte("none"), time.Second)
+	assert.ErrorIs(t, err, syscall.ECONNREFUSED, "without endpoints anywhere the connect is refused")
 }
