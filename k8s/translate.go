@@ -629,11 +629,11 @@ func TranslateWith(opts Options, services []*corev1.Service, endpointSlices []*d
 				Backends: cluster,
 				Affinity: ps.affinity,
 			}
-			switch {
-			case opts.NodeName == "":
 			// kube-proxy drops for want of local endpoints only when there
 			// are endpoints elsewhere; without any it rejects, as for any
 			// Service.
+			switch {
+			case opts.NodeName == "":
 			case fe.Kind == service.ClusterIP && ps.localOnly:
 				s.Backends, s.InternalLocal = local, len(eps) > 0
 			case fe.Kind != service.ClusterIP && ps.externalLocal:
