@@ -128,7 +128,8 @@ func New(client kubernetes.Interface, m *maps.Maps, cfg Config) (*Agent, error) 
 		if _, err := nodes.AddEventHandler(cache.ResourceEventHandlerFuncs{
 			AddFunc: func(any) { a.markAll() },
 			UpdateFunc: func(old, cur any) {
-				if zoneOf(old) != zoneOf(cur) {
+				if from, to := zoneOf(old), zoneOf(cur); from != to {
+					a.log.Info("node zone changed; resyncing every Service", "node", cfg.NodeName, "from", from, "to", to)
 					a.markAll()
 				}
 			},
