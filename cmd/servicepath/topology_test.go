@@ -22,10 +22,11 @@ import (
 
 // The node apply is told about, end to end on the per-packet path: a
 // client pod on node-a in zone-a reaches only the backends hinted for its
-// zone, and an internalTrafficPolicy Local Service whose only endpoint is
-// on node-c drops its connects, while one without endpoints anywhere
-// refuses them, as kube-proxy. Applied without a node, the same manifest
-// reaches every backend of the first two.
+// zone, or with node hints its node's backend alone; an
+// internalTrafficPolicy Local Service whose only endpoint is on node-c
+// drops its connects, while one without endpoints anywhere refuses them,
+// as kube-proxy. Applied without a node, the same manifest reaches every
+// backend.
 func TestApplyForNode(t *testing.T) {
 	topo, devices := servedPods(t, "clitopo")
 	ip := func(pod string) string { return topo.Pod(pod).IPv4.String() }
@@ -66,6 +67,24 @@ endpoints:
 ---
 apiVersion: v1
 kind: Service
+metadata: {name: same-node, namespace: default}
+spec:
+  clusterIP: 198.19.0.63
+  trafficDistribution: PreferSameNode
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: same-node-1, namespace: default, labels: {kubernetes.io/service-name: same-node}}
+addressType: IPv4
+ports: [{name: http, port: 8080, protocol: TCP}]
+endpoints:
+- {addresses: [%[1]s], nodeName: node-a, zone: zone-a, hints: {forZones: [{name: zone-a}], forNodes: [{name: node-a}]}}
+- {addresses: [%[2]s], nodeName: node-b, zone: zone-a, hints: {forZones: [{name: zone-a}], forNodes: [{name: node-b}]}}
+- {addresses: [%[3]s], nodeName: node-c, zone: zone-b, hints: {forZones: [{name: zone-b}], forNodes: [{name: node-c}]}}
+---
+apiVersion: v1
+kind: Service
 metadata: {name: nowhere, namespace: default}
 spec:
   clusterIP: 198.19.0.62
@@ -83,6 +102,7 @@ spec:
 	t.Cleanup(func() { runCLIIn(t, topo.Node, "unload", "--bpffs", bpffs) })
 	client := topo.Pod("client")
 	zoned, local := netip.MustParseAddrPort("198.19.0.60:80"), netip.MustParseAddrPort("198.19.0.61:80")
+	sameNode := netip.MustParseAddrPort("198.19.0.63:80")
 	spread := func(dst netip.AddrPort) traffic.Tally {
 		t.Helper()
 		tally, err := traffic.Run(40, func(i int) (traffic.Reply, error) {
@@ -99,6 +119,7 @@ spec:
 
 	mustRun("apply", "--bpffs", bpffs, "-f", manifest)
 	assert.Len(t, spread(zoned), 3, "no node given: every backend answers")
+	assert.Len(t, spread(sameNode), 3, "no node given: node hints ignored")
 	assert.Equal(t, traffic.Tally{"backend-3": 40}, spread(local), "no node given: internalTrafficPolicy acts as Cluster")
 
 	out := mustRun("apply", "--bpffs", bpffs, "-f", manifest, "--node-name", "node-a", "--zone", "zone-a")
@@ -107,6 +128,8 @@ spec:
 	assert.Zero(t, tally["backend-3"], "zone-b's backend never answers zone-a: %v", tally)
 	assert.Positive(t, tally["backend-1"], "zone-a's backend on this node answers: %v", tally)
 	assert.Positive(t, tally["backend-2"], "zone-a's backend on another node answers: %v", tally)
+
+	assert.Equal(t, traffic.Tally{"backend-1": 40}, spread(sameNode), "node hints: only this node's backend answers")
 
 	before := drops()
 	_, err := traffic.TCPExchange(client, local, []byte("itp"), time.Second)
