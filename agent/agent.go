@@ -36,7 +36,8 @@ import (
 
 // Config tunes the agent; zero values take kube-proxy's defaults.
 type Config struct {
-	// NodeName is this node, for internalTrafficPolicy Local and Events.
+	// NodeName is this node, for traffic policies Local, topology hints
+	// (with its Node's zone label, which the agent watches) and Events.
 	NodeName string
 	// MinSyncPeriod is the least time between two syncs: changes arriving
 	// meanwhile are coalesced into the next one (kube-proxy: 1s).
@@ -120,7 +121,22 @@ func New(client kubernetes.Interface, m *maps.Maps, cfg Config) (*Agent, error) 
 	a.factory = informers.NewSharedInformerFactory(client, 0)
 	a.health = health{timeout: cfg.HealthzTimeout, probe: func() error { return probeMaps(m) }}
 	if cfg.NodeName != "" {
-		a.health.node = nodeLister(a.factory, cfg.NodeName)
+		var nodes cache.SharedIndexInformer
+		nodes, a.health.node = nodeLister(a.factory, cfg.NodeName)
+		// Topology hints are chosen by the node's zone: as kube-proxy, a
+		// change of it resyncs everything.
+		if _, err := nodes.AddEventHandler(cache.ResourceEventHandlerFuncs{
+			AddFunc: func(any) { a.markAll() },
+			UpdateFunc: func(old, cur any) {
+				if from, to := zoneOf(old), zoneOf(cur); from != to {
+					a.log.Info("node zone changed; resyncing every Service", "node", cfg.NodeName, "from", from, "to", to)
+					a.markAll()
+				}
+			},
+			DeleteFunc: func(any) { a.markAll() },
+		}); err != nil {
+			return nil, err
+		}
 	}
 	svcInformer := a.factory.Core().V1().Services()
 	sliceInformer := a.factory.Discovery().V1().EndpointSlices().Informer()
@@ -501,13 +517,26 @@ func (a *Agent) desired(name string) (services []service.Service, ok bool) {
 	for _, o := range objs {
 		eps = append(eps, o.(*discoveryv1.EndpointSlice))
 	}
-	res, err := k8s.TranslateWith(k8s.Options{NodeName: a.cfg.NodeName}, []*corev1.Service{svc}, eps)
+	opts := k8s.Options{NodeName: a.cfg.NodeName}
+	if a.health.node != nil {
+		opts.Zone = zoneOf(a.health.node())
+	}
+	res, err := k8s.TranslateWith(opts, []*corev1.Service{svc}, eps)
 	a.report(svc, name, "InvalidService", res, err)
 	if err != nil {
 		return nil, false
 	}
 	a.checks.set(svc, res)
 	return res.Services, true
+}
+
+// zoneOf is a Node's topology.kubernetes.io/zone label, "" for none or
+// no Node.
+func zoneOf(obj any) string {
+	if n, ok := obj.(*corev1.Node); ok && n != nil {
+		return n.Labels[corev1.LabelTopologyZone]
+	}
+	return ""
 }
 
 // report logs the problems of obj (a Service, or a Pod's hostPorts), sends

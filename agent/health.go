@@ -238,15 +238,15 @@ func probeMaps(m *maps.Maps) error {
 }
 
 // nodeLister watches this node alone, in the factory's informers, as
-// kube-proxy's NodeManager does for /healthz.
-func nodeLister(factory informers.SharedInformerFactory, name string) func() *corev1.Node {
+// kube-proxy's NodeManager does for /healthz and its topology labels.
+func nodeLister(factory informers.SharedInformerFactory, name string) (cache.SharedIndexInformer, func() *corev1.Node) {
 	informer := factory.InformerFor(&corev1.Node{}, func(c kubernetes.Interface, resync time.Duration) cache.SharedIndexInformer {
 		return coreinformers.NewFilteredNodeInformer(c, resync, cache.Indexers{}, func(o *metav1.ListOptions) {
 			o.FieldSelector = fields.OneTermEqualSelector("metadata.name", name).String()
 		})
 	})
 	lister := corelisters.NewNodeLister(informer.GetIndexer())
-	return func() *corev1.Node {
+	return informer, func() *corev1.Node {
 		n, err := lister.Get(name)
 		if err != nil {
 			return nil

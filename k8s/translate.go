@@ -6,6 +6,7 @@ import (
 	"cmp"
 	"errors"
 	"fmt"
+	"maps"
 	"net/netip"
 	"slices"
 	"strings"
@@ -124,9 +125,13 @@ type slicePort struct {
 }
 
 type endpoint struct {
-	addr     netip.Addr
+	addr netip.Addr
+	// port is the slice port's, once matched to a service port.
+	port     uint16
 	state    service.BackendState
 	nodeName string
+	// forZones and forNodes are the slice's topology hints.
+	forZones, forNodes []string
 }
 
 type parsedSlice struct {
@@ -218,7 +223,16 @@ func parseSlice(es *discoveryv1.EndpointSlice) (*parsedSlice, []error) {
 		}
 		// Like kube-proxy, only the first address is used.
 		if state, ok := endpointState(ep.Conditions); ok && first.IsValid() {
-			ps.endpoints = append(ps.endpoints, endpoint{addr: first, state: state, nodeName: ptrValue(ep.NodeName)})
+			e := endpoint{addr: first, state: state, nodeName: ptrValue(ep.NodeName)}
+			if h := ep.Hints; h != nil {
+				for _, z := range h.ForZones {
+					e.forZones = append(e.forZones, z.Name)
+				}
+				for _, n := range h.ForNodes {
+					e.forNodes = append(e.forNodes, n.Name)
+				}
+			}
+			ps.endpoints = append(ps.endpoints, e)
 		}
 	}
 	return ps, errs
@@ -523,13 +537,19 @@ type Options struct {
 	// NodeName is the node the datapath runs on. When set, as kube-proxy
 	// does, a Service with internalTrafficPolicy Local gets only the
 	// endpoints whose nodeName is this node on its cluster IPs, and one
-	// with externalTrafficPolicy Local the same on its external frontends,
-	// which then say ExternalLocal (no local endpoint: the node drops);
-	// those get a second, InCluster frontend with every endpoint, for
-	// this node's pods and the host.
+	// with externalTrafficPolicy Local the same on its external frontends.
+	// Where the Service has endpoints on other nodes, these say
+	// InternalLocal or ExternalLocal (no local endpoint: the node drops;
+	// with no endpoint anywhere it refuses, as kube-proxy), and the
+	// external ones get a second, InCluster frontend with the cluster's
+	// endpoints, for this node's pods and the host.
 	// Manifests name no node: every endpoint is used, and both policies
 	// act as Cluster. Only this node's Pods give HostPort frontends.
 	NodeName string
+	// Zone is the node's topology.kubernetes.io/zone label. With it (or
+	// the node name) the frontends that use every endpoint honour the
+	// slices' topology hints as kube-proxy does: see topologyMode.
+	Zone string
 }
 
 // Translate turns Services and their EndpointSlices into datapath
@@ -596,17 +616,30 @@ func TranslateWith(opts Options, services []*corev1.Service, endpointSlices []*d
 
 	for _, ps := range parsed {
 		ps.frontends(func(fe service.Frontend, p servicePort, _ string) {
+			eps := portEndpoints(slicesOf[ps.name], fe.Addr.Is4(), p)
+			mode := opts.topologyMode(eps)
+			// Terminating endpoints serve only while none is ready, and
+			// then, as in kube-proxy, whatever the topology.
+			cluster := backends(eps, func(ep endpoint) bool { return ep.state == service.Terminating || opts.inTopology(ep, mode) })
+			local := backends(eps, func(ep endpoint) bool { return ep.nodeName == opts.NodeName })
 			s := service.Service{
 				Name:     ps.name,
 				PortName: p.name,
 				Frontend: fe,
-				Backends: backends(slicesOf[ps.name], fe.Addr.Is4(), p, localNode(ps, fe.Kind, opts)),
+				Backends: cluster,
 				Affinity: ps.affinity,
 			}
-			if fe.Kind == service.ClusterIP {
-				s.InternalLocal = ps.localOnly && opts.NodeName != ""
-			} else {
-				s.ExternalLocal = ps.externalLocal && opts.NodeName != ""
+			// kube-proxy drops for want of local endpoints only when there
+			// are endpoints elsewhere; without any it rejects, as for any
+			// Service.
+			switch {
+			case opts.NodeName == "":
+			case fe.Kind == service.ClusterIP && ps.localOnly:
+				s.Backends, s.InternalLocal = local, len(eps) > 0
+			case fe.Kind != service.ClusterIP && ps.externalLocal:
+				s.Backends, s.ExternalLocal = local, len(eps) > 0
+			}
+			if fe.Kind != service.ClusterIP {
 				s.Maglev, s.Mode, s.Dispatch = ps.maglev, ps.mode, ps.dispatch
 			}
 			if fe.Kind == service.LoadBalancer {
@@ -623,13 +656,14 @@ func TranslateWith(opts Options, services []*corev1.Service, endpointSlices []*d
 				res.Services = append(res.Services, s)
 			}
 			add(s)
-			// kube-proxy sends this node's pods and the host to every
-			// endpoint whatever the external policy: UsesClusterEndpoints.
+			// kube-proxy sends this node's pods and the host to the
+			// cluster's endpoints whatever the external policy:
+			// UsesClusterEndpoints.
 			if s.ExternalLocal {
 				in := s
 				in.Frontend.InCluster = true
 				in.ExternalLocal = false
-				in.Backends = backends(slicesOf[ps.name], fe.Addr.Is4(), p, "")
+				in.Backends = cluster
 				add(in)
 			}
 		})
@@ -651,21 +685,11 @@ func TranslateWith(opts Options, services []*corev1.Service, endpointSlices []*d
 	return res, nil
 }
 
-// localNode is the node whose endpoints alone serve ps's frontends of a
-// kind, or "" for all: internalTrafficPolicy covers cluster IPs,
-// externalTrafficPolicy the rest.
-func localNode(ps *parsedService, kind service.Kind, opts Options) string {
-	if kind == service.ClusterIP && ps.localOnly || kind != service.ClusterIP && ps.externalLocal {
-		return opts.NodeName
-	}
-	return ""
-}
-
-// backends merges the endpoints of a Service's slices of one IP family for
-// one service port, which a slice port matches by name and protocol. When
-// node is set, only that node's endpoints are kept.
-func backends(pss []*parsedSlice, ipv4 bool, p servicePort, node string) []service.Backend {
-	states := map[netip.AddrPort]service.BackendState{}
+// portEndpoints merges the endpoints of a Service's slices of one IP
+// family for one service port, which a slice port matches by name and
+// protocol, with their addresses on the slice's port.
+func portEndpoints(pss []*parsedSlice, ipv4 bool, p servicePort) []endpoint {
+	merged := map[netip.AddrPort]endpoint{}
 	for _, ps := range pss {
 		if ps.ipv4 != ipv4 {
 			continue
@@ -675,20 +699,70 @@ func backends(pss []*parsedSlice, ipv4 bool, p servicePort, node string) []servi
 				continue
 			}
 			for _, ep := range ps.endpoints {
-				if node != "" && ep.nodeName != node {
-					continue
-				}
-				ap := netip.AddrPortFrom(ep.addr, sp.port)
+				ep.port = sp.port
+				ap := netip.AddrPortFrom(ep.addr, ep.port)
 				// A slice may lag behind another: Active wins.
-				if st, ok := states[ap]; !ok || st == service.Terminating {
-					states[ap] = ep.state
+				if e, ok := merged[ap]; !ok || e.state == service.Terminating {
+					merged[ap] = ep
 				}
 			}
 		}
 	}
-	out := make([]service.Backend, 0, len(states))
-	for ap, st := range states {
-		out = append(out, service.Backend{Addr: ap.Addr(), Port: ap.Port(), State: st})
+	return slices.Collect(maps.Values(merged))
+}
+
+// topology is which hints a node's cluster-wide frontends follow.
+type topology int
+
+const (
+	anyTopology topology = iota
+	sameNode             // PreferSameNode: the endpoints hinted for this node
+	sameZone             // PreferSameZone, topology-mode Auto: for this zone
+)
+
+// topologyMode is kube-proxy 1.34's: the hints count only when every ready
+// endpoint has one of their kind and one is for this node (node hints
+// first) or its zone; otherwise every endpoint is used. kube-proxy reads
+// no Service field for this: the EndpointSlice controller writes hints
+// for trafficDistribution and the topology-mode annotation.
+func (o Options) topologyMode(eps []endpoint) topology {
+	ready, allNodes, forNode, allZones, forZone := false, true, false, true, false
+	for _, ep := range eps {
+		if ep.state != service.Active {
+			continue
+		}
+		ready = true
+		allNodes = allNodes && len(ep.forNodes) > 0
+		forNode = forNode || o.NodeName != "" && slices.Contains(ep.forNodes, o.NodeName)
+		allZones = allZones && len(ep.forZones) > 0
+		forZone = forZone || o.Zone != "" && slices.Contains(ep.forZones, o.Zone)
+	}
+	switch {
+	case ready && allNodes && forNode:
+		return sameNode
+	case ready && allZones && forZone:
+		return sameZone
+	}
+	return anyTopology
+}
+
+func (o Options) inTopology(ep endpoint, mode topology) bool {
+	switch mode {
+	case sameNode:
+		return slices.Contains(ep.forNodes, o.NodeName)
+	case sameZone:
+		return slices.Contains(ep.forZones, o.Zone)
+	}
+	return true
+}
+
+// backends are the endpoints keep accepts, sorted.
+func backends(eps []endpoint, keep func(endpoint) bool) []service.Backend {
+	out := []service.Backend{}
+	for _, ep := range eps {
+		if keep(ep) {
+			out = append(out, service.Backend{Addr: ep.addr, Port: ep.port, State: ep.state})
+		}
 	}
 	slices.SortFunc(out, func(a, b service.Backend) int {
 		return cmp.Or(a.Addr.Compare(b.Addr), cmp.Compare(a.Port, b.Port))

@@ -58,6 +58,9 @@ func warn(w io.Writer, kind string, items []string) {
 }
 
 func cmdApply(fs *pflag.FlagSet, o output) func() error {
+	var node k8s.Options
+	fs.StringVar(&node.NodeName, "node-name", "", "this node's name, as the agent's: traffic policies Local, node hints, and only this node's Pods' hostPorts (default: none, every endpoint and Pod)")
+	fs.StringVar(&node.Zone, "zone", "", "this node's topology.kubernetes.io/zone label, for the slices' zone hints")
 	return checked(addManifestFlags(fs), func(mo *manifestOptions) error {
 		// Everything is validated before any map is opened: a bad manifest
 		// leaves the datapath as it was.
@@ -65,12 +68,11 @@ func cmdApply(fs *pflag.FlagSet, o output) func() error {
 		if err != nil {
 			return fmt.Errorf("nothing applied:\n%w", err)
 		}
-		res, err := k8s.Translate(objs.Services, objs.EndpointSlices)
+		res, err := k8s.TranslateWith(node, objs.Services, objs.EndpointSlices)
 		if err != nil {
 			return fmt.Errorf("nothing applied:\n%w", err)
 		}
-		// Manifests name no node: every Pod's hostPorts are this node's.
-		pods, err := k8s.TranslatePods(k8s.Options{}, objs.Pods)
+		pods, err := k8s.TranslatePods(node, objs.Pods)
 		if err != nil {
 			return fmt.Errorf("nothing applied:\n%w", err)
 		}

@@ -98,12 +98,14 @@ spec:
 
 // The whole life cycle through the CLI, in a node netns: load, apply,
 // traffic, inspect, reload keeping flows, delete, unload.
-func TestCLILifeCycle(t *testing.T) {
+// servedPods is a node with a client pod and three backends serving their
+// names on 8080, and the host side of every pod's device.
+func servedPods(t *testing.T, name string) (*topology.Topology, []string) {
+	t.Helper()
 	testenv.RequireRoot(t)
-	topo := topology.NewForTest(t, topology.Spec{Name: "cli", Pods: []topology.PodSpec{
+	topo := topology.NewForTest(t, topology.Spec{Name: name, Pods: []topology.PodSpec{
 		{Name: "client"}, {Name: "backend-1"}, {Name: "backend-2"}, {Name: "backend-3"},
 	}})
-	bpffs := filepath.Join(testenv.BPFFS(t), "sp")
 	var devices []string
 	for _, p := range topo.Pods {
 		devices = append(devices, p.HostIf)
@@ -113,6 +115,12 @@ func TestCLILifeCycle(t *testing.T) {
 		require.NoError(t, err, "serve in %s", p.Name)
 		t.Cleanup(func() { srv.Close() })
 	}
+	return topo, devices
+}
+
+func TestCLILifeCycle(t *testing.T) {
+	topo, devices := servedPods(t, "cli")
+	bpffs := filepath.Join(testenv.BPFFS(t), "sp")
 	inNode := func(args ...string) (int, string, string) { return runCLIIn(t, topo.Node, args...) }
 	mustRun := func(args ...string) string {
 		code, out, errOut := inNode(args...)

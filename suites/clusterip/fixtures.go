@@ -152,6 +152,7 @@ func Fixtures() []inject.Fixture {
 		out = append(out, maglevFixtures(f)...)
 		out = append(out, sourceRangeFixtures(f)...)
 		out = append(out, hairpinFixtures(f)...)
+		out = append(out, topologyFixtures(f)...)
 	}
 	return append(out, inject.Fixture{
 		Name:     "arp-passes",
