@@ -22,7 +22,7 @@ import (
 
 // newEnv loads the real datapath, unpinned; conntrack is kept small since
 // these tests only program services.
-func newEnv(t *testing.T, adjust func(*loader.Config)) *inject.Env {
+func newEnv(t testing.TB, adjust func(*loader.Config)) *inject.Env {
 	t.Helper()
 	testenv.RequireRoot(t)
 	cfg := loader.DefaultConfig()
@@ -102,13 +102,14 @@ func takeSnapshot(t *testing.T, m *maps.Maps) snapshot {
 	t.Helper()
 	out := snapshot{}
 	for name, mp := range map[string]*ebpf.Map{
-		maps.ServicesName: m.Services,
-		maps.BackendsName: m.Backends,
-		maps.SvcMetaName:  m.SvcMeta,
-		maps.CTName:       m.CT,
-		maps.FragsName:    m.Frags,
-		maps.MaglevName:   m.Maglev,
-		maps.SrcRangeName: m.SrcRanges,
+		maps.ServicesName:     m.Services,
+		maps.BackendsName:     m.Backends,
+		maps.SvcMetaName:      m.SvcMeta,
+		maps.CTName:           m.CT,
+		maps.FragsName:        m.Frags,
+		maps.MaglevName:       m.Maglev,
+		maps.SrcRangeName:     m.SrcRanges,
+		maps.FrontendAddrName: m.FrontendAddrs,
 	} {
 		entries := map[string]string{}
 		var k, v []byte

@@ -15,7 +15,9 @@ type Manager struct {
 	removed []Removed
 	// changes counts frontends written or removed: an Apply of what the
 	// maps already hold writes nothing and counts nothing.
-	changes   uint64
+	changes uint64
+	// batches counts the changes written batched (writeAll).
+	batches   uint64
 	frontends map[maps.ServiceKey]*frontend
 	usedIDs   map[uint32]bool
 	// slots counts service map entries in use (masters and slots), kept
