@@ -41,7 +41,7 @@ var Profiles = map[string]Profile{
 		PodRepeats: 1, StreamDuration: 300 * time.Millisecond, RRSamples: 500,
 	},
 	"quick": {
-		Name: "quick", Ns: []int{1, 1000, 10000, 50000}, Rounds: 5, Samples: 1000, Warmup: 50,
+		Name: "quick", Ns: []int{1, 1000, 10000, 100000}, Rounds: 5, Samples: 1000, Warmup: 50,
 		UpdateRepeats: 3, LoadRepeats: 3, LoadBudget: 100 * time.Second,
 		BPFRuns: 2000, BPFRepeats: 3,
 		PodRepeats: 3, StreamDuration: 2 * time.Second, RRSamples: 20000,
