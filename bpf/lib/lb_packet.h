@@ -38,11 +38,15 @@ struct lb_target {
 
 /* A packet sent straight to an address that is no service, on a tuple a
  * translated flow used (its source port reused), means that flow is over:
- * forget it, or replies to the direct flow would be rewritten to the VIP. */
+ * forget it, or replies to the direct flow would be rewritten to the VIP.
+ * Only a SYN can reuse a TCP tuple, so other segments, most of what is not
+ * for a service, skip the lookup. */
 static __always_inline void ct_forget_reused(const struct pkt *p)
 {
 	struct ct_key k;
 
+	if (p->proto == IPPROTO_TCP && (p->tcp_flags & (TCPF_SYN | TCPF_ACK)) != TCPF_SYN)
+		return;
 	ct_key_init(&k, &p->saddr, &p->daddr, p->sport, p->dport, p, 0);
 	if (bpf_map_lookup_elem(&sp_ct, &k) && bpf_map_delete_elem(&sp_ct, &k) == 0)
 		count(METRIC_CT_TUPLE_REUSED);

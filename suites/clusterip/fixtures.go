@@ -402,6 +402,28 @@ func familyFixtures(f Family) []inject.Fixture {
 			},
 		},
 		{
+			// A TCP tuple is reused only by a new connection: its SYN.
+			Name:     name("direct-syn-reusing-a-translated-tuple-takes-it-over"),
+			Setup:    inject.Steps(inject.Upsert(tcpSvc), inject.Send(nil, inject.FromPod, syn)),
+			Input:    packet.TCP(f.Client, f.backend(0), packet.SYN, nil, packet.Opts{}),
+			Verdict:  inject.OK,
+			Counters: inject.CountersOf("pass", 1, "ct_tuple_reused", 1),
+		},
+		{
+			// Any other segment cannot open a connection: the translated
+			// flow is left alone, and costs the packet no lookup.
+			Name:     name("direct-segment-on-a-translated-tuple-leaves-it"),
+			Setup:    inject.Steps(inject.Upsert(tcpSvc), inject.Send(nil, inject.FromPod, syn)),
+			Input:    packet.TCP(f.Client, f.backend(0), packet.ACK, payload, packet.Opts{}),
+			Verdict:  inject.OK,
+			Counters: inject.CountersOf("pass", 1),
+			Check: func(t testing.TB, e *inject.Env) {
+				entries, err := ct.Dump(e.DP.Maps.CT)
+				require.NoError(t, err, "dump conntrack")
+				assert.Len(t, entries, 2, "the translated flow keeps both entries")
+			},
+		},
+		{
 			Name:     name("icmp-port-unreachable-from-backend-quotes-vip"),
 			Setup:    inject.Steps(inject.Upsert(udpSvc), inject.Send(nil, inject.FromPod, udp(f.Client, f.vip()))),
 			Hook:     inject.ToPod,
