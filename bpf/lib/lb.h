@@ -1,6 +1,8 @@
 /* Service lookup and backend selection. */
 #pragma once
 
+#include <linux/errno.h>
+
 #include "common.h"
 #include "config.h"
 #include "hash.h"
@@ -268,6 +270,8 @@ static __always_inline int lb_translate(struct __ctx_buff *ctx, struct pkt *p, s
 	ct_key_init(&skey, &p->saddr, &p->daddr, p->sport, p->dport, p, CT_F_SERVICE);
 	struct ct_entry *svc_ct = bpf_map_lookup_elem(&sp_ct, &skey);
 	struct ct_entry *flow = 0;
+	/* The service entry exists and is being replaced. */
+	int stale = 0;
 	if (svc_ct) {
 		/* The flow entry is what replies keep current: its state and
 		 * expiry decide, so a close or traffic seen only on the reply side
@@ -277,17 +281,15 @@ static __always_inline int lb_translate(struct __ctx_buff *ctx, struct pkt *p, s
 		if (ct_expired(svc_ct, flow) || ct_is_reopen(flow ? flow : svc_ct, p)) {
 			count(METRIC_CT_REOPEN);
 			svc_ct = 0;
+			stale = 1;
 		} else if (!lb_backend_alive(svc_ct->backend_id, &svc_ct->nat_addr, svc_ct->nat_port)) {
 			count(METRIC_BACKEND_GONE);
 			svc_ct = 0;
+			stale = 1;
 		}
 	}
 
-	if (svc_ct) {
-		t->addr = svc_ct->nat_addr;
-		t->port = svc_ct->nat_port;
-		t->backend_id = svc_ct->backend_id;
-	} else {
+	if (!svc_ct) {
 		struct lb_frontend fe;
 
 		struct lb_svc_value *svc = lb_lookup_frontend(p, &fe);
@@ -326,37 +328,51 @@ static __always_inline int lb_translate(struct __ctx_buff *ctx, struct pkt *p, s
 			count(METRIC_SLOT_MISSING);
 			return CTX_ACT_DROP;
 		}
+		r->svc_flags = svc->flags;
 		t->addr = b->addr;
 		t->port = b->port;
 		t->backend_id = id;
-		r->svc_flags = svc->flags;
-		r->new_flow = 1;
 
 		struct ct_entry e = {
 			.nat_addr = t->addr,
 			.nat_port = t->port,
 			.backend_id = id,
 		};
-		if (bpf_map_update_elem(&sp_ct, &skey, &e, BPF_ANY) < 0)
+		/* A new tuple is claimed, not overwritten: two CPUs opening the
+		 * same flow at once (a UDP client's first datagrams) both use
+		 * the entry the first wrote, so its backend and SNAT port. */
+		int err = bpf_map_update_elem(&sp_ct, &skey, &e, stale ? BPF_ANY : BPF_NOEXIST);
+		if (err < 0 && err != -EEXIST)
 			count(METRIC_CT_CREATE_FAILED);
 		svc_ct = bpf_map_lookup_elem(&sp_ct, &skey);
+		if (err == -EEXIST && svc_ct) {
+			t->addr = svc_ct->nat_addr;
+			t->port = svc_ct->nat_port;
+			t->backend_id = svc_ct->backend_id;
+		} else {
+			r->new_flow = 1;
+		}
+		ct_key_init(&fkey, &p->saddr, &t->addr, p->sport, t->port, p, 0);
+		flow = r->new_flow ? 0 : bpf_map_lookup_elem(&sp_ct, &fkey);
+	} else {
+		t->addr = svc_ct->nat_addr;
+		t->port = svc_ct->nat_port;
+		t->backend_id = svc_ct->backend_id;
 	}
 
-	if (r->new_flow) {
-		ct_key_init(&fkey, &p->saddr, &t->addr, p->sport, t->port, p, 0);
-		flow = 0;
-	}
 	if (!flow) {
 		/* New, re-selected, or evicted: start the flow's state afresh,
 		 * but an evicted flow keeps the north-south path its service
-		 * entry remembers. */
+		 * entry remembers. Only a flow this CPU opened overwrites an
+		 * entry of the tuple. */
 		struct ct_entry e = {
 			.nat_addr = p->daddr,
 			.nat_port = p->dport,
 			.backend_id = t->backend_id,
 			.state = (!r->new_flow && svc_ct) ? svc_ct->state & CT_S_NS_MASK : 0,
 		};
-		if (bpf_map_update_elem(&sp_ct, &fkey, &e, BPF_ANY) < 0)
+		int err = bpf_map_update_elem(&sp_ct, &fkey, &e, r->new_flow ? BPF_ANY : BPF_NOEXIST);
+		if (err < 0 && err != -EEXIST)
 			count(METRIC_CT_CREATE_FAILED);
 		flow = bpf_map_lookup_elem(&sp_ct, &fkey);
 	}

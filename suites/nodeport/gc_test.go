@@ -10,7 +10,6 @@ import (
 
 	"github.com/servicepath/servicepath/datapath/ct"
 	"github.com/servicepath/servicepath/datapath/loader"
-	"github.com/servicepath/servicepath/datapath/maps"
 	"github.com/servicepath/servicepath/datapath/service"
 	"github.com/servicepath/servicepath/harness/inject"
 	"github.com/servicepath/servicepath/harness/packet"
@@ -36,18 +35,7 @@ func TestSNATEntriesGoWithTheirFlow(t *testing.T) {
 			require.NoError(t, inject.Steps(b.node(dev), inject.Upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Remote})),
 				inject.Send(dev, inject.FromNetdev, tcp(f.Client, f.nodePort(), packet.SYN, packet.Opts{})))(e), "SNAT one flow")
 
-			natEntries := func() int {
-				n := 0
-				var k maps.CTKey
-				var v maps.NATEntry
-				it := e.DP.Maps.NAT.Iterate()
-				for it.Next(&k, &v) {
-					n++
-				}
-				require.NoError(t, it.Err())
-				return n
-			}
-			require.Equal(t, 2, natEntries(), "the flow has an out and a reply mapping")
+			require.Equal(t, 2, natEntries(t, e), "the flow has an out and a reply mapping")
 			n, err := ct.GCNAT(e.DP.Maps)
 			require.NoError(t, err)
 			assert.Zero(t, n, "a live flow keeps its mappings")
@@ -57,7 +45,7 @@ func TestSNATEntriesGoWithTheirFlow(t *testing.T) {
 			n, err = ct.GCNAT(e.DP.Maps)
 			require.NoError(t, err)
 			assert.Equal(t, 2, n, "both mappings deleted with the flow")
-			assert.Zero(t, natEntries(), "the NAT map is empty")
+			assert.Zero(t, natEntries(t, e), "the NAT map is empty")
 		})
 	}
 }
