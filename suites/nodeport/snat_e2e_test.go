@@ -1,0 +1,127 @@
+package nodeport
+
+import (
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"testing"
+	"time"
+
+	"github.com/google/gopacket/layers"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/servicepath/servicepath/datapath/maps"
+	"github.com/servicepath/servicepath/datapath/service"
+	"github.com/servicepath/servicepath/harness/cluster"
+	"github.com/servicepath/servicepath/harness/packet"
+	"github.com/servicepath/servicepath/harness/traffic"
+)
+
+// snatPorts is the e2e bed's SNAT range: small enough for a client to
+// outnumber it.
+const snatPorts = 4
+
+// remoteOnly gives node 0 a TCP NodePort whose one backend is node 1's,
+// so every flow through node 0 is SNATed; it goes when the test ends.
+func remoteOnly(t *testing.T, ns *cluster.NorthSouth, fe service.Frontend) {
+	s := service.Service{Name: "default/snat", Frontend: fe, Backends: []service.Backend{ns.Backend("backend-1", fe.Addr)}}
+	s.Frontend.Protocol = service.TCP
+	require.NoError(t, ns.Nodes[0].Services.Upsert(s), "program %s on node 0", s.Frontend)
+	t.Cleanup(func() { assert.NoError(t, ns.Nodes[0].Services.Delete(s.Frontend), "remove %s", s.Frontend) })
+}
+
+func TestSNATFlowsEndToEnd(t *testing.T) {
+	ns := cluster.NewNorthSouth(t, natPorts(61000, 61000+snatPorts-1))
+	port := uint16(NodePort)
+	for _, f := range e2eFamilies(ns) {
+		port++
+		fe := service.Frontend{Addr: f.unspecified, Port: port, Kind: service.NodePort}
+		dst := netip.AddrPortFrom(f.nodes[0], port)
+
+		// Each connection closes with FINs both ways before the next opens:
+		// its port is free again at its last ACK, so three times as many
+		// connections as ports all get through.
+		t.Run(f.name+"/closed-flows-free-their-ports", func(t *testing.T) {
+			remoteOnly(t, ns, fe)
+			before := ns.Counters(t, 0)
+			for i := range 3 * snatPorts {
+				r, err := traffic.TCPExchange(ns.Topo.External, dst, []byte(fmt.Sprintf("burst %d", i)), timeout)
+				require.NoError(t, err, "connection %d of %d through %d SNAT ports", i+1, 3*snatPorts, snatPorts)
+				assert.Equal(t, "backend-1", r.Identity)
+			}
+			after := ns.Counters(t, 0)
+			assert.Zero(t, grew(before, after, "nat_exhausted"), "no connection found the ports taken")
+			assert.GreaterOrEqual(t, grew(before, after, "nat_released"), uint64(3*snatPorts), "every closed flow gave its port back")
+		})
+
+		// A forged RST far from the client's sequence numbers, into a live
+		// connection: node 0 keeps the flow and its port, the backend ignores
+		// it (RFC 5961), and the connection carries on.
+		t.Run(f.name+"/out-of-window-rst-keeps-a-live-connection", func(t *testing.T) {
+			remoteOnly(t, ns, fe)
+			before := ns.Counters(t, 0)
+			err := ns.Topo.External.Do(func() error {
+				c, err := net.DialTimeout("tcp", dst.String(), timeout)
+				if err != nil {
+					return err
+				}
+				defer c.Close()
+				tc := c.(*net.TCPConn)
+				local := unmap(tc.LocalAddr().(*net.TCPAddr).AddrPort())
+				seq, err := clientSeq(ns, local)
+				if err != nil {
+					return err
+				}
+				rst := packet.L3(layers.IPProtocolTCP, local, dst, packet.RSTACK, nil, packet.Opts{Seq: seq + 1<<31})
+				if err := traffic.SendIP(ns.Topo.External, dst.Addr(), rst); err != nil {
+					return err
+				}
+				// Time for the RST to reach the backend and a reset to come back,
+				// were the flow closed.
+				time.Sleep(200 * time.Millisecond)
+				if err := tc.SetDeadline(time.Now().Add(timeout)); err != nil {
+					return err
+				}
+				if _, err := tc.Write([]byte("after the rst")); err != nil {
+					return err
+				}
+				if err := tc.CloseWrite(); err != nil {
+					return err
+				}
+				body, err := io.ReadAll(tc)
+				if err != nil {
+					return fmt.Errorf("the connection died: %w", err)
+				}
+				if len(body) == 0 {
+					return fmt.Errorf("no answer after the RST")
+				}
+				return nil
+			})
+			require.NoError(t, err, "a live connection through node 0's SNAT, after a forged RST")
+			after := ns.Counters(t, 0)
+			assert.Positive(t, grew(before, after, "ct_rst_out_of_window"), "node 0 saw the RST out of window")
+		})
+	}
+}
+
+// clientSeq is the next sequence number node 0 saw the client at local
+// send, from its flow entry.
+func clientSeq(ns *cluster.NorthSouth, local netip.AddrPort) (uint32, error) {
+	addr, _ := maps.AddrFrom(local.Addr())
+	var k maps.CTKey
+	var v maps.CTEntry
+	it := ns.Nodes[0].DP.Maps.NorthSouthCT().Iterate()
+	for it.Next(&k, &v) {
+		if k.Flags == 0 && k.SAddr == addr && k.SPort == maps.NewBE16(local.Port()) && v.State&maps.CTFwdSeq != 0 {
+			return v.FwdSeq, nil
+		}
+	}
+	if err := it.Err(); err != nil {
+		return 0, err
+	}
+	return 0, fmt.Errorf("no flow entry of %s on node 0", local)
+}
+
+func unmap(ap netip.AddrPort) netip.AddrPort { return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port()) }
