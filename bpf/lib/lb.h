@@ -333,7 +333,10 @@ static __always_inline int lb_translate(struct __ctx_buff *ctx, struct pkt *p, s
 		t->port = b->port;
 		t->backend_id = id;
 
+		/* Alive from the start: another CPU may read it before this one
+		 * accounts the packet. */
 		struct ct_entry e = {
+			.expires = bpf_ktime_get_ns() + ct_lifetime_ns(0, p->proto),
 			.nat_addr = t->addr,
 			.nat_port = t->port,
 			.backend_id = id,
