@@ -1,6 +1,7 @@
 package nodeport
 
 import (
+	"context"
 	"fmt"
 	"io"
 	"net"
@@ -12,6 +13,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/servicepath/servicepath/datapath/ct"
 	"github.com/servicepath/servicepath/datapath/maps"
 	"github.com/servicepath/servicepath/datapath/service"
 	"github.com/servicepath/servicepath/harness/cluster"
@@ -104,6 +106,75 @@ func TestSNATFlowsEndToEnd(t *testing.T) {
 			assert.Positive(t, grew(before, after, "ct_rst_out_of_window"), "node 0 saw the RST out of window")
 		})
 	}
+}
+
+// The GC's view of real traffic: SNAT exhaustion puts node 0's
+// north-south GC under pressure, and node 1's DSR flows, learned without
+// a service entry, are no orphans.
+func TestGCSignalsEndToEnd(t *testing.T) {
+	ns := cluster.NewNorthSouth(t, natPorts(61000, 61000+snatPorts-1))
+	f := e2eFamilies(ns)[0]
+	fe := service.Frontend{Addr: f.unspecified, Port: NodePort, Kind: service.NodePort}
+	dst := netip.AddrPortFrom(f.nodes[0], NodePort)
+
+	t.Run("snat-exhaustion-is-pressure", func(t *testing.T) {
+		remoteOnly(t, ns, fe)
+		ctx, cancel := context.WithCancel(context.Background())
+		defer cancel()
+		var passes []ct.LoopPass
+		l := &ct.Loop{Maps: ns.Nodes[0].DP.Maps, Base: 500 * time.Millisecond, Min: 10 * time.Millisecond, Report: func(p ct.LoopPass) {
+			if !p.NorthSouth {
+				return
+			}
+			passes = append(passes, p)
+			if len(passes) > 1 {
+				cancel()
+				return
+			}
+			// More clients at once than ports: the last are dropped.
+			var open []net.Conn
+			for range snatPorts + 2 {
+				_ = ns.Topo.External.Do(func() error {
+					c, err := net.DialTimeout("tcp", dst.String(), 300*time.Millisecond)
+					if err == nil {
+						open = append(open, c)
+					}
+					return err
+				})
+			}
+			for _, c := range open {
+				c.Close()
+			}
+		}}
+		done := make(chan error, 1)
+		go func() { done <- l.Run(ctx) }()
+		select {
+		case err := <-done:
+			require.NoError(t, err)
+		case <-time.After(10 * time.Second):
+			cancel()
+			require.NoError(t, <-done)
+		}
+		require.Len(t, passes, 2, "two passes")
+		assert.Empty(t, passes[0].Decision.Pressure, "calm before")
+		assert.Contains(t, passes[1].Decision.Pressure, "no free SNAT port", "the exhaustion is pressure")
+		assert.Equal(t, 125*time.Millisecond, passes[1].Decision.Interval, "the next pass comes sooner")
+	})
+
+	t.Run("learned-dsr-flows-are-no-orphans", func(t *testing.T) {
+		fe := fe
+		fe.Port++
+		program(t, ns, fe, func(s *service.Service) { s.Mode, s.Dispatch = service.DSR, service.Option })
+		before := ns.Counters(t, 1)
+		exchange(t, ns, netip.AddrPortFrom(f.nodes[0], fe.Port), 16)
+		require.Positive(t, grew(before, ns.Counters(t, 1), "dsr_learned"), "node 1 learned DSR flows")
+		now, err := ct.Now()
+		require.NoError(t, err)
+		res, err := ct.NewCollector(ns.Nodes[1].DP.Maps.NorthSouthCT()).Pass(now, 0)
+		require.NoError(t, err)
+		require.Positive(t, res.Scanned, "node 1 tracks the learned flows")
+		assert.Zero(t, res.Orphans, "node 1's GC sees no orphan among %d entries", res.Scanned)
+	})
 }
 
 // clientSeq is the next sequence number node 0 saw the client at local
