@@ -25,11 +25,14 @@ import (
 // outnumber it.
 const snatPorts = 4
 
-// remoteOnly gives node 0 a TCP NodePort whose one backend is node 1's,
-// so every flow through node 0 is SNATed; it goes when the test ends.
+// remoteOnly gives node 0 a NodePort (TCP unless fe says) whose one
+// backend is node 1's, so every flow through node 0 is SNATed; it goes
+// when the test ends.
 func remoteOnly(t *testing.T, ns *cluster.NorthSouth, fe service.Frontend) {
 	s := service.Service{Name: "default/snat", Frontend: fe, Backends: []service.Backend{ns.Backend("backend-1", fe.Addr)}}
-	s.Frontend.Protocol = service.TCP
+	if s.Frontend.Protocol == 0 {
+		s.Frontend.Protocol = service.TCP
+	}
 	require.NoError(t, ns.Nodes[0].Services.Upsert(s), "program %s on node 0", s.Frontend)
 	t.Cleanup(func() { assert.NoError(t, ns.Nodes[0].Services.Delete(s.Frontend), "remove %s", s.Frontend) })
 }
@@ -175,6 +178,81 @@ func TestGCSignalsEndToEnd(t *testing.T) {
 		require.Positive(t, res.Scanned, "node 1 tracks the learned flows")
 		assert.Zero(t, res.Orphans, "node 1's GC sees no orphan among %d entries", res.Scanned)
 	})
+}
+
+// A flow whose reply mapping was evicted, and whose port another client
+// then took, must not send from that port: the backend's answers to it
+// would reach the other client.
+func TestSNATEvictedReplyHalfIsNotShared(t *testing.T) {
+	ns := cluster.NewNorthSouth(t, natPorts(61000, 61001))
+	for _, f := range e2eFamilies(ns) {
+		t.Run(f.name, func(t *testing.T) {
+			fe := service.Frontend{Addr: f.unspecified, Port: NodePort, Kind: service.NodePort, Protocol: service.UDP}
+			remoteOnly(t, ns, fe)
+			dst := netip.AddrPortFrom(f.nodes[0], NodePort)
+			// Clients bound in the SNAT range keep their port: a gets 61000,
+			// c holds 61001.
+			a, c := udpFrom(t, ns, f.client, 61000, dst), udpFrom(t, ns, f.client, 61001, dst)
+			require.Contains(t, string(ask(t, a, "a1")), "a1", "a's first answer")
+			require.Contains(t, string(ask(t, c, "c1")), "c1", "c's first answer")
+			evictReplyHalfOf(t, ns, netip.AddrPortFrom(f.client, 61000))
+			// b's port is outside the range: it gets the only free one, 61000.
+			b := udpFrom(t, ns, f.client, 0, dst)
+			require.Contains(t, string(ask(t, b, "b1")), "b1", "b's first answer")
+
+			before := ns.Counters(t, 0)
+			_, err := a.Write([]byte("a2"))
+			require.NoError(t, err)
+			require.NoError(t, b.SetReadDeadline(time.Now().Add(500*time.Millisecond)))
+			buf := make([]byte, 1500)
+			n, err := b.Read(buf)
+			assert.Error(t, err, "b hears nothing of a's flow (got %q)", buf[:n])
+			assert.Positive(t, grew(before, ns.Counters(t, 0), "nat_exhausted"), "a found no port of its own")
+		})
+	}
+}
+
+// udpFrom is a UDP socket of the external client, from port (0: any),
+// connected to dst; closed when the test ends.
+func udpFrom(t *testing.T, ns *cluster.NorthSouth, addr netip.Addr, port uint16, dst netip.AddrPort) *net.UDPConn {
+	var c *net.UDPConn
+	err := ns.Topo.External.Do(func() error {
+		var err error
+		c, err = net.DialUDP("udp", net.UDPAddrFromAddrPort(netip.AddrPortFrom(addr, port)), net.UDPAddrFromAddrPort(dst))
+		return err
+	})
+	require.NoError(t, err, "UDP socket from %s port %d", addr, port)
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+func ask(t *testing.T, c *net.UDPConn, msg string) []byte {
+	_, err := c.Write([]byte(msg))
+	require.NoError(t, err, "send %q", msg)
+	require.NoError(t, c.SetReadDeadline(time.Now().Add(timeout)))
+	buf := make([]byte, 1500)
+	n, err := c.Read(buf)
+	require.NoError(t, err, "answer to %q", msg)
+	return buf[:n]
+}
+
+// evictReplyHalfOf deletes the reply half of client's mapping on node 0,
+// as the NAT map's LRU may.
+func evictReplyHalfOf(t *testing.T, ns *cluster.NorthSouth, client netip.AddrPort) {
+	nat := ns.Nodes[0].DP.Maps.NAT
+	addr, _ := maps.AddrFrom(client.Addr())
+	var k maps.CTKey
+	var v maps.NATEntry
+	it := nat.Iterate()
+	for it.Next(&k, &v) {
+		if k.Flags == maps.NATFlagOut && k.SAddr == addr && k.SPort == maps.NewBE16(client.Port()) {
+			in := maps.CTKey{SAddr: k.DAddr, DAddr: v.Addr, SPort: k.DPort, DPort: v.Port, Proto: k.Proto, Family: k.Family, Flags: maps.NATFlagIn}
+			require.NoError(t, nat.Delete(&in), "evict %s's reply half", client)
+			return
+		}
+	}
+	require.NoError(t, it.Err())
+	t.Fatalf("no mapping of %s on node 0", client)
 }
 
 // clientSeq is the next sequence number node 0 saw the client at local
