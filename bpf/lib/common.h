@@ -64,6 +64,10 @@ struct pkt {
 	__u8 proto;
 	__u8 tcp_flags;
 	__u8 frag;
+	/* TCP: the segment's sequence number and the one after it (SYN and
+	 * FIN count one), host order, for conntrack's RST window. */
+	__u32 tcp_seq;
+	__u32 tcp_end;
 };
 
 #define TCPF_FIN 0x01
@@ -192,6 +196,13 @@ static __always_inline int parse_packet(struct __ctx_buff *ctx, struct pkt *p)
 		__builtin_memcpy(&p->sport, &hdr[0], 2);
 		__builtin_memcpy(&p->dport, &hdr[2], 2);
 		p->tcp_flags = hdr[13];
+		__builtin_memcpy(&p->tcp_seq, &hdr[4], 4);
+		p->tcp_seq = bpf_ntohl(p->tcp_seq);
+		/* The frame's length may include link padding: a few bytes more
+		 * than the payload, which the window absorbs. */
+		__u32 hlen = p->l4_off + (hdr[12] >> 4) * 4, len = ctx_len(ctx);
+		p->tcp_end = p->tcp_seq + (len > hlen ? len - hlen : 0) + !!(p->tcp_flags & TCPF_SYN) +
+			     !!(p->tcp_flags & TCPF_FIN);
 	} else if (p->proto == IPPROTO_UDP) {
 		__be16 ports[2];
 

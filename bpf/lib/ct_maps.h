@@ -28,10 +28,16 @@ enum ct_state_bits {
 	CT_S_FWD_FIN = 0x04,
 	CT_S_REV_FIN = 0x08,
 	CT_S_RST = 0x10,
+	/* fwd_seq / rev_seq hold the sender's next sequence number. */
+	CT_S_FWD_SEQ = 0x20,
+	CT_S_REV_SEQ = 0x40,
 	/* How this node forwards a north-south flow to a remote backend. */
 	CT_S_NS_SNAT = 0x100,
 	CT_S_NS_DSR = 0x200,
 	CT_S_NS_DSR_IPIP = 0x400,
+	/* A DSR flow learned on the backend's node: a flow entry without a
+	 * service entry, by design. */
+	CT_S_NS_LEARNED = 0x800,
 };
 
 #define CT_S_NS_MASK (CT_S_NS_SNAT | CT_S_NS_DSR | CT_S_NS_DSR_IPIP)
@@ -46,6 +52,9 @@ struct ct_entry {
 	__be16 nat_port;
 	__u16 state;
 	__u32 backend_id;
+	/* TCP: the next sequence number each side was seen to send. */
+	__u32 fwd_seq;
+	__u32 rev_seq;
 };
 
 /* Conntrack zones: in the node-device objects (bpf_host.c, the XDP one)

@@ -236,7 +236,7 @@ static __always_inline void dsr_learn(struct __ctx_buff *ctx, const struct pkt *
 	ct_key_init(&k, &p->saddr, &p->daddr, p->sport, p->dport, p, 0);
 	struct ct_entry *e = bpf_map_lookup_elem(&sp_ct, &k);
 	if (!e || !addr_equal(&e->nat_addr, &d->addr) || e->nat_port != d->port || ct_is_reopen(e, p)) {
-		struct ct_entry n = {.nat_addr = d->addr, .nat_port = d->port, .state = d->state};
+		struct ct_entry n = {.nat_addr = d->addr, .nat_port = d->port, .state = d->state | CT_S_NS_LEARNED};
 
 		if (bpf_map_update_elem(&sp_ct, &k, &n, BPF_ANY) < 0) {
 			count(METRIC_CT_CREATE_FAILED);

@@ -4,6 +4,8 @@
  * lb.h. */
 #pragma once
 
+#include <linux/errno.h>
+
 #include "common.h"
 #include "config.h"
 #include "conntrack.h"
@@ -84,7 +86,8 @@ enum lb_client_scope {
 
 /* The service entry of an established flow, and in *flow its flow entry
  * (fkey), while the flow is live and its backend is still the service's;
- * 0 when the flow must pick a backend afresh. */
+ * 0 when the flow must pick a backend afresh, its stale service entry
+ * then deleted for lb_open to claim the tuple anew. */
 static __always_inline struct ct_entry *lb_established(const struct pkt *p, const struct ct_key *skey,
 							struct ct_key *fkey, struct ct_entry **flow)
 {
@@ -100,18 +103,20 @@ static __always_inline struct ct_entry *lb_established(const struct pkt *p, cons
 	*flow = bpf_map_lookup_elem(&sp_ct, fkey);
 	if (ct_expired(svc_ct, *flow) || ct_is_reopen(*flow ? *flow : svc_ct, p)) {
 		count(METRIC_CT_REOPEN);
-		return 0;
-	}
-	if (!lb_backend_alive(svc_ct->backend_id, &svc_ct->nat_addr, svc_ct->nat_port)) {
+	} else if (!lb_backend_alive(svc_ct->backend_id, &svc_ct->nat_addr, svc_ct->nat_port)) {
 		count(METRIC_BACKEND_GONE);
-		return 0;
+	} else {
+		return svc_ct;
 	}
-	return svc_ct;
+	bpf_map_delete_elem(&sp_ct, skey);
+	return 0;
 }
 
 /* Opens a flow to the service p is sent to: picks an active backend into
- * r and records it in the service entry skey. A verdict when p opens no
- * flow (no service, refused, no backend), -1 when r names the backend. */
+ * r and records it in the service entry skey. A
+ * verdict when p opens no flow (no service, refused, no backend), -1 when
+ * r names the backend: its own pick (r->new_flow), or the one another CPU
+ * opening the same flow at once recorded first. */
 static __always_inline int lb_open(struct __ctx_buff *ctx, const struct pkt *p, struct lb_result *r,
 				   enum lb_client_scope from, const struct ct_key *skey)
 {
@@ -153,19 +158,33 @@ static __always_inline int lb_open(struct __ctx_buff *ctx, const struct pkt *p, 
 		count(METRIC_SLOT_MISSING);
 		return CTX_ACT_DROP;
 	}
-	r->t.addr = b->addr;
-	r->t.port = b->port;
-	r->t.backend_id = id;
 	r->svc_flags = svc->flags;
-	r->new_flow = 1;
 
+	/* Alive from the start: another CPU may read it before this one
+	 * accounts the packet. */
 	struct ct_entry e = {
+		.expires = bpf_ktime_get_ns() + ct_lifetime_ns(0, p->proto),
 		.nat_addr = b->addr,
 		.nat_port = b->port,
 		.backend_id = id,
 	};
-	if (bpf_map_update_elem(&sp_ct, skey, &e, BPF_ANY) < 0)
+	/* A new tuple is claimed, not overwritten: two CPUs opening the same
+	 * flow at once (a UDP client's first datagrams) both use the entry
+	 * the first wrote, so its backend and SNAT port. */
+	int err = bpf_map_update_elem(&sp_ct, skey, &e, BPF_NOEXIST);
+	struct ct_entry *won = err == -EEXIST ? bpf_map_lookup_elem(&sp_ct, skey) : 0;
+	if (won) {
+		r->t.addr = won->nat_addr;
+		r->t.port = won->nat_port;
+		r->t.backend_id = won->backend_id;
+		return -1;
+	}
+	if (err < 0 && err != -EEXIST)
 		count(METRIC_CT_CREATE_FAILED);
+	r->t.addr = b->addr;
+	r->t.port = b->port;
+	r->t.backend_id = id;
+	r->new_flow = 1;
 	return -1;
 }
 
@@ -197,19 +216,21 @@ static __always_inline int lb_translate(struct __ctx_buff *ctx, struct pkt *p, s
 			return ret;
 		svc_ct = bpf_map_lookup_elem(&sp_ct, &skey);
 		ct_key_init(&fkey, &p->saddr, &t->addr, p->sport, t->port, p, 0);
-		flow = 0;
+		flow = r->new_flow ? 0 : bpf_map_lookup_elem(&sp_ct, &fkey);
 	}
 	if (!flow) {
 		/* New, re-selected, or evicted: start the flow's state afresh,
 		 * but an evicted flow keeps the north-south path its service
-		 * entry remembers. */
+		 * entry remembers. Only a flow this CPU opened overwrites an
+		 * entry of the tuple. */
 		struct ct_entry e = {
 			.nat_addr = p->daddr,
 			.nat_port = p->dport,
 			.backend_id = t->backend_id,
 			.state = (!r->new_flow && svc_ct) ? svc_ct->state & CT_S_NS_MASK : 0,
 		};
-		if (bpf_map_update_elem(&sp_ct, &fkey, &e, BPF_ANY) < 0)
+		int err = bpf_map_update_elem(&sp_ct, &fkey, &e, r->new_flow ? BPF_ANY : BPF_NOEXIST);
+		if (err < 0 && err != -EEXIST)
 			count(METRIC_CT_CREATE_FAILED);
 		flow = bpf_map_lookup_elem(&sp_ct, &fkey);
 	}

@@ -57,6 +57,8 @@ enum metric {
 	METRIC_ITP_LOCAL_DROP,    /* internalTrafficPolicy Local without local backends: dropped */
 	METRIC_NP_HOST,           /* north-south: packet for a backend at this node's own address (hostNetwork): up the stack */
 	METRIC_ICMP_TO_BACKEND,   /* ICMP error about a reply of a flow without SNAT (DNAT only, hairpin) sent on to its backend */
+	METRIC_CT_RST_OUT_OF_WINDOW, /* TCP RST far from its sender's next sequence number: passed, flow kept open */
+	METRIC_NAT_RELEASED,      /* SNAT mapping released with its flow's last packet (RST, or the ACK after both FINs) */
 	METRIC_MAX,
 };
 

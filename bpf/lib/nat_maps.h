@@ -11,7 +11,8 @@
  *    DNAT): addr/port is the node's address and port the source became;
  *  - NAT_F_IN, keyed by the reply's tuple (backend to node:port): addr/port
  *    is the client's, written back as the destination.
- * The GC deletes both once the flow's conntrack entry is gone. */
+ * The datapath deletes both at a TCP flow's last packet (snat_release),
+ * the GC once the flow's conntrack entry is gone or expired. */
 #define NAT_F_OUT 0x02
 #define NAT_F_IN 0x04
 

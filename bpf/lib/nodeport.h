@@ -228,7 +228,8 @@ static __always_inline int np_reply(struct __ctx_buff *ctx, struct pkt *p)
 	if (p->proto == (p->family == SP_AF_INET ? IPPROTO_ICMP : IPPROTO_ICMPV6))
 		return np_icmp_error(ctx, p);
 
-	int ret = snat_reverse(ctx, p);
+	struct ct_key in;
+	int ret = snat_reverse(ctx, p, &in);
 
 	if (ret == 0)
 		return -1;
@@ -240,6 +241,7 @@ static __always_inline int np_reply(struct __ctx_buff *ctx, struct pkt *p)
 	ret = lb_reply(ctx, p);
 	if (ret != CTX_ACT_OK)
 		return ret;
+	snat_release_after_reply(&in, p);
 	return np_redirect(ctx, p);
 }
 
@@ -334,7 +336,7 @@ static __always_inline int np_from_netdev(struct __ctx_buff *ctx, struct pkt *p)
 		}
 		return np_send(ctx, &nh);
 	}
-	if (snat_forward(ctx, p, node) != 0)
+	if (snat_forward(ctx, p, node, r.flow && ct_done(r.flow->state, p)) != 0)
 		return CTX_ACT_DROP;
 	count(METRIC_NP_SNAT);
 	return np_send(ctx, &nh);

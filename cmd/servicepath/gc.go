@@ -40,7 +40,7 @@ func cmdGC(fs *pflag.FlagSet, o output) func() error {
 				}
 				fmt.Fprintf(o.out, "gc %s: scanned %d, deleted %d expired entries, %d orphaned\n", z.Name, res.Scanned, res.Deleted, res.Orphans)
 			}
-			nat, err := ct.GCNAT(m)
+			nat, err := ct.GCNAT(m, now)
 			if err != nil {
 				return err
 			}

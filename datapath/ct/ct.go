@@ -56,6 +56,7 @@ func StateNames(s uint16) []string {
 		{maps.CTNSSNAT, "ns-snat"},
 		{maps.CTNSDSR, "ns-dsr"},
 		{maps.CTNSDSRIPIP, "ns-dsr-ipip"},
+		{maps.CTNSLearned, "ns-learned"},
 		{maps.CTRst, "rst"},
 	} {
 		if s&b.bit != 0 {

@@ -14,12 +14,16 @@ import (
 // at most a budget of entries with BPF_MAP_LOOKUP_BATCH, starting where the
 // previous pass stopped (a hash map's batch cursor is a bucket index, so it
 // stays valid while the datapath inserts and the LRU evicts), and deletes
-// what expired with one BPF_MAP_DELETE_BATCH. A flow's two entries go
-// together: an expired entry whose partner is alive stays (the datapath
-// refreshes only the flow entry on replies), and deleting an entry takes
-// its expired partner with it even when the partner lies outside the slice.
+// what expired. A flow's two entries go together: an expired entry whose
+// partner is alive stays (the datapath refreshes only the flow entry on
+// replies), and deleting an entry takes its expired partner with it even
+// when the partner lies outside the slice. Each is deleted with
+// BPF_MAP_LOOKUP_AND_DELETE_ELEM, so only what was expired goes: a flow
+// the datapath refreshed or reopened between the read and the delete is
+// put back (takeExpired).
 //
-// Unexpired entries whose partner is missing (orphans) are counted: the
+// Unexpired entries whose partner is missing (orphans) are counted (DSR
+// flows learned on the backend's node have none by design): the
 // datapath writes and GC deletes the two together, so an orphan means the
 // LRU evicted one half of a live flow (or the datapath forgot a reused
 // tuple, ct_tuple_reused). It is the eviction signal user space can see.
@@ -55,6 +59,9 @@ type PassResult struct {
 	Orphans int
 	// Expired entries kept because their partner is alive.
 	KeptForPartner int
+	// PutBack are entries taken for deletion that the datapath had
+	// refreshed or reopened since the pass read them: written back.
+	PutBack int
 	// Wrapped is set when the pass reached the end of the map: a sweep of
 	// the whole map completed.
 	Wrapped bool
@@ -116,16 +123,32 @@ func (c *Collector) Pass(now uint64, budget int) (PassResult, error) {
 		return pk, pv, true
 	}
 
+	// A flow's entries go together, and only as they are when taken: an
+	// entry the datapath refreshed or reopened since it was read here puts
+	// the pair back.
 	del := map[maps.CTKey]bool{}
-	var doomed []maps.CTKey
-	doom := func(k maps.CTKey) {
-		if !del[k] {
-			del[k] = true
-			doomed = append(doomed, k)
+	var pairs [][]maps.CTKey
+	doom := func(ks ...maps.CTKey) {
+		var pair []maps.CTKey
+		for _, k := range ks {
+			if !del[k] {
+				del[k] = true
+				pair = append(pair, k)
+			}
+		}
+		if len(pair) > 0 {
+			pairs = append(pairs, pair)
 		}
 	}
 	for _, k := range order {
 		v := seen[k]
+		if learned(k, v) {
+			// No partner by design: it lives and goes alone.
+			if v.Expires <= now {
+				doom(k)
+			}
+			continue
+		}
 		pk, pv, ok := partner(k, v)
 		switch {
 		case v.Expires > now:
@@ -134,25 +157,32 @@ func (c *Collector) Pass(now uint64, budget int) (PassResult, error) {
 			}
 		case ok && pv.Expires > now:
 			res.KeptForPartner++
+		case ok:
+			doom(k, pk)
 		default:
 			doom(k)
-			if ok {
-				doom(pk)
+		}
+	}
+	var err error
+	for _, pair := range pairs {
+		gone, back, terr := c.takeExpired(pair, now)
+		if err = terr; err != nil {
+			break
+		}
+		res.Deleted += len(gone)
+		res.PutBack += back
+		// A partner deleted outside the slice was read by an earlier pass
+		// of this sweep or will not be read by a later one: count half of
+		// them.
+		for _, k := range gone {
+			if _, read := scanned[k]; read {
+				c.sweepDeleted += 2
+			} else {
+				c.sweepDeleted++
 			}
 		}
 	}
-	deleted, err := c.deleteAll(doomed)
-	res.Deleted = deleted
-	c.deletedSince += deleted
-	// A partner deleted outside the slice was read by an earlier pass of
-	// this sweep or will not be read by a later one: count half of them.
-	for _, k := range doomed {
-		if _, read := scanned[k]; read {
-			c.sweepDeleted += 2
-		} else {
-			c.sweepDeleted++
-		}
-	}
+	c.deletedSince += res.Deleted
 	if res.Wrapped {
 		// What the sweep read, less what it deleted.
 		c.LastSweep = max(c.sweepSeen-c.sweepDeleted/2, 0)
@@ -161,23 +191,67 @@ func (c *Collector) Pass(now uint64, budget int) (PassResult, error) {
 	return res, err
 }
 
-// deleteAll deletes keys in batches; keys the datapath removed meanwhile
-// are skipped.
-func (c *Collector) deleteAll(keys []maps.CTKey) (int, error) {
-	deleted := 0
-	for len(keys) > 0 {
-		n, err := c.m.BatchDelete(keys, nil)
-		deleted += n
-		switch {
-		case err == nil:
-			return deleted, nil
-		case errors.Is(err, ebpf.ErrKeyNotExist):
-			keys = keys[n+1:] // gone already: skip it
-		default:
-			return deleted, fmt.Errorf("batch delete conntrack: %w", err)
+// takeExpired deletes a flow's entries (one, or a pair) and returns the
+// keys deleted. When, as taken, an entry is no longer expired (the
+// datapath refreshed it, or reopened the tuple, since the pass read it),
+// what was taken is put back instead (back counts it). Keys the datapath
+// removed meanwhile are skipped.
+func (c *Collector) takeExpired(keys []maps.CTKey, now uint64) (gone []maps.CTKey, back int, err error) {
+	var taken []maps.CTKey
+	var vals []maps.CTEntry
+	live := false
+	for _, k := range keys {
+		var v maps.CTEntry
+		ok, err := take(c.m, &k, &v)
+		if err != nil {
+			return taken, 0, fmt.Errorf("delete from conntrack: %w", err)
+		}
+		if ok {
+			taken, vals = append(taken, k), append(vals, v)
+			live = live || v.Expires > now
 		}
 	}
-	return deleted, nil
+	if !live {
+		return taken, 0, nil
+	}
+	for i := range taken {
+		if err := putBack(c.m, &taken[i], &vals[i]); err != nil {
+			return nil, i, fmt.Errorf("put back into conntrack: %w", err)
+		}
+	}
+	return nil, len(taken), nil
+}
+
+// take deletes k and reads what it held at that moment (false: it was
+// gone). Kernels without BPF_MAP_LOOKUP_AND_DELETE_ELEM for hash maps
+// (before 5.14) read, then delete: what the datapath writes in between is
+// lost.
+func take(m *ebpf.Map, k, v any) (bool, error) {
+	err := m.LookupAndDelete(k, v)
+	if errors.Is(err, ebpf.ErrNotSupported) {
+		if err = m.Lookup(k, v); err == nil {
+			err = m.Delete(k)
+		}
+	}
+	if errors.Is(err, ebpf.ErrKeyNotExist) {
+		return false, nil
+	}
+	return err == nil, err
+}
+
+// putBack writes a taken entry back unless the datapath wrote the key
+// anew since, whose entry is newer.
+func putBack(m *ebpf.Map, k, v any) error {
+	if err := m.Update(k, v, ebpf.UpdateNoExist); err != nil && !errors.Is(err, ebpf.ErrKeyExist) {
+		return err
+	}
+	return nil
+}
+
+// learned says a flow entry was learned from DSR on the backend's node,
+// where the client's service entry is the entry node's.
+func learned(k maps.CTKey, v maps.CTEntry) bool {
+	return k.Flags&maps.CTFlagService == 0 && v.State&maps.CTNSLearned != 0
 }
 
 // Estimate is the occupancy estimate without a walk: the last complete
@@ -212,8 +286,10 @@ type Signals struct {
 	// Fill is estimated entries over capacity (negative: unknown).
 	Fill float64
 	// NewFlows and CreateFailed are the growth of lb_new and
-	// ct_create_failed since the previous pass.
-	NewFlows, CreateFailed uint64
+	// ct_create_failed since the previous pass, NATExhausted that of
+	// nat_exhausted (SNAT found no free port: flows gone but not yet
+	// collected may hold them).
+	NewFlows, CreateFailed, NATExhausted uint64
 	// MaxEntries is the map's capacity.
 	MaxEntries int
 	// Last is the previous pass.
@@ -223,10 +299,10 @@ type Signals struct {
 // Pacer chooses the next GC interval and budget from Signals. Calm: the
 // base interval, and a budget that sweeps the map once every SweepPasses
 // passes. Under pressure (fill at or above HighFill, insertions failing,
-// orphans seen, a pass finding many expired entries, or new flows that
-// would fill the map before the next pass) the interval quarters down to
-// Min and the budget covers the whole map; calm again, the interval
-// doubles back up to Base.
+// SNAT ports exhausted, orphans seen, a pass finding many expired entries,
+// or new flows that would fill the map before the next pass) the interval
+// quarters down to Min and the budget covers the whole map; calm again,
+// the interval doubles back up to Base.
 type Pacer struct {
 	Base, Min   time.Duration
 	SweepPasses int
@@ -258,6 +334,8 @@ func (p *Pacer) Next(s Signals) Decision {
 	switch {
 	case s.CreateFailed > 0:
 		reason = fmt.Sprintf("%d conntrack insertions failed", s.CreateFailed)
+	case s.NATExhausted > 0:
+		reason = fmt.Sprintf("%d packets found no free SNAT port", s.NATExhausted)
 	case s.Last.Orphans > 0:
 		reason = fmt.Sprintf("%d orphaned entries (LRU evictions)", s.Last.Orphans)
 	case s.Fill >= p.HighFill:
@@ -312,7 +390,7 @@ func ReadPressure(m *ebpf.Map, now uint64) (Pressure, error) {
 	for k, v := range all {
 		if v.Expires <= now {
 			p.Expired++
-		} else if _, ok := all[pairKey(k, v)]; !ok {
+		} else if _, ok := all[pairKey(k, v)]; !ok && !learned(k, v) {
 			p.Orphans++
 		}
 	}

@@ -103,6 +103,34 @@ func TestCollectorCountsOrphans(t *testing.T) {
 	assert.Zero(t, res.Deleted, "unexpired orphans stay: replies still need them")
 }
 
+// A DSR flow learned on the backend's node is a flow entry whose service
+// entry is on the entry node: no orphan, and it expires alone.
+func TestCollectorLearnedDSRFlowsAreNoOrphans(t *testing.T) {
+	env := newEnv(t)
+	require.NoError(t, env.Reset(), "reset maps")
+	n := now(t)
+	client, fam := maps.AddrFrom(netip.MustParseAddr("198.18.254.100"))
+	pod, _ := maps.AddrFrom(netip.MustParseAddr("198.18.0.11"))
+	lb, _ := maps.AddrFrom(netip.MustParseAddr("198.19.1.10"))
+	for i, exp := range []uint64{n + uint64(time.Hour), n - 1} {
+		k := maps.CTKey{SAddr: client, DAddr: pod, SPort: maps.NewBE16(uint16(40000 + i)), DPort: maps.NewBE16(8080), Proto: 6, Family: fam}
+		v := maps.CTEntry{Expires: exp, NATAddr: lb, NATPort: maps.NewBE16(80), State: maps.CTNSDSR | maps.CTNSLearned}
+		require.NoError(t, env.DP.Maps.CT.Put(&k, &v), "write a learned flow")
+	}
+	p, err := ct.ReadPressure(env.DP.Maps.CT, n)
+	require.NoError(t, err, "read pressure")
+	assert.Equal(t, ct.Pressure{Entries: 2, MaxEntries: 4096, Expired: 1}, p, "a live learned flow is no orphan")
+
+	c := ct.NewCollector(env.DP.Maps.CT)
+	res, err := c.Pass(n, 0)
+	require.NoError(t, err, "pass")
+	assert.Zero(t, res.Orphans, "the pass counts no orphan")
+	assert.Equal(t, 1, res.Deleted, "the expired learned flow goes alone")
+	assert.Zero(t, res.Lookups, "no partner is looked for")
+	d := ct.DefaultPacer(time.Minute).Next(ct.Signals{Fill: 0.01, MaxEntries: 4096, Last: res})
+	assert.Empty(t, d.Pressure, "learned flows put the GC under no pressure")
+}
+
 func TestPacer(t *testing.T) {
 	p := ct.DefaultPacer(32 * time.Second)
 	calm := p.Next(ct.Signals{Fill: 0.1, MaxEntries: 100000})
@@ -115,6 +143,9 @@ func TestPacer(t *testing.T) {
 
 	d = p.Next(ct.Signals{Fill: 0.1, MaxEntries: 100000, CreateFailed: 3})
 	assert.Equal(t, 2*time.Second, d.Interval, "failed insertions quarter it again")
+	d = p.Next(ct.Signals{Fill: 0.1, MaxEntries: 100000, NATExhausted: 2})
+	assert.Equal(t, time.Second, d.Interval, "SNAT exhaustion quarters it down to the minimum")
+	assert.Contains(t, d.Pressure, "no free SNAT port", "the reason is given")
 	d = p.Next(ct.Signals{Fill: 0.1, MaxEntries: 100000, Last: ct.PassResult{Orphans: 1}})
 	assert.Equal(t, time.Second, d.Interval, "orphans quarter it down to the minimum")
 	d = p.Next(ct.Signals{Fill: 0.3, MaxEntries: 100000, NewFlows: 40000})

@@ -143,7 +143,7 @@ func (l *Loop) pass(z *zoneGC) (LoopPass, error) {
 		return out, err
 	}
 	if z.NorthSouth {
-		if out.NAT, err = GCNAT(l.Maps); err != nil {
+		if out.NAT, err = GCNAT(l.Maps, now); err != nil {
 			return out, err
 		}
 	}
@@ -152,7 +152,7 @@ func (l *Loop) pass(z *zoneGC) (LoopPass, error) {
 	if err != nil {
 		return out, err
 	}
-	out.Signals = z.c.Signals(z.prev, cur, out.Result)
+	out.Signals = z.c.Signals(z.prev, cur, out.Result, z.NorthSouth)
 	z.prev = cur
 	if l.Fixed {
 		z.d = Decision{Interval: l.Base}
@@ -167,8 +167,9 @@ func (l *Loop) pass(z *zoneGC) (LoopPass, error) {
 // Signals turns two counter readings around a pass into the pacer's
 // input. lb_new and ct_create_failed count both zones together: each
 // zone's pacer sees all of them, so a flood in one zone can speed the
-// other's passes, never slow them.
-func (c *Collector) Signals(prev, cur map[string]uint64, res PassResult) Signals {
+// other's passes, never slow them. nat_exhausted goes to the zone holding
+// the north-south flows (northSouth), whose passes free SNAT ports.
+func (c *Collector) Signals(prev, cur map[string]uint64, res PassResult, northSouth bool) Signals {
 	maxEntries := int(c.m.MaxEntries())
 	s := Signals{
 		NewFlows:     cur["lb_new"] - prev["lb_new"],
@@ -176,6 +177,9 @@ func (c *Collector) Signals(prev, cur map[string]uint64, res PassResult) Signals
 		MaxEntries:   maxEntries,
 		Last:         res,
 		Fill:         -1,
+	}
+	if northSouth {
+		s.NATExhausted = cur["nat_exhausted"] - prev["nat_exhausted"]
 	}
 	if e := c.Estimate(0); e >= 0 && maxEntries > 0 {
 		s.Fill = float64(e) / float64(maxEntries)

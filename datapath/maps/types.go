@@ -174,9 +174,12 @@ const (
 	CTFwdFin      uint16 = 0x04
 	CTRevFin      uint16 = 0x08
 	CTRst         uint16 = 0x10
+	CTFwdSeq      uint16 = 0x20
+	CTRevSeq      uint16 = 0x40
 	CTNSSNAT      uint16 = 0x100
 	CTNSDSR       uint16 = 0x200
 	CTNSDSRIPIP   uint16 = 0x400
+	CTNSLearned   uint16 = 0x800
 )
 
 // NAT key flags, NAT_F_*: sp_nat is keyed by CTKey.
@@ -209,6 +212,8 @@ type CTEntry struct {
 	NATPort    BE16
 	State      uint16
 	BackendID  uint32
+	FwdSeq     uint32
+	RevSeq     uint32
 }
 
 // AffinityKey is struct lb_affinity_key.

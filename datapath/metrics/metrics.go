@@ -62,6 +62,8 @@ var Names = []string{
 	"itp_local_drop",
 	"np_host",
 	"icmp_to_backend",
+	"ct_rst_out_of_window",
+	"nat_released",
 }
 
 // Read sums each counter over CPUs, keyed by name.

@@ -223,6 +223,16 @@ type Output struct {
 // RunOn runs one packet through the hook as if it were on dev (nil: the
 // caller's netns, loopback).
 func (e *Env) RunOn(dev *Device, h Hook, pkt []byte) (Output, error) {
+	return e.run(dev, h, pkt, dev != nil)
+}
+
+// RunHere is RunOn from inside dev.Do: on the caller's thread, already in
+// dev's netns, for runs that must stay on one thread (one CPU).
+func (e *Env) RunHere(dev *Device, h Hook, pkt []byte) (Output, error) {
+	return e.run(dev, h, pkt, false)
+}
+
+func (e *Env) run(dev *Device, h Hook, pkt []byte, enter bool) (Output, error) {
 	prog, err := e.prog(h)
 	if err != nil {
 		return Output{}, err
@@ -248,10 +258,10 @@ func (e *Env) RunOn(dev *Device, h Hook, pkt []byte) (Output, error) {
 		ret, err = prog.Run(opts)
 		return err
 	}
-	if dev == nil {
-		err = run()
-	} else {
+	if enter {
 		err = dev.Do(run)
+	} else {
+		err = run()
 	}
 	if err != nil {
 		return Output{}, fmt.Errorf("run %s: %w", h, err)

@@ -43,6 +43,8 @@ type Opts struct {
 	DSR netip.AddrPort
 	// MTU is the next-hop MTU a FragNeeded error announces (0: 1400).
 	MTU uint16
+	// Seq is the TCP sequence number (0: 1000).
+	Seq uint32
 }
 
 // DSR option types (bpf/lib/dsr.h).
@@ -100,9 +102,12 @@ func withChecksumNet(l4 interface {
 	}
 }
 
-func tcpLayer(src, dst netip.AddrPort, f TCPFlags) *layers.TCP {
+func tcpLayer(src, dst netip.AddrPort, f TCPFlags, seq uint32) *layers.TCP {
+	if seq == 0 {
+		seq = 1000
+	}
 	return &layers.TCP{SrcPort: layers.TCPPort(src.Port()), DstPort: layers.TCPPort(dst.Port()),
-		Seq: 1000, Ack: map[bool]uint32{true: 2000}[f.ACK], DataOffset: 5, Window: 64240,
+		Seq: seq, Ack: map[bool]uint32{true: 2000}[f.ACK], DataOffset: 5, Window: 64240,
 		SYN: f.SYN, ACK: f.ACK, FIN: f.FIN, RST: f.RST, PSH: f.PSH}
 }
 
@@ -123,7 +128,7 @@ func L3(proto layers.IPProtocol, src, dst netip.AddrPort, f TCPFlags, payload []
 	var l4 gopacket.SerializableLayer
 	switch proto {
 	case layers.IPProtocolTCP:
-		t := tcpLayer(src, dst, f)
+		t := tcpLayer(src, dst, f, o.Seq)
 		withChecksumNet(t, ip)
 		l4 = t
 	case layers.IPProtocolUDP:

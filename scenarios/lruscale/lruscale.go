@@ -522,11 +522,11 @@ func MeasureGC(sizes []uint32) ([]GCCost, error) {
 			case "batched whole map":
 				var r ct.PassResult
 				r, err = ct.NewCollector(m).Pass(now, 0)
-				deleted, calls = r.Deleted, r.BatchCalls+r.Lookups+1
+				deleted, calls = r.Deleted, r.BatchCalls+r.Lookups+r.Deleted+r.PutBack
 			default:
 				var r ct.PassResult
 				r, err = ct.NewCollector(m).Pass(now, pairs*2/4)
-				deleted, calls = r.Deleted, r.BatchCalls+r.Lookups+1
+				deleted, calls = r.Deleted, r.BatchCalls+r.Lookups+r.Deleted+r.PutBack
 			}
 			wall := time.Since(start)
 			unix.Getrusage(unix.RUSAGE_THREAD, &r1)

@@ -325,6 +325,53 @@ func checkFlow(client, backend, svc netip.AddrPort, want ...string) func(t testi
 	}
 }
 
+// natEntries counts the NAT map's entries.
+func natEntries(t testing.TB, e *inject.Env) int {
+	n := 0
+	var k maps.CTKey
+	var v maps.NATEntry
+	it := e.DP.Maps.NAT.Iterate()
+	for it.Next(&k, &v) {
+		n++
+	}
+	require.NoError(t, it.Err(), "walk the NAT map")
+	return n
+}
+
+func natEntriesAre(n int) func(t testing.TB, e *inject.Env) {
+	return func(t testing.TB, e *inject.Env) { assert.Equal(t, n, natEntries(t, e), "entries in the NAT map") }
+}
+
+// stillOpen asserts the flow client -> backend is not closed and keeps
+// its SNAT mapping, both halves.
+func stillOpen(client, backend netip.AddrPort) func(t testing.TB, e *inject.Env) {
+	return func(t testing.TB, e *inject.Env) {
+		entries, err := ct.Dump(e.DP.Maps.NorthSouthCT())
+		require.NoError(t, err, "dump the north-south conntrack")
+		found := false
+		for _, en := range entries {
+			if !en.Service && en.Source == client && en.Dest == backend {
+				found = true
+				assert.NotContains(t, en.State, "rst", "the flow is not closed")
+			}
+		}
+		assert.True(t, found, "a flow entry %s -> %s exists", client, backend)
+		assert.Equal(t, 2, natEntries(t, e), "the flow keeps its out and reply mappings")
+	}
+}
+
+// evictReplyHalf deletes the reply mapping backend -> snatted, as the
+// NAT map's LRU may.
+func evictReplyHalf(backend, snatted netip.AddrPort) func(e *inject.Env) error {
+	return func(e *inject.Env) error {
+		b, fam := maps.AddrFrom(backend.Addr())
+		n, _ := maps.AddrFrom(snatted.Addr())
+		k := maps.CTKey{SAddr: b, DAddr: n, SPort: maps.NewBE16(backend.Port()), DPort: maps.NewBE16(snatted.Port()),
+			Proto: unix.IPPROTO_TCP, Family: fam, Flags: maps.NATFlagIn}
+		return e.DP.Maps.NAT.Delete(&k)
+	}
+}
+
 func netipPrefixNet(p netip.Prefix) *net.IPNet {
 	return &net.IPNet{IP: p.Addr().AsSlice(), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}
 }

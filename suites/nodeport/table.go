@@ -211,6 +211,10 @@ func (b *Bed) familyFixtures(f Family, via ingress) []inject.Fixture {
 	// SNAT keeps the client's port when it lies in the range and is free.
 	keepPorts := natPorts(ClientPort, ClientPort+1)
 	snatted := f.snat(ClientPort)
+	onePort := natPorts(ClientPort, ClientPort)
+	otherSyn := tcp(otherClient, f.nodePort(), packet.SYN, in)
+	// Half the sequence space away from what the fixtures' flows use.
+	blindSeq := packet.Opts{Seq: 1000 + 1<<31}
 	toPeer, toClient := hop{dst: b.PeerMAC}, hop{dst: b.ClientMAC}
 	counters := inject.CountersOf
 	// Two segments' worth, as GRO hands a merged frame to the stack (and
@@ -218,6 +222,14 @@ func (b *Bed) familyFixtures(f Family, via ingress) []inject.Fixture {
 	merged := make([]byte, 2*1448)
 	// Earlier packets of a row's flow enter as its packet does.
 	first := func(pkt []byte) func(e *inject.Env) error { return inject.Send(dev, via.hook, pkt) }
+	// A TCP flow to the remote backend, these packets into it.
+	snatFlow := func(pkts ...[]byte) func(e *inject.Env) error {
+		steps := []func(e *inject.Env) error{node, inject.Upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Remote}))}
+		for _, p := range pkts {
+			steps = append(steps, first(p))
+		}
+		return inject.Steps(steps...)
+	}
 	// An on-path router's address: any that is not the backend's.
 	router := f.Unroutable
 	l3 := func(frame []byte) []byte { return frame[14:] }
@@ -396,6 +408,68 @@ func (b *Bed) familyFixtures(f Family, via ingress) []inject.Fixture {
 		On:    dev,
 		Input: syn,
 	}, via.dropped(tcp(f.Client, remote, packet.SYN, in), counters("lb_new", 1, "nat_exhausted", 1))), via.row(inject.Fixture{
+		// With one port, the next client gets it only if the closed flow
+		// gave it back: its last ACK after both FINs does.
+		Name:   name("snat-port-freed-by-the-last-ack-after-both-fins"),
+		Config: onePort,
+		Setup:  snatFlow(otherSyn, tcp(remote, snatted, packet.SYNACK, in), tcp(otherClient, f.nodePort(), packet.FINACK, in), tcp(remote, snatted, packet.FINACK, in), tcp(otherClient, f.nodePort(), packet.ACK, in)),
+		On:     dev,
+		Input:  syn,
+	}, via.sent(toPeer, tcp(snatted, remote, packet.SYN, in), counters("lb_new", 1, "np_snat", 1, "nat_retry_0", 1))), via.row(inject.Fixture{
+		Name:   name("snat-port-freed-by-the-backends-last-ack"),
+		Config: onePort,
+		Setup:  snatFlow(otherSyn, tcp(remote, snatted, packet.SYNACK, in), tcp(remote, snatted, packet.FINACK, in), tcp(otherClient, f.nodePort(), packet.FINACK, in), tcp(remote, snatted, packet.ACK, in)),
+		On:     dev,
+		Input:  syn,
+	}, via.sent(toPeer, tcp(snatted, remote, packet.SYN, in), counters("lb_new", 1, "np_snat", 1, "nat_retry_0", 1))), via.row(inject.Fixture{
+		Name:   name("snat-port-freed-by-an-rst"),
+		Config: onePort,
+		Setup:  snatFlow(otherSyn, tcp(otherClient, f.nodePort(), packet.RSTACK, in)),
+		On:     dev,
+		Input:  syn,
+	}, via.sent(toPeer, tcp(snatted, remote, packet.SYN, in), counters("lb_new", 1, "np_snat", 1, "nat_retry_0", 1))), via.row(inject.Fixture{
+		// Both FINs seen, the mapping stays for the last ACK, which goes
+		// out on it and then frees it.
+		Name:   name("snat-last-ack-translated-then-its-mapping-freed"),
+		Config: keepPorts,
+		Setup:  snatFlow(syn, tcp(remote, snatted, packet.SYNACK, in), tcp(f.Client, f.nodePort(), packet.FINACK, in), tcp(remote, snatted, packet.FINACK, in)),
+		On:     dev,
+		Input:  tcp(f.Client, f.nodePort(), packet.ACK, in),
+		Check:  natEntriesAre(0),
+	}, via.sent(toPeer, tcp(snatted, remote, packet.ACK, in), counters("lb_established", 1, "np_snat", 1, "nat_released", 1))), via.row(inject.Fixture{
+		Name:   name("snat-backends-rst-back-to-client-then-its-mapping-freed"),
+		Config: keepPorts,
+		Setup:  snatFlow(syn, tcp(remote, snatted, packet.SYNACK, in)),
+		On:     dev,
+		Input:  tcp(remote, snatted, packet.RSTACK, in),
+		Check:  natEntriesAre(0),
+	}, via.sent(toClient, tcp(f.nodePort(), f.Client, packet.RSTACK, in), counters("np_rev_snat", 1, "rev_nat", 1, "nat_released", 1))), via.row(inject.Fixture{
+		// An RST far from the sequence numbers the client was seen to use
+		// (blind, or stale) goes on to the backend, which judges it itself,
+		// and closes nothing here.
+		Name:   name("out-of-window-rst-keeps-the-flow-and-its-port"),
+		Config: keepPorts,
+		Setup:  snatFlow(syn, tcp(remote, snatted, packet.SYNACK, in)),
+		On:     dev,
+		Input:  tcp(f.Client, f.nodePort(), packet.RSTACK, blindSeq),
+		Check:  stillOpen(f.Client, remote),
+	}, via.sent(toPeer, tcp(snatted, remote, packet.RSTACK, blindSeq), counters("lb_established", 1, "np_snat", 1, "ct_rst_out_of_window", 1))), via.row(inject.Fixture{
+		Name:   name("out-of-window-rst-from-backend-keeps-the-flow-and-its-port"),
+		Config: keepPorts,
+		Setup:  snatFlow(syn, tcp(remote, snatted, packet.SYNACK, in)),
+		On:     dev,
+		Input:  tcp(remote, snatted, packet.RSTACK, blindSeq),
+		Check:  stillOpen(f.Client, remote),
+	}, via.sent(toClient, tcp(f.nodePort(), f.Client, packet.RSTACK, blindSeq), counters("np_rev_snat", 1, "rev_nat", 1, "ct_rst_out_of_window", 1))), via.row(inject.Fixture{
+		// The flow's reply half was evicted and another client took its
+		// port: the flow moves to a free port rather than share it.
+		Name:   name("snat-out-mapping-without-its-reply-half-gets-a-new-port"),
+		Config: keepPorts,
+		Setup: inject.Steps(node, inject.Upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Remote})),
+			first(syn), evictReplyHalf(remote, snatted), first(otherSyn)),
+		On:    dev,
+		Input: tcp(f.Client, f.nodePort(), packet.ACK, in),
+	}, via.sent(toPeer, tcp(f.snat(ClientPort+1), remote, packet.ACK, in), nil)), via.row(inject.Fixture{
 		Name:   name("snat-to-an-unresolved-next-hop"),
 		Config: keepPorts,
 		Setup:  inject.Steps(node, inject.Upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Unresolved}))),
@@ -449,13 +523,13 @@ func (b *Bed) familyFixtures(f Family, via ingress) []inject.Fixture {
 		Setup: node,
 		On:    dev,
 		Input: tcp(f.Client, local, packet.SYN, packet.Opts{DSR: f.lb()}),
-		Check: checkFlow(f.Client, local, f.lb(), "ns-dsr"),
+		Check: checkFlow(f.Client, local, f.lb(), "ns-dsr", "ns-learned"),
 	}, via.local(nil, counters("dsr_learned", 1, "np_local", 1))), via.row(inject.Fixture{
 		Name:  name("backend-node-decapsulates-ipip"),
 		Setup: node,
 		On:    dev,
 		Input: packet.WithEthernet(packet.Tunnel(f.lb(), f.Local, packet.L3(6, f.Client, local, packet.SYN, payload, in)), false),
-		Check: checkFlow(f.Client, local, f.lb(), "ns-dsr", "ns-dsr-ipip"),
+		Check: checkFlow(f.Client, local, f.lb(), "ns-dsr", "ns-dsr-ipip", "ns-learned"),
 	}, via.local(tcp(f.Client, local, packet.SYN, in), counters("dsr_learned", 1, "np_local", 1))), {
 		Name:     name("backend-node-answers-dsr-from-the-service"),
 		Setup:    inject.Steps(node, first(tcp(f.Client, local, packet.SYN, packet.Opts{DSR: f.lb()}))),
