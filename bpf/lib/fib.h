@@ -6,7 +6,8 @@
  *  - Anywhere else: bpf_fib_lookup for the egress device, then
  *    bpf_redirect_neigh, which has the kernel resolve the neighbour.
  *  - Whatever the FIB cannot forward (the node's own addresses, link-local
- *    and multicast, no route, fragmentation needed) goes up the stack. */
+ *    and multicast, no route, fragmentation needed) goes up the stack.
+ * What BPF forwards skips ip_forward, so it does its TTL work (fwd_ttl). */
 #pragma once
 
 #include "common.h"
@@ -41,6 +42,45 @@ static __always_inline int host_route_link_scope(const struct pkt *p)
 	return p->daddr.addr[0] == 0xff || (p->daddr.addr[0] == 0xfe && (p->daddr.addr[1] & 0xc0) == 0x80);
 }
 
+/* ip_forward's TTL / hop limit step, for what BPF forwards instead: 0
+ * when decremented (the IPv4 checksum updated incrementally); 1 when it
+ * would leave with 0, untouched: the caller hands it to the stack, whose
+ * ip_forward answers with time exceeded (or, for an ICMP error, drops
+ * it), or drops it where the stack could not take it; -1 on failure.
+ * Both are counted. */
+static __always_inline int fwd_ttl(struct __ctx_buff *ctx, const struct pkt *p)
+{
+	__u32 off = p->l3_off + (p->family == SP_AF_INET ? offsetof(struct iphdr, ttl) : offsetof(struct ipv6hdr, hop_limit));
+	__u8 ttl;
+
+	if (ctx_load_bytes(ctx, off, &ttl, 1) < 0)
+		goto malformed;
+	if (ttl <= 1) {
+		count(METRIC_TTL_EXCEEDED);
+		return 1;
+	}
+	ttl--;
+	/* The IPv4 checksum sums 16-bit words: TTL is the high byte of its
+	 * word, so the word drops by 0x0100. */
+	if (p->family == SP_AF_INET &&
+	    ctx_l3_csum_replace(ctx, p->l3_off + offsetof(struct iphdr, check), bpf_htons((ttl + 1) << 8),
+				bpf_htons(ttl << 8), 2) < 0)
+		goto malformed;
+	if (ctx_store_bytes(ctx, off, &ttl, 1, 0) < 0)
+		goto malformed;
+	return 0;
+malformed:
+	count(METRIC_MALFORMED);
+	return -1;
+}
+
+/* The verdict of a packet fwd_ttl would not have BPF forward (ret not 0):
+ * expiring, to the stack; unreadable, dropped. */
+static __always_inline int fwd_ttl_verdict(int ret)
+{
+	return ret > 0 ? CTX_ACT_OK : CTX_ACT_DROP;
+}
+
 /* Rewrites the frame for a local pod and sends it: into the pod with
  * bpf_redirect_peer when peer (tc ingress only), else to the egress of its
  * host device, where its to-pod program runs. */
@@ -70,9 +110,14 @@ static __always_inline int redirect_to_pod(struct __ctx_buff *ctx, const struct 
 static __always_inline int host_route_local(struct __ctx_buff *ctx, struct pkt *p, const struct endpoint_info *src,
 					    const struct endpoint_info *dst)
 {
+	/* Before lb_reply: an expiring reply goes to the stack as it was, and
+	 * the to-pod program translates the stack's error about it. */
+	int ret = fwd_ttl(ctx, p);
+	if (ret)
+		return fwd_ttl_verdict(ret);
 	if (!(src->flags & EP_F_TC_INGRESS))
 		return redirect_to_pod(ctx, dst, 0);
-	int ret = lb_reply(ctx, p);
+	ret = lb_reply(ctx, p);
 	if (ret != CTX_ACT_OK)
 		return ret;
 	return redirect_to_pod(ctx, dst, 1);
@@ -136,6 +181,9 @@ static __always_inline int host_route_remote(struct __ctx_buff *ctx, const struc
 		count(METRIC_FIB_PASS);
 		return CTX_ACT_OK;
 	}
+	int ret = fwd_ttl(ctx, p);
+	if (ret)
+		return fwd_ttl_verdict(ret);
 	return redirect_neigh(nh.ifindex);
 }
 

@@ -57,6 +57,7 @@ enum metric {
 	METRIC_ITP_LOCAL_DROP,    /* internalTrafficPolicy Local without local backends: dropped */
 	METRIC_NP_HOST,           /* north-south: packet for a backend at this node's own address (hostNetwork): up the stack */
 	METRIC_ICMP_TO_BACKEND,   /* ICMP error about a reply of a flow without SNAT (DNAT only, hairpin) sent on to its backend */
+	METRIC_TTL_EXCEEDED,      /* BPF forwarding: TTL / hop limit would expire; to the stack (time exceeded), or dropped */
 	METRIC_MAX,
 };
 

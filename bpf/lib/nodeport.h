@@ -107,21 +107,24 @@ static __always_inline int np_redirect(struct __ctx_buff *ctx, const struct pkt 
 /* Into a local backend's pod: straight in when it is registered
  * (sp_endpoints) and BPF routes, else by the stack. XDP hands it to tc,
  * whose bpf_redirect_peer it cannot use. */
-static __always_inline int np_into_pod(struct __ctx_buff *ctx, const struct endpoint_info *ep)
+static __always_inline int np_into_pod(struct __ctx_buff *ctx, const struct pkt *p, const struct endpoint_info *ep)
 {
 #if CTX_IS_XDP
 	return np_handover(ctx, NP_HANDOVER_DELIVER);
 #else
-	if (ep && cfg_host_routing == HOST_ROUTING_BPF && (ep->flags & EP_F_TC_INGRESS))
-		return redirect_to_pod(ctx, ep, 1);
-	return CTX_ACT_OK;
+	if (!ep || cfg_host_routing != HOST_ROUTING_BPF || !(ep->flags & EP_F_TC_INGRESS))
+		return CTX_ACT_OK;
+	int ret = fwd_ttl(ctx, p);
+	if (ret)
+		return fwd_ttl_verdict(ret);
+	return redirect_to_pod(ctx, ep, 1);
 #endif
 }
 
-static __always_inline int np_deliver_local(struct __ctx_buff *ctx, const struct endpoint_info *ep)
+static __always_inline int np_deliver_local(struct __ctx_buff *ctx, const struct pkt *p, const struct endpoint_info *ep)
 {
 	count(METRIC_NP_LOCAL);
-	return np_into_pod(ctx, ep);
+	return np_into_pod(ctx, p, ep);
 }
 
 /* How a new flow to a remote backend leaves: DSR where the frontend asks
@@ -180,13 +183,16 @@ static __always_inline int np_icmp_error_forward(struct __ctx_buff *ctx, struct 
 
 /* A translated ICMP error on to its new destination: into a local
  * backend's pod, up the stack to a hostNetwork one, else where the FIB
- * says (the client, or a remote backend). */
+ * says (the client, or a remote backend). One whose TTL runs out is
+ * dropped, as ip_forward sends no error about an error. */
 static __always_inline int np_icmp_send(struct __ctx_buff *ctx, const struct pkt *p)
 {
 	struct endpoint_info *ep = endpoint_of(&p->daddr, p->family);
 
 	if (ep || is_node_addr(&p->daddr, p->family))
-		return np_into_pod(ctx, ep);
+		return np_into_pod(ctx, p, ep);
+	if (fwd_ttl(ctx, p))
+		return CTX_ACT_DROP;
 	return np_redirect(ctx, p);
 }
 #endif
@@ -237,6 +243,10 @@ static __always_inline int np_reply(struct __ctx_buff *ctx, struct pkt *p)
 		return CTX_ACT_DROP;
 	}
 	count(METRIC_NP_REV_SNAT);
+	/* An expiring reply is dropped: translated, its source is this
+	 * node's own address, which the stack would not forward. */
+	if (fwd_ttl(ctx, p))
+		return CTX_ACT_DROP;
 	ret = lb_reply(ctx, p);
 	if (ret != CTX_ACT_OK)
 		return ret;
@@ -261,7 +271,7 @@ static __always_inline int np_from_xdp(struct __ctx_buff *ctx, const struct pkt 
 {
 	switch (np_handed_over(ctx)) {
 	case NP_HANDOVER_DELIVER:
-		return np_into_pod(ctx, endpoint_of(&p->daddr, p->family));
+		return np_into_pod(ctx, p, endpoint_of(&p->daddr, p->family));
 	case NP_HANDOVER_ROUTE:
 		return np_redirect(ctx, p);
 	default:
@@ -286,7 +296,7 @@ static __always_inline int np_from_netdev(struct __ctx_buff *ctx, struct pkt *p)
 	}
 	if (ret > 0 || dsr_read_opt(ctx, p, &d)) {
 		dsr_learn(ctx, p, &d);
-		return np_deliver_local(ctx, endpoint_of(&p->daddr, p->family));
+		return np_deliver_local(ctx, p, endpoint_of(&p->daddr, p->family));
 	}
 
 	ret = np_reply(ctx, p);
@@ -300,12 +310,12 @@ static __always_inline int np_from_netdev(struct __ctx_buff *ctx, struct pkt *p)
 
 	struct endpoint_info *ep = endpoint_of(&r.t.addr, p->family);
 	if (ep)
-		return np_deliver_local(ctx, ep);
+		return np_deliver_local(ctx, p, ep);
 	/* A hostNetwork backend on this node: its socket is the host's. The
 	 * FIB would not forward to a local address. */
 	if (is_node_addr(&r.t.addr, p->family)) {
 		count(METRIC_NP_HOST);
-		return np_into_pod(ctx, 0);
+		return np_into_pod(ctx, p, 0);
 	}
 	struct fib_next nh;
 	if (fib_egress(ctx, p, &nh) < 0) {
@@ -314,7 +324,14 @@ static __always_inline int np_from_netdev(struct __ctx_buff *ctx, struct pkt *p)
 	}
 	const union v6addr *node = np_snat_addr(nh.ifindex, p->family);
 	if (!node)
-		return np_deliver_local(ctx, 0);
+		return np_deliver_local(ctx, p, 0);
+	/* Expiring: to the stack only DNATed (past SNAT or DSR it would be a
+	 * martian), whose ip_forward answers the client with time exceeded;
+	 * the egress program makes its quote the client's packet to the
+	 * service (lb_reply). */
+	ret = fwd_ttl(ctx, p);
+	if (ret)
+		return ret > 0 ? np_into_pod(ctx, p, 0) : CTX_ACT_DROP;
 
 	__u16 mode = r.flow ? r.flow->state & CT_S_NS_MASK : 0;
 	if (r.new_flow || !mode) {

@@ -62,6 +62,7 @@ var Names = []string{
 	"itp_local_drop",
 	"np_host",
 	"icmp_to_backend",
+	"ttl_exceeded",
 }
 
 // Read sums each counter over CPUs, keyed by name.
