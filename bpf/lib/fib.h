@@ -125,17 +125,24 @@ static __always_inline int host_route_local(struct __ctx_buff *ctx, struct pkt *
 
 /* Where bpf_fib_lookup sends a packet: the device and, when the kernel
  * knows the next hop's neighbour, the frame's destination and source MAC
- * (as the frame starts, ready to write at offset 0). */
+ * (as the frame starts, ready to write at offset 0); or the route's MTU
+ * when the packet would not fit (FIB_FRAG_NEEDED). */
 struct fib_next {
 	__u32 ifindex;
+	__u32 mtu; /* 0: the kernel does not say (before 5.12) */
 	__u8 neigh; /* mac is valid */
 	__u8 mac[12];
 };
 
-/* Where the FIB sends p's destination, from ctx's device; -1 when it
- * cannot forward it. A missing neighbour is no failure: tc's
- * bpf_redirect_neigh resolves it (XDP hands such packets to tc). */
-static __always_inline int fib_egress(struct __ctx_buff *ctx, const struct pkt *p, struct fib_next *nh)
+#define FIB_FRAG_NEEDED 1
+
+/* Where the FIB sends p's destination, from ctx's device, were p extra
+ * bytes longer (what DSR adds): 0; FIB_FRAG_NEEDED when that is over the
+ * route's MTU; -1 when it cannot forward it. A missing neighbour is no
+ * failure: tc's bpf_redirect_neigh resolves it (XDP hands such packets to
+ * tc). A GSO packet is not measured: its segments fit, and
+ * bpf_skb_adjust_room makes them smaller by what it adds. */
+static __always_inline int fib_egress(struct __ctx_buff *ctx, const struct pkt *p, struct fib_next *nh, __u32 extra)
 {
 	struct bpf_fib_lookup fib;
 
@@ -144,7 +151,9 @@ static __always_inline int fib_egress(struct __ctx_buff *ctx, const struct pkt *
 	fib.l4_protocol = p->proto;
 	fib.sport = p->sport;
 	fib.dport = p->dport;
-	fib.tot_len = ctx_len(ctx) - p->l3_off;
+	__u16 len = ctx_len(ctx) - p->l3_off + extra;
+	if (!ctx_is_gso(ctx))
+		fib.tot_len = len;
 	if (p->family == SP_AF_INET) {
 		fib.family = SP_AF_INET_KERNEL;
 		fib.ipv4_src = p->saddr.p[0];
@@ -155,6 +164,12 @@ static __always_inline int fib_egress(struct __ctx_buff *ctx, const struct pkt *
 		__builtin_memcpy(fib.ipv6_dst, &p->daddr, 16);
 	}
 	int ret = bpf_fib_lookup(ctx, &fib, sizeof(fib), 0);
+	if (ret == BPF_FIB_LKUP_RET_FRAG_NEEDED) {
+		/* mtu_result shares tot_len's place: unchanged, the kernel did
+		 * not write it. */
+		nh->mtu = fib.mtu_result < len ? fib.mtu_result : 0;
+		return FIB_FRAG_NEEDED;
+	}
 	if (ret != BPF_FIB_LKUP_RET_SUCCESS && ret != BPF_FIB_LKUP_RET_NO_NEIGH)
 		return -1;
 	nh->ifindex = fib.ifindex;
@@ -177,7 +192,7 @@ static __always_inline int host_route_remote(struct __ctx_buff *ctx, const struc
 {
 	struct fib_next nh;
 
-	if (fib_egress(ctx, p, &nh) < 0) {
+	if (fib_egress(ctx, p, &nh, 0)) {
 		count(METRIC_FIB_PASS);
 		return CTX_ACT_OK;
 	}

@@ -58,6 +58,7 @@ enum metric {
 	METRIC_NP_HOST,           /* north-south: packet for a backend at this node's own address (hostNetwork): up the stack */
 	METRIC_ICMP_TO_BACKEND,   /* ICMP error about a reply of a flow without SNAT (DNAT only, hairpin) sent on to its backend */
 	METRIC_TTL_EXCEEDED,      /* BPF forwarding: TTL / hop limit would expire; to the stack (time exceeded), or dropped */
+	METRIC_DSR_FRAG_NEEDED,   /* DSR: too big with the option or outer header: frag needed / packet too big sent back */
 	METRIC_MAX,
 };
 

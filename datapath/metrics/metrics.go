@@ -63,6 +63,7 @@ var Names = []string{
 	"np_host",
 	"icmp_to_backend",
 	"ttl_exceeded",
+	"dsr_frag_needed",
 }
 
 // Read sums each counter over CPUs, keyed by name.

@@ -46,6 +46,8 @@ type Opts struct {
 	// Hops is how many routers forwarded the packet: its TTL / hop limit
 	// is 64 less that.
 	Hops uint8
+	// DF sets IPv4's don't fragment.
+	DF bool
 }
 
 // Forwarded is o one hop further.
@@ -88,8 +90,12 @@ func ethHeader(v6, fromHost bool) []byte {
 func IP(src, dst netip.Addr, proto layers.IPProtocol, o Opts) gopacket.SerializableLayer {
 	ttl := 64 - o.Hops
 	if src.Unmap().Is4() {
-		return &layers.IPv4{Version: 4, IHL: 5, TTL: ttl, Id: o.IPID, Protocol: proto,
+		ip := &layers.IPv4{Version: 4, IHL: 5, TTL: ttl, Id: o.IPID, Protocol: proto,
 			SrcIP: src.Unmap().AsSlice(), DstIP: dst.Unmap().AsSlice()}
+		if o.DF {
+			ip.Flags = layers.IPv4DontFragment
+		}
+		return ip
 	}
 	return &layers.IPv6{Version: 6, HopLimit: ttl, NextHeader: proto, SrcIP: src.AsSlice(), DstIP: dst.AsSlice()}
 }

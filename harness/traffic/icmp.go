@@ -130,7 +130,7 @@ func addrPortOf(sa unix.Sockaddr) netip.AddrPort {
 	return netip.AddrPort{}
 }
 
-func control(c *net.UDPConn, fn func(fd int) error) error {
+func control(c syscall.Conn, fn func(fd int) error) error {
 	rc, err := c.SyscallConn()
 	if err != nil {
 		return err
@@ -237,12 +237,17 @@ func (r *Responder) Refused(timeout time.Duration) error {
 // IPV6_MTU): lowered by fragmentation-needed or packet-too-big errors
 // about its answers.
 func (r *Responder) PathMTU() (int, error) {
+	return pathMTU(r.conn, r.conn.RemoteAddr().(*net.UDPAddr).AddrPort().Addr().Unmap().Is6())
+}
+
+// pathMTU is a connected socket's path MTU to its peer.
+func pathMTU(c syscall.Conn, v6 bool) (int, error) {
 	level, opt := unix.IPPROTO_IP, unix.IP_MTU
-	if r.conn.RemoteAddr().(*net.UDPAddr).AddrPort().Addr().Unmap().Is6() {
+	if v6 {
 		level, opt = unix.IPPROTO_IPV6, unix.IPV6_MTU
 	}
 	mtu := 0
-	err := control(r.conn, func(fd int) error {
+	err := control(c, func(fd int) error {
 		var err error
 		mtu, err = unix.GetsockoptInt(fd, level, opt)
 		return err

@@ -24,7 +24,13 @@ func (b *Bed) Fixtures() []inject.Fixture {
 // packet to tc, the row expects the hand-over.
 func (b *Bed) XDPFixtures(t testing.TB) []inject.Fixture {
 	via := ingress{hook: inject.XDPFromNetdev, xdp: true, bed: b, handover: map[uint32][]byte{0: make([]byte, 8)}}
-	for _, a := range []uint32{loader.HandoverDeliver, loader.HandoverRoute} {
+	actions := []uint32{loader.HandoverDeliver, loader.HandoverRoute}
+	for _, f := range b.Families() {
+		for _, d := range []service.Dispatch{service.Option, service.IPIP} {
+			actions = append(actions, loader.HandoverTooBig|uint32(f.dsrFit(d))<<8)
+		}
+	}
+	for _, a := range actions {
 		meta, err := loader.HandoverMeta(a)
 		require.NoError(t, err, "hand-over word of this netns")
 		via.handover[a] = meta
@@ -173,6 +179,16 @@ func (via ingress) icmpErrorLocal(out, peerOut []byte, counters map[string]uint6
 	return via.local(out, counters)
 }
 
+// tooBig: a DSR packet its overhead would take past the route's MTU, of
+// which fit bytes are left: tc answers the client with reply, frag needed
+// or packet too big. XDP hands the packet, DNATed (dnat), to tc for that.
+func (via ingress) tooBig(reply, dnat []byte, fit uint16, counters map[string]uint64) outcome {
+	if !via.xdp {
+		return outcome{inject.Redirect, reply, nil, plus(counters, "dsr_frag_needed", 1)}
+	}
+	return outcome{inject.XDPPass, dnat, via.handover[loader.HandoverTooBig|uint32(fit)<<8], plus(counters, "xdp_to_tc", 1)}
+}
+
 // expiringIntoPod: for a local pod with BPF host routing, but its TTL /
 // hop limit would run out: tc gives out to the stack, whose ip_forward
 // answers with time exceeded. XDP hands it to tc, which does that.
@@ -229,6 +245,7 @@ func (b *Bed) familyFixtures(f Family, via ingress) []inject.Fixture {
 	// hands to the stack or XDP to tc has not.
 	fwd, outFwd := in.Forwarded(), out.Forwarded()
 	lastHop := packet.Opts{Hops: 63} // TTL / hop limit 1: no router may forward it
+	df := packet.Opts{DF: true}
 	syn := tcp(f.Client, f.nodePort(), packet.SYN, in)
 	otherClient := netip.AddrPortFrom(f.Client.Addr().Next(), ClientPort)
 	// SNAT keeps the client's port when it lies in the range and is free.
@@ -487,6 +504,29 @@ func (b *Bed) familyFixtures(f Family, via ingress) []inject.Fixture {
 		Input: syn,
 		Check: checkFlow(f.Client, remote, f.nodePort(), "ns-dsr"),
 	}, via.sent(toPeer, tcp(f.Client, remote, packet.SYN, packet.Opts{DSR: f.nodePort(), Hops: 1}), counters("lb_new", 1, "dsr_opt", 1))), via.row(inject.Fixture{
+		// A full-size segment: with the option it would not fit the wire.
+		// The client hears what fits from the service, about its own
+		// segment to the service (the quote's destination, checksums).
+		Name:  name("dsr-option-full-size-segment-gets-frag-needed"),
+		Setup: inject.Steps(node, inject.Upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Remote}, dsr(service.Option)))),
+		On:    dev,
+		Input: f.fullSize(f.nodePort(), 0, df),
+	}, via.tooBig(packet.ICMPError(packet.FragNeeded, f.Node, f.Client.Addr(), packet.HeaderQuote(f.fullSize(f.nodePort(), 0, df)), packet.Opts{FromHost: true, MTU: f.dsrFit(service.Option)}),
+		f.fullSize(remote, 0, df), f.dsrFit(service.Option), counters("lb_new", 1))), via.row(inject.Fixture{
+		Name:  name("dsr-option-fills-the-mtu-exactly"),
+		Setup: inject.Steps(node, inject.Upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Remote}, dsr(service.Option)))),
+		On:    dev,
+		Input: f.fullSize(f.nodePort(), wireMTU-int(f.dsrFit(service.Option)), df),
+	}, via.sent(toPeer, f.fullSize(remote, wireMTU-int(f.dsrFit(service.Option)), packet.Opts{DF: true, Hops: 1, DSR: f.nodePort()}),
+		counters("lb_new", 1, "dsr_opt", 1))), via.row(inject.Fixture{
+		// Without DF too: BPF cannot fragment it, and the sender fragments
+		// what it sends next to the MTU it hears of.
+		Name:  name("dsr-ipip-full-size-datagram-without-df-gets-frag-needed-too"),
+		Setup: inject.Steps(node, inject.Upsert(f.nodePortSvc(service.UDP, []netip.Addr{f.Remote}, dsr(service.IPIP)))),
+		On:    dev,
+		Input: f.fullSizeUDP(f.nodePort()),
+	}, via.tooBig(packet.ICMPError(packet.FragNeeded, f.Node, f.Client.Addr(), packet.HeaderQuote(f.fullSizeUDP(f.nodePort())), packet.Opts{FromHost: true, MTU: f.dsrFit(service.IPIP)}),
+		f.fullSizeUDP(remote), f.dsrFit(service.IPIP), counters("lb_new", 1))), via.row(inject.Fixture{
 		Name:  name("dsr-ipip-tunnels-to-the-backend"),
 		Setup: inject.Steps(node, inject.Upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Remote}, dsr(service.IPIP)))),
 		On:    dev,

@@ -1,7 +1,6 @@
 package nodeport
 
 import (
-	"net/netip"
 	"syscall"
 	"testing"
 
@@ -23,10 +22,12 @@ func TestNorthSouthTraceroute(t *testing.T) {
 
 // exerciseTraceroute traces NodePorts from after port on, on ns.
 func exerciseTraceroute(t *testing.T, ns *cluster.NorthSouth, port uint16) {
-	// Every hop answers each family's probes to one client address.
+	// Every hop, and every backend refusing, answers the one client
+	// address faster than the kernel's one error a second.
 	require.NoError(t, traffic.UnlimitICMP(ns.Topo.External), "the client's netns")
 	for _, n := range ns.Nodes {
 		require.NoError(t, traffic.UnlimitICMP(n), "%s's netns", n.Name)
+		require.NoError(t, traffic.UnlimitICMP(ns.Topo.Pod(n.Backend)), "%s's netns", n.Backend)
 	}
 	for _, f := range e2eFamilies(ns) {
 		cases := []struct {
@@ -45,16 +46,7 @@ func exerciseTraceroute(t *testing.T, ns *cluster.NorthSouth, port uint16) {
 			t.Run(f.name+"/"+c.name, func(t *testing.T) {
 				port++
 				be := service.Backend{Addr: ns.Backend(c.backend, f.client).Addr, Port: closedPort}
-				for _, n := range ns.Nodes {
-					s := service.Service{Name: "default/trace", Backends: []service.Backend{be},
-						Frontend: service.Frontend{Addr: f.unspecified, Port: port, Protocol: service.UDP, Kind: service.NodePort}}
-					if c.edit != nil {
-						c.edit(&s)
-					}
-					require.NoError(t, n.Services.Upsert(s), "program %s on %s", s.Frontend, n.Name)
-					t.Cleanup(func() { assert.NoError(t, n.Services.Delete(s.Frontend), "remove %s from %s", s.Frontend, n.Name) })
-				}
-				dst := netip.AddrPortFrom(f.nodes[0], port)
+				dst := programOne(t, ns, f, port, service.UDP, be, c.edit)
 				before := ns.Counters(t, 0)
 				hops, err := traffic.Traceroute(ns.Topo.External, dst, 5, timeout)
 				require.NoError(t, err, "trace %s", dst)
