@@ -289,6 +289,12 @@ var payload = []byte("servicepath north-south fixture payload")
 // wireMTU is the MTU of the bed's wire devices.
 const wireMTU = 1500
 
+// DSR's frag needed announces the MTU bpf_fib_lookup reports, from 5.12.
+const (
+	fibMTUKernel = "5.12"
+	fibMTUNeeds  = "bpf_fib_lookup's mtu_result, the route's MTU DSR's frag needed announces"
+)
+
 // ipHeader is the length of the family's fixed IP header.
 func (f Family) ipHeader() int {
 	if f.Node.Is4() {

@@ -11,6 +11,7 @@ import (
 	"github.com/servicepath/servicepath/datapath/attach"
 	"github.com/servicepath/servicepath/datapath/service"
 	"github.com/servicepath/servicepath/harness/cluster"
+	"github.com/servicepath/servicepath/harness/testenv"
 	"github.com/servicepath/servicepath/harness/topology"
 	"github.com/servicepath/servicepath/harness/traffic"
 )
@@ -43,6 +44,9 @@ func TestNorthSouthXDPDSRPathMTU(t *testing.T) {
 // exerciseDSRPathMTU transfers through LoadBalancer ports from after port
 // on, on ns.
 func exerciseDSRPathMTU(t *testing.T, ns *cluster.NorthSouth, port uint16) {
+	if !testenv.KernelAtLeast(t, fibMTUKernel) {
+		t.Skipf("needs kernel %s: %s", fibMTUKernel, fibMTUNeeds)
+	}
 	// The client segments what it sends itself, as a host whose NIC does
 	// no TSO, and node 0 takes each segment as it comes (no GRO, which
 	// XDP's NAPI would do): veth would otherwise carry a GSO packet whole,

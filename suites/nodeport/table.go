@@ -507,7 +507,8 @@ func (b *Bed) familyFixtures(f Family, via ingress) []inject.Fixture {
 		// A full-size segment: with the option it would not fit the wire.
 		// The client hears what fits from the service, about its own
 		// segment to the service (the quote's destination, checksums).
-		Name:  name("dsr-option-full-size-segment-gets-frag-needed"),
+		Name:      name("dsr-option-full-size-segment-gets-frag-needed"),
+		MinKernel: fibMTUKernel, Needs: fibMTUNeeds,
 		Setup: inject.Steps(node, inject.Upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Remote}, dsr(service.Option)))),
 		On:    dev,
 		Input: f.fullSize(f.nodePort(), 0, df),
@@ -521,7 +522,8 @@ func (b *Bed) familyFixtures(f Family, via ingress) []inject.Fixture {
 		counters("lb_new", 1, "dsr_opt", 1))), via.row(inject.Fixture{
 		// Without DF too: BPF cannot fragment it, and the sender fragments
 		// what it sends next to the MTU it hears of.
-		Name:  name("dsr-ipip-full-size-datagram-without-df-gets-frag-needed-too"),
+		Name:      name("dsr-ipip-full-size-datagram-without-df-gets-frag-needed-too"),
+		MinKernel: fibMTUKernel, Needs: fibMTUNeeds,
 		Setup: inject.Steps(node, inject.Upsert(f.nodePortSvc(service.UDP, []netip.Addr{f.Remote}, dsr(service.IPIP)))),
 		On:    dev,
 		Input: f.fullSizeUDP(f.nodePort()),
