@@ -48,6 +48,12 @@ static __always_inline __u32 ctx_len(const struct __sk_buff *ctx)
 	return ctx->len;
 }
 
+/* A GSO packet is segmented on its way out, each segment its own packet. */
+static __always_inline int ctx_is_gso(const struct __sk_buff *ctx)
+{
+	return ctx->gso_size != 0;
+}
+
 static __always_inline __u32 ctx_ifindex(const struct __sk_buff *ctx)
 {
 	return ctx->ifindex;

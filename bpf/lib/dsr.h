@@ -142,6 +142,15 @@ static __always_inline int dsr_encap(struct __ctx_buff *ctx, const struct pkt *p
 	return ctx_store_bytes(ctx, off, &outer, sizeof(outer), 0);
 }
 
+/* What dispatching p in mode (CT_S_NS_DSR, or with CT_S_NS_DSR_IPIP) adds
+ * to it. */
+static __always_inline __u32 dsr_overhead(const struct pkt *p, __u16 mode)
+{
+	if (mode & CT_S_NS_DSR_IPIP)
+		return p->family == SP_AF_INET ? sizeof(struct iphdr) : sizeof(struct ipv6hdr);
+	return p->family == SP_AF_INET ? sizeof(struct dsr_opt_v4) : sizeof(struct dsr_opt_v6);
+}
+
 /* Dispatches p (DNATed to a remote backend) by d->state's mode. */
 static __always_inline int dsr_dispatch(struct __ctx_buff *ctx, struct pkt *p, const struct dsr_info *d)
 {

@@ -6,7 +6,8 @@
  *  - Anywhere else: bpf_fib_lookup for the egress device, then
  *    bpf_redirect_neigh, which has the kernel resolve the neighbour.
  *  - Whatever the FIB cannot forward (the node's own addresses, link-local
- *    and multicast, no route, fragmentation needed) goes up the stack. */
+ *    and multicast, no route, fragmentation needed) goes up the stack.
+ * What BPF forwards skips ip_forward, so it does its TTL work (fwd_ttl). */
 #pragma once
 
 #include "common.h"
@@ -41,6 +42,45 @@ static __always_inline int host_route_link_scope(const struct pkt *p)
 	return p->daddr.addr[0] == 0xff || (p->daddr.addr[0] == 0xfe && (p->daddr.addr[1] & 0xc0) == 0x80);
 }
 
+/* ip_forward's TTL / hop limit step, for what BPF forwards instead: 0
+ * when decremented (the IPv4 checksum updated incrementally); 1 when it
+ * would leave with 0, untouched: the caller hands it to the stack, whose
+ * ip_forward answers with time exceeded (or, for an ICMP error, drops
+ * it), or drops it where the stack could not take it; -1 on failure.
+ * Both are counted. */
+static __always_inline int fwd_ttl(struct __ctx_buff *ctx, const struct pkt *p)
+{
+	__u32 off = p->l3_off + (p->family == SP_AF_INET ? offsetof(struct iphdr, ttl) : offsetof(struct ipv6hdr, hop_limit));
+	__u8 ttl;
+
+	if (ctx_load_bytes(ctx, off, &ttl, 1) < 0)
+		goto malformed;
+	if (ttl <= 1) {
+		count(METRIC_TTL_EXCEEDED);
+		return 1;
+	}
+	ttl--;
+	/* The IPv4 checksum sums 16-bit words: TTL is the high byte of its
+	 * word, so the word drops by 0x0100. */
+	if (p->family == SP_AF_INET &&
+	    ctx_l3_csum_replace(ctx, p->l3_off + offsetof(struct iphdr, check), bpf_htons((ttl + 1) << 8),
+				bpf_htons(ttl << 8), 2) < 0)
+		goto malformed;
+	if (ctx_store_bytes(ctx, off, &ttl, 1, 0) < 0)
+		goto malformed;
+	return 0;
+malformed:
+	count(METRIC_MALFORMED);
+	return -1;
+}
+
+/* The verdict of a packet fwd_ttl would not have BPF forward (ret not 0):
+ * expiring, to the stack; unreadable, dropped. */
+static __always_inline int fwd_ttl_verdict(int ret)
+{
+	return ret > 0 ? CTX_ACT_OK : CTX_ACT_DROP;
+}
+
 /* Rewrites the frame for a local pod and sends it: into the pod with
  * bpf_redirect_peer when peer (tc ingress only), else to the egress of its
  * host device, where its to-pod program runs. */
@@ -70,9 +110,14 @@ static __always_inline int redirect_to_pod(struct __ctx_buff *ctx, const struct 
 static __always_inline int host_route_local(struct __ctx_buff *ctx, struct pkt *p, const struct endpoint_info *src,
 					    const struct endpoint_info *dst)
 {
+	/* Before lb_reply: an expiring reply goes to the stack as it was, and
+	 * the to-pod program translates the stack's error about it. */
+	int ret = fwd_ttl(ctx, p);
+	if (ret)
+		return fwd_ttl_verdict(ret);
 	if (!(src->flags & EP_F_TC_INGRESS))
 		return redirect_to_pod(ctx, dst, 0);
-	int ret = lb_reply(ctx, p);
+	ret = lb_reply(ctx, p);
 	if (ret != CTX_ACT_OK)
 		return ret;
 	return redirect_to_pod(ctx, dst, 1);
@@ -80,17 +125,24 @@ static __always_inline int host_route_local(struct __ctx_buff *ctx, struct pkt *
 
 /* Where bpf_fib_lookup sends a packet: the device and, when the kernel
  * knows the next hop's neighbour, the frame's destination and source MAC
- * (as the frame starts, ready to write at offset 0). */
+ * (as the frame starts, ready to write at offset 0); or the route's MTU
+ * when the packet would not fit (FIB_FRAG_NEEDED). */
 struct fib_next {
 	__u32 ifindex;
+	__u32 mtu; /* 0: the kernel does not say (before 5.12) */
 	__u8 neigh; /* mac is valid */
 	__u8 mac[12];
 };
 
-/* Where the FIB sends p's destination, from ctx's device; -1 when it
- * cannot forward it. A missing neighbour is no failure: tc's
- * bpf_redirect_neigh resolves it (XDP hands such packets to tc). */
-static __always_inline int fib_egress(struct __ctx_buff *ctx, const struct pkt *p, struct fib_next *nh)
+#define FIB_FRAG_NEEDED 1
+
+/* Where the FIB sends p's destination, from ctx's device, were p extra
+ * bytes longer (what DSR adds): 0; FIB_FRAG_NEEDED when that is over the
+ * route's MTU; -1 when it cannot forward it. A missing neighbour is no
+ * failure: tc's bpf_redirect_neigh resolves it (XDP hands such packets to
+ * tc). A GSO packet is not measured: its segments fit, and
+ * bpf_skb_adjust_room makes them smaller by what it adds. */
+static __always_inline int fib_egress(struct __ctx_buff *ctx, const struct pkt *p, struct fib_next *nh, __u32 extra)
 {
 	struct bpf_fib_lookup fib;
 
@@ -99,7 +151,9 @@ static __always_inline int fib_egress(struct __ctx_buff *ctx, const struct pkt *
 	fib.l4_protocol = p->proto;
 	fib.sport = p->sport;
 	fib.dport = p->dport;
-	fib.tot_len = ctx_len(ctx) - p->l3_off;
+	__u16 len = ctx_len(ctx) - p->l3_off + extra;
+	if (!ctx_is_gso(ctx))
+		fib.tot_len = len;
 	if (p->family == SP_AF_INET) {
 		fib.family = SP_AF_INET_KERNEL;
 		fib.ipv4_src = p->saddr.p[0];
@@ -110,6 +164,12 @@ static __always_inline int fib_egress(struct __ctx_buff *ctx, const struct pkt *
 		__builtin_memcpy(fib.ipv6_dst, &p->daddr, 16);
 	}
 	int ret = bpf_fib_lookup(ctx, &fib, sizeof(fib), 0);
+	if (ret == BPF_FIB_LKUP_RET_FRAG_NEEDED) {
+		/* mtu_result shares tot_len's place: unchanged, the kernel did
+		 * not write it. */
+		nh->mtu = fib.mtu_result < len ? fib.mtu_result : 0;
+		return FIB_FRAG_NEEDED;
+	}
 	if (ret != BPF_FIB_LKUP_RET_SUCCESS && ret != BPF_FIB_LKUP_RET_NO_NEIGH)
 		return -1;
 	nh->ifindex = fib.ifindex;
@@ -132,10 +192,13 @@ static __always_inline int host_route_remote(struct __ctx_buff *ctx, const struc
 {
 	struct fib_next nh;
 
-	if (fib_egress(ctx, p, &nh) < 0) {
+	if (fib_egress(ctx, p, &nh, 0)) {
 		count(METRIC_FIB_PASS);
 		return CTX_ACT_OK;
 	}
+	int ret = fwd_ttl(ctx, p);
+	if (ret)
+		return fwd_ttl_verdict(ret);
 	return redirect_neigh(nh.ifindex);
 }
 

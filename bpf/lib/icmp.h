@@ -29,8 +29,17 @@ struct icmp6_pseudo_tail {
 	__be32 nexthdr;
 };
 
-/* Rejects are tc's: XDP passes them on (lb_no_backend). */
+/* Errors are built by tc: XDP hands their packets on, as it may lack the
+ * room or the stack (lb_no_backend, np_too_big). */
 #if !CTX_IS_XDP
+/* What an error built here says, and where from. */
+struct icmp_err {
+	const union v6addr *src;
+	__u8 type;
+	__u8 code;
+	__be32 un; /* the 4 bytes after the checksum: the next-hop MTU of a frag needed or packet too big */
+};
+
 static __always_inline int swap_macs(struct __ctx_buff *ctx)
 {
 	struct ethhdr eth;
@@ -44,7 +53,7 @@ static __always_inline int swap_macs(struct __ctx_buff *ctx)
 	return ctx_store_bytes(ctx, 0, &eth, sizeof(eth), 0);
 }
 
-static __always_inline int icmp4_build_unreach(struct __ctx_buff *ctx, const struct pkt *p)
+static __always_inline int icmp4_build_error(struct __ctx_buff *ctx, const struct pkt *p, const struct icmp_err *e)
 {
 	struct icmp4_unreach r;
 
@@ -58,11 +67,12 @@ static __always_inline int icmp4_build_unreach(struct __ctx_buff *ctx, const str
 	r.ip.tot_len = bpf_htons(sizeof(r));
 	r.ip.ttl = 64;
 	r.ip.protocol = IPPROTO_ICMP;
-	r.ip.saddr = p->daddr.p[0];
+	r.ip.saddr = e->src->p[0];
 	r.ip.daddr = p->saddr.p[0];
 	r.ip.check = csum_fold32(bpf_csum_diff(0, 0, (__be32 *)&r.ip, sizeof(r.ip), 0));
-	r.icmp.type = ICMP_DEST_UNREACH;
-	r.icmp.code = ICMP_PORT_UNREACH;
+	r.icmp.type = e->type;
+	r.icmp.code = e->code;
+	r.icmp.un = e->un;
 	r.icmp.checksum = csum_fold32(bpf_csum_diff(0, 0, (__be32 *)&r.icmp, sizeof(r.icmp) + sizeof(r.quote), 0));
 
 	if (ctx_change_tail(ctx, ETH_HLEN + sizeof(r)) < 0)
@@ -70,7 +80,7 @@ static __always_inline int icmp4_build_unreach(struct __ctx_buff *ctx, const str
 	return ctx_store_bytes(ctx, ETH_HLEN, &r, sizeof(r), 0);
 }
 
-static __always_inline int icmp6_build_unreach(struct __ctx_buff *ctx, const struct pkt *p)
+static __always_inline int icmp6_build_error(struct __ctx_buff *ctx, const struct pkt *p, const struct icmp_err *e)
 {
 	struct icmp6_unreach r;
 	struct icmp6_pseudo_tail tail = {
@@ -85,10 +95,11 @@ static __always_inline int icmp6_build_unreach(struct __ctx_buff *ctx, const str
 	r.ip6.payload_len = bpf_htons(sizeof(r.icmp6) + sizeof(r.quote));
 	r.ip6.nexthdr = IPPROTO_ICMPV6;
 	r.ip6.hop_limit = 64;
-	__builtin_memcpy(&r.ip6.saddr, &p->daddr, 16);
+	__builtin_memcpy(&r.ip6.saddr, e->src, 16);
 	__builtin_memcpy(&r.ip6.daddr, &p->saddr, 16);
-	r.icmp6.icmp6_type = ICMPV6_DEST_UNREACH;
-	r.icmp6.icmp6_code = ICMPV6_PORT_UNREACH;
+	r.icmp6.icmp6_type = e->type;
+	r.icmp6.icmp6_code = e->code;
+	r.icmp6.icmp6_mtu = e->un;
 
 	__u32 sum = bpf_csum_diff(0, 0, (__be32 *)&r.ip6.saddr, 32, 0);
 	sum = bpf_csum_diff(0, 0, (__be32 *)&tail, sizeof(tail), sum);
@@ -100,15 +111,31 @@ static __always_inline int icmp6_build_unreach(struct __ctx_buff *ctx, const str
 	return ctx_store_bytes(ctx, ETH_HLEN, &r, sizeof(r), 0);
 }
 
-/* Turns p, in place, into a port-unreachable error from its destination
- * back to its source; the caller redirects it out the device it came in. */
-static __always_inline int icmp_reply_unreach(struct __ctx_buff *ctx, const struct pkt *p)
+/* Turns p, in place, into the error e back to its source, quoting its IP
+ * header and the 8 bytes after it; the caller sends it out the device it
+ * came in by. */
+static __always_inline int icmp_reply(struct __ctx_buff *ctx, const struct pkt *p, const struct icmp_err *e)
 {
-	int ret = p->family == SP_AF_INET ? icmp4_build_unreach(ctx, p) : icmp6_build_unreach(ctx, p);
+	int ret = p->family == SP_AF_INET ? icmp4_build_error(ctx, p, e) : icmp6_build_error(ctx, p, e);
 
 	if (ret < 0)
 		return ret;
 	return swap_macs(ctx);
+}
+
+/* Turns p into a port-unreachable error from its destination. */
+static __always_inline int icmp_reply_unreach(struct __ctx_buff *ctx, const struct pkt *p)
+{
+	struct icmp_err e = {.src = &p->daddr};
+
+	if (p->family == SP_AF_INET) {
+		e.type = ICMP_DEST_UNREACH;
+		e.code = ICMP_PORT_UNREACH;
+	} else {
+		e.type = ICMPV6_DEST_UNREACH;
+		e.code = ICMPV6_PORT_UNREACH;
+	}
+	return icmp_reply(ctx, p, &e);
 }
 #endif
 

@@ -59,6 +59,8 @@ enum metric {
 	METRIC_ICMP_TO_BACKEND,   /* ICMP error about a reply of a flow without SNAT (DNAT only, hairpin) sent on to its backend */
 	METRIC_CT_RST_OUT_OF_WINDOW, /* TCP RST far from its sender's next sequence number: passed, flow kept open */
 	METRIC_NAT_RELEASED,      /* SNAT mapping released with its flow's last packet (RST, or the ACK after both FINs) */
+	METRIC_TTL_EXCEEDED,      /* BPF forwarding: TTL / hop limit would expire; to the stack (time exceeded), or dropped */
+	METRIC_DSR_FRAG_NEEDED,   /* DSR: too big with the option or outer header: frag needed / packet too big sent back */
 	METRIC_MAX,
 };
 

@@ -31,7 +31,12 @@ enum np_handover {
 	NP_HANDOVER_NONE = 0,
 	NP_HANDOVER_DELIVER = 1, /* for this node: into the backend's pod */
 	NP_HANDOVER_ROUTE = 2,   /* for elsewhere, neighbour unknown: redirect_neigh */
+	NP_HANDOVER_TOO_BIG = 3, /* DSR would take it past the route's MTU: np_dsr_too_big */
 };
+
+/* The word's high half: what (the low 8 bits), and for NP_HANDOVER_TOO_BIG
+ * the MTU to announce above them. */
+#define NP_HANDOVER_WHAT 0xff
 
 /* The word's low half names this node's datapath (its netns): virtual
  * devices keep metadata on a packet leaving the node, and the next node's
@@ -45,7 +50,7 @@ static __always_inline __u32 np_handover_tag(void)
 
 #if CTX_IS_XDP
 /* Passes p to tc with what is left to do. */
-static __always_inline int np_handover(struct __ctx_buff *ctx, enum np_handover what)
+static __always_inline int np_handover(struct __ctx_buff *ctx, __u32 what)
 {
 	/* The entry point made sure there is room (bpf_xdp.c); without the
 	 * word tc would translate the packet again. */
@@ -56,8 +61,9 @@ static __always_inline int np_handover(struct __ctx_buff *ctx, enum np_handover 
 	return CTX_ACT_OK;
 }
 #else
-/* What XDP left tc to do with the packet (NP_HANDOVER_NONE: everything). */
-static __always_inline enum np_handover np_handed_over(struct __ctx_buff *ctx)
+/* What XDP left tc to do with the packet (NP_HANDOVER_NONE: everything),
+ * with its argument. */
+static __always_inline __u32 np_handed_over(struct __ctx_buff *ctx)
 {
 	__u64 word = ctx_xfer(ctx);
 
@@ -97,7 +103,7 @@ static __always_inline int np_redirect(struct __ctx_buff *ctx, const struct pkt 
 {
 	struct fib_next nh;
 
-	if (fib_egress(ctx, p, &nh) < 0) {
+	if (fib_egress(ctx, p, &nh, 0)) {
 		count(METRIC_FIB_FAILED);
 		return CTX_ACT_DROP;
 	}
@@ -107,21 +113,24 @@ static __always_inline int np_redirect(struct __ctx_buff *ctx, const struct pkt 
 /* Into a local backend's pod: straight in when it is registered
  * (sp_endpoints) and BPF routes, else by the stack. XDP hands it to tc,
  * whose bpf_redirect_peer it cannot use. */
-static __always_inline int np_into_pod(struct __ctx_buff *ctx, const struct endpoint_info *ep)
+static __always_inline int np_into_pod(struct __ctx_buff *ctx, const struct pkt *p, const struct endpoint_info *ep)
 {
 #if CTX_IS_XDP
 	return np_handover(ctx, NP_HANDOVER_DELIVER);
 #else
-	if (ep && cfg_host_routing == HOST_ROUTING_BPF && (ep->flags & EP_F_TC_INGRESS))
-		return redirect_to_pod(ctx, ep, 1);
-	return CTX_ACT_OK;
+	if (!ep || cfg_host_routing != HOST_ROUTING_BPF || !(ep->flags & EP_F_TC_INGRESS))
+		return CTX_ACT_OK;
+	int ret = fwd_ttl(ctx, p);
+	if (ret)
+		return fwd_ttl_verdict(ret);
+	return redirect_to_pod(ctx, ep, 1);
 #endif
 }
 
-static __always_inline int np_deliver_local(struct __ctx_buff *ctx, const struct endpoint_info *ep)
+static __always_inline int np_deliver_local(struct __ctx_buff *ctx, const struct pkt *p, const struct endpoint_info *ep)
 {
 	count(METRIC_NP_LOCAL);
-	return np_into_pod(ctx, ep);
+	return np_into_pod(ctx, p, ep);
 }
 
 /* How a new flow to a remote backend leaves: DSR where the frontend asks
@@ -180,13 +189,16 @@ static __always_inline int np_icmp_error_forward(struct __ctx_buff *ctx, struct 
 
 /* A translated ICMP error on to its new destination: into a local
  * backend's pod, up the stack to a hostNetwork one, else where the FIB
- * says (the client, or a remote backend). */
+ * says (the client, or a remote backend). One whose TTL runs out is
+ * dropped, as ip_forward sends no error about an error. */
 static __always_inline int np_icmp_send(struct __ctx_buff *ctx, const struct pkt *p)
 {
 	struct endpoint_info *ep = endpoint_of(&p->daddr, p->family);
 
 	if (ep || is_node_addr(&p->daddr, p->family))
-		return np_into_pod(ctx, ep);
+		return np_into_pod(ctx, p, ep);
+	if (fwd_ttl(ctx, p))
+		return CTX_ACT_DROP;
 	return np_redirect(ctx, p);
 }
 #endif
@@ -238,6 +250,10 @@ static __always_inline int np_reply(struct __ctx_buff *ctx, struct pkt *p)
 		return CTX_ACT_DROP;
 	}
 	count(METRIC_NP_REV_SNAT);
+	/* An expiring reply is dropped: translated, its source is this
+	 * node's own address, which the stack would not forward. */
+	if (fwd_ttl(ctx, p))
+		return CTX_ACT_DROP;
 	ret = lb_reply(ctx, p);
 	if (ret != CTX_ACT_OK)
 		return ret;
@@ -253,19 +269,85 @@ static __always_inline int np_to_this_node(struct __ctx_buff *ctx, const struct 
 
 	if (endpoint_of(&p->daddr, p->family))
 		return 1;
-	return fib_egress(ctx, p, &nh) == 0 && !np_snat_addr(nh.ifindex, p->family);
+	return fib_egress(ctx, p, &nh, 0) == 0 && !np_snat_addr(nh.ifindex, p->family);
+}
+
+#if !CTX_IS_XDP
+/* A packet of a DSR flow that its option or outer header would take past
+ * the route's MTU, of which mtu is what fits: the client hears frag needed
+ * / packet too big, as from a router on its path to the service: from
+ * the service address, quoting its own packet to the service, the next-hop
+ * MTU mtu. The packet is dropped. IPv4 without DF gets the same, as no
+ * BPF program can fragment it, and the stack would forward it with no DSR
+ * or cut it into pieces the backend's node cannot read: its sender lowers
+ * its path MTU and sends smaller packets, fragmenting them itself. The
+ * error is tc's: XDP's stack has no room to build it. */
+static __always_inline int np_dsr_too_big(struct __ctx_buff *ctx, struct pkt *p, const struct ct_entry *flow,
+					  __u32 mtu)
+{
+	union v6addr svc = flow->nat_addr;
+	__be16 port = flow->nat_port;
+	struct icmp_err e = {.src = &svc, .un = bpf_htonl(mtu)};
+	struct pkt in;
+
+	if (p->family == SP_AF_INET) {
+		e.type = ICMP_DEST_UNREACH;
+		e.code = ICMP_FRAG_NEEDED;
+	} else {
+		e.type = ICMPV6_PKT_TOOBIG;
+	}
+	/* The quote is of the packet after DNAT: the rewrite puts the service
+	 * back, with the quoted and the ICMP checksums. p is the error next. */
+	if (icmp_reply(ctx, p, &e) < 0 || parse_packet(ctx, p) < 0 || !icmp_error_quote(ctx, p, &in) ||
+	    icmp_quote_rewrite(ctx, p, &in, 0, &svc, port) < 0) {
+		count(METRIC_MALFORMED);
+		return CTX_ACT_DROP;
+	}
+	count(METRIC_DSR_FRAG_NEEDED);
+	return bpf_redirect(ctx_ifindex(ctx), 0);
+}
+
+/* A DSR packet XDP found too big (NP_HANDOVER_TOO_BIG): its flow entry
+ * names the service. */
+static __always_inline int np_dsr_too_big_from_xdp(struct __ctx_buff *ctx, struct pkt *p, __u32 mtu)
+{
+	struct ct_key k;
+
+	ct_key_init(&k, &p->saddr, &p->daddr, p->sport, p->dport, p, 0);
+	struct ct_entry *flow = bpf_map_lookup_elem(&sp_ct, &k);
+	if (!flow) {
+		count(METRIC_MALFORMED);
+		return CTX_ACT_DROP;
+	}
+	return np_dsr_too_big(ctx, p, flow, mtu);
+}
+#endif
+
+/* A DSR packet too big for its route, mtu what fits: tc answers it; XDP
+ * hands it to tc for that. */
+static __always_inline int np_too_big(struct __ctx_buff *ctx, struct pkt *p, const struct ct_entry *flow, __u32 mtu)
+{
+#if CTX_IS_XDP
+	return np_handover(ctx, NP_HANDOVER_TOO_BIG | mtu << 8);
+#else
+	return np_dsr_too_big(ctx, p, flow, mtu);
+#endif
 }
 
 #if !CTX_IS_XDP
 /* What tc does with a packet XDP handed over (np_handover); -1 when XDP
  * left it everything. */
-static __always_inline int np_from_xdp(struct __ctx_buff *ctx, const struct pkt *p)
+static __always_inline int np_from_xdp(struct __ctx_buff *ctx, struct pkt *p)
 {
-	switch (np_handed_over(ctx)) {
+	__u32 what = np_handed_over(ctx);
+
+	switch (what & NP_HANDOVER_WHAT) {
 	case NP_HANDOVER_DELIVER:
-		return np_into_pod(ctx, endpoint_of(&p->daddr, p->family));
+		return np_into_pod(ctx, p, endpoint_of(&p->daddr, p->family));
 	case NP_HANDOVER_ROUTE:
 		return np_redirect(ctx, p);
+	case NP_HANDOVER_TOO_BIG:
+		return np_dsr_too_big_from_xdp(ctx, p, what >> 8);
 	default:
 		return -1;
 	}
@@ -288,7 +370,7 @@ static __always_inline int np_from_netdev(struct __ctx_buff *ctx, struct pkt *p)
 	}
 	if (ret > 0 || dsr_read_opt(ctx, p, &d)) {
 		dsr_learn(ctx, p, &d);
-		return np_deliver_local(ctx, endpoint_of(&p->daddr, p->family));
+		return np_deliver_local(ctx, p, endpoint_of(&p->daddr, p->family));
 	}
 
 	ret = np_reply(ctx, p);
@@ -302,28 +384,40 @@ static __always_inline int np_from_netdev(struct __ctx_buff *ctx, struct pkt *p)
 
 	struct endpoint_info *ep = endpoint_of(&r.t.addr, p->family);
 	if (ep)
-		return np_deliver_local(ctx, ep);
+		return np_deliver_local(ctx, p, ep);
 	/* A hostNetwork backend on this node: its socket is the host's. The
 	 * FIB would not forward to a local address. */
 	if (is_node_addr(&r.t.addr, p->family)) {
 		count(METRIC_NP_HOST);
-		return np_into_pod(ctx, 0);
+		return np_into_pod(ctx, p, 0);
 	}
+	__u16 mode = r.flow ? r.flow->state & CT_S_NS_MASK : 0;
+	int new_mode = r.new_flow || !mode;
+	if (new_mode)
+		mode = np_mode(ctx, p, r.svc_flags);
+	/* DSR's option or outer header must fit the route's MTU too. */
+	__u32 extra = mode & CT_S_NS_DSR ? dsr_overhead(p, mode) : 0;
 	struct fib_next nh;
-	if (fib_egress(ctx, p, &nh) < 0) {
+	ret = fib_egress(ctx, p, &nh, extra);
+	if (ret == FIB_FRAG_NEEDED && extra && nh.mtu > extra && r.flow)
+		return np_too_big(ctx, p, r.flow, nh.mtu - extra);
+	if (ret) {
 		count(METRIC_FIB_FAILED);
 		return CTX_ACT_DROP;
 	}
 	const union v6addr *node = np_snat_addr(nh.ifindex, p->family);
 	if (!node)
-		return np_deliver_local(ctx, 0);
+		return np_deliver_local(ctx, p, 0);
+	/* Expiring: to the stack only DNATed (past SNAT or DSR it would be a
+	 * martian), whose ip_forward answers the client with time exceeded;
+	 * the egress program makes its quote the client's packet to the
+	 * service (lb_reply). */
+	ret = fwd_ttl(ctx, p);
+	if (ret)
+		return ret > 0 ? np_into_pod(ctx, p, 0) : CTX_ACT_DROP;
 
-	__u16 mode = r.flow ? r.flow->state & CT_S_NS_MASK : 0;
-	if (r.new_flow || !mode) {
-		mode = np_mode(ctx, p, r.svc_flags);
-		if (r.flow)
-			r.flow->state |= mode;
-	}
+	if (new_mode && r.flow)
+		r.flow->state |= mode;
 	if (mode & CT_S_NS_DSR) {
 		/* The service address is the one the client used: the flow entry
 		 * keeps it for reverse translation. */

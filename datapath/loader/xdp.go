@@ -77,6 +77,10 @@ func objectMaps(v any) map[string]*ebpf.Map {
 const (
 	HandoverDeliver uint32 = 1 // into a local backend's pod
 	HandoverRoute   uint32 = 2 // off the node, neighbour unresolved
+	// HandoverTooBig: a DSR packet too big for its route, for tc to answer
+	// with frag needed / packet too big; the MTU to announce goes above
+	// the low 8 bits (HandoverTooBig | mtu<<8).
+	HandoverTooBig uint32 = 3
 )
 
 // handoverMagic is NP_HANDOVER_MAGIC.

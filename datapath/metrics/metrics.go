@@ -64,6 +64,8 @@ var Names = []string{
 	"icmp_to_backend",
 	"ct_rst_out_of_window",
 	"nat_released",
+	"ttl_exceeded",
+	"dsr_frag_needed",
 }
 
 // Read sums each counter over CPUs, keyed by name.

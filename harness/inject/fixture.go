@@ -12,6 +12,7 @@ import (
 
 	"github.com/servicepath/servicepath/datapath/loader"
 	"github.com/servicepath/servicepath/harness/packet"
+	"github.com/servicepath/servicepath/harness/testenv"
 )
 
 // Fixture is one row of a packet table.
@@ -37,6 +38,9 @@ type Fixture struct {
 	Counters map[string]uint64
 	// Check makes further assertions on the maps after the packet.
 	Check func(t testing.TB, e *Env)
+	// MinKernel is the kernel ("major.minor") the row's behaviour needs,
+	// for what Needs says; older kernels skip the row. Empty: any.
+	MinKernel, Needs string
 }
 
 // Config is the loader's default with flow maps sized for a few flows: a
@@ -86,6 +90,9 @@ func Run(t *testing.T, fixtures []Fixture) {
 	t.Cleanup(envs.close)
 	for _, f := range fixtures {
 		t.Run(f.Name, func(t *testing.T) {
+			if f.MinKernel != "" && !testenv.KernelAtLeast(t, f.MinKernel) {
+				t.Skipf("needs kernel %s: %s", f.MinKernel, f.Needs)
+			}
 			e := envs.get(t, f.config())
 			require.NoError(t, e.Reset(), "reset maps")
 			if f.Setup != nil {

@@ -45,6 +45,17 @@ type Opts struct {
 	MTU uint16
 	// Seq is the TCP sequence number (0: 1000).
 	Seq uint32
+	// Hops is how many routers forwarded the packet: its TTL / hop limit
+	// is 64 less that.
+	Hops uint8
+	// DF sets IPv4's don't fragment.
+	DF bool
+}
+
+// Forwarded is o one hop further.
+func (o Opts) Forwarded() Opts {
+	o.Hops++
+	return o
 }
 
 // DSR option types (bpf/lib/dsr.h).
@@ -79,11 +90,16 @@ func ethHeader(v6, fromHost bool) []byte {
 
 // IP returns an IPv4 or IPv6 layer for src -> dst.
 func IP(src, dst netip.Addr, proto layers.IPProtocol, o Opts) gopacket.SerializableLayer {
+	ttl := 64 - o.Hops
 	if src.Unmap().Is4() {
-		return &layers.IPv4{Version: 4, IHL: 5, TTL: 64, Id: o.IPID, Protocol: proto,
+		ip := &layers.IPv4{Version: 4, IHL: 5, TTL: ttl, Id: o.IPID, Protocol: proto,
 			SrcIP: src.Unmap().AsSlice(), DstIP: dst.Unmap().AsSlice()}
+		if o.DF {
+			ip.Flags = layers.IPv4DontFragment
+		}
+		return ip
 	}
-	return &layers.IPv6{Version: 6, HopLimit: 64, NextHeader: proto, SrcIP: src.AsSlice(), DstIP: dst.AsSlice()}
+	return &layers.IPv6{Version: 6, HopLimit: ttl, NextHeader: proto, SrcIP: src.AsSlice(), DstIP: dst.AsSlice()}
 }
 
 func serialize(ls ...gopacket.SerializableLayer) []byte {

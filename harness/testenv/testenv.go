@@ -115,6 +115,22 @@ func FeatureMissing(t testing.TB, feature, minKernel string, err error) bool {
 	return featureMissing(t, feature, minKernel, release(t), err)
 }
 
+// KernelAtLeast says whether the running kernel is minKernel ("major.minor")
+// or newer, for behaviour that changes with the kernel without failing:
+// what a test expects then depends on it.
+func KernelAtLeast(t testing.TB, minKernel string) bool {
+	t.Helper()
+	running, err := parseKernel(release(t))
+	if err != nil {
+		t.Fatalf("running kernel: %v", err)
+	}
+	want, err := parseKernel(minKernel)
+	if err != nil {
+		t.Fatalf("bad minimum kernel: %v", err)
+	}
+	return !running.less(want)
+}
+
 func release(t testing.TB) string {
 	t.Helper()
 	var uts unix.Utsname

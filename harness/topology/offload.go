@@ -29,6 +29,16 @@ func SetChecksumOffload(dev string, tx, rx bool) error {
 	return nil
 }
 
+// SetGRO turns dev's generic receive offload on or off (ethtool -K dev gro
+// ..), in the calling thread's netns. A veth merges what it receives only
+// while it runs NAPI, which an XDP program on it turns on.
+func SetGRO(dev string, on bool) error {
+	if err := ethtoolSet(dev, unix.ETHTOOL_SGRO, on); err != nil {
+		return fmt.Errorf("GRO of %s: %w", dev, err)
+	}
+	return nil
+}
+
 // ethtoolSet sends one legacy ethtool set command (struct ethtool_value).
 func ethtoolSet(dev string, cmd uint32, on bool) error {
 	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)

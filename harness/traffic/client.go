@@ -29,16 +29,11 @@ func TCPExchange(doer Doer, dst netip.AddrPort, payload []byte, timeout time.Dur
 	}
 	var r Reply
 	err := doer.Do(func() error {
-		d := net.Dialer{Deadline: time.Now().Add(timeout)}
-		c, err := d.Dial("tcp", dst.String())
+		tc, err := dialTCP(dst, timeout)
 		if err != nil {
 			return err
 		}
-		defer c.Close()
-		tc := c.(*net.TCPConn)
-		if err := tc.SetDeadline(d.Deadline); err != nil {
-			return err
-		}
+		defer tc.Close()
 		r.Peer = unmap(tc.RemoteAddr().(*net.TCPAddr).AddrPort())
 		r.Local = unmap(tc.LocalAddr().(*net.TCPAddr).AddrPort())
 		if _, err := tc.Write(payload); err != nil {
@@ -58,6 +53,21 @@ func TCPExchange(doer Doer, dst netip.AddrPort, payload []byte, timeout time.Dur
 		return r, fmt.Errorf("tcp exchange with %s: %w", dst, err)
 	}
 	return r, nil
+}
+
+// dialTCP connects to dst, the connection's deadline timeout from now.
+func dialTCP(dst netip.AddrPort, timeout time.Duration) (*net.TCPConn, error) {
+	d := net.Dialer{Deadline: time.Now().Add(timeout)}
+	c, err := d.Dial("tcp", dst.String())
+	if err != nil {
+		return nil, err
+	}
+	tc := c.(*net.TCPConn)
+	if err := tc.SetDeadline(d.Deadline); err != nil {
+		tc.Close()
+		return nil, err
+	}
+	return tc, nil
 }
 
 // UDPExchange sends payload to dst from an unconnected socket in doer's

@@ -29,6 +29,13 @@ type ICMPReport struct {
 // netns that asks for ICMP errors, and returns the first one it gets:
 // without IP_RECVERR an unconnected socket hears of none.
 func UDPErrorReport(doer Doer, dst netip.AddrPort, payload []byte, timeout time.Duration) (ICMPReport, error) {
+	return UDPProbe(doer, dst, 0, payload, timeout)
+}
+
+// UDPProbe is UDPErrorReport with the datagram's TTL / hop limit set to
+// ttl (0: the netns default), as traceroute probes a path: the hop where
+// it runs out answers with time exceeded.
+func UDPProbe(doer Doer, dst netip.AddrPort, ttl int, payload []byte, timeout time.Duration) (ICMPReport, error) {
 	dst = unmap(dst)
 	var r ICMPReport
 	err := doer.Do(func() error {
@@ -37,12 +44,17 @@ func UDPErrorReport(doer Doer, dst netip.AddrPort, payload []byte, timeout time.
 			return err
 		}
 		defer c.Close()
-		level, opt := unix.SOL_IP, unix.IP_RECVERR
+		level, opt, ttlOpt := unix.SOL_IP, unix.IP_RECVERR, unix.IP_TTL
 		if dst.Addr().Is6() {
-			level, opt = unix.SOL_IPV6, unix.IPV6_RECVERR
+			level, opt, ttlOpt = unix.SOL_IPV6, unix.IPV6_RECVERR, unix.IPV6_UNICAST_HOPS
 		}
 		if err := control(c, func(fd int) error { return unix.SetsockoptInt(fd, level, opt, 1) }); err != nil {
 			return fmt.Errorf("ask for ICMP errors: %w", err)
+		}
+		if ttl > 0 {
+			if err := control(c, func(fd int) error { return unix.SetsockoptInt(fd, level, ttlOpt, ttl) }); err != nil {
+				return fmt.Errorf("set the TTL / hop limit: %w", err)
+			}
 		}
 		if err := c.SetDeadline(time.Now().Add(timeout)); err != nil {
 			return err
@@ -118,7 +130,7 @@ func addrPortOf(sa unix.Sockaddr) netip.AddrPort {
 	return netip.AddrPort{}
 }
 
-func control(c *net.UDPConn, fn func(fd int) error) error {
+func control(c syscall.Conn, fn func(fd int) error) error {
 	rc, err := c.SyscallConn()
 	if err != nil {
 		return err
@@ -225,12 +237,17 @@ func (r *Responder) Refused(timeout time.Duration) error {
 // IPV6_MTU): lowered by fragmentation-needed or packet-too-big errors
 // about its answers.
 func (r *Responder) PathMTU() (int, error) {
+	return pathMTU(r.conn, r.conn.RemoteAddr().(*net.UDPAddr).AddrPort().Addr().Unmap().Is6())
+}
+
+// pathMTU is a connected socket's path MTU to its peer.
+func pathMTU(c syscall.Conn, v6 bool) (int, error) {
 	level, opt := unix.IPPROTO_IP, unix.IP_MTU
-	if r.conn.RemoteAddr().(*net.UDPAddr).AddrPort().Addr().Unmap().Is6() {
+	if v6 {
 		level, opt = unix.IPPROTO_IPV6, unix.IPV6_MTU
 	}
 	mtu := 0
-	err := control(r.conn, func(fd int) error {
+	err := control(c, func(fd int) error {
 		var err error
 		mtu, err = unix.GetsockoptInt(fd, level, opt)
 		return err
@@ -291,4 +308,36 @@ func SendICMP(doer Doer, dst netip.Addr, msg []byte) error {
 		return fmt.Errorf("send ICMP to %s: %w", dst, err)
 	}
 	return nil
+}
+
+// TimeExceeded says whether r reports a TTL / hop limit run out in transit.
+func (r ICMPReport) TimeExceeded() bool {
+	if r.About.Addr().Is4() {
+		return r.Type == icmpTimeExceeded && r.Code == 0
+	}
+	return r.Type == icmp6TimeExceeded && r.Code == 0
+}
+
+const (
+	icmpTimeExceeded  = 11
+	icmp6TimeExceeded = 3
+)
+
+// Traceroute probes the path to dst as traceroute does: UDPProbe with TTL
+// 1, 2, ... until an answer that is no time exceeded (a closed port's
+// refusal at the destination), maxHops probes at most. It returns every
+// probe's report, in hop order.
+func Traceroute(doer Doer, dst netip.AddrPort, maxHops int, timeout time.Duration) ([]ICMPReport, error) {
+	var hops []ICMPReport
+	for ttl := 1; ttl <= maxHops; ttl++ {
+		r, err := UDPProbe(doer, dst, ttl, []byte(fmt.Sprintf("probe ttl %d", ttl)), timeout)
+		if err != nil {
+			return hops, fmt.Errorf("hop %d: %w", ttl, err)
+		}
+		hops = append(hops, r)
+		if !r.TimeExceeded() {
+			return hops, nil
+		}
+	}
+	return hops, fmt.Errorf("no answer from %s within %d hops", dst, maxHops)
 }

@@ -57,6 +57,11 @@ func routeFixtures(f Family, remote netip.Addr, node netip.Addr) []routeFixture 
 	backend := f.backend(0)
 	remoteBackend := netip.AddrPortFrom(remote, BackendPort)
 	syn := packet.TCP(f.Client, f.vip(), packet.SYN, nil, packet.Opts{})
+	// What BPF routes has its TTL / hop limit decremented, as ip_forward
+	// would; what would leave with 0 goes up the stack instead, which
+	// answers with time exceeded.
+	forwarded := reply().Forwarded()
+	lastHop := packet.Opts{Hops: 63}
 	svc := upsertOnly(f.Service(service.TCP, f.active(0)))
 	replyPkt := packet.TCP(backend, f.Client, packet.SYNACK, nil, packet.Opts{})
 	reqThenReply := func(e *inject.Env, send func(string, []byte) error) error {
@@ -72,8 +77,17 @@ func routeFixtures(f Family, remote netip.Addr, node netip.Addr) []routeFixture 
 		from:     "client",
 		input:    syn,
 		verdict:  inject.Redirect,
-		output:   packet.TCP(f.Client, backend, packet.SYN, nil, reply()),
+		output:   packet.TCP(f.Client, backend, packet.SYN, nil, forwarded),
 		counters: inject.CountersOf("lb_new", 1, "pass", 1, "redirect_peer", 1),
+	}, {
+		name:     name("request-to-local-backend-ttl-expiring-up-the-stack"),
+		routing:  loader.HostRoutingBPF,
+		setup:    svc,
+		from:     "client",
+		input:    packet.TCP(f.Client, f.vip(), packet.SYN, nil, lastHop),
+		verdict:  inject.OK,
+		output:   packet.TCP(f.Client, backend, packet.SYN, nil, lastHop),
+		counters: inject.CountersOf("lb_new", 1, "ttl_exceeded", 1),
 	}, {
 		// redirect_peer skips the client's to-pod program: the reply must
 		// leave here already carrying the VIP.
@@ -83,8 +97,18 @@ func routeFixtures(f Family, remote netip.Addr, node netip.Addr) []routeFixture 
 		from:     "backend-1",
 		input:    replyPkt,
 		verdict:  inject.Redirect,
-		output:   packet.TCP(f.vip(), f.Client, packet.SYNACK, nil, reply()),
+		output:   packet.TCP(f.vip(), f.Client, packet.SYNACK, nil, forwarded),
 		counters: inject.CountersOf("pass", 1, "rev_nat", 1, "redirect_peer", 1),
+	}, {
+		// Untranslated: the client's to-pod program translates the stack's
+		// error about it, or the reply itself had it been forwarded.
+		name:     name("reply-ttl-expiring-up-the-stack-untranslated"),
+		routing:  loader.HostRoutingBPF,
+		setup:    reqThenReply,
+		from:     "backend-1",
+		input:    packet.TCP(backend, f.Client, packet.SYNACK, nil, lastHop),
+		verdict:  inject.OK,
+		counters: inject.CountersOf("pass", 1, "ttl_exceeded", 1),
 	}, {
 		name:    name("icmp-error-from-backend-rewritten-before-redirect-into-client"),
 		routing: loader.HostRoutingBPF,
@@ -97,7 +121,7 @@ func routeFixtures(f Family, remote netip.Addr, node netip.Addr) []routeFixture 
 		from:     "backend-1",
 		input:    packet.ICMPError(packet.PortUnreachable, backend.Addr(), f.Client.Addr(), quote(packet.L3(layers.IPProtocolUDP, f.Client, backend, packet.TCPFlags{}, payload, packet.Opts{})), packet.Opts{}),
 		verdict:  inject.Redirect,
-		output:   packet.ICMPError(packet.PortUnreachable, f.VIP, f.Client.Addr(), quote(packet.L3(layers.IPProtocolUDP, f.Client, f.vip(), packet.TCPFlags{}, payload, packet.Opts{})), reply()),
+		output:   packet.ICMPError(packet.PortUnreachable, f.VIP, f.Client.Addr(), quote(packet.L3(layers.IPProtocolUDP, f.Client, f.vip(), packet.TCPFlags{}, payload, packet.Opts{})), forwarded),
 		counters: inject.CountersOf("pass", 1, "icmp_rev_nat", 1, "redirect_peer", 1),
 	}, {
 		name:     name("request-to-remote-backend-fib-lookup-and-redirect-neigh"),
@@ -106,8 +130,17 @@ func routeFixtures(f Family, remote netip.Addr, node netip.Addr) []routeFixture 
 		from:     "client",
 		input:    syn,
 		verdict:  inject.Redirect,
-		output:   packet.TCP(f.Client, remoteBackend, packet.SYN, nil, packet.Opts{}),
+		output:   packet.TCP(f.Client, remoteBackend, packet.SYN, nil, packet.Opts{}.Forwarded()),
 		counters: inject.CountersOf("lb_new", 1, "redirect_neigh", 1),
+	}, {
+		name:     name("request-to-remote-backend-ttl-expiring-up-the-stack"),
+		routing:  loader.HostRoutingBPF,
+		setup:    upsertOnly(f.Service(service.TCP, service.Backend{Addr: remote, Port: BackendPort})),
+		from:     "client",
+		input:    packet.TCP(f.Client, f.vip(), packet.SYN, nil, lastHop),
+		verdict:  inject.OK,
+		output:   packet.TCP(f.Client, remoteBackend, packet.SYN, nil, lastHop),
+		counters: inject.CountersOf("lb_new", 1, "ttl_exceeded", 1),
 	}, {
 		name:     name("to-the-node-itself-goes-up-the-stack"),
 		routing:  loader.HostRoutingBPF,

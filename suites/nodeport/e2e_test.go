@@ -59,10 +59,31 @@ func program(t *testing.T, ns *cluster.NorthSouth, fe service.Frontend, edit fun
 					s.Backends = append(s.Backends, ns.Backend(b, fe.Addr))
 				}
 			}
-			require.NoError(t, n.Services.Upsert(s), "program %s on %s", s.Frontend, n.Name)
-			t.Cleanup(func() { assert.NoError(t, n.Services.Delete(s.Frontend), "remove %s from %s", s.Frontend, n.Name) })
+			upsert(t, n, s)
 		}
 	}
+}
+
+// upsert programs s on node n until the subtest ends.
+func upsert(t *testing.T, n *cluster.NSNode, s service.Service) {
+	require.NoError(t, n.Services.Upsert(s), "program %s on %s", s.Frontend, n.Name)
+	t.Cleanup(func() { assert.NoError(t, n.Services.Delete(s.Frontend), "remove %s from %s", s.Frontend, n.Name) })
+}
+
+// programOne gives every node f's NodePort port/proto with the one
+// backend be, then edit, until the subtest ends. It returns node 0's
+// address of it.
+func programOne(t *testing.T, ns *cluster.NorthSouth, f e2eFamily, port uint16, proto service.Protocol, be service.Backend,
+	edit func(*service.Service)) netip.AddrPort {
+	for _, n := range ns.Nodes {
+		s := service.Service{Name: "default/one", Backends: []service.Backend{be},
+			Frontend: service.Frontend{Addr: f.unspecified, Port: port, Protocol: proto, Kind: service.NodePort}}
+		if edit != nil {
+			edit(&s)
+		}
+		upsert(t, n, s)
+	}
+	return netip.AddrPortFrom(f.nodes[0], port)
 }
 
 // exchange runs n TCP and n UDP exchanges from the external client to dst

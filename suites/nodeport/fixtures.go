@@ -286,6 +286,47 @@ func netIfindex(name string) (int, error) {
 
 var payload = []byte("servicepath north-south fixture payload")
 
+// wireMTU is the MTU of the bed's wire devices.
+const wireMTU = 1500
+
+// DSR's frag needed announces the MTU bpf_fib_lookup reports, from 5.12.
+const (
+	fibMTUKernel = "5.12"
+	fibMTUNeeds  = "bpf_fib_lookup's mtu_result, the route's MTU DSR's frag needed announces"
+)
+
+// ipHeader is the length of the family's fixed IP header.
+func (f Family) ipHeader() int {
+	if f.Node.Is4() {
+		return 20
+	}
+	return 40
+}
+
+// dsrFit is what of the wire's MTU DSR by d leaves a packet
+// (bpf/lib/dsr.h: the option, or the outer header).
+func (f Family) dsrFit(d service.Dispatch) uint16 { return dsrFit(f.Node.Is4(), d) }
+
+func dsrFit(v4 bool, d service.Dispatch) uint16 {
+	over := map[bool]int{true: 8, false: 24}[v4]
+	if d == service.IPIP {
+		over = map[bool]int{true: 20, false: 40}[v4]
+	}
+	return uint16(wireMTU - over)
+}
+
+// fullSize is a TCP segment from the client to dst as long as the wire
+// takes, less short bytes.
+func (f Family) fullSize(dst netip.AddrPort, short int, o packet.Opts) []byte {
+	return packet.TCP(f.Client, dst, packet.ACK, make([]byte, wireMTU-f.ipHeader()-20-short), o)
+}
+
+// fullSizeUDP is a UDP datagram from the client to dst as long as the
+// wire takes, without DF.
+func (f Family) fullSizeUDP(dst netip.AddrPort) []byte {
+	return packet.UDP(f.Client, dst, make([]byte, wireMTU-f.ipHeader()-8), packet.Opts{})
+}
+
 func tcp(src, dst netip.AddrPort, fl packet.TCPFlags, o packet.Opts) []byte {
 	return packet.TCP(src, dst, fl, payload, o)
 }

@@ -54,17 +54,7 @@ func exerciseICMPErrors(t *testing.T, ns *cluster.NorthSouth, port uint16) {
 		// it.
 		serve := func(t *testing.T, b backend, backendPort uint16, edit func(*service.Service)) netip.AddrPort {
 			port++
-			be := service.Backend{Addr: b.addr, Port: backendPort}
-			for _, n := range ns.Nodes {
-				s := service.Service{Name: "default/icmp", Backends: []service.Backend{be},
-					Frontend: service.Frontend{Addr: f.unspecified, Port: port, Protocol: service.UDP, Kind: service.NodePort}}
-				if edit != nil {
-					edit(&s)
-				}
-				require.NoError(t, n.Services.Upsert(s), "program %s on %s", s.Frontend, n.Name)
-				t.Cleanup(func() { assert.NoError(t, n.Services.Delete(s.Frontend), "remove %s from %s", s.Frontend, n.Name) })
-			}
-			return netip.AddrPortFrom(f.nodes[0], port)
+			return programOne(t, ns, f, port, service.UDP, service.Backend{Addr: b.addr, Port: backendPort}, edit)
 		}
 		cases := []struct {
 			name    string

@@ -24,7 +24,13 @@ func (b *Bed) Fixtures() []inject.Fixture {
 // packet to tc, the row expects the hand-over.
 func (b *Bed) XDPFixtures(t testing.TB) []inject.Fixture {
 	via := ingress{hook: inject.XDPFromNetdev, xdp: true, bed: b, handover: map[uint32][]byte{0: make([]byte, 8)}}
-	for _, a := range []uint32{loader.HandoverDeliver, loader.HandoverRoute} {
+	actions := []uint32{loader.HandoverDeliver, loader.HandoverRoute}
+	for _, f := range b.Families() {
+		for _, d := range []service.Dispatch{service.Option, service.IPIP} {
+			actions = append(actions, loader.HandoverTooBig|uint32(f.dsrFit(d))<<8)
+		}
+	}
+	for _, a := range actions {
 		meta, err := loader.HandoverMeta(a)
 		require.NoError(t, err, "hand-over word of this netns")
 		via.handover[a] = meta
@@ -173,6 +179,35 @@ func (via ingress) icmpErrorLocal(out, peerOut []byte, counters map[string]uint6
 	return via.local(out, counters)
 }
 
+// tooBig: a DSR packet its overhead would take past the route's MTU, of
+// which fit bytes are left: tc answers the client with reply, frag needed
+// or packet too big. XDP hands the packet, DNATed (dnat), to tc for that.
+func (via ingress) tooBig(reply, dnat []byte, fit uint16, counters map[string]uint64) outcome {
+	if !via.xdp {
+		return outcome{inject.Redirect, reply, nil, plus(counters, "dsr_frag_needed", 1)}
+	}
+	return outcome{inject.XDPPass, dnat, via.handover[loader.HandoverTooBig|uint32(fit)<<8], plus(counters, "xdp_to_tc", 1)}
+}
+
+// expiringIntoPod: for a local pod with BPF host routing, but its TTL /
+// hop limit would run out: tc gives out to the stack, whose ip_forward
+// answers with time exceeded. XDP hands it to tc, which does that.
+func (via ingress) expiringIntoPod(out []byte, counters map[string]uint64) outcome {
+	if !via.xdp {
+		return outcome{inject.OK, out, nil, plus(counters, "ttl_exceeded", 1)}
+	}
+	return via.local(out, counters)
+}
+
+// icmpErrorDropped: an ICMP error translated by tc and dropped there.
+// XDP passes ICMP on to tc untouched.
+func (via ingress) icmpErrorDropped(out []byte, counters map[string]uint64) outcome {
+	if via.xdp {
+		return via.passed(counters)
+	}
+	return via.dropped(out, counters)
+}
+
 func (via ingress) dropped(out []byte, counters map[string]uint64) outcome {
 	if !via.xdp {
 		return outcome{inject.Shot, out, nil, counters}
@@ -206,6 +241,11 @@ func (b *Bed) familyFixtures(f Family, via ingress) []inject.Fixture {
 	local, remote := f.at(f.Local), f.at(f.Remote)
 	in := packet.Opts{}
 	out := packet.Opts{FromHost: true} // the frame as redirect_peer leaves it for the pod
+	// What BPF forwards has had its TTL / hop limit decremented; what it
+	// hands to the stack or XDP to tc has not.
+	fwd, outFwd := in.Forwarded(), out.Forwarded()
+	lastHop := packet.Opts{Hops: 63} // TTL / hop limit 1: no router may forward it
+	df := packet.Opts{DF: true}
 	syn := tcp(f.Client, f.nodePort(), packet.SYN, in)
 	otherClient := netip.AddrPortFrom(f.Client.Addr().Next(), ClientPort)
 	// SNAT keeps the client's port when it lies in the range and is free.
@@ -251,7 +291,13 @@ func (b *Bed) familyFixtures(f Family, via ingress) []inject.Fixture {
 		Setup:  inject.Steps(node, inject.Upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Local}))),
 		On:     dev,
 		Input:  syn,
-	}, via.intoPod(tcp(f.Client, local, packet.SYN, in), tcp(f.Client, local, packet.SYN, out), counters("lb_new", 1, "np_local", 1))), {
+	}, via.intoPod(tcp(f.Client, local, packet.SYN, in), tcp(f.Client, local, packet.SYN, outFwd), counters("lb_new", 1, "np_local", 1))), via.row(inject.Fixture{
+		Name:   name("local-backend-ttl-expiring-up-the-stack-with-bpf-routing"),
+		Config: bpfRouting,
+		Setup:  inject.Steps(node, inject.Upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Local}))),
+		On:     dev,
+		Input:  tcp(f.Client, f.nodePort(), packet.SYN, lastHop),
+	}, via.expiringIntoPod(tcp(f.Client, local, packet.SYN, lastHop), counters("lb_new", 1, "np_local", 1))), {
 		Name: name("local-backend-reply-leaves-from-nodeport"),
 		Setup: inject.Steps(node, inject.Upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Local})),
 			first(syn)),
@@ -268,27 +314,49 @@ func (b *Bed) familyFixtures(f Family, via ingress) []inject.Fixture {
 		On:     dev,
 		Input:  syn,
 		Check:  checkFlow(f.Client, remote, f.nodePort(), "ns-snat"),
-	}, via.sent(toPeer, tcp(snatted, remote, packet.SYN, in), counters("lb_new", 1, "np_snat", 1, "nat_retry_0", 1))), via.row(inject.Fixture{
+	}, via.sent(toPeer, tcp(snatted, remote, packet.SYN, fwd), counters("lb_new", 1, "np_snat", 1, "nat_retry_0", 1))), via.row(inject.Fixture{
+		// Only DNATed, so the stack forwards it as its own: its ip_forward
+		// answers with time exceeded, whose quote the egress program
+		// translates (backend-node-...-quotes-the-service rows).
+		Name:   name("remote-backend-ttl-expiring-up-the-stack-before-snat"),
+		Config: keepPorts,
+		Setup:  inject.Steps(node, inject.Upsert(f.nodePortSvc(service.UDP, []netip.Addr{f.Remote}))),
+		On:     dev,
+		Input:  udp(f.Client, f.nodePort(), lastHop),
+	}, via.local(udp(f.Client, remote, lastHop), counters("lb_new", 1, "ttl_exceeded", 1))), via.row(inject.Fixture{
+		Name:  name("dsr-ttl-expiring-up-the-stack-without-the-option"),
+		Setup: inject.Steps(node, inject.Upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Remote}, dsr(service.Option)))),
+		On:    dev,
+		Input: tcp(f.Client, f.nodePort(), packet.SYN, lastHop),
+	}, via.local(tcp(f.Client, remote, packet.SYN, lastHop), counters("lb_new", 1, "ttl_exceeded", 1))), via.row(inject.Fixture{
 		Name:   name("remote-backend-udp-snat"),
 		Config: keepPorts,
 		Setup:  inject.Steps(node, inject.Upsert(f.nodePortSvc(service.UDP, []netip.Addr{f.Remote}))),
 		On:     dev,
 		Input:  udp(f.Client, f.nodePort(), in),
-	}, via.sent(toPeer, udp(snatted, remote, in), counters("lb_new", 1, "np_snat", 1, "nat_retry_0", 1))), via.row(inject.Fixture{
+	}, via.sent(toPeer, udp(snatted, remote, fwd), counters("lb_new", 1, "np_snat", 1, "nat_retry_0", 1))), via.row(inject.Fixture{
 		Name:   name("snat-established-keeps-its-port"),
 		Config: keepPorts,
 		Setup: inject.Steps(node, inject.Upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Remote})),
 			first(syn)),
 		On:    dev,
 		Input: tcp(f.Client, f.nodePort(), packet.ACK, in),
-	}, via.sent(toPeer, tcp(snatted, remote, packet.ACK, in), counters("lb_established", 1, "np_snat", 1))), via.row(inject.Fixture{
+	}, via.sent(toPeer, tcp(snatted, remote, packet.ACK, fwd), counters("lb_established", 1, "np_snat", 1))), via.row(inject.Fixture{
 		Name:   name("snat-reply-back-to-client-from-nodeport"),
 		Config: keepPorts,
 		Setup: inject.Steps(node, inject.Upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Remote})),
 			first(syn)),
 		On:    dev,
 		Input: tcp(remote, snatted, packet.SYNACK, in),
-	}, via.sent(toClient, tcp(f.nodePort(), f.Client, packet.SYNACK, in), counters("np_rev_snat", 1, "rev_nat", 1))), via.row(inject.Fixture{
+	}, via.sent(toClient, tcp(f.nodePort(), f.Client, packet.SYNACK, fwd), counters("np_rev_snat", 1, "rev_nat", 1))), via.row(inject.Fixture{
+		// Translated back, its source is this node's: no stack forwards it.
+		Name:   name("snat-reply-ttl-expiring-dropped"),
+		Config: keepPorts,
+		Setup: inject.Steps(node, inject.Upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Remote})),
+			first(syn)),
+		On:    dev,
+		Input: tcp(remote, snatted, packet.SYNACK, lastHop),
+	}, via.dropped(tcp(remote, f.Client, packet.SYNACK, lastHop), counters("np_rev_snat", 1, "ttl_exceeded", 1))), via.row(inject.Fixture{
 		// The backend itself refuses: the client hears it from the service.
 		Name:   name("snat-port-unreachable-from-backend-back-to-client"),
 		Config: keepPorts,
@@ -296,7 +364,7 @@ func (b *Bed) familyFixtures(f Family, via ingress) []inject.Fixture {
 			first(udp(f.Client, f.nodePort(), in))),
 		On:    dev,
 		Input: packet.ICMPError(packet.PortUnreachable, f.Remote, f.Node, packet.HeaderQuote(udp(snatted, remote, in)), in),
-	}, via.icmpError(toClient, packet.ICMPError(packet.PortUnreachable, f.Node, f.Client.Addr(), packet.HeaderQuote(udp(f.Client, f.nodePort(), in)), in),
+	}, via.icmpError(toClient, packet.ICMPError(packet.PortUnreachable, f.Node, f.Client.Addr(), packet.HeaderQuote(udp(f.Client, f.nodePort(), in)), fwd),
 		counters("np_icmp_rev_snat", 1))), via.row(inject.Fixture{
 		// A router's error keeps its source; the whole packet is quoted, so
 		// the quoted TCP checksum is rewritten too.
@@ -306,7 +374,7 @@ func (b *Bed) familyFixtures(f Family, via ingress) []inject.Fixture {
 			first(syn)),
 		On:    dev,
 		Input: packet.ICMPError(packet.FragNeeded, router, f.Node, l3(tcp(snatted, remote, packet.SYN, in)), in),
-	}, via.icmpError(toClient, packet.ICMPError(packet.FragNeeded, router, f.Client.Addr(), l3(syn), in),
+	}, via.icmpError(toClient, packet.ICMPError(packet.FragNeeded, router, f.Client.Addr(), l3(syn), fwd),
 		counters("np_icmp_rev_snat", 1))), via.row(inject.Fixture{
 		// About a reply on its way to the client: the backend hears it about
 		// its own reply to this node.
@@ -316,8 +384,18 @@ func (b *Bed) familyFixtures(f Family, via ingress) []inject.Fixture {
 			first(syn)),
 		On:    dev,
 		Input: packet.ICMPError(packet.FragNeeded, router, f.Node, l3(tcp(f.nodePort(), f.Client, packet.SYNACK, in)), in),
-	}, via.icmpError(toPeer, packet.ICMPError(packet.FragNeeded, router, f.Remote, l3(tcp(remote, snatted, packet.SYNACK, in)), in),
+	}, via.icmpError(toPeer, packet.ICMPError(packet.FragNeeded, router, f.Remote, l3(tcp(remote, snatted, packet.SYNACK, in)), fwd),
 		counters("np_icmp_snat", 1))), via.row(inject.Fixture{
+		// ip_forward sends no error about an error: an expiring one is
+		// dropped.
+		Name:   name("snat-icmp-error-ttl-expiring-dropped"),
+		Config: keepPorts,
+		Setup: inject.Steps(node, inject.Upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Remote})),
+			first(syn)),
+		On:    dev,
+		Input: packet.ICMPError(packet.FragNeeded, router, f.Node, l3(tcp(f.nodePort(), f.Client, packet.SYNACK, in)), lastHop),
+	}, via.icmpErrorDropped(packet.ICMPError(packet.FragNeeded, router, f.Remote, l3(tcp(remote, snatted, packet.SYNACK, in)), lastHop),
+		counters("np_icmp_snat", 1, "ttl_exceeded", 1))), via.row(inject.Fixture{
 		// A local backend's flow is only DNATed: the client's refusal of
 		// the reply reaches the backend about its own reply, from the client.
 		Name: name("local-backend-port-unreachable-from-client-on-to-backend"),
@@ -334,7 +412,7 @@ func (b *Bed) familyFixtures(f Family, via ingress) []inject.Fixture {
 		On:    dev,
 		Input: packet.ICMPError(packet.FragNeeded, router, f.Node, l3(tcp(f.nodePort(), f.Client, packet.SYNACK, in)), in),
 	}, via.icmpErrorLocal(packet.ICMPError(packet.FragNeeded, router, f.Local, l3(tcp(local, f.Client, packet.SYNACK, in)), in),
-		packet.ICMPError(packet.FragNeeded, router, f.Local, l3(tcp(local, f.Client, packet.SYNACK, in)), out),
+		packet.ICMPError(packet.FragNeeded, router, f.Local, l3(tcp(local, f.Client, packet.SYNACK, in)), outFwd),
 		counters("icmp_to_backend", 1))), via.row(inject.Fixture{
 		// externalTrafficPolicy Local keeps the client's address: only DNAT.
 		Name: name("etp-local-frag-needed-about-reply-on-to-backend"),
@@ -351,14 +429,14 @@ func (b *Bed) familyFixtures(f Family, via ingress) []inject.Fixture {
 			first(syn)),
 		On:    dev,
 		Input: packet.ICMPError(packet.FragNeeded, router, f.Node, l3(tcp(f.nodePort(), f.Client, packet.SYNACK, in)), in),
-	}, via.icmpError(toPeer, packet.ICMPError(packet.FragNeeded, router, f.Remote, l3(tcp(remote, f.Client, packet.SYNACK, in)), in),
+	}, via.icmpError(toPeer, packet.ICMPError(packet.FragNeeded, router, f.Remote, l3(tcp(remote, f.Client, packet.SYNACK, in)), fwd),
 		counters("icmp_to_backend", 1))), via.row(inject.Fixture{
 		Name: name("dsr-ipip-port-unreachable-from-client-on-to-backend"),
 		Setup: inject.Steps(node, inject.Upsert(f.nodePortSvc(service.UDP, []netip.Addr{f.Remote}, dsr(service.IPIP))),
 			first(udp(f.Client, f.nodePort(), in))),
 		On:    dev,
 		Input: packet.ICMPError(packet.PortUnreachable, f.Client.Addr(), f.Node, packet.HeaderQuote(udp(f.nodePort(), f.Client, in)), in),
-	}, via.icmpError(toPeer, packet.ICMPError(packet.PortUnreachable, f.Client.Addr(), f.Remote, packet.HeaderQuote(udp(remote, f.Client, in)), in),
+	}, via.icmpError(toPeer, packet.ICMPError(packet.PortUnreachable, f.Client.Addr(), f.Remote, packet.HeaderQuote(udp(remote, f.Client, in)), fwd),
 		counters("icmp_to_backend", 1))), {
 		// The backend's node: the backend refuses a DSR datagram, quoting it
 		// with the option; the client hears it from the service, about its
@@ -400,14 +478,14 @@ func (b *Bed) familyFixtures(f Family, via ingress) []inject.Fixture {
 			require.NoError(t, err)
 			assert.Equal(t, uint64(1), c["nat_retry_1"]+c["nat_retry_2_3"], "the second port was found after 1 or 2 retries")
 		},
-	}, via.sent(toPeer, tcp(f.snat(ClientPort+1), remote, packet.SYN, in), nil)), via.row(inject.Fixture{
+	}, via.sent(toPeer, tcp(f.snat(ClientPort+1), remote, packet.SYN, fwd), nil)), via.row(inject.Fixture{
 		Name:   name("snat-ports-exhausted-drop"),
 		Config: natPorts(ClientPort, ClientPort),
 		Setup: inject.Steps(node, inject.Upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Remote})),
 			first(tcp(otherClient, f.nodePort(), packet.SYN, in))),
 		On:    dev,
 		Input: syn,
-	}, via.dropped(tcp(f.Client, remote, packet.SYN, in), counters("lb_new", 1, "nat_exhausted", 1))), via.row(inject.Fixture{
+	}, via.dropped(tcp(f.Client, remote, packet.SYN, fwd), counters("lb_new", 1, "nat_exhausted", 1))), via.row(inject.Fixture{
 		// With one port, the next client gets it only if the closed flow
 		// gave it back: its last ACK after both FINs does.
 		Name:   name("snat-port-freed-by-the-last-ack-after-both-fins"),
@@ -415,19 +493,19 @@ func (b *Bed) familyFixtures(f Family, via ingress) []inject.Fixture {
 		Setup:  snatFlow(otherSyn, tcp(remote, snatted, packet.SYNACK, in), tcp(otherClient, f.nodePort(), packet.FINACK, in), tcp(remote, snatted, packet.FINACK, in), tcp(otherClient, f.nodePort(), packet.ACK, in)),
 		On:     dev,
 		Input:  syn,
-	}, via.sent(toPeer, tcp(snatted, remote, packet.SYN, in), counters("lb_new", 1, "np_snat", 1, "nat_retry_0", 1))), via.row(inject.Fixture{
+	}, via.sent(toPeer, tcp(snatted, remote, packet.SYN, fwd), counters("lb_new", 1, "np_snat", 1, "nat_retry_0", 1))), via.row(inject.Fixture{
 		Name:   name("snat-port-freed-by-the-backends-last-ack"),
 		Config: onePort,
 		Setup:  snatFlow(otherSyn, tcp(remote, snatted, packet.SYNACK, in), tcp(remote, snatted, packet.FINACK, in), tcp(otherClient, f.nodePort(), packet.FINACK, in), tcp(remote, snatted, packet.ACK, in)),
 		On:     dev,
 		Input:  syn,
-	}, via.sent(toPeer, tcp(snatted, remote, packet.SYN, in), counters("lb_new", 1, "np_snat", 1, "nat_retry_0", 1))), via.row(inject.Fixture{
+	}, via.sent(toPeer, tcp(snatted, remote, packet.SYN, fwd), counters("lb_new", 1, "np_snat", 1, "nat_retry_0", 1))), via.row(inject.Fixture{
 		Name:   name("snat-port-freed-by-an-rst"),
 		Config: onePort,
 		Setup:  snatFlow(otherSyn, tcp(otherClient, f.nodePort(), packet.RSTACK, in)),
 		On:     dev,
 		Input:  syn,
-	}, via.sent(toPeer, tcp(snatted, remote, packet.SYN, in), counters("lb_new", 1, "np_snat", 1, "nat_retry_0", 1))), via.row(inject.Fixture{
+	}, via.sent(toPeer, tcp(snatted, remote, packet.SYN, fwd), counters("lb_new", 1, "np_snat", 1, "nat_retry_0", 1))), via.row(inject.Fixture{
 		// Both FINs seen, the mapping stays for the last ACK, which goes
 		// out on it and then frees it.
 		Name:   name("snat-last-ack-translated-then-its-mapping-freed"),
@@ -436,14 +514,14 @@ func (b *Bed) familyFixtures(f Family, via ingress) []inject.Fixture {
 		On:     dev,
 		Input:  tcp(f.Client, f.nodePort(), packet.ACK, in),
 		Check:  natEntriesAre(0),
-	}, via.sent(toPeer, tcp(snatted, remote, packet.ACK, in), counters("lb_established", 1, "np_snat", 1, "nat_released", 1))), via.row(inject.Fixture{
+	}, via.sent(toPeer, tcp(snatted, remote, packet.ACK, fwd), counters("lb_established", 1, "np_snat", 1, "nat_released", 1))), via.row(inject.Fixture{
 		Name:   name("snat-backends-rst-back-to-client-then-its-mapping-freed"),
 		Config: keepPorts,
 		Setup:  snatFlow(syn, tcp(remote, snatted, packet.SYNACK, in)),
 		On:     dev,
 		Input:  tcp(remote, snatted, packet.RSTACK, in),
 		Check:  natEntriesAre(0),
-	}, via.sent(toClient, tcp(f.nodePort(), f.Client, packet.RSTACK, in), counters("np_rev_snat", 1, "rev_nat", 1, "nat_released", 1))), via.row(inject.Fixture{
+	}, via.sent(toClient, tcp(f.nodePort(), f.Client, packet.RSTACK, fwd), counters("np_rev_snat", 1, "rev_nat", 1, "nat_released", 1))), via.row(inject.Fixture{
 		// An RST far from the sequence numbers the client was seen to use
 		// (blind, or stale) goes on to the backend, which judges it itself,
 		// and closes nothing here.
@@ -453,14 +531,14 @@ func (b *Bed) familyFixtures(f Family, via ingress) []inject.Fixture {
 		On:     dev,
 		Input:  tcp(f.Client, f.nodePort(), packet.RSTACK, blindSeq),
 		Check:  stillOpen(f.Client, remote),
-	}, via.sent(toPeer, tcp(snatted, remote, packet.RSTACK, blindSeq), counters("lb_established", 1, "np_snat", 1, "ct_rst_out_of_window", 1))), via.row(inject.Fixture{
+	}, via.sent(toPeer, tcp(snatted, remote, packet.RSTACK, blindSeq.Forwarded()), counters("lb_established", 1, "np_snat", 1, "ct_rst_out_of_window", 1))), via.row(inject.Fixture{
 		Name:   name("out-of-window-rst-from-backend-keeps-the-flow-and-its-port"),
 		Config: keepPorts,
 		Setup:  snatFlow(syn, tcp(remote, snatted, packet.SYNACK, in)),
 		On:     dev,
 		Input:  tcp(remote, snatted, packet.RSTACK, blindSeq),
 		Check:  stillOpen(f.Client, remote),
-	}, via.sent(toClient, tcp(f.nodePort(), f.Client, packet.RSTACK, blindSeq), counters("np_rev_snat", 1, "rev_nat", 1, "ct_rst_out_of_window", 1))), via.row(inject.Fixture{
+	}, via.sent(toClient, tcp(f.nodePort(), f.Client, packet.RSTACK, blindSeq.Forwarded()), counters("np_rev_snat", 1, "rev_nat", 1, "ct_rst_out_of_window", 1))), via.row(inject.Fixture{
 		// The flow's reply half was evicted and another client took its
 		// port: the flow moves to a free port rather than share it.
 		Name:   name("snat-out-mapping-without-its-reply-half-gets-a-new-port"),
@@ -469,19 +547,19 @@ func (b *Bed) familyFixtures(f Family, via ingress) []inject.Fixture {
 			first(syn), evictReplyHalf(remote, snatted), first(otherSyn)),
 		On:    dev,
 		Input: tcp(f.Client, f.nodePort(), packet.ACK, in),
-	}, via.sent(toPeer, tcp(f.snat(ClientPort+1), remote, packet.ACK, in), nil)), via.row(inject.Fixture{
+	}, via.sent(toPeer, tcp(f.snat(ClientPort+1), remote, packet.ACK, fwd), nil)), via.row(inject.Fixture{
 		Name:   name("snat-to-an-unresolved-next-hop"),
 		Config: keepPorts,
 		Setup:  inject.Steps(node, inject.Upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Unresolved}))),
 		On:     dev,
 		Input:  syn,
-	}, via.unresolved(tcp(snatted, f.at(f.Unresolved), packet.SYN, in), counters("lb_new", 1, "np_snat", 1, "nat_retry_0", 1))), via.row(inject.Fixture{
+	}, via.unresolved(tcp(snatted, f.at(f.Unresolved), packet.SYN, fwd), counters("lb_new", 1, "np_snat", 1, "nat_retry_0", 1))), via.row(inject.Fixture{
 		Name:   name("snat-out-another-node-device"),
 		Config: keepPorts,
 		Setup:  inject.Steps(node, b.sideNetdev, inject.Upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Side}))),
 		On:     dev,
 		Input:  syn,
-	}, via.sent(hop{sideMAC, b.SideMAC}, tcp(netip.AddrPortFrom(f.SideNode, ClientPort), f.at(f.Side), packet.SYN, in),
+	}, via.sent(hop{sideMAC, b.SideMAC}, tcp(netip.AddrPortFrom(f.SideNode, ClientPort), f.at(f.Side), packet.SYN, fwd),
 		counters("lb_new", 1, "np_snat", 1, "nat_retry_0", 1))), via.row(inject.Fixture{
 		Name:  name("no-route-to-backend-drop"),
 		Setup: inject.Steps(node, inject.Upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Unroutable}))),
@@ -499,25 +577,50 @@ func (b *Bed) familyFixtures(f Family, via ingress) []inject.Fixture {
 		On:    dev,
 		Input: syn,
 		Check: checkFlow(f.Client, remote, f.nodePort(), "ns-dsr"),
-	}, via.sent(toPeer, tcp(f.Client, remote, packet.SYN, packet.Opts{DSR: f.nodePort()}), counters("lb_new", 1, "dsr_opt", 1))), via.row(inject.Fixture{
+	}, via.sent(toPeer, tcp(f.Client, remote, packet.SYN, packet.Opts{DSR: f.nodePort(), Hops: 1}), counters("lb_new", 1, "dsr_opt", 1))), via.row(inject.Fixture{
+		// A full-size segment: with the option it would not fit the wire.
+		// The client hears what fits from the service, about its own
+		// segment to the service (the quote's destination, checksums).
+		Name:      name("dsr-option-full-size-segment-gets-frag-needed"),
+		MinKernel: fibMTUKernel, Needs: fibMTUNeeds,
+		Setup: inject.Steps(node, inject.Upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Remote}, dsr(service.Option)))),
+		On:    dev,
+		Input: f.fullSize(f.nodePort(), 0, df),
+	}, via.tooBig(packet.ICMPError(packet.FragNeeded, f.Node, f.Client.Addr(), packet.HeaderQuote(f.fullSize(f.nodePort(), 0, df)), packet.Opts{FromHost: true, MTU: f.dsrFit(service.Option)}),
+		f.fullSize(remote, 0, df), f.dsrFit(service.Option), counters("lb_new", 1))), via.row(inject.Fixture{
+		Name:  name("dsr-option-fills-the-mtu-exactly"),
+		Setup: inject.Steps(node, inject.Upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Remote}, dsr(service.Option)))),
+		On:    dev,
+		Input: f.fullSize(f.nodePort(), wireMTU-int(f.dsrFit(service.Option)), df),
+	}, via.sent(toPeer, f.fullSize(remote, wireMTU-int(f.dsrFit(service.Option)), packet.Opts{DF: true, Hops: 1, DSR: f.nodePort()}),
+		counters("lb_new", 1, "dsr_opt", 1))), via.row(inject.Fixture{
+		// Without DF too: BPF cannot fragment it, and the sender fragments
+		// what it sends next to the MTU it hears of.
+		Name:      name("dsr-ipip-full-size-datagram-without-df-gets-frag-needed-too"),
+		MinKernel: fibMTUKernel, Needs: fibMTUNeeds,
+		Setup: inject.Steps(node, inject.Upsert(f.nodePortSvc(service.UDP, []netip.Addr{f.Remote}, dsr(service.IPIP)))),
+		On:    dev,
+		Input: f.fullSizeUDP(f.nodePort()),
+	}, via.tooBig(packet.ICMPError(packet.FragNeeded, f.Node, f.Client.Addr(), packet.HeaderQuote(f.fullSizeUDP(f.nodePort())), packet.Opts{FromHost: true, MTU: f.dsrFit(service.IPIP)}),
+		f.fullSizeUDP(remote), f.dsrFit(service.IPIP), counters("lb_new", 1))), via.row(inject.Fixture{
 		Name:  name("dsr-ipip-tunnels-to-the-backend"),
 		Setup: inject.Steps(node, inject.Upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Remote}, dsr(service.IPIP)))),
 		On:    dev,
 		Input: syn,
 		Check: checkFlow(f.Client, remote, f.nodePort(), "ns-dsr", "ns-dsr-ipip"),
-	}, via.sent(toPeer, packet.WithEthernet(packet.Tunnel(f.nodePort(), f.Remote, packet.L3(6, f.Client, remote, packet.SYN, payload, in)), false),
+	}, via.sent(toPeer, packet.WithEthernet(packet.Tunnel(f.nodePort(), f.Remote, packet.L3(6, f.Client, remote, packet.SYN, payload, fwd)), false),
 		counters("lb_new", 1, "dsr_ipip", 1))), via.row(inject.Fixture{
 		Name:   name("hybrid-snats-udp"),
 		Config: keepPorts,
 		Setup:  inject.Steps(node, inject.Upsert(f.nodePortSvc(service.UDP, []netip.Addr{f.Remote}, hybrid))),
 		On:     dev,
 		Input:  udp(f.Client, f.nodePort(), in),
-	}, via.sent(toPeer, udp(snatted, remote, in), counters("lb_new", 1, "np_snat", 1, "nat_retry_0", 1))), via.row(inject.Fixture{
+	}, via.sent(toPeer, udp(snatted, remote, fwd), counters("lb_new", 1, "np_snat", 1, "nat_retry_0", 1))), via.row(inject.Fixture{
 		Name:  name("hybrid-dsr-for-tcp"),
 		Setup: inject.Steps(node, inject.Upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Remote}, hybrid))),
 		On:    dev,
 		Input: syn,
-	}, via.sent(toPeer, tcp(f.Client, remote, packet.SYN, packet.Opts{DSR: f.nodePort()}), counters("lb_new", 1, "dsr_opt", 1))), via.row(inject.Fixture{
+	}, via.sent(toPeer, tcp(f.Client, remote, packet.SYN, packet.Opts{DSR: f.nodePort(), Hops: 1}), counters("lb_new", 1, "dsr_opt", 1))), via.row(inject.Fixture{
 		// This node as the backend's: the option tells it the service.
 		Name:  name("backend-node-learns-dsr-option"),
 		Setup: node,
@@ -525,6 +628,12 @@ func (b *Bed) familyFixtures(f Family, via ingress) []inject.Fixture {
 		Input: tcp(f.Client, local, packet.SYN, packet.Opts{DSR: f.lb()}),
 		Check: checkFlow(f.Client, local, f.lb(), "ns-dsr", "ns-learned"),
 	}, via.local(nil, counters("dsr_learned", 1, "np_local", 1))), via.row(inject.Fixture{
+		Name:   name("backend-node-dsr-ttl-expiring-up-the-stack-with-bpf-routing"),
+		Config: bpfRouting,
+		Setup:  node,
+		On:     dev,
+		Input:  tcp(f.Client, local, packet.SYN, packet.Opts{DSR: f.lb(), Hops: 63}),
+	}, via.expiringIntoPod(nil, counters("dsr_learned", 1, "np_local", 1))), via.row(inject.Fixture{
 		Name:  name("backend-node-decapsulates-ipip"),
 		Setup: node,
 		On:    dev,

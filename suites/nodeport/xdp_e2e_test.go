@@ -64,6 +64,10 @@ func TestNorthSouthXDPEndToEnd(t *testing.T) {
 			t.Run("icmp-errors", func(t *testing.T) {
 				exerciseICMPErrors(t, ns, map[attach.XDPMode]uint16{attach.XDPGeneric: NodePort + 200, attach.XDPNative: NodePort + 300}[mode])
 			})
+			// XDP forwards as tc does, and hands tc what expires, for the stack.
+			t.Run("traceroute", func(t *testing.T) {
+				exerciseTraceroute(t, ns, map[attach.XDPMode]uint16{attach.XDPGeneric: NodePort + 500, attach.XDPNative: NodePort + 600}[mode])
+			})
 		})
 	}
 }

@@ -159,6 +159,7 @@ func (b *Bed) zoneFixtures(f Family) []inject.Fixture {
 		Hook:     inject.FromPod,
 		Input:    localReply,
 		Verdict:  inject.Redirect,
+		Output:   tcp(local, f.Client, packet.SYNACK, in.Forwarded()),
 		Counters: inject.CountersOf("pass", 1, "redirect_neigh", 1),
 		Check:    inZones(0, 2),
 	}, {
