@@ -48,6 +48,13 @@ static __always_inline __u32 ctx_len(const struct __sk_buff *ctx)
 	return ctx->len;
 }
 
+/* A GSO packet (TSO, BIG TCP) is ctx_len bytes that leave in segments of
+ * gso_size; past 64 KiB its IP length fields read 0. */
+static __always_inline int ctx_is_gso(const struct __sk_buff *ctx)
+{
+	return ctx->gso_size != 0;
+}
+
 static __always_inline __u32 ctx_ifindex(const struct __sk_buff *ctx)
 {
 	return ctx->ifindex;

@@ -27,6 +27,11 @@ static __always_inline __u32 ctx_len(const struct xdp_md *ctx)
 	return ctx->data_end - ctx->data;
 }
 
+static __always_inline int ctx_is_gso(const struct xdp_md *ctx)
+{
+	return 0;
+}
+
 static __always_inline __u32 ctx_ifindex(const struct xdp_md *ctx)
 {
 	return ctx->ingress_ifindex;
