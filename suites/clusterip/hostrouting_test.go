@@ -66,8 +66,9 @@ func routeFixtures(f Family, remote netip.Addr, node netip.Addr) []routeFixture 
 		}
 		return send("client", syn)
 	}
-	// Two segments' worth over the wire's 1500-byte MTU.
-	bulk := make([]byte, 2800)
+	// Two segments' worth, over the wire's 1500-byte MTU.
+	bulk := packet.TCP(f.Client, f.vip(), packet.ACK, make([]byte, 2800), packet.Opts{})
+	bulkOut := packet.TCP(f.Client, remoteBackend, packet.ACK, make([]byte, 2800), packet.Opts{})
 	reqThenReply := func(e *inject.Env, send func(string, []byte) error) error {
 		if err := svc(e, send); err != nil {
 			return err
@@ -127,18 +128,14 @@ func routeFixtures(f Family, remote netip.Addr, node netip.Addr) []routeFixture 
 		setup:    remoteFlow,
 		from:     "client",
 		gsoSize:  1400,
-		input:    packet.TCP(f.Client, f.vip(), packet.ACK, bulk, packet.Opts{}),
+		input:    bulk,
 		verdict:  inject.Redirect,
-		output:   packet.TCP(f.Client, remoteBackend, packet.ACK, bulk, packet.Opts{}),
+		output:   bulkOut,
 		counters: inject.CountersOf("lb_established", 1, "redirect_neigh", 1),
 	}, {
-		name:     name("packet-over-the-mtu-to-remote-backend-left-to-the-stack"),
-		routing:  loader.HostRoutingBPF,
-		setup:    remoteFlow,
-		from:     "client",
-		input:    packet.TCP(f.Client, f.vip(), packet.ACK, bulk, packet.Opts{}),
-		verdict:  inject.OK,
-		output:   packet.TCP(f.Client, remoteBackend, packet.ACK, bulk, packet.Opts{}),
+		name:    name("packet-over-the-mtu-to-remote-backend-left-to-the-stack"),
+		routing: loader.HostRoutingBPF,
+		setup:   remoteFlow, from: "client", input: bulk, verdict: inject.OK, output: bulkOut,
 		counters: inject.CountersOf("lb_established", 1, "fib_pass", 1),
 	}, {
 		name:     name("to-the-node-itself-goes-up-the-stack"),
