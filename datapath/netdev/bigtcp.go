@@ -76,10 +76,17 @@ func SetBigTCP(dev string, size uint32) (BigTCP, error) {
 			b.Refused = append(b.Refused, fmt.Errorf("%s %d: %w", s.name, size, err))
 		}
 	}
-	if l, err = netlink.LinkByName(dev); err != nil {
-		return b, fmt.Errorf("big tcp on %s: %w", dev, err)
+	got, err := ReadBigTCP(dev)
+	got.Refused = b.Refused
+	return got, err
+}
+
+// ReadBigTCP reads dev's GSO and GRO limits, in the calling thread's netns.
+func ReadBigTCP(dev string) (BigTCP, error) {
+	l, err := netlink.LinkByName(dev)
+	if err != nil {
+		return BigTCP{Dev: dev}, fmt.Errorf("big tcp on %s: %w", dev, err)
 	}
-	a = l.Attrs()
-	b.GSO, b.GRO, b.GSOIPv4, b.GROIPv4 = a.GSOMaxSize, a.GROMaxSize, a.GSOIPv4MaxSize, a.GROIPv4MaxSize
-	return b, nil
+	a := l.Attrs()
+	return BigTCP{Dev: dev, GSO: a.GSOMaxSize, GRO: a.GROMaxSize, GSOIPv4: a.GSOIPv4MaxSize, GROIPv4: a.GROIPv4MaxSize}, nil
 }
