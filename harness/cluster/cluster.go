@@ -57,6 +57,8 @@ type Options struct {
 	// joined to the client's by the wire. The datapath is the first node's.
 	RemoteBackends bool
 	// BigTCP raises every pod device's GSO/GRO limits (topology.Spec.BigTCP).
+	// With upper-stack routing the node refuses to forward IPv6 BIG TCP
+	// packets (too big), so IPv6 flows between pods crawl.
 	BigTCP bool
 }
 
