@@ -119,6 +119,18 @@ func routeFixtures(f Family, remote netip.Addr, node netip.Addr) []routeFixture 
 		output:   packet.TCP(f.Client, remoteBackend, packet.SYN, nil, packet.Opts{}),
 		counters: inject.CountersOf("lb_new", 1, "redirect_neigh", 1),
 	}, {
+		// A BIG TCP packet's IP length field reads 0: the programs take
+		// no length from it, and leave it 0.
+		name:     name("big-tcp-packet-to-local-backend-dnat-and-redirect-length-field-kept-zero"),
+		routing:  loader.HostRoutingBPF,
+		setup:    reqThenReply,
+		from:     "client",
+		gsoSize:  1400,
+		input:    packet.BigTCP(packet.TCP(f.Client, f.vip(), packet.ACK, make([]byte, 2800), packet.Opts{})),
+		verdict:  inject.Redirect,
+		output:   packet.BigTCP(packet.TCP(f.Client, backend, packet.ACK, make([]byte, 2800), reply())),
+		counters: inject.CountersOf("lb_established", 1, "pass", 1, "redirect_peer", 1),
+	}, {
 		// A GSO packet over the MTU (TSO, BIG TCP: over 64 KiB in truth,
 		// within a page here) leaves in segments: the FIB must not
 		// measure it against the MTU, or every bulk packet of a flow
