@@ -216,6 +216,7 @@ func (b *Bed) familyFixtures(f Family, via ingress) []inject.Fixture {
 	// Two segments' worth, as GRO hands a merged frame to the stack (and
 	// within what BPF_PROG_TEST_RUN takes: a page less head and tail room).
 	merged := make([]byte, 2*1448)
+	gro := &inject.Device{Do: dev.Do, Ifindex: dev.Ifindex, GSOSize: 1448}
 	// Earlier packets of a row's flow enter as its packet does.
 	first := func(pkt []byte) func(e *inject.Env) error { return inject.Send(dev, via.hook, pkt) }
 	// An on-path router's address: any that is not the backend's.
@@ -270,6 +271,16 @@ func (b *Bed) familyFixtures(f Family, via ingress) []inject.Fixture {
 		On:    dev,
 		Input: tcp(f.Client, f.nodePort(), packet.ACK, in),
 	}, via.sent(toPeer, tcp(snatted, remote, packet.ACK, in), counters("lb_established", 1, "np_snat", 1))), via.row(inject.Fixture{
+		// GRO's merged frame is a GSO packet: routed whole to another
+		// node, where the egress device segments it, not dropped for
+		// its length.
+		Name:   name("gro-merged-frame-to-remote-backend-snat-and-redirect"),
+		Config: keepPorts,
+		Setup: inject.Steps(node, inject.Upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Remote})),
+			first(syn)),
+		On:    gro,
+		Input: packet.TCP(f.Client, f.nodePort(), packet.ACK, merged, in),
+	}, via.overMTU(via.sent(toPeer, packet.TCP(snatted, remote, packet.ACK, merged, in), counters("lb_established", 1, "np_snat", 1)))), via.row(inject.Fixture{
 		Name:   name("snat-reply-back-to-client-from-nodeport"),
 		Config: keepPorts,
 		Setup: inject.Steps(node, inject.Upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Remote})),
