@@ -67,10 +67,18 @@ func verifyL3(l3 []byte) error {
 		}
 		fragmented = binary.BigEndian.Uint16(l3[6:])&0x3fff != 0
 		proto = l3[9]
-		l4 = l3[hl:ipEnd(l3, 2, 0)]
+		end := ipEnd(l3, 2, 0)
+		if end < hl || end > len(l3) {
+			return fmt.Errorf("IPv4 length %d: header %d bytes, packet %d", end, hl, len(l3))
+		}
+		l4 = l3[hl:end]
 	case 6:
 		proto = l3[6]
-		l4 = l3[40:ipEnd(l3, 4, 40)]
+		end := ipEnd(l3, 4, 40)
+		if end > len(l3) {
+			return fmt.Errorf("IPv6 length %d: packet %d", end, len(l3))
+		}
+		l4 = l3[40:end]
 		if proto == 60 { // destination options: the DSR option
 			proto, l4 = l4[0], l4[(int(l4[1])+1)*8:]
 		}

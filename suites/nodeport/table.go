@@ -444,6 +444,22 @@ func (b *Bed) familyFixtures(f Family, via ingress) []inject.Fixture {
 		Check: checkFlow(f.Client, remote, f.nodePort(), "ns-dsr", "ns-dsr-ipip"),
 	}, via.sent(toPeer, packet.WithEthernet(packet.Tunnel(f.nodePort(), f.Remote, packet.L3(6, f.Client, remote, packet.SYN, payload, in)), false),
 		counters("lb_new", 1, "dsr_ipip", 1))), via.row(inject.Fixture{
+		// A BIG TCP packet's length field reads 0 and stays 0 with the
+		// option. (Such packets are GSO, which BPF_PROG_TEST_RUN cannot
+		// grow: it sets no GSO type. The length field is what is tested.)
+		Name:  name("dsr-option-big-tcp-packet-length-field-kept-zero"),
+		Setup: inject.Steps(node, inject.Upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Remote}, dsr(service.Option))), first(syn)),
+		On:    dev,
+		Input: packet.BigTCP(tcp(f.Client, f.nodePort(), packet.ACK, in)),
+	}, via.sent(toPeer, packet.BigTCP(tcp(f.Client, remote, packet.ACK, packet.Opts{DSR: f.nodePort()})),
+		counters("lb_established", 1, "dsr_opt", 1))), via.row(inject.Fixture{
+		// So do both of the tunnelled packet's.
+		Name:  name("dsr-ipip-big-tcp-packet-length-fields-kept-zero"),
+		Setup: inject.Steps(node, inject.Upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Remote}, dsr(service.IPIP))), first(syn)),
+		On:    dev,
+		Input: packet.BigTCP(tcp(f.Client, f.nodePort(), packet.ACK, in)),
+	}, via.sent(toPeer, packet.BigTCP(packet.WithEthernet(packet.Tunnel(f.nodePort(), f.Remote, packet.BigTCP(tcp(f.Client, remote, packet.ACK, in))[14:]), false)),
+		counters("lb_established", 1, "dsr_ipip", 1))), via.row(inject.Fixture{
 		Name:   name("hybrid-snats-udp"),
 		Config: keepPorts,
 		Setup:  inject.Steps(node, inject.Upsert(f.nodePortSvc(service.UDP, []netip.Addr{f.Remote}, hybrid))),
