@@ -19,19 +19,6 @@ import (
 
 const bigTCPPort = 5001
 
-// linkStats reads dev's counters in the calling thread's netns.
-func linkStats(t *testing.T, do func(func() error) error, dev string) netlink.LinkStatistics {
-	var s netlink.LinkStatistics
-	require.NoError(t, do(func() error {
-		l, err := netlink.LinkByName(dev)
-		if err == nil {
-			s = *l.Attrs().Statistics
-		}
-		return err
-	}), "counters of %s", dev)
-	return s
-}
-
 // A bulk TCP flow to a ClusterIP, between BIG TCP pods with BPF host
 // routing, completes, and its packets cross the datapath as GSO packets
 // over 64 KiB. A device counts a GSO packet once at its full length, so
@@ -41,6 +28,11 @@ func linkStats(t *testing.T, do func(func() error) error, dev string) netlink.Li
 // on another node every such packet is routed by bpf_fib_lookup +
 // bpf_redirect_neigh too, none left to the stack for its length.
 func TestBigTCPThroughClusterIP(t *testing.T) {
+	stats := func(t *testing.T, do func(func() error) error, dev string) netlink.LinkStatistics {
+		s, err := topology.LinkStats(do, dev)
+		require.NoError(t, err)
+		return s
+	}
 	var matrix []cluster.Options
 	for _, kind := range []topology.Kind{topology.Veth, topology.NetkitL3} {
 		for _, remote := range []bool{false, true} {
@@ -68,14 +60,14 @@ func TestBigTCPThroughClusterIP(t *testing.T) {
 			for _, f := range Families {
 				t.Run(f.Name, func(t *testing.T) {
 					c.ProgramTo(t, f.VIP, bigTCPPort, service.TCP, srv.Port(), backend.Name)
-					sent0 := linkStats(t, c.Client.Do, c.Client.IfName)
-					got0 := linkStats(t, backend.Do, backend.IfName)
+					sent0 := stats(t, c.Client.Do, c.Client.IfName)
+					got0 := stats(t, backend.Do, backend.IfName)
 					before := c.Counters(t)
 					st, err := netperf.RunStream(c.Client, srv, netip.AddrPortFrom(f.VIP, bigTCPPort), netperf.StreamOptions{Duration: 500 * time.Millisecond})
 					require.NoError(t, err, "stream to %s:%d", f.VIP, bigTCPPort)
 					require.Positive(t, st.Sink.Bytes, "bytes delivered")
-					sent := linkStats(t, c.Client.Do, c.Client.IfName)
-					got := linkStats(t, backend.Do, backend.IfName)
+					sent := stats(t, c.Client.Do, c.Client.IfName)
+					got := stats(t, backend.Do, backend.IfName)
 					packets := sent.TxPackets - sent0.TxPackets
 					avgSent := (sent.TxBytes - sent0.TxBytes) / max(packets, 1)
 					avgGot := (got.RxBytes - got0.RxBytes) / max(got.RxPackets-got0.RxPackets, 1)
