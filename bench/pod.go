@@ -34,20 +34,12 @@ type PodPath struct {
 
 // hostRouted is a node with pods "a" and "b" of kind, the datapath attached
 // to both with BPF host routing; bigTCP raises their devices' GSO/GRO
-// limits (topology.Spec.BigTCP), and a kernel that keeps any below
-// netdev.BigTCPSize makes the path unavailable.
+// limits (topology.Spec.BigTCP).
 func hostRouted(kind topology.Kind, bigTCP bool) func(e *Env) (netperf.Doer, netperf.Doer, netip.Addr, func() error, error) {
 	return func(e *Env) (netperf.Doer, netperf.Doer, netip.Addr, func() error, error) {
-		topo, err := topology.New(topology.Spec{Name: "b-hr", Kind: kind, BigTCP: bigTCP, Pods: []topology.PodSpec{{Name: "a"}, {Name: "b"}}})
+		topo, err := bigTCPTopology(topology.Spec{Name: "b-hr", Kind: kind, BigTCP: bigTCP, Pods: []topology.PodSpec{{Name: "a"}, {Name: "b"}}})
 		if err != nil {
 			return nil, nil, netip.Addr{}, nil, err
-		}
-		for _, p := range topo.Pods {
-			for _, b := range p.BigTCP {
-				if !b.IPv4() || !b.IPv6() {
-					return nil, nil, netip.Addr{}, nil, errors.Join(fmt.Errorf("BIG TCP: the kernel left %v (refused: %v)", b, b.Refused), topo.Close())
-				}
-			}
 		}
 		cfg := e.DatapathConfig()
 		cfg.HostRouting = loader.HostRoutingBPF
@@ -63,6 +55,23 @@ func hostRouted(kind topology.Kind, bigTCP bool) func(e *Env) (netperf.Doer, net
 		}
 		return topo.Pod("b"), topo.Pod("a"), topo.Pod("a").IPv4, closeAll, nil
 	}
+}
+
+// bigTCPTopology builds spec, failing when spec.BigTCP asked for limits
+// the kernel kept below netdev.BigTCPSize, which makes a path unavailable.
+func bigTCPTopology(spec topology.Spec) (*topology.Topology, error) {
+	topo, err := topology.New(spec)
+	if err != nil {
+		return nil, err
+	}
+	for _, p := range topo.Pods {
+		for _, b := range p.BigTCP {
+			if !b.IPv4() || !b.IPv6() {
+				return nil, errors.Join(fmt.Errorf("BIG TCP: the kernel left %v (refused: %v)", b, b.Refused), topo.Close())
+			}
+		}
+	}
+	return topo, nil
 }
 
 // PodPaths lists the paths in report order.
@@ -95,6 +104,17 @@ func PodPaths() []PodPath {
 		{
 			Name: "netkit + BPF host routing", Describe: "pod -> netkit (BPF in the device's xmit) -> pod; needs a kernel with netkit (6.7+)",
 			Own: hostRouted(topology.NetkitL3, false),
+		},
+		{
+			Name: "host baseline + BIG TCP", Describe: "the host baseline with both ends of the veth at 192 KiB GSO/GRO: " +
+				"what BIG TCP alone gives, no datapath",
+			Own: func(e *Env) (netperf.Doer, netperf.Doer, netip.Addr, func() error, error) {
+				topo, err := bigTCPTopology(topology.Spec{Name: "b-hb", BigTCP: true, Pods: []topology.PodSpec{{Name: "a"}}})
+				if err != nil {
+					return nil, nil, netip.Addr{}, nil, err
+				}
+				return topo.Node, topo.Pod("a"), topo.Pod("a").IPv4, topo.Close, nil
+			},
 		},
 		{
 			Name: "veth + BPF host routing + BIG TCP", Describe: "the veth path with both pods' devices at 192 KiB GSO/GRO " +
