@@ -17,6 +17,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/servicepath/servicepath/datapath/attach"
+	"github.com/servicepath/servicepath/datapath/netdev"
 )
 
 // DefaultPodDevices names the host-side veths of common CNIs: the
@@ -202,6 +203,14 @@ func (d *podDevices) add(l netlink.Link) bool {
 	}
 	d.attached[idx] = name
 	d.log.Info("attached to pod device", "device", name, "hooks", strings.Join(modes, ", "))
+	if d.cfg.BigTCP {
+		b, err := netdev.SetBigTCP(name, netdev.BigTCPSize)
+		if err != nil {
+			d.log.Warn("big tcp on pod device", "device", name, "err", err)
+		} else {
+			d.log.Info("big tcp on pod device", "device", name, "limits", b.String(), "refused", fmt.Sprint(b.Refused))
+		}
+	}
 	return true
 }
 

@@ -46,6 +46,11 @@ type PodNetwork struct {
 	Endpoints *ebpf.Map
 	// Do runs fn in the netns of the pod devices (tests); nil: the agent's.
 	Do func(fn func() error) error
+	// BigTCP raises each pod device's GSO/GRO limits to
+	// netdev.BigTCPSize as it is attached to, as far as the kernel lets it.
+	// Only the host side is the agent's: the pod's own end, which sets
+	// what the pod sends, is the CNI's.
+	BigTCP bool
 }
 
 const (

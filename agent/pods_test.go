@@ -282,12 +282,34 @@ func infoOf(ifindex int, mac, nodeMAC net.HardwareAddr) *endpoints.Info {
 	return i
 }
 
+// waitBigTCP waits for the agent to raise dev's limits as far as the
+// kernel lets a veth have them: as far as it lets peer, the other end,
+// raised here.
+func waitBigTCP(t *testing.T, node *topology.Node, dev, peer string) {
+	t.Helper()
+	var want, got netdev.BigTCP
+	require.NoError(t, node.Do(func() (err error) {
+		want, err = netdev.SetBigTCP(peer, netdev.BigTCPSize)
+		return err
+	}), "big tcp on %s", peer)
+	if !assert.Eventually(t, func() bool {
+		require.NoError(t, node.Do(func() (err error) {
+			got, err = netdev.ReadBigTCP(dev)
+			return err
+		}), "limits of %s", dev)
+		return got.IPv6() == want.IPv6() && got.IPv4() == want.IPv4()
+	}, 5*time.Second, 20*time.Millisecond, "%s: want BIG TCP as on %s (%v)", dev, peer, want) {
+		t.Fatalf("%s has %v", dev, got)
+	}
+}
+
 // TestPodNetwork runs the agent's pod side in a node netns: it attaches to
 // pod devices there before it starts and as they appear, detaches as they
 // go, keeps sp_endpoints equal to the node's Pods (an IP registered once
 // its route through a pod device exists), and a Pod's hostPort answers from
 // outside the node through the node's address, delivered into the pod by
-// BPF host routing from that entry.
+// BPF host routing from that entry. With BigTCP it raises the GSO/GRO
+// limits of the devices it attaches to.
 func TestPodNetwork(t *testing.T) {
 	testenv.RequireRoot(t)
 	testenv.RequireFeature(t, "BPF host routing (bpf_fib_lookup, bpf_redirect_neigh, bpf_redirect_peer)", "5.10", loader.ProbeHostRouting())
@@ -319,7 +341,7 @@ func TestPodNetwork(t *testing.T) {
 	a := startAgent(t, c, dp.Maps, Config{NodeName: testNode, Pods: &PodNetwork{
 		Devices: pattern, NodeDevices: []string{topology.WireIfName},
 		Attacher: &attach.Attacher{LinkDir: linkDir, Mode: attach.Auto},
-		FromPod:  dp.FromPod, ToPod: dp.ToPod, Endpoints: dp.Endpoints, Do: node.Do,
+		FromPod:  dp.FromPod, ToPod: dp.ToPod, Endpoints: dp.Endpoints, Do: node.Do, BigTCP: true,
 	}})
 	c.waitWatching(t)
 	a.waitHealthy(t)
@@ -356,6 +378,7 @@ func TestPodNetwork(t *testing.T) {
 			Dst: &net.IPNet{IP: lateIP.AsSlice(), Mask: net.CIDRMask(32, 32)}})
 	}), "add veth %s with a route to %s", dev, lateIP)
 	waitHooked(t, node, dp, dev)
+	waitBigTCP(t, node, dev, peer)
 	var lateIdx int
 	require.NoError(t, node.Do(func() error {
 		l, err := netlink.LinkByName(dev)

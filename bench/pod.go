@@ -33,10 +33,11 @@ type PodPath struct {
 }
 
 // hostRouted is a node with pods "a" and "b" of kind, the datapath attached
-// to both with BPF host routing.
-func hostRouted(kind topology.Kind) func(e *Env) (netperf.Doer, netperf.Doer, netip.Addr, func() error, error) {
+// to both with BPF host routing; bigTCP raises their devices' GSO/GRO
+// limits (topology.Spec.BigTCP).
+func hostRouted(kind topology.Kind, bigTCP bool) func(e *Env) (netperf.Doer, netperf.Doer, netip.Addr, func() error, error) {
 	return func(e *Env) (netperf.Doer, netperf.Doer, netip.Addr, func() error, error) {
-		topo, err := topology.New(topology.Spec{Name: "b-hr", Kind: kind, Pods: []topology.PodSpec{{Name: "a"}, {Name: "b"}}})
+		topo, err := bigTCPTopology(topology.Spec{Name: "b-hr", Kind: kind, BigTCP: bigTCP, Pods: []topology.PodSpec{{Name: "a"}, {Name: "b"}}})
 		if err != nil {
 			return nil, nil, netip.Addr{}, nil, err
 		}
@@ -54,6 +55,23 @@ func hostRouted(kind topology.Kind) func(e *Env) (netperf.Doer, netperf.Doer, ne
 		}
 		return topo.Pod("b"), topo.Pod("a"), topo.Pod("a").IPv4, closeAll, nil
 	}
+}
+
+// bigTCPTopology builds spec, failing when spec.BigTCP asked for limits
+// the kernel kept below netdev.BigTCPSize, which makes a path unavailable.
+func bigTCPTopology(spec topology.Spec) (*topology.Topology, error) {
+	topo, err := topology.New(spec)
+	if err != nil {
+		return nil, err
+	}
+	for _, p := range topo.Pods {
+		for _, b := range p.BigTCP {
+			if !b.IPv4() || !b.IPv6() {
+				return nil, errors.Join(fmt.Errorf("BIG TCP: the kernel left %v (refused: %v)", b, b.Refused), topo.Close())
+			}
+		}
+	}
+	return topo, nil
 }
 
 // PodPaths lists the paths in report order.
@@ -81,11 +99,31 @@ func PodPaths() []PodPath {
 		},
 		{
 			Name: "veth + BPF host routing", Describe: "pod -> veth, bpf_redirect_peer at the host device -> pod",
-			Own: hostRouted(topology.Veth),
+			Own: hostRouted(topology.Veth, false),
 		},
 		{
 			Name: "netkit + BPF host routing", Describe: "pod -> netkit (BPF in the device's xmit) -> pod; needs a kernel with netkit (6.7+)",
-			Own: hostRouted(topology.NetkitL3),
+			Own: hostRouted(topology.NetkitL3, false),
+		},
+		{
+			Name: "host baseline + BIG TCP", Describe: "the host baseline with both ends of the veth at 192 KiB GSO/GRO: " +
+				"what BIG TCP alone gives, no datapath",
+			Own: func(e *Env) (netperf.Doer, netperf.Doer, netip.Addr, func() error, error) {
+				topo, err := bigTCPTopology(topology.Spec{Name: "b-hb", BigTCP: true, Pods: []topology.PodSpec{{Name: "a"}}})
+				if err != nil {
+					return nil, nil, netip.Addr{}, nil, err
+				}
+				return topo.Node, topo.Pod("a"), topo.Pod("a").IPv4, topo.Close, nil
+			},
+		},
+		{
+			Name: "veth + BPF host routing + BIG TCP", Describe: "the veth path with both pods' devices at 192 KiB GSO/GRO " +
+				"(IPv4 needs 6.3+): TCP hands the path GSO packets up to 192 KiB, not 64 KiB",
+			Own: hostRouted(topology.Veth, true),
+		},
+		{
+			Name: "netkit + BPF host routing + BIG TCP", Describe: "the netkit path with both pods' devices at 192 KiB GSO/GRO",
+			Own: hostRouted(topology.NetkitL3, true),
 		},
 	}
 }
@@ -125,7 +163,7 @@ func (r *Runner) podNetwork(res *Results) error {
 			client, server, addr, closeOwn, err = path.Own(r.Env)
 			if err != nil {
 				unavailable[i] = err.Error()
-				r.Progress("  pod %-30s not available here: %v", path.Name, err)
+				r.Progress("  pod %-36s not available here: %v", path.Name, err)
 				continue
 			}
 			defer closeOwn()
@@ -171,7 +209,7 @@ func (r *Runner) podNetwork(res *Results) error {
 			// Raw RR samples are large; keep percentiles and the minimum.
 			out[i].RRs = append(out[i].RRs, Round{P50: round1(sum.P50), P90: round1(sum.P90), P99: round1(sum.P99),
 				ConnPerSec: math.Round(l.PerSecond()), SamplesUs: []float64{round1(sum.Min)}})
-			r.Progress("  pod %-30s repeat %d: %.2f Gbit/s, %.0f us/MB CPU, RR p50 %.1f us", path.Name, rep+1, st.Gbps(), st.CPUMicrosPerMB(), sum.P50)
+			r.Progress("  pod %-36s repeat %d: %.2f Gbit/s, %.0f us/MB CPU, RR p50 %.1f us", path.Name, rep+1, st.Gbps(), st.CPUMicrosPerMB(), sum.P50)
 		}
 	}
 	var base *PodResult

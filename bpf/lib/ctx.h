@@ -11,9 +11,9 @@
  *    ctx_l4_csum_replace, ctx_adjust_room (BPF_ADJ_ROOM_MAC / _NET), with
  *    the arguments and results of the bpf_skb_* / bpf_l[34]_csum_replace
  *    helpers they stand for;
- *  - ctx_is_gso;
- *  - ctx_len, ctx_ifindex (the device the packet arrived on), ctx_protocol
- *    (the ethertype, network order). */
+ *  - ctx_len, ctx_is_gso (an skb to be segmented: its length is ctx_len,
+ *    not its IP header's), ctx_ifindex (the device the packet arrived
+ *    on), ctx_protocol (the ethertype, network order). */
 #pragma once
 
 #ifdef SP_CTX_XDP

@@ -48,7 +48,8 @@ static __always_inline __u32 ctx_len(const struct __sk_buff *ctx)
 	return ctx->len;
 }
 
-/* A GSO packet is segmented on its way out, each segment its own packet. */
+/* A GSO packet (TSO, BIG TCP) is ctx_len bytes that leave in segments of
+ * gso_size; past 64 KiB its IP length fields read 0. */
 static __always_inline int ctx_is_gso(const struct __sk_buff *ctx)
 {
 	return ctx->gso_size != 0;

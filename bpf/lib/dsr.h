@@ -48,6 +48,18 @@ struct dsr_info {
 	__u16 state; /* CT_S_NS_DSR, or with CT_S_NS_DSR_IPIP */
 };
 
+/* An IP length field grown by add bytes. A BIG TCP packet's reads 0 (the
+ * skb has the length) and stays 0, as does one a GSO packet would take
+ * past 64 KiB: segmentation writes each segment's own. */
+static __always_inline __be16 dsr_len_add(__be16 len, __u32 add)
+{
+	__u32 n = bpf_ntohs(len);
+
+	if (n == 0 || n + add > 0xffff)
+		return 0;
+	return bpf_htons(n + add);
+}
+
 static __always_inline int dsr_add_opt4(struct __ctx_buff *ctx, struct pkt *p, const struct dsr_info *d)
 {
 	struct dsr_opt_v4 opt = {.type = DSR_IPV4_OPT_TYPE, .len = sizeof(opt), .port = d->port, .addr = d->addr.p[0]};
@@ -60,7 +72,7 @@ static __always_inline int dsr_add_opt4(struct __ctx_buff *ctx, struct pkt *p, c
 	if (ctx_adjust_room(ctx, sizeof(opt), BPF_ADJ_ROOM_NET, 0) < 0)
 		return -1;
 	new[0] = bpf_htons((bpf_ntohs(old[0]) & 0xf0ff) | (7 << 8)); /* ihl 5 -> 7 */
-	new[1] = bpf_htons(bpf_ntohs(old[1]) + sizeof(opt));
+	new[1] = dsr_len_add(old[1], sizeof(opt));
 	__s64 diff = bpf_csum_diff((__be32 *)old, sizeof(old), (__be32 *)new, sizeof(new), 0);
 	diff = bpf_csum_diff(0, 0, (__be32 *)&opt, sizeof(opt), diff);
 	if (ctx_store_bytes(ctx, off, new, sizeof(new), 0) < 0 ||
@@ -89,7 +101,7 @@ static __always_inline int dsr_add_opt6(struct __ctx_buff *ctx, struct pkt *p, c
 		return -1;
 	if (ctx_adjust_room(ctx, sizeof(opt), BPF_ADJ_ROOM_NET, 0) < 0)
 		return -1;
-	plen = bpf_htons(bpf_ntohs(plen) + sizeof(opt));
+	plen = dsr_len_add(plen, sizeof(opt));
 	if (ctx_store_bytes(ctx, off + offsetof(struct ipv6hdr, payload_len), &plen, sizeof(plen), 0) < 0 ||
 	    ctx_store_bytes(ctx, off + offsetof(struct ipv6hdr, nexthdr), &nh, 1, 0) < 0 ||
 	    ctx_store_bytes(ctx, off + sizeof(struct ipv6hdr), &opt, sizeof(opt), 0) < 0)
@@ -112,7 +124,7 @@ static __always_inline int dsr_encap(struct __ctx_buff *ctx, const struct pkt *p
 		outer.version = 4;
 		outer.ihl = 5;
 		outer.tos = inner.tos;
-		outer.tot_len = bpf_htons(bpf_ntohs(inner.tot_len) + sizeof(outer));
+		outer.tot_len = dsr_len_add(inner.tot_len, sizeof(outer));
 		outer.id = d->port;
 		outer.frag_off = bpf_htons(IPV4_DF);
 		outer.ttl = DSR_TTL;
@@ -132,7 +144,7 @@ static __always_inline int dsr_encap(struct __ctx_buff *ctx, const struct pkt *p
 	/* version 6, the inner traffic class, the port as flow label */
 	__be32 vtcfl = bpf_htonl((6 << 28) | ((bpf_ntohl(*(__be32 *)&inner) >> 20 & 0xff) << 20) | bpf_ntohs(d->port));
 	__builtin_memcpy(&outer, &vtcfl, 4);
-	outer.payload_len = bpf_htons(bpf_ntohs(inner.payload_len) + sizeof(inner));
+	outer.payload_len = dsr_len_add(inner.payload_len, sizeof(inner));
 	outer.nexthdr = IPPROTO_IPV6;
 	outer.hop_limit = DSR_TTL;
 	__builtin_memcpy(&outer.saddr, &d->addr, 16);

@@ -151,6 +151,12 @@ static __always_inline int fib_egress(struct __ctx_buff *ctx, const struct pkt *
 	fib.l4_protocol = p->proto;
 	fib.sport = p->sport;
 	fib.dport = p->dport;
+	/* A GSO packet's length is left to the kernel (tot_len 0), which
+	 * knows it leaves in segments: given here, a TSO packet's would fail
+	 * the MTU check and a BIG TCP one's overflow the 16-bit field. Any
+	 * other packet is measured, so one over the MTU is answered (DSR) or
+	 * goes up the stack, which tells the sender (even when the neighbour
+	 * is unresolved, where the kernel checks no MTU of its own). */
 	__u16 len = ctx_len(ctx) - p->l3_off + extra;
 	if (!ctx_is_gso(ctx))
 		fib.tot_len = len;

@@ -88,7 +88,7 @@ func cmdAgent(fs *pflag.FlagSet, o output) func() error {
 			Pods: &agent.PodNetwork{
 				Devices: pattern, NodeDevices: lo.netdevs,
 				Attacher: &attach.Attacher{LinkDir: linkDir(lo.bpffs), Mode: mode},
-				FromPod:  dp.FromPod, ToPod: dp.ToPod, Endpoints: dp.Endpoints,
+				FromPod:  dp.FromPod, ToPod: dp.ToPod, Endpoints: dp.Endpoints, BigTCP: lo.bigTCP,
 			},
 		})
 		if err != nil {

@@ -50,6 +50,8 @@ type loadOptions struct {
 	sockState string
 	// allowKubeProxy loads next to kube-proxy (a migration window).
 	allowKubeProxy bool
+	// bigTCP raises the GSO/GRO limits of every device attached to.
+	bigTCP bool
 }
 
 func addLoadFlags(fs *pflag.FlagSet) *loadOptions {
@@ -78,6 +80,7 @@ func addLoadFlags(fs *pflag.FlagSet) *loadOptions {
 	fs.TextVar(&def.HairpinIPv6, "hairpin-ipv6", def.HairpinIPv6, "the same for IPv6; not link-local, which pods answer from their link-local address")
 	fs.StringVar(&lo.sockState, "sock-state", string(loader.SockStateMap), "where socket-LB keeps each socket's reverse translation: map (sp_sock_revnat LRU), storage (the socket's own BPF storage, Linux 5.10+) or auto")
 	fs.Var((*uint32Flag)(&def.SockRevNATMapSize), "sock-revnat-size", "socket reverse-NAT entries (map mode: one per socket and backend)")
+	fs.BoolVar(&lo.bigTCP, "big-tcp", false, "BIG TCP: raise the GSO and GRO limits of the pod and node devices attached to to 192 KiB, IPv6 and IPv4 (IPv4 needs Linux 6.3+), as far as each driver lets it (what applied is printed)")
 	fs.BoolVar(&lo.allowKubeProxy, "allow-kube-proxy", false, "load even though kube-proxy's rules or ports are found (a migration window: both translate until kube-proxy is gone)")
 	return lo
 }
@@ -203,6 +206,18 @@ func attachDatapath(dp *loader.Datapath, lo *loadOptions, m attach.Mode, xdp att
 			fmt.Fprintf(o.out, "attached xdp-from-netdev to %s (%s)\n", dev, used.XDP)
 		case xdp != attach.XDPOff:
 			fmt.Fprintf(o.out, "no XDP on %s, tc alone: %v\n", dev, dp.XDPMissing)
+		}
+	}
+	if lo.bigTCP {
+		for _, dev := range append(append([]string{}, lo.devices...), lo.netdevs...) {
+			b, err := netdev.SetBigTCP(dev, netdev.BigTCPSize)
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(o.out, "big tcp on %v (IPv6 %v, IPv4 %v)\n", b, b.IPv6(), b.IPv4())
+			for _, r := range b.Refused {
+				fmt.Fprintf(o.out, "big tcp on %s refused: %v\n", dev, r)
+			}
 		}
 	}
 	if lo.cgroup != "" {

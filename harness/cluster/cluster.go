@@ -56,6 +56,10 @@ type Options struct {
 	// RemoteBackends puts every backend but the first on a second node,
 	// joined to the client's by the wire. The datapath is the first node's.
 	RemoteBackends bool
+	// BigTCP raises every pod device's GSO/GRO limits (topology.Spec.BigTCP).
+	// With upper-stack routing the node refuses to forward IPv6 BIG TCP
+	// packets (too big), so IPv6 flows between pods crawl.
+	BigTCP bool
 }
 
 // String names the options' topology and routing, for subtests.
@@ -70,6 +74,9 @@ func (o Options) String() string {
 	s := fmt.Sprintf("%s/%s-routing", kind, routing)
 	if o.RemoteBackends {
 		s += "/two-nodes"
+	}
+	if o.BigTCP {
+		s += "/big-tcp"
 	}
 	return s
 }
@@ -89,7 +96,7 @@ type Cluster struct {
 // loaded inside the node netns, which is "the host" for socket hooks.
 func New(t *testing.T, opts Options) *Cluster {
 	testenv.RequireRoot(t)
-	spec := topology.Spec{Name: "cl", Kind: opts.Kind, Pods: []topology.PodSpec{{Name: "client"}}}
+	spec := topology.Spec{Name: "cl", Kind: opts.Kind, BigTCP: opts.BigTCP, Pods: []topology.PodSpec{{Name: "client"}}}
 	for i, b := range Backends {
 		ps := topology.PodSpec{Name: b}
 		if opts.RemoteBackends && i > 0 {

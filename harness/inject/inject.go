@@ -180,13 +180,23 @@ func (e *Env) prog(h Hook) (*ebpf.Program, error) {
 type Device struct {
 	Do      func(fn func() error) error
 	Ifindex int
+	// GSOSize marks packets seen here as GSO packets of segments that
+	// size (a TSO or BIG TCP packet, which a stack hands over whole):
+	// BPF_PROG_TEST_RUN takes it from the context, within a page.
+	GSOSize uint32
 }
 
-// skbContext is the head of struct __sk_buff up to ifindex, the one field
-// set: BPF_PROG_TEST_RUN takes it as the device the packet is on.
+// skbContext is the head of struct __sk_buff up to gso_size: the fields
+// BPF_PROG_TEST_RUN reads are the device the packet is on (ifindex) and
+// its GSO segment size (the kernel's skb_is_gso), the rest stays zero.
 type skbContext struct {
-	Head    [10]uint32 // len .. ingress_ifindex: zero
+	Head    [10]uint32 // len .. ingress_ifindex
 	Ifindex uint32
+	Mid     [29]uint32 // tc_index .. data_meta, flow_keys, tstamp
+	WireLen uint32
+	GSOSegs uint32
+	SK      uint64
+	GSOSize uint32
 }
 
 // xdpContext is struct xdp_md. BPF_PROG_TEST_RUN (5.15+) takes
@@ -250,7 +260,7 @@ func (e *Env) run(dev *Device, h Hook, pkt []byte, enter bool) (Output, error) {
 		opts.Context = xdpContext{DataEnd: uint32(len(pkt)), IngressIfindex: ifindex}
 		opts.ContextOut = &xctx
 	case dev != nil:
-		opts.Context = skbContext{Ifindex: ifindex}
+		opts.Context = skbContext{Ifindex: ifindex, GSOSize: dev.GSOSize}
 	}
 	var ret uint32
 	run := func() error {

@@ -67,10 +67,18 @@ func verifyL3(l3 []byte) error {
 		}
 		fragmented = binary.BigEndian.Uint16(l3[6:])&0x3fff != 0
 		proto = l3[9]
-		l4 = l3[hl:binary.BigEndian.Uint16(l3[2:])]
+		end := ipEnd(l3, 2, 0)
+		if end < hl || end > len(l3) {
+			return fmt.Errorf("IPv4 length %d: header %d bytes, packet %d", end, hl, len(l3))
+		}
+		l4 = l3[hl:end]
 	case 6:
 		proto = l3[6]
-		l4 = l3[40 : 40+int(binary.BigEndian.Uint16(l3[4:]))]
+		end := ipEnd(l3, 4, 40)
+		if end > len(l3) {
+			return fmt.Errorf("IPv6 length %d: packet %d", end, len(l3))
+		}
+		l4 = l3[40:end]
 		if proto == 60 { // destination options: the DSR option
 			proto, l4 = l4[0], l4[(int(l4[1])+1)*8:]
 		}
@@ -88,6 +96,17 @@ func verifyL3(l3 []byte) error {
 		return verifyL3(l4)
 	}
 	return verifyL4(l3, proto, l4)
+}
+
+// ipEnd is where the IP packet l3 ends by its length field at off, which
+// counts from base; a length of 0 is a BIG TCP packet's (BigTCP), which
+// ends with the frame.
+func ipEnd(l3 []byte, off, base int) int {
+	n := int(binary.BigEndian.Uint16(l3[off:]))
+	if n == 0 {
+		return len(l3)
+	}
+	return base + n
 }
 
 // VerifyDatagram checks the L4 checksum of a reassembled datagram given as

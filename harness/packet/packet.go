@@ -314,3 +314,21 @@ func HeaderQuote(frame []byte) []byte {
 	}
 	return l3[:40+8]
 }
+
+// BigTCP gives frame's IP packet the length field of a BIG TCP packet,
+// which the kernel sets to 0 once a GSO packet's length no longer fits it
+// (IPv4 tot_len, IPv6 payload_len without a jumbo option): the packet's
+// length is then the skb's. The IPv4 header checksum is fixed to match.
+func BigTCP(frame []byte) []byte {
+	out := append([]byte(nil), frame...)
+	l3 := out[14:]
+	if l3[0]>>4 == 6 {
+		binary.BigEndian.PutUint16(l3[4:], 0)
+		return out
+	}
+	binary.BigEndian.PutUint16(l3[2:], 0)
+	binary.BigEndian.PutUint16(l3[10:], 0)
+	hl := int(l3[0]&0x0f) * 4
+	binary.BigEndian.PutUint16(l3[10:], checksum(l3[:hl], 0))
+	return out
+}

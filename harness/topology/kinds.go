@@ -9,6 +9,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/servicepath/servicepath/datapath/attach"
+	"github.com/servicepath/servicepath/datapath/netdev"
 )
 
 // Kind is how a pod is plugged into its node.
@@ -315,6 +316,23 @@ func (t *Topology) plugIPvlan(p *Pod, i int) error {
 		}
 		return netlink.LinkSetName(l, PodIfName)
 	})
+}
+
+// setBigTCP raises the limits of both ends of p's device.
+func (p *Pod) setBigTCP() error {
+	set := func(dev string) func() error {
+		return func() error {
+			b, err := netdev.SetBigTCP(dev, netdev.BigTCPSize)
+			p.BigTCP = append(p.BigTCP, b)
+			return err
+		}
+	}
+	if p.HostIf != "" {
+		if err := p.Node.Do(set(p.HostIf)); err != nil {
+			return err
+		}
+	}
+	return p.Do(set(p.IfName))
 }
 
 func linkUp(name string) error {

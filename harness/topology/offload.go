@@ -91,3 +91,21 @@ func (t *Topology) WirePorts(fn func(port netlink.Link) error) error {
 		return nil
 	})
 }
+
+// LinkStats reads dev's counters in the netns do runs in. A device counts
+// a GSO packet once, at its full length, so bytes over packets is the
+// average length of what the stack handed it.
+func LinkStats(do func(fn func() error) error, dev string) (netlink.LinkStatistics, error) {
+	var s netlink.LinkStatistics
+	err := do(func() error {
+		l, err := netlink.LinkByName(dev)
+		if err == nil {
+			s = *l.Attrs().Statistics
+		}
+		return err
+	})
+	if err != nil {
+		return s, fmt.Errorf("counters of %s: %w", dev, err)
+	}
+	return s, nil
+}

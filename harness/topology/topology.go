@@ -25,6 +25,7 @@ import (
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 
+	"github.com/servicepath/servicepath/datapath/netdev"
 	"github.com/servicepath/servicepath/datapath/nsexec"
 )
 
@@ -81,7 +82,11 @@ type Spec struct {
 	// External adds a client netns on the wire, outside every node (for
 	// north-south traffic). It implies the wire.
 	External bool
-	Pods     []PodSpec
+	// BigTCP raises the GSO and GRO limits of both ends of every pod
+	// device to netdev.BigTCPSize, IPv6 and IPv4, as far as the kernel
+	// lets it (Pod.BigTCP says what took).
+	BigTCP bool
+	Pods   []PodSpec
 }
 
 type PodSpec struct {
@@ -160,6 +165,9 @@ type Pod struct {
 	IfName      string
 	IfIndex     int // of IfName, in the pod netns
 	IPv4, IPv6  netip.Addr
+	// BigTCP is what Spec.BigTCP left on the pod's devices: the host side
+	// (none for ipvlan) and IfName.
+	BigTCP []netdev.BigTCP
 }
 
 // Do runs fn on a thread inside the node netns. Sockets fn creates stay in
@@ -320,6 +328,11 @@ func (t *Topology) build(prefix string, spec Spec) error {
 		t.Pods = append(t.Pods, p)
 		if err := t.plug(p, i); err != nil {
 			return fmt.Errorf("pod %s: %w", p.Name, err)
+		}
+		if spec.BigTCP {
+			if err := p.setBigTCP(); err != nil {
+				return fmt.Errorf("pod %s: %w", p.Name, err)
+			}
 		}
 	}
 	for _, o := range t.owned {

@@ -46,6 +46,7 @@ type routeFixture struct {
 	// setup programs services and sends earlier packets, with send.
 	setup    func(e *inject.Env, send func(pod string, pkt []byte) error) error
 	from     string // the pod whose device the packet leaves by
+	gsoSize  uint32 // non-zero: input is a GSO packet of such segments
 	input    []byte
 	verdict  inject.Verdict
 	output   []byte // nil: unchanged
@@ -64,6 +65,16 @@ func routeFixtures(f Family, remote netip.Addr, node netip.Addr) []routeFixture 
 	lastHop := packet.Opts{Hops: 63}
 	svc := upsertOnly(f.Service(service.TCP, f.active(0)))
 	replyPkt := packet.TCP(backend, f.Client, packet.SYNACK, nil, packet.Opts{})
+	remoteFlow := func(e *inject.Env, send func(string, []byte) error) error {
+		if err := upsertOnly(f.Service(service.TCP, service.Backend{Addr: remote, Port: BackendPort}))(e, send); err != nil {
+			return err
+		}
+		return send("client", syn)
+	}
+	// Two segments' worth, over the wire's 1500-byte MTU.
+	bulk := packet.TCP(f.Client, f.vip(), packet.ACK, make([]byte, 2800), packet.Opts{})
+	bulkOut := packet.TCP(f.Client, remoteBackend, packet.ACK, make([]byte, 2800), packet.Opts{})
+	bulkRouted := packet.TCP(f.Client, remoteBackend, packet.ACK, make([]byte, 2800), packet.Opts{}.Forwarded())
 	reqThenReply := func(e *inject.Env, send func(string, []byte) error) error {
 		if err := svc(e, send); err != nil {
 			return err
@@ -142,6 +153,37 @@ func routeFixtures(f Family, remote netip.Addr, node netip.Addr) []routeFixture 
 		output:   packet.TCP(f.Client, remoteBackend, packet.SYN, nil, lastHop),
 		counters: inject.CountersOf("lb_new", 1, "ttl_exceeded", 1),
 	}, {
+		// A BIG TCP packet's IP length field reads 0: the programs take
+		// no length from it, and leave it 0.
+		name:     name("big-tcp-packet-to-local-backend-dnat-and-redirect-length-field-kept-zero"),
+		routing:  loader.HostRoutingBPF,
+		setup:    reqThenReply,
+		from:     "client",
+		gsoSize:  1400,
+		input:    packet.BigTCP(packet.TCP(f.Client, f.vip(), packet.ACK, make([]byte, 2800), packet.Opts{})),
+		verdict:  inject.Redirect,
+		output:   packet.BigTCP(packet.TCP(f.Client, backend, packet.ACK, make([]byte, 2800), forwarded)),
+		counters: inject.CountersOf("lb_established", 1, "pass", 1, "redirect_peer", 1),
+	}, {
+		// A GSO packet over the MTU (TSO, BIG TCP: over 64 KiB in truth,
+		// within a page here) leaves in segments: the FIB must not
+		// measure it against the MTU, or every bulk packet of a flow
+		// off the node would go up the stack.
+		name:     name("gso-packet-over-the-mtu-to-remote-backend-redirect-neigh"),
+		routing:  loader.HostRoutingBPF,
+		setup:    remoteFlow,
+		from:     "client",
+		gsoSize:  1400,
+		input:    bulk,
+		verdict:  inject.Redirect,
+		output:   bulkRouted,
+		counters: inject.CountersOf("lb_established", 1, "redirect_neigh", 1),
+	}, {
+		name:    name("packet-over-the-mtu-to-remote-backend-left-to-the-stack"),
+		routing: loader.HostRoutingBPF,
+		setup:   remoteFlow, from: "client", input: bulk, verdict: inject.OK, output: bulkOut,
+		counters: inject.CountersOf("lb_established", 1, "fib_pass", 1),
+	}, {
 		name:     name("to-the-node-itself-goes-up-the-stack"),
 		routing:  loader.HostRoutingBPF,
 		from:     "client",
@@ -182,6 +224,11 @@ func TestHostRoutingFixtures(t *testing.T) {
 	device := func(pod string) *inject.Device {
 		return &inject.Device{Do: topo.Node.Do, Ifindex: topo.Pod(pod).HostIfIndex}
 	}
+	gsoDevice := func(pod string, gsoSize uint32) *inject.Device {
+		d := device(pod)
+		d.GSOSize = gsoSize
+		return d
+	}
 	remote := topo.Pod("remote")
 	var fixtures []inject.Fixture
 	for _, f := range append(routeFixtures(V4, remote.IPv4, topo.Node.GatewayIPv4), routeFixtures(V6, remote.IPv6, topo.Node.IPv6)...) {
@@ -197,7 +244,7 @@ func TestHostRoutingFixtures(t *testing.T) {
 					return err
 				})
 			},
-			On: device(f.from), Hook: inject.FromPod, Input: f.input, Verdict: f.verdict, Output: f.output,
+			On: gsoDevice(f.from, f.gsoSize), Hook: inject.FromPod, Input: f.input, Verdict: f.verdict, Output: f.output,
 			Counters: f.counters,
 		})
 	}

@@ -260,6 +260,7 @@ func (b *Bed) familyFixtures(f Family, via ingress) []inject.Fixture {
 	// Two segments' worth, as GRO hands a merged frame to the stack (and
 	// within what BPF_PROG_TEST_RUN takes: a page less head and tail room).
 	merged := make([]byte, 2*1448)
+	gro := &inject.Device{Do: dev.Do, Ifindex: dev.Ifindex, GSOSize: 1448}
 	// Earlier packets of a row's flow enter as its packet does.
 	first := func(pkt []byte) func(e *inject.Env) error { return inject.Send(dev, via.hook, pkt) }
 	// A TCP flow to the remote backend, these packets into it.
@@ -342,6 +343,16 @@ func (b *Bed) familyFixtures(f Family, via ingress) []inject.Fixture {
 		On:    dev,
 		Input: tcp(f.Client, f.nodePort(), packet.ACK, in),
 	}, via.sent(toPeer, tcp(snatted, remote, packet.ACK, fwd), counters("lb_established", 1, "np_snat", 1))), via.row(inject.Fixture{
+		// GRO's merged frame is a GSO packet: routed whole to another
+		// node, where the egress device segments it, not dropped for
+		// its length.
+		Name:   name("gro-merged-frame-to-remote-backend-snat-and-redirect"),
+		Config: keepPorts,
+		Setup: inject.Steps(node, inject.Upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Remote})),
+			first(syn)),
+		On:    gro,
+		Input: packet.TCP(f.Client, f.nodePort(), packet.ACK, merged, in),
+	}, via.overMTU(via.sent(toPeer, packet.TCP(snatted, remote, packet.ACK, merged, fwd), counters("lb_established", 1, "np_snat", 1)))), via.row(inject.Fixture{
 		Name:   name("snat-reply-back-to-client-from-nodeport"),
 		Config: keepPorts,
 		Setup: inject.Steps(node, inject.Upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Remote})),
@@ -610,6 +621,22 @@ func (b *Bed) familyFixtures(f Family, via ingress) []inject.Fixture {
 		Check: checkFlow(f.Client, remote, f.nodePort(), "ns-dsr", "ns-dsr-ipip"),
 	}, via.sent(toPeer, packet.WithEthernet(packet.Tunnel(f.nodePort(), f.Remote, packet.L3(6, f.Client, remote, packet.SYN, payload, fwd)), false),
 		counters("lb_new", 1, "dsr_ipip", 1))), via.row(inject.Fixture{
+		// A BIG TCP packet's length field reads 0 and stays 0 with the
+		// option. (Such packets are GSO, which BPF_PROG_TEST_RUN cannot
+		// grow: it sets no GSO type. The length field is what is tested.)
+		Name:  name("dsr-option-big-tcp-packet-length-field-kept-zero"),
+		Setup: inject.Steps(node, inject.Upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Remote}, dsr(service.Option))), first(syn)),
+		On:    dev,
+		Input: packet.BigTCP(tcp(f.Client, f.nodePort(), packet.ACK, in)),
+	}, via.sent(toPeer, packet.BigTCP(tcp(f.Client, remote, packet.ACK, packet.Opts{DSR: f.nodePort(), Hops: 1})),
+		counters("lb_established", 1, "dsr_opt", 1))), via.row(inject.Fixture{
+		// So do both of the tunnelled packet's.
+		Name:  name("dsr-ipip-big-tcp-packet-length-fields-kept-zero"),
+		Setup: inject.Steps(node, inject.Upsert(f.nodePortSvc(service.TCP, []netip.Addr{f.Remote}, dsr(service.IPIP))), first(syn)),
+		On:    dev,
+		Input: packet.BigTCP(tcp(f.Client, f.nodePort(), packet.ACK, in)),
+	}, via.sent(toPeer, packet.BigTCP(packet.WithEthernet(packet.Tunnel(f.nodePort(), f.Remote, packet.BigTCP(tcp(f.Client, remote, packet.ACK, fwd))[14:]), false)),
+		counters("lb_established", 1, "dsr_ipip", 1))), via.row(inject.Fixture{
 		Name:   name("hybrid-snats-udp"),
 		Config: keepPorts,
 		Setup:  inject.Steps(node, inject.Upsert(f.nodePortSvc(service.UDP, []netip.Addr{f.Remote}, hybrid))),
