@@ -83,8 +83,7 @@ func run() error {
 		return err
 	}
 	res.Notes = append(res.Notes,
-		"servicepath-socket (socket-level load balancing at the cgroup hooks) is not measured yet: it is being built in another issue, and is listed, not faked.",
-		"Pod networking rows for veth + BPF host routing and netkit + BPF host routing wait for the topology issue in progress.",
+		"A pod networking path whose device this kernel lacks (netkit before 6.7, or built without it) is listed with the reason it was not measured, not faked; netkit's numbers come from a kernel that has it.",
 		"The host baseline is netns → veth → netns without forwarding: the topology builder makes one node, so two hosts joined by a wire is the closest shape.",
 		"A contender whose from-scratch load of N services exceeds (or is projected to exceed) the profile's load budget is not run at that N or above; the reason is recorded.",
 		"Added services take ClusterIPs from 10.112.0.1 and go last in KUBE-SERVICES; updates run after the latency rounds, so the target stays last while it is measured.")
