@@ -291,8 +291,8 @@ func (mgr *Manager) commit(plans []*plan, stale []maps.ServiceKey) error {
 	}
 	if len(todo) >= batchMin && peak.slots <= int(mgr.maxSlots) && peak.ids <= int(mgr.maxIDs) &&
 		peak.tables <= int(mgr.maxTables) && peak.ranges <= int(mgr.maxRanges) {
-		// A failed batch (a kernel without batch updates, 5.6+) leaves
-		// entries the plans rewrite one by one below.
+		// A failed batch leaves entries the plans rewrite one by one
+		// below, keeping the books of what they complete.
 		if mgr.writeAll(todo) == nil {
 			return nil
 		}

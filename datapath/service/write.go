@@ -5,6 +5,7 @@ package service
 
 import (
 	"bytes"
+	"errors"
 	"fmt"
 	"net/netip"
 	"slices"
@@ -109,14 +110,17 @@ func (e *entries) put(m *maps.Maps, batched bool) error {
 }
 
 // putAll writes keys[i] = values[i]: one BPF_MAP_UPDATE_BATCH when
-// batched, else one update each.
+// batched, else one update each, as for a map whose type the kernel has
+// no batch updates for (on 5.10, one of these maps; before 5.6, any).
 func putAll[K, V any](m *ebpf.Map, keys []K, values []V, batched bool) error {
 	if len(keys) == 0 {
 		return nil
 	}
 	if batched {
 		_, err := m.BatchUpdate(keys, values, nil)
-		return err
+		if !errors.Is(err, ebpf.ErrNotSupported) {
+			return err
+		}
 	}
 	for i := range keys {
 		if err := m.Put(keys[i], values[i]); err != nil {
