@@ -10,12 +10,14 @@ import (
 
 	"github.com/spf13/pflag"
 
+	"github.com/servicepath/servicepath/datapath/attach"
 	"github.com/servicepath/servicepath/datapath/maps"
 )
 
 type statusJSON struct {
 	BPFFS string `json:"bpffs"`
-	// Links are the pinned attachments: "<device>-<hook>", "cgroup-<inode>-<hook>".
+	// Links are the attachments, pinned links and tc filters:
+	// "<device>-<hook>", "cgroup-<inode>-<hook>".
 	Links     []string                `json:"links"`
 	Services  int                     `json:"services"`
 	Frontends int                     `json:"frontends"`
@@ -42,6 +44,12 @@ func cmdStatus(fs *pflag.FlagSet, o output) func() error {
 		for _, e := range entries {
 			st.Links = append(st.Links, e.Name())
 		}
+		filters, err := attach.TCHooks()
+		if err != nil {
+			return fmt.Errorf("list tc filters: %w", err)
+		}
+		st.Links = append(st.Links, filters...)
+		sort.Strings(st.Links)
 		names := map[string]bool{}
 		backends := map[uint32]string{} // by backend ID: one backend, many frontends
 		for _, s := range mgr.List() {
@@ -96,7 +104,7 @@ func cmdStatus(fs *pflag.FlagSet, o output) func() error {
 	})
 }
 
-// summariseLinks counts the pinned attachments by kind.
+// summariseLinks counts the attachments by kind.
 func summariseLinks(links []string) string {
 	if len(links) == 0 {
 		return "nothing (load attaches with --device, --node-device, --cgroup)"

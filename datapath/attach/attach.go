@@ -207,6 +207,31 @@ func (a *Attacher) detachTC(l netlink.Link, dir Direction) error {
 	return nil
 }
 
+// TCHooks names servicepath's tc filters in this netns "<device>-<dir>",
+// as their pinned links name tcx attachments: a filter, made where the
+// kernel has no tcx, pins nothing to be found by.
+func TCHooks() ([]string, error) {
+	links, err := netlink.LinkList()
+	if err != nil {
+		return nil, err
+	}
+	var hooks []string
+	for _, l := range links {
+		for _, dir := range []Direction{Ingress, Egress} {
+			filters, err := netlink.FilterList(l, parent(dir))
+			if err != nil {
+				continue // no clsact qdisc
+			}
+			for _, f := range filters {
+				if bf, ok := f.(*netlink.BpfFilter); ok && bf.Name == filterName {
+					hooks = append(hooks, fmt.Sprintf("%s-%s", l.Attrs().Name, dir))
+				}
+			}
+		}
+	}
+	return hooks, nil
+}
+
 // DetachAll removes every servicepath tc filter from every device of this
 // netns and every pinned link: tcx, netkit and XDP.
 func (a *Attacher) DetachAll() error {

@@ -153,6 +153,9 @@ func TestAttachModes(t *testing.T) {
 	assert.Equal(t, int(fromPod), fs[0].Id, "the filter runs from-pod")
 	assert.True(t, fs[0].DirectAction, "the filter is in direct-action mode")
 	assert.Empty(t, ourFilters(t, devA, attach.Egress), "nothing on egress")
+	hooks, err := attach.TCHooks()
+	require.NoError(t, err, "list tc hooks")
+	assert.Equal(t, []string{devA + "-ingress"}, hooks, "the filter is listed as its tcx link would be pinned")
 	if progs, err := queryTCX(devA, attach.Ingress); err == nil { // below 6.6 there is no tcx to find
 		assert.Empty(t, progs, "no tcx program in tc mode")
 	}
