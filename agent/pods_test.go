@@ -18,6 +18,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/watch"
@@ -194,7 +195,8 @@ func TestHostPortsFromPods(t *testing.T) {
 	assert.True(t, ok, "ready throughout: %s", why)
 }
 
-// hooks lists the programs at dev's tcx ingress and egress, in its netns.
+// hooks lists the programs at dev's ingress and egress, in its netns: its
+// tcx programs, or on a kernel without tcx its cls_bpf filters'.
 func hooks(n *topology.Node, dev string) (ingress, egress []ebpf.ProgramID, err error) {
 	err = n.Do(func() error {
 		l, err := netlink.LinkByName(dev)
@@ -202,10 +204,23 @@ func hooks(n *topology.Node, dev string) (ingress, egress []ebpf.ProgramID, err 
 			return err
 		}
 		for _, q := range []struct {
-			at  ebpf.AttachType
-			ids *[]ebpf.ProgramID
-		}{{ebpf.AttachTCXIngress, &ingress}, {ebpf.AttachTCXEgress, &egress}} {
+			at     ebpf.AttachType
+			parent uint32
+			ids    *[]ebpf.ProgramID
+		}{{ebpf.AttachTCXIngress, netlink.HANDLE_MIN_INGRESS, &ingress}, {ebpf.AttachTCXEgress, netlink.HANDLE_MIN_EGRESS, &egress}} {
 			res, err := link.QueryPrograms(link.QueryOptions{Target: l.Attrs().Index, Attach: q.at})
+			if errors.Is(err, unix.EINVAL) {
+				filters, err := netlink.FilterList(l, q.parent)
+				if err != nil {
+					return fmt.Errorf("no tcx, and no tc filters: %w", err)
+				}
+				for _, f := range filters {
+					if bf, ok := f.(*netlink.BpfFilter); ok {
+						*q.ids = append(*q.ids, ebpf.ProgramID(bf.Id))
+					}
+				}
+				continue
+			}
 			if err != nil {
 				return err
 			}
