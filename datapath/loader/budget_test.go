@@ -19,13 +19,16 @@ import (
 // pays for them (tens of seconds per datapath load under emulation), and
 // the kernel refuses a program past 1M: a change that goes over its budget
 // makes the program cheaper to verify or raises the budget here, saying why.
+// They hold on every kernel of the matrix, whose verifiers prune unlike
+// each other: 6.1 walks 216k of the node-device program and 278k of the XDP
+// one, 6.18 140k and 84k.
 var verifierBudget = map[string]uint32{
-	"sp_from_netdev":     160_000,
-	"sp_xdp_from_netdev": 100_000,
-	"sp_from_pod":        290_000,
+	"sp_from_netdev":     300_000,
+	"sp_xdp_from_netdev": 350_000,
+	"sp_from_pod":        300_000,
 	"sp_to_pod":          10_000,
 	"sp_to_netdev":       10_000,
-	"socket hook":        15_000,
+	"socket hook":        20_000,
 }
 
 // TestVerifierBudget loads the datapath as its costliest configurations
