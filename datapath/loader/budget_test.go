@@ -21,11 +21,12 @@ import (
 // makes the program cheaper to verify or raises the budget here, saying why.
 // They hold on every kernel of the matrix, whose verifiers prune unlike
 // each other: 6.1 walks 216k of the node-device program and 278k of the XDP
-// one, 6.18 140k and 84k.
+// one, 6.18 140k and 84k; of the pod program with BPF host routing 6.18
+// walks 253k and 7.2 570k, the most of any, and the first to bring down.
 var verifierBudget = map[string]uint32{
 	"sp_from_netdev":     300_000,
 	"sp_xdp_from_netdev": 350_000,
-	"sp_from_pod":        300_000,
+	"sp_from_pod":        650_000,
 	"sp_to_pod":          10_000,
 	"sp_to_netdev":       10_000,
 	"socket hook":        20_000,
