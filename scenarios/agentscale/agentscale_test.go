@@ -53,6 +53,9 @@ var (
 	fullServices = flag.Int("agentscale.services", 100000, "Services of the full form (3 endpoints each)")
 	loadBudget   = flag.Duration("agentscale.load-budget", 10*time.Minute, "creating the full form's objects stops here; the run goes on with what was created")
 	nftBudget    = flag.Duration("agentscale.nft-budget", 150*time.Second, "nft loads projected past this are not run")
+	fullChanges  = flag.Int("agentscale.changes", 200, "endpoint changes of the full form")
+	fullRate     = flag.Float64("agentscale.rate", 5, "endpoint changes per second of the full form")
+	fullWorkers  = flag.Int("agentscale.workers", 32, "parallel creators of the full form's load")
 	binFlag      = flag.String("agentscale.bin", "", "servicepath binary to run (default: built from this tree)")
 )
 
@@ -791,7 +794,7 @@ func TestAgentScaleSmall(t *testing.T) {
 
 func TestAgentScaleFull(t *testing.T) {
 	scenarios.SkipUnlessFull(t)
-	o := Options{Services: *fullServices, Changes: 200, Rate: 5, Workers: 32,
+	o := Options{Services: *fullServices, Changes: *fullChanges, Rate: *fullRate, Workers: *fullWorkers,
 		NFTSizes: []int{1000, 3000, 10000, 30000, 100000}, NFTPerSize: 10}
 	began := time.Now()
 	r := run(t, o, *loadBudget)
