@@ -107,10 +107,11 @@ bench:
 bench-fixtures:
 	$(GO) test -run '^$$' -bench . -benchtime 20000x -count 5 ./bench/...
 
-# Conntrack scenarios (collision, LRU scale, zones, socket state, churn), full forms:
-# results/scenarios/<name>/ with verdicts. Small forms run in make test.
+# Scenarios (collision, LRU scale, zones, socket state, churn, agent scale), full forms:
+# results/scenarios/<name>/ with verdicts. Small forms run in make test. Agent scale
+# alone takes up to its 10-minute load budget plus about 3 minutes.
 scenarios:
-	$(GO) test -p 1 -count=1 -timeout 30m ./scenarios/... -args -scenario.full
+	$(GO) test -p 1 -count=1 -timeout 60m ./scenarios/... -args -scenario.full
 
 # The suite in VMs across kernels; KERNELS="6.12 7.2" selects series, PKGS packages.
 vmtest:

@@ -1,5 +1,5 @@
-// Package scenarios holds the conntrack experiments, one
-// package each (collision, lruscale, zones, sockstate, churn). Each has a
+// Package scenarios holds the conntrack and agent-scale experiments, one
+// package each (collision, lruscale, zones, sockstate, churn, agentscale). Each has a
 // small form that runs in `go test ./...` and a full form
 // (`-scenario.full`, or `make scenarios`) that writes
 // results/scenarios/<name>/: JSON, Markdown with a verdict, and SVG where
