@@ -19,7 +19,7 @@ import (
 // it with the rest.
 func TestCLINodeDeviceXDP(t *testing.T) {
 	testenv.RequireRoot(t)
-	testenv.RequireFeature(t, "the XDP node-device program", loader.XDPMinKernel, loader.ProbeXDP())
+	testenv.RequireBuiltFeature(t, "the XDP node-device program", loader.XDPMinKernel, loader.ProbeXDP())
 	topo := topology.NewForTest(t, topology.Spec{Name: "clixdp", Nodes: 1, External: true})
 	bpffs := filepath.Join(testenv.BPFFS(t), "sp")
 	dev := topology.WireIfName

@@ -45,7 +45,7 @@ func TestVerifierBudget(t *testing.T) {
 			}
 			cfg := smallConfig()
 			cfg.HostRouting = routing
-			cfg.XDP = !testenv.FeatureMissing(t, "the XDP node-device program", loader.XDPMinKernel, loader.ProbeXDP())
+			cfg.XDP = !testenv.BuiltFeatureMissing(t, "the XDP node-device program", loader.XDPMinKernel, loader.ProbeXDP())
 			dp := load(t, cfg)
 			programs := map[string]*ebpf.Program{
 				"sp_from_netdev": dp.FromNetdev,

@@ -44,7 +44,7 @@ func TestLoadXDP(t *testing.T) {
 	assert.NoError(t, dp.XDPMissing, "nothing missing when not asked for")
 	dp.Close()
 
-	testenv.RequireFeature(t, "the XDP node-device program", loader.XDPMinKernel, loader.ProbeXDP())
+	testenv.RequireBuiltFeature(t, "the XDP node-device program", loader.XDPMinKernel, loader.ProbeXDP())
 	for _, zones := range []uint32{0, 1024} {
 		cfg.XDP, cfg.CTNorthSouthMapSize = true, zones
 		dp, err := loader.Load(cfg)
@@ -65,7 +65,7 @@ func TestLoadXDP(t *testing.T) {
 func TestHandoverMeta(t *testing.T) {
 	testenv.RequireRoot(t)
 	// The word's tag is the netns cookie (5.14), there wherever XDP is.
-	testenv.RequireFeature(t, "the XDP node-device program", loader.XDPMinKernel, loader.ProbeXDP())
+	testenv.RequireBuiltFeature(t, "the XDP node-device program", loader.XDPMinKernel, loader.ProbeXDP())
 	a, err := loader.HandoverMeta(loader.HandoverDeliver)
 	require.NoError(t, err, "hand-over word in this netns")
 	b, err := loader.HandoverMeta(loader.HandoverRoute)

@@ -68,7 +68,7 @@ func NewNorthSouthWith(t *testing.T, o NSOptions) *NorthSouth {
 		xdp = attach.XDPOff
 	}
 	if xdp != attach.XDPOff {
-		testenv.RequireFeature(t, "the XDP node-device program", loader.XDPMinKernel, loader.ProbeXDP())
+		testenv.RequireBuiltFeature(t, "the XDP node-device program", loader.XDPMinKernel, loader.ProbeXDP())
 	}
 	topo := topology.NewForTest(t, topology.Spec{Name: "ns", Nodes: 2, External: true,
 		Pods: []topology.PodSpec{{Name: "backend-0"}, {Name: "backend-1", Node: 1}}})

@@ -115,6 +115,28 @@ func FeatureMissing(t testing.TB, feature, minKernel string, err error) bool {
 	return featureMissing(t, feature, minKernel, release(t), err)
 }
 
+// RequireBuiltFeature is RequireFeature for a feature the machine's own
+// kernel may be built without whatever its version (its XDP, for one,
+// lost bpf_xdp_adjust_meta in a rebuild of 6.18): outside a VM a missing
+// feature skips naming it, and make vmtest's Debian kernels keep the
+// version policy.
+func RequireBuiltFeature(t testing.TB, feature, minKernel string, err error) {
+	t.Helper()
+	if BuiltFeatureMissing(t, feature, minKernel, err) {
+		t.Skipf("%s is missing from kernel %s (needs %s, and this build may lack it; make vmtest runs it in kernels that have it): %v",
+			feature, release(t), minKernel, err)
+	}
+}
+
+// BuiltFeatureMissing is FeatureMissing with RequireBuiltFeature's policy.
+func BuiltFeatureMissing(t testing.TB, feature, minKernel string, err error) bool {
+	t.Helper()
+	if err != nil && !InVMTest() && isNotSupported(err) {
+		return true
+	}
+	return FeatureMissing(t, feature, minKernel, err)
+}
+
 // KernelAtLeast says whether the running kernel is minKernel ("major.minor")
 // or newer, for behaviour that changes with the kernel without failing:
 // what a test expects then depends on it.

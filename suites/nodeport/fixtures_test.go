@@ -15,7 +15,7 @@ func TestFixtures(t *testing.T) {
 
 func TestXDPFixtures(t *testing.T) {
 	testenv.RequireRoot(t)
-	testenv.RequireFeature(t, "the XDP node-device program", loader.XDPMinKernel, loader.ProbeXDP())
+	testenv.RequireBuiltFeature(t, "the XDP node-device program", loader.XDPMinKernel, loader.ProbeXDP())
 	b := NewBed(t)
 	inject.Run(t, b.XDPFixtures(t))
 }
