@@ -43,6 +43,7 @@ import (
 	"github.com/servicepath/servicepath/datapath/maps"
 	"github.com/servicepath/servicepath/harness/kubeapi"
 	"github.com/servicepath/servicepath/harness/kubeproxy"
+	"github.com/servicepath/servicepath/harness/procs"
 	"github.com/servicepath/servicepath/harness/stats"
 	"github.com/servicepath/servicepath/harness/testenv"
 	"github.com/servicepath/servicepath/harness/topology"
@@ -361,16 +362,8 @@ func (a *agentProc) stop(t *testing.T) {
 	case <-time.After(30 * time.Second):
 		a.cmd.Process.Kill()
 		<-a.done
-		t.Errorf("agent did not stop on SIGTERM; log:\n%s", tail(a.log))
+		t.Errorf("agent did not stop on SIGTERM; log:\n%s", procs.Tail(a.log, 4000))
 	}
-}
-
-func tail(path string) string {
-	b, _ := os.ReadFile(path)
-	if len(b) > 4000 {
-		b = b[len(b)-4000:]
-	}
-	return string(b)
 }
 
 // memory reads VmRSS and VmHWM (KiB) of the agent process.
@@ -426,10 +419,10 @@ func (c *cluster) waitReady(t *testing.T, a *agentProc, timeout time.Duration) t
 		}
 		select {
 		case <-a.done:
-			t.Fatalf("agent exited before it was ready; log:\n%s", tail(a.log))
+			t.Fatalf("agent exited before it was ready; log:\n%s", procs.Tail(a.log, 4000))
 		case <-time.After(20 * time.Millisecond):
 		}
-		require.True(t, time.Now().Before(deadline), "agent ready within %s; log:\n%s", timeout, tail(a.log))
+		require.True(t, time.Now().Before(deadline), "agent ready within %s; log:\n%s", timeout, procs.Tail(a.log, 4000))
 	}
 }
 
