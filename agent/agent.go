@@ -408,8 +408,8 @@ func (a *Agent) sync() error {
 			}
 		}
 		// Owners the API no longer has: stale, removed.
-		for _, p := range a.mgr.List() {
-			keys[p.Name] = true
+		for _, name := range a.mgr.Owners() {
+			keys[name] = true
 		}
 	}
 
@@ -430,11 +430,14 @@ func (a *Agent) sync() error {
 	byName := func(x, y change) int { return strings.Compare(x.name, y.name) }
 	slices.SortFunc(removals, byName)
 	slices.SortFunc(updates, byName)
+	var failed []change
 	var errs []error
-	for _, c := range append(removals, updates...) {
-		// The manager writes only what differs from the maps, so an
-		// unchanged Service costs no map write at all.
-		before := a.mgr.Changes()
+	for _, cs := range [][]change{removals, updates} {
+		failed = append(failed, a.apply(cs)...)
+	}
+	// A Service may have failed only for one applied after it, as a cluster
+	// IP another Service gave up: once more alone, then it waits.
+	for _, c := range failed {
 		if err := a.mgr.Apply([]string{c.name}, c.desired); err != nil {
 			errs = append(errs, fmt.Errorf("service %s: %w", c.name, err))
 			a.mu.Lock()
@@ -444,12 +447,11 @@ func (a *Agent) sync() error {
 			}
 			a.mu.Unlock()
 			delete(pending, c.name)
-			continue
 		}
-		if a.mgr.Changes() != before {
-			a.Metrics.ServiceApplies.Inc()
-			a.log.Debug("programmed", "service", c.name, "frontends", len(c.desired))
-		}
+	}
+	for _, name := range a.mgr.TakeChanged() {
+		a.Metrics.ServiceApplies.Inc()
+		a.log.Debug("programmed", "service", name)
 	}
 
 	if removed := a.mgr.TakeRemoved(); len(removed) > 0 && a.cfg.OnRemoved != nil {
@@ -463,15 +465,9 @@ func (a *Agent) sync() error {
 			a.Metrics.NetworkProgramming.Observe(now.Sub(p.trigger).Seconds())
 		}
 	}
-	owners := map[string]bool{}
-	frontends, backends := 0, 0
-	for _, p := range a.mgr.List() {
-		owners[p.Name] = true
-		frontends++
-		backends += len(p.Backends)
-	}
+	owners, frontends, backends := a.mgr.Totals()
 	a.checks.sync()
-	a.Metrics.ServicesProgrammed.Set(float64(len(owners)))
+	a.Metrics.ServicesProgrammed.Set(float64(owners))
 	a.Metrics.FrontendsProgrammed.Set(float64(frontends))
 	a.Metrics.BackendsProgrammed.Set(float64(backends))
 	a.Metrics.SyncDuration.Observe(now.Sub(start).Seconds())
@@ -489,6 +485,31 @@ func (a *Agent) sync() error {
 	}
 	a.health.record(err, full)
 	return err
+}
+
+// apply programs cs in one Apply, which the manager writes batched when it
+// is big, and returns the changes that failed: a failing Apply is split in
+// halves until each failing Service is alone, so one bad Service costs the
+// rest a few more Applies, not one each. The manager writes only what
+// differs from the maps, so an unchanged Service costs no map write.
+func (a *Agent) apply(cs []change) (failed []change) {
+	if len(cs) == 0 {
+		return nil
+	}
+	names := make([]string, 0, len(cs))
+	var desired []service.Service
+	for _, c := range cs {
+		names = append(names, c.name)
+		desired = append(desired, c.desired...)
+	}
+	if err := a.mgr.Apply(names, desired); err == nil {
+		return nil
+	} else if len(cs) == 1 {
+		a.log.Debug("apply failed", "service", cs[0].name, "err", err)
+		return cs
+	}
+	half := len(cs) / 2
+	return append(a.apply(cs[:half]), a.apply(cs[half:])...)
 }
 
 // desired translates one Service with its slices. ok is false when the

@@ -378,3 +378,52 @@ func TestAPIServerRestart(t *testing.T) {
 	ok, why := a.Ready()
 	assert.True(t, ok, "agent ready across the API server restart: %s", why)
 }
+
+// TestOneFailingServiceDoesNotHoldBackTheRest: a sync applies its Services
+// together (batched in the maps); one the manager refuses is found alone,
+// retried, and the others are programmed in the same sync regardless.
+func TestOneFailingServiceDoesNotHoldBackTheRest(t *testing.T) {
+	k := newKube(t)
+	dp, _ := loadDatapath(t, loader.DefaultConfig())
+	ports := []discoveryv1.EndpointPort{slicePort("", corev1.ProtocolTCP, 8080)}
+	want := map[string]map[string][]string{}
+	add := func(name string, externalIP string) {
+		ip, _ := clusterIPs()
+		svc := clusterIPService(name, ip, "", svcPort("", corev1.ProtocolTCP, 80))
+		svc.Spec.ExternalIPs = []string{externalIP}
+		k.createService(t, svc)
+		k.createSlice(t, endpointSlice(name+"-1", name, v4, ports, readyEP("10.9.0.1")))
+		want[k.name(name)] = map[string][]string{ip + ":80/TCP": {"10.9.0.1:8080"}, externalIP + ":80/TCP": {"10.9.0.1:8080"}}
+	}
+	// More than the manager writes batched, all in the first full sync.
+	for i := range 100 {
+		add(fmt.Sprintf("many-%03d", i), fmt.Sprintf("203.0.113.%d", i+1))
+	}
+	// Two Services claiming one external IP and port: the first applied
+	// keeps it, the second is refused whole.
+	add("clash-a", "203.0.113.200")
+	add("clash-b", "203.0.113.200")
+
+	a := startAgent(t, k.client, dp.Maps, Config{})
+	for name, fes := range want {
+		if name != k.name("clash-b") {
+			waitProgrammed(t, dp.Maps, name, fes)
+		}
+	}
+	waitFor(t, "clash-b refused and retried", func() (bool, string) {
+		n := testutil.ToFloat64(a.Metrics.SyncErrors)
+		return n >= 2, fmt.Sprintf("%v sync errors", n)
+	})
+	view, err := readMaps(dp.Maps)
+	require.NoError(t, err, "read maps")
+	assert.Empty(t, ownedBy(view, k.name("clash-b")), "clash-b refused whole, its cluster IP too")
+	// The API server's own default/kubernetes is among them.
+	assert.Equal(t, testutil.ToFloat64(a.Metrics.ServicesProgrammed), testutil.ToFloat64(a.Metrics.ServiceApplies),
+		"each programmed Service counted once, the refused one never")
+	ok, why := a.Ready()
+	assert.False(t, ok, "not ready while a Service is refused")
+	assert.Contains(t, why, k.name("clash-b"), "the refused Service named")
+
+	require.NoError(t, k.client.CoreV1().Services(k.ns).Delete(context.Background(), "clash-b", metav1.DeleteOptions{}), "delete clash-b")
+	a.waitHealthy(t)
+}

@@ -55,3 +55,28 @@ func (mgr *Manager) List() []Programmed {
 	})
 	return out
 }
+
+// Owners returns the names owning frontends, each once, in no order:
+// what a caller needs to find stale owners without List's copies.
+func (mgr *Manager) Owners() []string {
+	seen := map[string]bool{}
+	var out []string
+	for _, f := range mgr.frontends {
+		if !seen[f.name] {
+			seen[f.name] = true
+			out = append(out, f.name)
+		}
+	}
+	return out
+}
+
+// Totals counts the owners, frontends and backend slots programmed, for
+// gauges set after every sync.
+func (mgr *Manager) Totals() (owners, frontends, backends int) {
+	seen := map[string]bool{}
+	for _, f := range mgr.frontends {
+		seen[f.name] = true
+		backends += len(f.ids)
+	}
+	return len(seen), len(mgr.frontends), backends
+}

@@ -14,8 +14,10 @@ type Manager struct {
 	m       *maps.Maps
 	removed []Removed
 	// changes counts frontends written or removed: an Apply of what the
-	// maps already hold writes nothing and counts nothing.
-	changes uint64
+	// maps already hold writes nothing and counts nothing. changedOwners
+	// names their owners until TakeChanged.
+	changes       uint64
+	changedOwners map[string]bool
 	// batches counts the changes written batched (writeAll).
 	batches   uint64
 	frontends map[maps.ServiceKey]*frontend
@@ -78,6 +80,8 @@ func NewManager(m *maps.Maps) (*Manager, error) {
 		svcIDs:    map[uint32]maps.ServiceKey{},
 		nextSvcID: 1,
 		addrRefs:  map[maps.NodeAddrKey]int{},
+
+		changedOwners: map[string]bool{},
 	}
 	if m.Maglev != nil {
 		mgr.maglevSize = int(m.Maglev.ValueSize() / 4)

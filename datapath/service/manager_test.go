@@ -728,3 +728,26 @@ func TestApplyUnchangedWritesNothing(t *testing.T) {
 	require.NoError(t, mgr.Apply([]string{"ns/a"}, nil), "remove")
 	assert.Equal(t, uint64(1), mgr.Changes()-before, "a removal counts")
 }
+
+// One Apply of many owners names the ones it changed, so the agent's
+// batched sync counts the Services it wrote as its per-Service applies did.
+func TestChangedOwnersAndTotals(t *testing.T) {
+	env := newEnv(t, nil)
+	mgr := env.Services
+	a := svc("ns/a", frontend("10.96.0.1", 80, service.TCP), active("198.18.0.1", 80))
+	b := svc("ns/b", frontend("10.96.0.2", 80, service.TCP), active("198.18.0.2", 80))
+	require.NoError(t, mgr.Apply([]string{"ns/a", "ns/b"}, []service.Service{a, b}), "apply both")
+	assert.Equal(t, []string{"ns/a", "ns/b"}, mgr.TakeChanged(), "both written")
+	assert.Empty(t, mgr.TakeChanged(), "taken")
+	assert.ElementsMatch(t, []string{"ns/a", "ns/b"}, mgr.Owners(), "the owners")
+	owners, frontends, backends := mgr.Totals()
+	assert.Equal(t, []int{2, 2, 2}, []int{owners, frontends, backends}, "owners, frontends, backends")
+
+	b.Backends = []service.Backend{active("198.18.0.3", 80)}
+	require.NoError(t, mgr.Apply([]string{"ns/a", "ns/b", "ns/c"}, []service.Service{a, b}), "change b only")
+	assert.Equal(t, []string{"ns/b"}, mgr.TakeChanged(), "a unchanged, c owns nothing")
+
+	require.NoError(t, mgr.Apply([]string{"ns/a"}, nil), "remove a")
+	assert.Equal(t, []string{"ns/a"}, mgr.TakeChanged(), "a removal names its owner")
+	assert.Equal(t, []string{"ns/b"}, mgr.Owners(), "a removed owner owns nothing")
+}

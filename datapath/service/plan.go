@@ -278,10 +278,11 @@ func (mgr *Manager) commit(plans []*plan, stale []maps.ServiceKey) error {
 	}
 
 	for _, k := range stale {
+		owner := mgr.frontends[k].name
 		if err := mgr.remove(k); err != nil {
 			return fmt.Errorf("remove %s: %w", keyString(k), err)
 		}
-		mgr.changes++
+		mgr.changed(owner)
 	}
 	var todo []*plan
 	for _, st := range steps {
@@ -313,6 +314,24 @@ const batchMin = 64
 
 // Changes counts the frontends this manager wrote or removed.
 func (mgr *Manager) Changes() uint64 { return mgr.changes }
+
+func (mgr *Manager) changed(owner string) {
+	mgr.changes++
+	mgr.changedOwners[owner] = true
+}
+
+// TakeChanged returns the owners, sorted, of the frontends written or
+// removed since the last call: one Apply of many owners tells which of
+// them it actually changed.
+func (mgr *Manager) TakeChanged() []string {
+	owners := make([]string, 0, len(mgr.changedOwners))
+	for o := range mgr.changedOwners {
+		owners = append(owners, o)
+	}
+	clear(mgr.changedOwners)
+	slices.Sort(owners)
+	return owners
+}
 
 // unchanged says the maps hold p already: the same names, flags, backends
 // and ranges, the same backends taking new flows (in whatever slot order),

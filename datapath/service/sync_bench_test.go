@@ -49,6 +49,22 @@ func BenchmarkFullSync(b *testing.B) {
 	}
 }
 
+// BenchmarkResync applies n unchanged services again, as an agent's
+// periodic full sync does: it must cost no write and little time, since
+// changes arriving meanwhile wait for it.
+func BenchmarkResync(b *testing.B) {
+	const n = 100_000
+	env := newEnv(b, func(c *loader.Config) {
+		c.ServiceMapSize, c.BackendMapSize = uint32(4*n+1024), uint32(4*n+1024)
+	})
+	owners, services := synthetic(n)
+	require.NoError(b, env.Services.Apply(owners, services), "full sync")
+	for b.Loop() {
+		require.NoError(b, env.Services.Apply(owners, services), "resync")
+	}
+	b.ReportMetric(float64(b.Elapsed().Milliseconds())/float64(b.N), "ms/sync")
+}
+
 // BenchmarkUpsert changes one service's backends with n others programmed.
 func BenchmarkUpsert(b *testing.B) {
 	const n = 100_000

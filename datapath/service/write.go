@@ -197,7 +197,7 @@ func (mgr *Manager) written(p *plan) error {
 	if next.hasTable {
 		mgr.tables++
 	}
-	mgr.changes++
+	mgr.changed(name)
 	if old == nil {
 		return nil
 	}
