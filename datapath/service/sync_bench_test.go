@@ -9,6 +9,7 @@ import (
 
 	"github.com/servicepath/servicepath/datapath/loader"
 	"github.com/servicepath/servicepath/datapath/service"
+	"github.com/servicepath/servicepath/harness/inject"
 )
 
 // synthetic is n ClusterIP services of three backends each, as the
@@ -53,12 +54,7 @@ func BenchmarkFullSync(b *testing.B) {
 // periodic full sync does: it must cost no write and little time, since
 // changes arriving meanwhile wait for it.
 func BenchmarkResync(b *testing.B) {
-	const n = 100_000
-	env := newEnv(b, func(c *loader.Config) {
-		c.ServiceMapSize, c.BackendMapSize = uint32(4*n+1024), uint32(4*n+1024)
-	})
-	owners, services := synthetic(n)
-	require.NoError(b, env.Services.Apply(owners, services), "full sync")
+	env, owners, services := programmed(b, 100_000)
 	for b.Loop() {
 		require.NoError(b, env.Services.Apply(owners, services), "resync")
 	}
@@ -68,14 +64,20 @@ func BenchmarkResync(b *testing.B) {
 // BenchmarkUpsert changes one service's backends with n others programmed.
 func BenchmarkUpsert(b *testing.B) {
 	const n = 100_000
-	env := newEnv(b, func(c *loader.Config) {
-		c.ServiceMapSize, c.BackendMapSize = uint32(4*n+1024), uint32(4*n+1024)
-	})
-	owners, services := synthetic(n)
-	require.NoError(b, env.Services.Apply(owners, services), "full sync")
+	env, _, services := programmed(b, n)
 	s := services[n/2]
 	for i := 0; b.Loop(); i++ {
 		s.Backends = services[n/2].Backends[:2+i%2]
 		require.NoError(b, env.Services.Upsert(s), "update one service")
 	}
+}
+
+// programmed is an environment holding n synthetic services.
+func programmed(b *testing.B, n int) (*inject.Env, []string, []service.Service) {
+	e := newEnv(b, func(c *loader.Config) {
+		c.ServiceMapSize, c.BackendMapSize = uint32(4*n+1024), uint32(4*n+1024)
+	})
+	owners, services := synthetic(n)
+	require.NoError(b, e.Services.Apply(owners, services), "full sync")
+	return e, owners, services
 }
