@@ -15,6 +15,7 @@
 #include "endpoint_maps.h"
 #include "lb_packet.h"
 #include "metrics.h"
+#include "ttl.h"
 
 #define SP_AF_INET_KERNEL 2   /* AF_INET, for bpf_fib_lookup */
 #define SP_AF_INET6_KERNEL 10 /* AF_INET6 */
@@ -40,45 +41,6 @@ static __always_inline int host_route_link_scope(const struct pkt *p)
 		return first >= 224 || (first == 169 && p->daddr.addr[1] == 254);
 	}
 	return p->daddr.addr[0] == 0xff || (p->daddr.addr[0] == 0xfe && (p->daddr.addr[1] & 0xc0) == 0x80);
-}
-
-/* ip_forward's TTL / hop limit step, for what BPF forwards instead: 0
- * when decremented (the IPv4 checksum updated incrementally); 1 when it
- * would leave with 0, untouched: the caller hands it to the stack, whose
- * ip_forward answers with time exceeded (or, for an ICMP error, drops
- * it), or drops it where the stack could not take it; -1 on failure.
- * Both are counted. */
-static __always_inline int fwd_ttl(struct __ctx_buff *ctx, const struct pkt *p)
-{
-	__u32 off = p->l3_off + (p->family == SP_AF_INET ? offsetof(struct iphdr, ttl) : offsetof(struct ipv6hdr, hop_limit));
-	__u8 ttl;
-
-	if (ctx_load_bytes(ctx, off, &ttl, 1) < 0)
-		goto malformed;
-	if (ttl <= 1) {
-		count(METRIC_TTL_EXCEEDED);
-		return 1;
-	}
-	ttl--;
-	/* The IPv4 checksum sums 16-bit words: TTL is the high byte of its
-	 * word, so the word drops by 0x0100. */
-	if (p->family == SP_AF_INET &&
-	    ctx_l3_csum_replace(ctx, p->l3_off + offsetof(struct iphdr, check), bpf_htons((ttl + 1) << 8),
-				bpf_htons(ttl << 8), 2) < 0)
-		goto malformed;
-	if (ctx_store_bytes(ctx, off, &ttl, 1, 0) < 0)
-		goto malformed;
-	return 0;
-malformed:
-	count(METRIC_MALFORMED);
-	return -1;
-}
-
-/* The verdict of a packet fwd_ttl would not have BPF forward (ret not 0):
- * expiring, to the stack; unreadable, dropped. */
-static __always_inline int fwd_ttl_verdict(int ret)
-{
-	return ret > 0 ? CTX_ACT_OK : CTX_ACT_DROP;
 }
 
 /* Rewrites the frame for a local pod and sends it: into the pod with

@@ -13,6 +13,7 @@
 #include "lb.h"
 #include "metrics.h"
 #include "nat.h"
+#include "ttl.h"
 
 static __always_inline int lb_no_backend(struct __ctx_buff *ctx, const struct pkt *p)
 {
@@ -282,6 +283,16 @@ static __always_inline int lb_hairpin_back(struct __ctx_buff *ctx)
 	return bpf_redirect(ctx_ifindex(ctx), 0);
 }
 
+/* An ICMP error rewritten for the hairpinned pod goes back in with the
+ * TTL step the stack's forwarding would take; one that would expire goes
+ * to the stack, which drops it: no error is answered with another. */
+static __always_inline int lb_hairpin_icmp_back(struct __ctx_buff *ctx, const struct pkt *p)
+{
+	int ret = fwd_ttl(ctx, p);
+
+	return ret ? fwd_ttl_verdict(ret) : lb_hairpin_back(ctx);
+}
+
 /* A reply to the hairpin address; -1 when p is none. */
 static __always_inline int lb_hairpin_reply(struct __ctx_buff *ctx, struct pkt *p, const union v6addr *hairpin)
 {
@@ -293,6 +304,11 @@ static __always_inline int lb_hairpin_reply(struct __ctx_buff *ctx, struct pkt *
 	struct ct_entry *flow = bpf_map_lookup_elem(&sp_ct, &k);
 	if (!flow)
 		return -1;
+	/* Untranslated, an expiring reply has the stack tell the pod about
+	 * its reply to the hairpin address, as its backend sent it. */
+	int ret = fwd_ttl(ctx, p);
+	if (ret)
+		return fwd_ttl_verdict(ret);
 	ct_account(flow, p, ctx_len(ctx), 1);
 
 	union v6addr pod = p->saddr, vip = flow->nat_addr;
@@ -332,7 +348,7 @@ static __always_inline int lb_icmp_error(struct __ctx_buff *ctx, struct pkt *p, 
 			return CTX_ACT_DROP;
 		}
 		count(METRIC_ICMP_REV_NAT);
-		return lb_hairpin_back(ctx);
+		return lb_hairpin_icmp_back(ctx, p);
 	}
 	struct ct_entry *svc = icmp_quoted_reply_service(&in);
 	if (!svc)
@@ -343,7 +359,7 @@ static __always_inline int lb_icmp_error(struct __ctx_buff *ctx, struct pkt *p, 
 		return CTX_ACT_DROP;
 	}
 	count(METRIC_ICMP_TO_BACKEND);
-	return self ? lb_hairpin_back(ctx) : CTX_ACT_OK;
+	return self ? lb_hairpin_icmp_back(ctx, p) : CTX_ACT_OK;
 }
 
 /* What a pod sends: hairpin replies and ICMP errors about translated
@@ -364,6 +380,16 @@ static __always_inline int lb_forward(struct __ctx_buff *ctx, struct pkt *p)
 	ret = lb_translate(ctx, p, &r, LB_FROM_CLUSTER);
 	if (ret != CTX_ACT_OK || !r.t.backend_id || !addr_equal(&p->saddr, &p->daddr))
 		return ret;
+	/* One that would expire goes on DNATed only, to what forwards it (the
+	 * stack, or host_route, which counts it): the time exceeded about the
+	 * pod's packet to itself reaches the pod through lb_reply as one
+	 * about its packet to the service. */
+	ret = ttl_of(ctx, p);
+	if (ret <= 1)
+		return ret < 0 ? CTX_ACT_DROP : CTX_ACT_OK;
+	ret = fwd_ttl(ctx, p);
+	if (ret)
+		return fwd_ttl_verdict(ret);
 	if (nat_rewrite_addr(ctx, p, 1, &hairpin) < 0) {
 		count(METRIC_MALFORMED);
 		return CTX_ACT_DROP;

@@ -198,6 +198,7 @@ type ICMPKind int
 const (
 	PortUnreachable ICMPKind = iota
 	FragNeeded               // IPv4 fragmentation needed / ICMPv6 packet too big
+	TimeExceeded             // TTL / hop limit exceeded in transit
 )
 
 func (o Opts) mtu() uint16 {
@@ -217,6 +218,9 @@ func ICMPError(kind ICMPKind, src, dst netip.Addr, quote []byte, o Opts) []byte 
 			ic.TypeCode = layers.CreateICMPv4TypeCode(layers.ICMPv4TypeDestinationUnreachable, layers.ICMPv4CodeFragmentationNeeded)
 			ic.Seq = o.mtu() // next-hop MTU sits in the low 16 bits of the rest
 		}
+		if kind == TimeExceeded {
+			ic.TypeCode = layers.CreateICMPv4TypeCode(layers.ICMPv4TypeTimeExceeded, layers.ICMPv4CodeTTLExceeded)
+		}
 		return append(ethHeader(false, o.FromHost), serialize(ip, ic, gopacket.Payload(quote))...)
 	}
 	ip := IP(src, dst, layers.IPProtocolICMPv6, o)
@@ -225,6 +229,9 @@ func ICMPError(kind ICMPKind, src, dst netip.Addr, quote []byte, o Opts) []byte 
 	if kind == FragNeeded {
 		ic.TypeCode = layers.CreateICMPv6TypeCode(layers.ICMPv6TypePacketTooBig, 0)
 		binary.BigEndian.PutUint32(rest, uint32(o.mtu()))
+	}
+	if kind == TimeExceeded {
+		ic.TypeCode = layers.CreateICMPv6TypeCode(layers.ICMPv6TypeTimeExceeded, layers.ICMPv6CodeHopLimitExceeded)
 	}
 	withChecksumNet(ic, ip)
 	return append(ethHeader(true, o.FromHost), serialize(ip, ic, gopacket.Payload(append(rest, quote...)))...)

@@ -63,6 +63,7 @@ func routeFixtures(f Family, remote netip.Addr, node netip.Addr) []routeFixture 
 	// answers with time exceeded.
 	forwarded := reply().Forwarded()
 	lastHop := packet.Opts{Hops: 63}
+	selfClient := netip.AddrPortFrom(f.Backends[0], f.Client.Port()) // backend-1 as its own client
 	svc := upsertOnly(f.Service(service.TCP, f.active(0)))
 	replyPkt := packet.TCP(backend, f.Client, packet.SYNACK, nil, packet.Opts{})
 	remoteFlow := func(e *inject.Env, send func(string, []byte) error) error {
@@ -98,6 +99,27 @@ func routeFixtures(f Family, remote netip.Addr, node netip.Addr) []routeFixture 
 		input:    packet.TCP(f.Client, f.vip(), packet.SYN, nil, lastHop),
 		verdict:  inject.OK,
 		output:   packet.TCP(f.Client, backend, packet.SYN, nil, lastHop),
+		counters: inject.CountersOf("lb_new", 1, "ttl_exceeded", 1),
+	}, {
+		// Hairpinned, it goes back into the pod one hop on, not through
+		// host routing; expiring, host routing leaves it to the stack,
+		// counted once.
+		name:     name("hairpin-one-hop-on"),
+		routing:  loader.HostRoutingBPF,
+		setup:    svc,
+		from:     "backend-1",
+		input:    packet.TCP(selfClient, f.vip(), packet.SYN, nil, packet.Opts{}),
+		verdict:  inject.Redirect,
+		output:   packet.TCP(netip.AddrPortFrom(f.hairpinAddr(), selfClient.Port()), backend, packet.SYN, nil, forwarded),
+		counters: inject.CountersOf("lb_new", 1, "hairpin", 1),
+	}, {
+		name:     name("hairpin-ttl-expiring-up-the-stack-counted-once"),
+		routing:  loader.HostRoutingBPF,
+		setup:    svc,
+		from:     "backend-1",
+		input:    packet.TCP(selfClient, f.vip(), packet.SYN, nil, lastHop),
+		verdict:  inject.OK,
+		output:   packet.TCP(selfClient, backend, packet.SYN, nil, lastHop),
 		counters: inject.CountersOf("lb_new", 1, "ttl_exceeded", 1),
 	}, {
 		// redirect_peer skips the client's to-pod program: the reply must

@@ -64,3 +64,45 @@ func TestClusterIPTraceroute(t *testing.T) {
 		})
 	}
 }
+
+// A pod's traceroute to a ClusterIP whose only backend is itself: the
+// hairpin path takes a hop as the stack's forwarding would, so the first
+// probe expires at the node, whose time exceeded is about the pod's
+// datagram to the VIP, and the second reaches the pod, which refuses it
+// from the VIP.
+func TestClusterIPHairpinTraceroute(t *testing.T) {
+	const closedPort = 9
+	for _, routing := range []loader.HostRouting{loader.HostRoutingStack, loader.HostRoutingBPF} {
+		t.Run(string(routing), func(t *testing.T) {
+			c := cluster.New(t, cluster.Options{PerPacket: true, Mode: attach.Auto, HostRouting: routing})
+			require.NoError(t, traffic.UnlimitICMP(c.Topo.Node), "node's netns")
+			self := c.Topo.Pod(cluster.Backends[0])
+			port := uint16(5500)
+			for _, f := range Families {
+				t.Run(f.Name, func(t *testing.T) {
+					port++
+					c.ProgramTo(t, f.VIP, port, service.UDP, closedPort, cluster.Backends[0])
+					router := c.Topo.Node.GatewayIPv4
+					if f.VIP.Is6() {
+						router = c.Topo.Node.IPv6
+					}
+					vip := netip.AddrPortFrom(f.VIP, port)
+					before := c.Counters(t)
+					hops, err := traffic.Traceroute(self, vip, 5, timeout)
+					require.NoError(t, err, "trace %s from %s", vip, self.Name)
+					require.Len(t, hops, 2, "hops to %s: %+v", vip, hops)
+					assert.True(t, hops[0].TimeExceeded(), "hop 1: time exceeded, not %+v", hops[0])
+					assert.Equal(t, router, hops[0].Offender, "hop 1 is the node")
+					assert.Equal(t, vip, hops[0].About, "hop 1's error is about the datagram to the VIP")
+					assert.Equal(t, syscall.ECONNREFUSED, hops[1].Errno, "the pod refused at hop 2: %+v", hops[1])
+					assert.Equal(t, f.VIP, hops[1].Offender, "the refusal came from the VIP")
+					after := c.Counters(t)
+					assert.Positive(t, after["hairpin"]-before["hairpin"], "the second probe was hairpinned")
+					if routing == loader.HostRoutingBPF {
+						assert.Equal(t, uint64(1), after["ttl_exceeded"]-before["ttl_exceeded"], "the expiring probe was left to the stack, counted once")
+					}
+				})
+			}
+		})
+	}
+}
