@@ -75,12 +75,13 @@ type Agent struct {
 	checks  *serviceHealth // healthCheckNodePorts
 	Metrics *Metrics
 
-	factory     informers.SharedInformerFactory
-	services    corelisters.ServiceLister
-	slices      cache.Indexer
-	pods        *pods // nil without Config.Pods
-	broadcaster record.EventBroadcaster
-	recorder    record.EventRecorder
+	factory      informers.SharedInformerFactory
+	services     corelisters.ServiceLister
+	serviceIndex cache.Indexer // by byAddressIndex too
+	slices       cache.Indexer
+	pods         *pods // nil without Config.Pods
+	broadcaster  record.EventBroadcaster
+	recorder     record.EventRecorder
 
 	mu    sync.Mutex
 	dirty map[string]bool // Services ("namespace/name") to sync
@@ -143,6 +144,9 @@ func New(client kubernetes.Interface, m *maps.Maps, cfg Config) (*Agent, error) 
 	if err := sliceInformer.AddIndexers(cache.Indexers{byServiceIndex: sliceOwnerIndex}); err != nil {
 		return nil, err
 	}
+	if err := svcInformer.Informer().AddIndexers(cache.Indexers{byAddressIndex: serviceAddrIndex}); err != nil {
+		return nil, err
+	}
 	handler := cache.ResourceEventHandlerFuncs{
 		AddFunc: a.changed,
 		UpdateFunc: func(old, cur any) {
@@ -158,6 +162,7 @@ func New(client kubernetes.Interface, m *maps.Maps, cfg Config) (*Agent, error) 
 		return nil, err
 	}
 	a.services = svcInformer.Lister()
+	a.serviceIndex = svcInformer.Informer().GetIndexer()
 	a.slices = sliceInformer.GetIndexer()
 	if cfg.Pods != nil {
 		if a.pods, err = newPods(client, cfg.Pods, cfg.NodeName, cfg.SyncPeriod, cfg.Logger, a.changed); err != nil {
@@ -271,6 +276,12 @@ func (a *Agent) changed(obj any) {
 	}
 	a.mu.Lock()
 	a.dirty[name] = true
+	if svc, ok := obj.(*corev1.Service); ok {
+		// A frontend it held or claimed may change hands (conflicts.go).
+		for _, other := range a.sharing(svc) {
+			a.dirty[k8s.ServiceName(other)] = true
+		}
+	}
 	if _, isPod := obj.(*corev1.Pod); !isPod {
 		a.notePending(name, slice)
 	}
@@ -543,7 +554,11 @@ func (a *Agent) desired(name string) (services []service.Service, ok bool) {
 		opts.Zone = zoneOf(a.health.node())
 	}
 	res, err := k8s.TranslateWith(opts, []*corev1.Service{svc}, eps)
-	a.report(svc, name, "InvalidService", res, err)
+	var conflicts []string
+	if err == nil {
+		res.Services, conflicts = a.withoutClaimed(svc, opts, res.Services)
+	}
+	a.report(svc, name, "InvalidService", res, conflicts, err)
 	if err != nil {
 		return nil, false
 	}
@@ -562,8 +577,8 @@ func zoneOf(obj any) string {
 
 // report logs the problems of obj (a Service, or a Pod's hostPorts), sends
 // them as Events and counts them, once per change.
-func (a *Agent) report(obj runtime.Object, name, invalid string, res k8s.Result, err error) {
-	msgs := slices.Clone(res.Unsupported)
+func (a *Agent) report(obj runtime.Object, name, invalid string, res k8s.Result, conflicts []string, err error) {
+	msgs := append(slices.Clone(res.Unsupported), conflicts...)
 	if err != nil {
 		msgs = append(msgs, err.Error())
 	}
@@ -576,6 +591,10 @@ func (a *Agent) report(obj runtime.Object, name, invalid string, res k8s.Result,
 		a.log.Warn("port not programmed", "owner", name, "reason", u)
 		a.recorder.Event(obj, corev1.EventTypeWarning, "UnsupportedProtocol", u)
 		a.Metrics.UnsupportedPorts.Inc()
+	}
+	for _, c := range conflicts {
+		a.log.Warn("frontend not programmed", "owner", name, "reason", c)
+		a.recorder.Event(obj, corev1.EventTypeWarning, "FrontendInUse", c)
 	}
 	if err != nil {
 		a.log.Error("not programmed; its frontends are left as they were", "owner", name, "err", err)

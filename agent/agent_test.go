@@ -384,46 +384,93 @@ func TestAPIServerRestart(t *testing.T) {
 // retried, and the others are programmed in the same sync regardless.
 func TestOneFailingServiceDoesNotHoldBackTheRest(t *testing.T) {
 	k := newKube(t)
-	dp, _ := loadDatapath(t, loader.DefaultConfig())
+	cfg := loader.DefaultConfig()
+	cfg.BackendMapSize = 256
+	dp, _ := loadDatapath(t, cfg)
 	ports := []discoveryv1.EndpointPort{slicePort("", corev1.ProtocolTCP, 8080)}
-	want := map[string]map[string][]string{}
-	add := func(name string, externalIP string) {
+	add := func(name string, backends int) map[string][]string {
 		ip, _ := clusterIPs()
-		svc := clusterIPService(name, ip, "", svcPort("", corev1.ProtocolTCP, 80))
-		svc.Spec.ExternalIPs = []string{externalIP}
-		k.createService(t, svc)
-		k.createSlice(t, endpointSlice(name+"-1", name, v4, ports, readyEP("10.9.0.1")))
-		want[k.name(name)] = map[string][]string{ip + ":80/TCP": {"10.9.0.1:8080"}, externalIP + ":80/TCP": {"10.9.0.1:8080"}}
+		k.createService(t, clusterIPService(name, ip, "", svcPort("", corev1.ProtocolTCP, 80)))
+		var eps []discoveryv1.Endpoint
+		var want []string
+		for i := range backends {
+			addr := fmt.Sprintf("10.9.%d.%d", i/250, i%250+1)
+			eps = append(eps, readyEP(addr))
+			want = append(want, addr+":8080")
+		}
+		k.createSlice(t, endpointSlice(name+"-1", name, v4, ports, eps...))
+		return map[string][]string{ip + ":80/TCP": want}
 	}
-	// More than the manager writes batched, all in the first full sync.
+	// More than the manager writes batched, all in the first full sync,
+	// and one Service with more backends than the map has room for.
+	want := map[string]map[string][]string{}
 	for i := range 100 {
-		add(fmt.Sprintf("many-%03d", i), fmt.Sprintf("203.0.113.%d", i+1))
+		name := fmt.Sprintf("many-%03d", i)
+		want[k.name(name)] = add(name, 1)
 	}
-	// Two Services claiming one external IP and port: the first applied
-	// keeps it, the second is refused whole.
-	add("clash-a", "203.0.113.200")
-	add("clash-b", "203.0.113.200")
+	add("huge", 300)
 
 	a := startAgent(t, k.client, dp.Maps, Config{})
 	for name, fes := range want {
-		if name != k.name("clash-b") {
-			waitProgrammed(t, dp.Maps, name, fes)
-		}
+		waitProgrammed(t, dp.Maps, name, fes)
 	}
-	waitFor(t, "clash-b refused and retried", func() (bool, string) {
+	waitFor(t, "huge refused and retried", func() (bool, string) {
 		n := testutil.ToFloat64(a.Metrics.SyncErrors)
 		return n >= 2, fmt.Sprintf("%v sync errors", n)
 	})
 	view, err := readMaps(dp.Maps)
 	require.NoError(t, err, "read maps")
-	assert.Empty(t, ownedBy(view, k.name("clash-b")), "clash-b refused whole, its cluster IP too")
+	assert.Empty(t, ownedBy(view, k.name("huge")), "huge refused whole")
 	// The API server's own default/kubernetes is among them.
 	assert.Equal(t, testutil.ToFloat64(a.Metrics.ServicesProgrammed), testutil.ToFloat64(a.Metrics.ServiceApplies),
 		"each programmed Service counted once, the refused one never")
 	ok, why := a.Ready()
 	assert.False(t, ok, "not ready while a Service is refused")
-	assert.Contains(t, why, k.name("clash-b"), "the refused Service named")
+	assert.Contains(t, why, k.name("huge"), "the refused Service named")
 
-	require.NoError(t, k.client.CoreV1().Services(k.ns).Delete(context.Background(), "clash-b", metav1.DeleteOptions{}), "delete clash-b")
+	require.NoError(t, k.client.CoreV1().Services(k.ns).Delete(context.Background(), "huge", metav1.DeleteOptions{}), "delete huge")
 	a.waitHealthy(t)
+}
+
+// TestFrontendConflictOldestKeeps: two Services on one external IP and
+// port. The older keeps the frontend, the newer is programmed without it
+// and told by an Event, and the agent stays ready; once the older is gone
+// the newer gets it.
+func TestFrontendConflictOldestKeeps(t *testing.T) {
+	k := newKube(t)
+	dp, _ := loadDatapath(t, loader.DefaultConfig())
+	ports := []discoveryv1.EndpointPort{slicePort("", corev1.ProtocolTCP, 8080)}
+	const external = "203.0.113.200"
+	add := func(name, backend string) string {
+		ip, _ := clusterIPs()
+		svc := clusterIPService(name, ip, "", svcPort("", corev1.ProtocolTCP, 80))
+		svc.Spec.ExternalIPs = []string{external}
+		k.createService(t, svc)
+		k.createSlice(t, endpointSlice(name+"-1", name, v4, ports, readyEP(backend)))
+		return ip
+	}
+	a := startAgent(t, k.client, dp.Maps, Config{})
+	// Named so that name order and age disagree; creation times have
+	// whole seconds.
+	oldIP := add("clash-z", "10.9.0.1")
+	time.Sleep(1100 * time.Millisecond)
+	newIP := add("clash-a", "10.9.0.2")
+
+	waitProgrammed(t, dp.Maps, k.name("clash-z"), map[string][]string{
+		oldIP + ":80/TCP": {"10.9.0.1:8080"}, external + ":80/TCP": {"10.9.0.1:8080"}})
+	waitProgrammed(t, dp.Maps, k.name("clash-a"), map[string][]string{newIP + ":80/TCP": {"10.9.0.2:8080"}})
+	waitFor(t, "a FrontendInUse Event on clash-a", func() (bool, string) {
+		evs, err := k.client.CoreV1().Events(k.ns).List(context.Background(), metav1.ListOptions{
+			FieldSelector: "involvedObject.name=clash-a,reason=FrontendInUse"})
+		if err != nil || len(evs.Items) == 0 {
+			return false, fmt.Sprint(err)
+		}
+		return strings.Contains(evs.Items[0].Message, k.name("clash-z")), evs.Items[0].Message
+	})
+	a.waitHealthy(t)
+	assert.Zero(t, testutil.ToFloat64(a.Metrics.SyncErrors), "no sync failed over the conflict")
+
+	require.NoError(t, k.client.CoreV1().Services(k.ns).Delete(context.Background(), "clash-z", metav1.DeleteOptions{}), "delete clash-z")
+	waitProgrammed(t, dp.Maps, k.name("clash-a"), map[string][]string{
+		newIP + ":80/TCP": {"10.9.0.2:8080"}, external + ":80/TCP": {"10.9.0.2:8080"}})
 }

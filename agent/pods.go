@@ -149,7 +149,7 @@ func (a *Agent) hostPorts(name string) (services []service.Service, ok bool) {
 		return nil, true // its containers bind the hostPorts themselves
 	}
 	res, err := k8s.TranslatePods(k8s.Options{NodeName: a.cfg.NodeName}, []*corev1.Pod{pod})
-	a.report(pod, name, "InvalidHostPort", res, err)
+	a.report(pod, name, "InvalidHostPort", res, nil, err)
 	if err != nil {
 		return nil, false
 	}
