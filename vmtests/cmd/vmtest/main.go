@@ -73,7 +73,9 @@ func main() {
 	modules := flag.String("modules", defaultModules, "kernel `modules` to load in the guest")
 	hostTools := flag.String("host-tools", "ip tc nft", "host `programs` copied into the guest with their libraries")
 	flag.IntVar(&cfg.cpus, "cpus", 2, "guest CPUs")
-	flag.StringVar(&cfg.memory, "memory", "2G", "guest memory")
+	// The initramfs (every test binary and the source tree, about 750 MB)
+	// is unpacked into RAM beside itself.
+	flag.StringVar(&cfg.memory, "memory", "4G", "guest memory")
 	flag.StringVar(&cfg.qemu, "qemu", "qemu-system-x86_64", "QEMU binary")
 	flag.BoolVar(&cfg.reportOnly, "report-only", false, "boot nothing: rewrite the results README from the results files")
 	flag.Parse()

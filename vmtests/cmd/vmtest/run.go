@@ -229,6 +229,8 @@ func boot(cfg config, m vm.Machine, k *debian.Kernel, bb busyboxBin, spec vm.Spe
 		h.Problem = "did not boot within " + cfg.bootTimeout.String()
 	case !c.Booted():
 		h.Problem = "did not boot"
+	case c.InitramfsFailed:
+		h.Problem = "the initramfs did not unpack whole: guest memory (-memory " + cfg.memory + ") too small for it"
 	case out.TimedOut != "":
 		h.Problem = "timed out after " + cfg.vmTimeout.String()
 	case !c.Done:

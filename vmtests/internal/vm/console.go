@@ -18,9 +18,16 @@ type Console struct {
 	Release        string // `uname -r` in the guest, set once it booted
 	Done           bool   // init reached the end of its script
 	ModuleFailures []string
-	Runs           []*Run
+	// InitramfsFailed: the kernel could not unpack all of the initramfs
+	// (guest memory too small for it), so files the tests need are missing.
+	InitramfsFailed bool
+	Runs            []*Run
 	cur            *Run
 }
+
+// initramfsFailed is what the kernel prints when it cannot unpack the
+// initramfs whole (init/initramfs.c), and boots on with what it has.
+const initramfsFailed = "Initramfs unpacking failed"
 
 // Booted tells whether init started.
 func (c *Console) Booted() bool { return c.Release != "" }
@@ -28,6 +35,9 @@ func (c *Console) Booted() bool { return c.Release != "" }
 // Feed takes one console line without its line ending. A marker may follow
 // test output that did not end its last line, so markers are found anywhere.
 func (c *Console) Feed(line string) {
+	if strings.Contains(line, initramfsFailed) {
+		c.InitramfsFailed = true
+	}
 	i := strings.Index(line, "@@vmtest ")
 	if i < 0 {
 		if c.cur != nil {

@@ -26,6 +26,9 @@ func TestConsole(t *testing.T) {
 	if c.Done {
 		t.Error("done without the done marker")
 	}
+	if !c.InitramfsFailed {
+		t.Error("the kernel's initramfs unpacking failure not seen")
+	}
 	if !reflect.DeepEqual(c.ModuleFailures, []string{"netkit"}) {
 		t.Errorf("module failures: %v", c.ModuleFailures)
 	}
