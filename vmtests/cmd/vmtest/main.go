@@ -68,7 +68,7 @@ func main() {
 	flag.StringVar(&cfg.run, "run", "", "pass -test.run `regexp` to the tests")
 	flag.DurationVar(&cfg.testTimeout, "test-timeout", 5*time.Minute, "timeout of one test binary")
 	flag.DurationVar(&cfg.bootTimeout, "boot-timeout", 2*time.Minute, "time for a guest to reach init")
-	flag.DurationVar(&cfg.vmTimeout, "vm-timeout", 20*time.Minute, "time for a guest to run all binaries")
+	flag.DurationVar(&cfg.vmTimeout, "vm-timeout", 40*time.Minute, "time for a guest to run all binaries")
 	flag.BoolVar(&cfg.refresh, "refresh", false, "refresh the apt lists even if less than a day old")
 	modules := flag.String("modules", defaultModules, "kernel `modules` to load in the guest")
 	hostTools := flag.String("host-tools", "ip tc nft", "host `programs` copied into the guest with their libraries")
