@@ -22,7 +22,8 @@ type Proc struct {
 	done chan struct{}
 }
 
-// Start starts cmd, appending its output to log.
+// Start starts cmd, appending its output to log. What the caller set in
+// cmd.SysProcAttr (a cgroup to start in, say) is kept.
 func Start(name, log string, cmd *exec.Cmd) (*Proc, error) {
 	f, err := os.OpenFile(log, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
 	if err != nil {
@@ -30,7 +31,10 @@ func Start(name, log string, cmd *exec.Cmd) (*Proc, error) {
 	}
 	defer f.Close()
 	cmd.Stdout, cmd.Stderr = f, f
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	if cmd.SysProcAttr == nil {
+		cmd.SysProcAttr = &syscall.SysProcAttr{}
+	}
+	cmd.SysProcAttr.Setpgid, cmd.SysProcAttr.Pdeathsig = true, syscall.SIGKILL
 	if err := cmd.Start(); err != nil {
 		return nil, fmt.Errorf("start %s: %w", name, err)
 	}

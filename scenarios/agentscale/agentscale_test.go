@@ -32,6 +32,8 @@ import (
 	"testing"
 	"time"
 
+	dto "github.com/prometheus/client_model/go"
+	"github.com/prometheus/common/expfmt"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	corev1 "k8s.io/api/core/v1"
@@ -289,9 +291,7 @@ func (c *cluster) create(ctx context.Context, client *kubernetes.Clientset, n in
 
 // agentProc is the servicepath agent process.
 type agentProc struct {
-	cmd     *exec.Cmd
-	log     string
-	done    chan struct{}
+	*procs.Proc
 	started time.Time
 	pin     string
 }
@@ -334,41 +334,35 @@ func (c *cluster) startAgent(t *testing.T, bin string, services int) *agentProc 
 	args := []string{"agent", "--kubeconfig", c.srv.Kubeconfig, "--node-name", "agentscale", "--bpffs", pin, "--cgroup", cg,
 		"--healthz-bind-address", "127.0.0.1:10256", "--metrics-bind-address", "127.0.0.1:10249", "--pod-device-pattern", "",
 		"--services-size", strconv.Itoa(svcSize), "--backends-size", strconv.Itoa(svcSize)}
-	a := &agentProc{log: filepath.Join(t.TempDir(), "agent.log"), done: make(chan struct{}), pin: pin}
-	f, err := os.Create(a.log)
-	require.NoError(t, err, "agent log")
-	defer f.Close()
-	a.cmd = exec.Command(bin, args...)
-	a.cmd.Stdout, a.cmd.Stderr = f, f
-	a.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL, UseCgroupFD: true, CgroupFD: cgfd}
+	cmd := exec.Command(bin, args...)
+	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: cgfd}
+	a := &agentProc{pin: pin}
 	require.NoError(t, c.topo.Node.Do(func() error {
 		a.started = time.Now()
-		return a.cmd.Start()
+		a.Proc, err = procs.Start("agent", filepath.Join(t.TempDir(), "agent.log"), cmd)
+		return err
 	}), "start %s", bin)
-	go func() { a.cmd.Wait(); close(a.done) }()
 	t.Cleanup(func() { a.stop(t) })
 	return a
 }
 
+// stop stops the agent, which must exit on SIGTERM; a second call is a
+// no-op.
 func (a *agentProc) stop(t *testing.T) {
-	select {
-	case <-a.done:
+	if done, _ := a.Exited(); done {
 		return
-	default:
 	}
-	a.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-a.done:
-	case <-time.After(30 * time.Second):
-		a.cmd.Process.Kill()
-		<-a.done
-		t.Errorf("agent did not stop on SIGTERM; log:\n%s", procs.Tail(a.log, 4000))
+	if err := a.Stop(30 * time.Second); err != nil {
+		t.Error(err)
+	}
+	if _, how := a.Exited(); how == "signal: killed" {
+		t.Errorf("agent did not stop on SIGTERM; log:\n%s", a.LogTail())
 	}
 }
 
 // memory reads VmRSS and VmHWM (KiB) of the agent process.
 func (a *agentProc) memory() (rss, hwm int, err error) {
-	f, err := os.Open(fmt.Sprintf("/proc/%d/status", a.cmd.Process.Pid))
+	f, err := os.Open(fmt.Sprintf("/proc/%d/status", a.Pid()))
 	if err != nil {
 		return 0, 0, err
 	}
@@ -389,7 +383,7 @@ func (a *agentProc) memory() (rss, hwm int, err error) {
 
 // logged is when the agent first logged msg (slog's time= field).
 func (a *agentProc) logged(msg string) (time.Time, error) {
-	f, err := os.Open(a.log)
+	f, err := os.Open(a.Log)
 	if err != nil {
 		return time.Time{}, err
 	}
@@ -418,44 +412,57 @@ func (c *cluster) waitReady(t *testing.T, a *agentProc, timeout time.Duration) t
 			}
 		}
 		select {
-		case <-a.done:
-			t.Fatalf("agent exited before it was ready; log:\n%s", procs.Tail(a.log, 4000))
+		case <-a.Done():
+			t.Fatalf("agent exited before it was ready; log:\n%s", a.LogTail())
 		case <-time.After(20 * time.Millisecond):
 		}
-		require.True(t, time.Now().Before(deadline), "agent ready within %s; log:\n%s", timeout, procs.Tail(a.log, 4000))
+		require.True(t, time.Now().Before(deadline), "agent ready within %s; log:\n%s", timeout, a.LogTail())
 	}
 }
 
-// scrape reads the agent's /metrics into "name{labels}" -> value.
-func (c *cluster) scrape(t *testing.T) map[string]float64 {
+// metrics is a scrape of the agent's /metrics, by family name.
+type metrics map[string]*dto.MetricFamily
+
+// value is an unlabelled counter's or gauge's value, 0 when absent.
+func (m metrics) value(name string) float64 {
+	f := m[name]
+	if f == nil || len(f.Metric) == 0 {
+		return 0
+	}
+	if c := f.Metric[0].GetCounter(); c != nil {
+		return c.GetValue()
+	}
+	return f.Metric[0].GetGauge().GetValue()
+}
+
+// histogram is an unlabelled histogram, empty when absent.
+func (m metrics) histogram(name string) *dto.Histogram {
+	if f := m[name]; f != nil && len(f.Metric) > 0 && f.Metric[0].Histogram != nil {
+		return f.Metric[0].Histogram
+	}
+	return &dto.Histogram{}
+}
+
+func (c *cluster) scrape(t *testing.T) metrics {
 	t.Helper()
 	resp, err := c.http.Get("http://127.0.0.1:10249/metrics")
 	require.NoError(t, err, "scrape /metrics")
 	defer resp.Body.Close()
-	out := map[string]float64{}
-	sc := bufio.NewScanner(resp.Body)
-	for sc.Scan() {
-		line := sc.Text()
-		if line == "" || line[0] == '#' {
-			continue
-		}
-		i := strings.LastIndexByte(line, ' ')
-		v, err := strconv.ParseFloat(line[i+1:], 64)
-		require.NoError(t, err, "metric line %q", line)
-		out[line[:i]] = v
-	}
-	require.NoError(t, sc.Err(), "read /metrics")
-	return out
+	var parser expfmt.TextParser
+	fams, err := parser.TextToMetricFamilies(resp.Body)
+	require.NoError(t, err, "parse /metrics")
+	return fams
 }
 
-// waitMetric scrapes until name reaches want: the agent observes its
-// metrics at the end of a sync, after the map writes the test saw.
-func (c *cluster) waitMetric(t *testing.T, name string, want float64) map[string]float64 {
+// waitHistogram scrapes until histogram name counts want samples: the
+// agent observes its metrics at the end of a sync, after the map writes
+// the test saw.
+func (c *cluster) waitHistogram(t *testing.T, name string, want uint64) metrics {
 	t.Helper()
 	deadline := time.Now().Add(30 * time.Second)
 	for {
 		m := c.scrape(t)
-		if m[name] >= want || time.Now().After(deadline) {
+		if m.histogram(name).GetSampleCount() >= want || time.Now().After(deadline) {
 			return m
 		}
 		time.Sleep(50 * time.Millisecond)
@@ -464,34 +471,24 @@ func (c *cluster) waitMetric(t *testing.T, name string, want float64) map[string
 
 const npMetric = "servicepath_network_programming_duration_seconds"
 
-// histogramQuantile estimates quantile q (0..1) of a scraped histogram by
-// linear interpolation inside its buckets, as Prometheus does.
-func histogramQuantile(m map[string]float64, name string, q float64) float64 {
-	type bucket struct{ le, n float64 }
-	var bs []bucket
-	prefix := name + `_bucket{le="`
-	for k, v := range m {
-		if s, ok := strings.CutPrefix(k, prefix); ok {
-			le, err := strconv.ParseFloat(strings.TrimSuffix(s, `"}`), 64)
-			if err == nil {
-				bs = append(bs, bucket{le, v})
-			}
-		}
-	}
-	sort.Slice(bs, func(i, j int) bool { return bs[i].le < bs[j].le })
-	if len(bs) == 0 || bs[len(bs)-1].n == 0 {
+// histogramQuantile estimates quantile q (0..1) of a histogram by linear
+// interpolation inside its buckets, as Prometheus's histogram_quantile
+// does; the PromQL engine that has it is too big a dependency for this.
+func histogramQuantile(h *dto.Histogram, q float64) float64 {
+	if h.GetSampleCount() == 0 {
 		return 0
 	}
-	rank := q * bs[len(bs)-1].n
+	rank := q * float64(h.GetSampleCount())
 	lo, below := 0.0, 0.0
-	for _, b := range bs {
-		if b.n >= rank {
-			if math.IsInf(b.le, 1) {
+	for _, b := range h.Bucket {
+		n := float64(b.GetCumulativeCount())
+		if n >= rank {
+			if math.IsInf(b.GetUpperBound(), 1) {
 				return lo
 			}
-			return lo + (b.le-lo)*(rank-below)/(b.n-below)
+			return lo + (b.GetUpperBound()-lo)*(rank-below)/(n-below)
 		}
-		lo, below = b.le, b.n
+		lo, below = b.GetUpperBound(), n
 	}
 	return lo
 }
@@ -662,11 +659,11 @@ func runAgent(t *testing.T, o Options, budget time.Duration, res *Result) {
 	require.NoError(t, err, "agent memory")
 	res.Memory.AfterSyncRSSKiB, res.Memory.AfterSyncHWMKiB = rss, hwm
 	m0 := c.scrape(t)
-	res.Sync.Syncs = m0["servicepath_sync_duration_seconds_count"]
-	res.Sync.SyncSeconds = m0["servicepath_sync_duration_seconds_sum"]
-	res.Sync.Programmed = m0["servicepath_services_programmed"]
-	res.Sync.Frontends = m0["servicepath_frontends_programmed"]
-	res.Sync.Backends = m0["servicepath_backends_programmed"]
+	firstSyncs := m0.histogram("servicepath_sync_duration_seconds")
+	res.Sync.Syncs, res.Sync.SyncSeconds = float64(firstSyncs.GetSampleCount()), firstSyncs.GetSampleSum()
+	res.Sync.Programmed = m0.value("servicepath_services_programmed")
+	res.Sync.Frontends = m0.value("servicepath_frontends_programmed")
+	res.Sync.Backends = m0.value("servicepath_backends_programmed")
 
 	m, err := maps.OpenPinned(a.pin)
 	require.NoError(t, err, "open the agent's pinned maps")
@@ -683,14 +680,16 @@ func runAgent(t *testing.T, o Options, budget time.Duration, res *Result) {
 	res.Changes.RatePerSec = float64(sent) / time.Since(began).Seconds()
 	res.Changes.Sent, res.Changes.Observed = sent, len(lat)
 	res.Changes.Latency, res.Changes.APICall, res.Changes.SamplesMs = quantiles(lat), quantiles(api), lat
-	after := c.waitMetric(t, npMetric+"_count", float64(sent))
-	count := after[npMetric+"_count"]
-	res.Changes.Metric = Metric{Count: count, MeanMs: 1e3 * after[npMetric+"_sum"] / max(count, 1),
-		P50Ms: 1e3 * histogramQuantile(after, npMetric, 0.5), P90Ms: 1e3 * histogramQuantile(after, npMetric, 0.9),
-		P99Ms: 1e3 * histogramQuantile(after, npMetric, 0.99)}
-	syncs := after["servicepath_sync_duration_seconds_count"] - before["servicepath_sync_duration_seconds_count"]
+	after := c.waitHistogram(t, npMetric, uint64(sent))
+	np := after.histogram(npMetric)
+	count := float64(np.GetSampleCount())
+	res.Changes.Metric = Metric{Count: count, MeanMs: 1e3 * np.GetSampleSum() / max(count, 1),
+		P50Ms: 1e3 * histogramQuantile(np, 0.5), P90Ms: 1e3 * histogramQuantile(np, 0.9),
+		P99Ms: 1e3 * histogramQuantile(np, 0.99)}
+	syncsBefore, syncsAfter := before.histogram("servicepath_sync_duration_seconds"), after.histogram("servicepath_sync_duration_seconds")
+	syncs := float64(syncsAfter.GetSampleCount() - syncsBefore.GetSampleCount())
 	res.Changes.Syncs = syncs
-	res.Changes.SyncMeanMs = 1e3 * (after["servicepath_sync_duration_seconds_sum"] - before["servicepath_sync_duration_seconds_sum"]) / syncs
+	res.Changes.SyncMeanMs = 1e3 * (syncsAfter.GetSampleSum() - syncsBefore.GetSampleSum()) / syncs
 	var sum float64
 	for _, l := range lat {
 		sum += l
