@@ -22,7 +22,7 @@ type Console struct {
 	// (guest memory too small for it), so files the tests need are missing.
 	InitramfsFailed bool
 	Runs            []*Run
-	cur            *Run
+	cur             *Run
 }
 
 // initramfsFailed is what the kernel prints when it cannot unpack the
