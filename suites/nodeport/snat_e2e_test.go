@@ -56,9 +56,15 @@ func TestSNATFlowsEndToEnd(t *testing.T) {
 				require.NoError(t, err, "connection %d of %d through %d SNAT ports", i+1, 3*snatPorts, snatPorts)
 				assert.Equal(t, "backend-1", r.Identity)
 			}
-			after := ns.Counters(t, 0)
-			assert.Zero(t, grew(before, after, "nat_exhausted"), "no connection found the ports taken")
-			assert.GreaterOrEqual(t, grew(before, after, "nat_released"), uint64(3*snatPorts), "every closed flow gave its port back")
+			assert.Zero(t, grew(before, ns.Counters(t, 0), "nat_exhausted"), "no connection found the ports taken")
+			// The last flow's final ACK may still be on its way when the
+			// client's close returns (a VM under emulation showed 11 of 12).
+			var released uint64
+			assert.Eventually(t, func() bool {
+				released = grew(before, ns.Counters(t, 0), "nat_released")
+				return released >= 3*snatPorts
+			}, timeout, 20*time.Millisecond, "every closed flow gave its port back")
+			t.Logf("%d ports released", released)
 		})
 
 		// A forged RST far from the client's sequence numbers, into a live
