@@ -1,6 +1,7 @@
 package image
 
 import (
+	"debug/elf"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -40,12 +41,14 @@ const xtablesPlugins = "/usr/lib/*-linux-gnu/xtables"
 // /servicepath, and Debian's iptables (its commands, libraries and
 // extensions), which the binary runs to coexist with kube-proxy.
 func Servicepath(bin string) (Spec, error) {
+	if dyn, err := dynamic(bin); err != nil {
+		return Spec{}, err
+	} else if dyn {
+		return Spec{}, fmt.Errorf("%s is dynamically linked: build it with CGO_ENABLED=0", bin)
+	}
 	files, err := Program(bin, "/servicepath")
 	if err != nil {
 		return Spec{}, err
-	}
-	if len(files) > 1 {
-		return Spec{}, fmt.Errorf("%s is dynamically linked: build it with CGO_ENABLED=0", bin)
 	}
 	cmds, err := Commands("/usr/sbin", "iptables", iptablesCommands...)
 	if err != nil {
@@ -61,6 +64,27 @@ func Servicepath(bin string) (Spec, error) {
 	// node's there to exclude kubelet's and kube-proxy's runs.
 	files = append(files, File{Path: "/run", Mode: fs.ModeDir | 0o755})
 	return Spec{Tag: ServicepathTag, Files: files, Entrypoint: []string{"/servicepath"}}, nil
+}
+
+// dynamic says bin is an ELF program naming a program interpreter: it is
+// dynamically linked. Read from its ELF headers, so no ldd is needed to
+// refuse it (a script is not ELF, and not refused).
+func dynamic(bin string) (bool, error) {
+	f, err := elf.Open(bin)
+	var notELF *elf.FormatError
+	if errors.As(err, &notELF) {
+		return false, nil
+	}
+	if err != nil {
+		return false, fmt.Errorf("read %s: %w", bin, err)
+	}
+	defer f.Close()
+	for _, p := range f.Progs {
+		if p.Type == elf.PT_INTERP {
+			return true, nil
+		}
+	}
+	return false, nil
 }
 
 // ClusterOptions says where the programs of the cluster images come from.
