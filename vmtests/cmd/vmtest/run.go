@@ -63,7 +63,7 @@ func run(cfg config) (failed bool, err error) {
 	}
 	logf("%s, accel %s", qemuVersion, machine.Accel)
 
-	sources, err := sourceFiles(root)
+	sources, err := sourceFiles(root, cfg.results)
 	if err != nil {
 		return false, err
 	}
@@ -290,8 +290,10 @@ func goOutput(dir string, args ...string) (string, error) {
 }
 
 // sourceFiles lists the module's files as git sees them, untracked ones
-// included and ignored ones (build output) left out.
-func sourceFiles(root string) ([]string, error) {
+// included and ignored ones (build output) left out, and none of the
+// results directory: the run rewrites it (a kernel's new results replace
+// its series' old file) while later guests are still being built.
+func sourceFiles(root, results string) ([]string, error) {
 	cmd := exec.Command("git", "ls-files", "--cached", "--others", "--exclude-standard")
 	cmd.Dir = root
 	out, err := cmd.Output()
@@ -299,7 +301,18 @@ func sourceFiles(root string) ([]string, error) {
 		return nil, fmt.Errorf("git ls-files in %s: %w", root, err)
 	}
 	var files []string
+	abs, err := filepath.Abs(results)
+	if err != nil {
+		return nil, err
+	}
+	skip, err := filepath.Rel(root, abs)
+	if err != nil {
+		return nil, err
+	}
 	for _, f := range strings.Split(strings.TrimSpace(string(out)), "\n") {
+		if f == skip || strings.HasPrefix(f, skip+"/") {
+			continue
+		}
 		// Deleted but still in the index: nothing to copy.
 		if st, err := os.Stat(filepath.Join(root, f)); err == nil && st.Mode().IsRegular() {
 			files = append(files, f)
