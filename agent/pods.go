@@ -22,6 +22,7 @@ import (
 	"k8s.io/client-go/tools/cache"
 
 	"github.com/servicepath/servicepath/datapath/attach"
+	"github.com/servicepath/servicepath/datapath/bandwidth"
 	"github.com/servicepath/servicepath/datapath/endpoints"
 	"github.com/servicepath/servicepath/datapath/service"
 	"github.com/servicepath/servicepath/k8s"
@@ -51,6 +52,10 @@ type PodNetwork struct {
 	// Only the host side is the agent's: the pod's own end, which sets
 	// what the pod sends, is the CNI's.
 	BigTCP bool
+	// Bandwidth, when set, holds each pod with a valid
+	// kubernetes.io/egress-bandwidth to its rate off the node (fq must be
+	// on the node devices: bandwidth.EnsureFQ). The agent owns its maps.
+	Bandwidth *bandwidth.Manager
 }
 
 const (
@@ -72,6 +77,9 @@ type pods struct {
 	synced  cache.InformerSynced
 	devices *podDevices
 	kick    chan struct{}
+	// badRates are the refused egress-bandwidth annotations, by pod, as
+	// of the last sync: each is logged once.
+	badRates map[string]string
 }
 
 // newPods watches the Pods of node (spec.nodeName, so the API server sends
@@ -82,8 +90,9 @@ func newPods(client kubernetes.Interface, cfg *PodNetwork, node string, period t
 	}
 	p := &pods{
 		cfg: cfg, log: log, node: node, period: period,
-		devices: &podDevices{cfg: cfg, log: log, attached: map[int]string{}},
-		kick:    make(chan struct{}, 1),
+		devices:  &podDevices{cfg: cfg, log: log, attached: map[int]string{}},
+		kick:     make(chan struct{}, 1),
+		badRates: map[string]string{},
 	}
 	p.factory = informers.NewSharedInformerFactoryWithOptions(client, 0,
 		informers.WithTweakListOptions(func(o *metav1.ListOptions) {
@@ -306,15 +315,22 @@ func (p *pods) syncEndpoints() (waiting int, err error) {
 		return 0, err
 	}
 	want := map[endpoints.Key]bool{}
+	rates := map[int]uint64{}
 	devs := map[int]*endpoints.Endpoint{}
+	bad := map[string]string{}
+	defer func() { p.badRates = bad }()
 	var errs []error
 	for _, pod := range all {
+		rate := p.egressRate(pod, bad)
 		for _, ip := range podIPs(pod) {
 			ep, err := p.endpointOf(ip, devs)
 			if err != nil {
 				waiting++
 				p.log.Debug("pod IP not registered", "pod", pod.Namespace+"/"+pod.Name, "reason", err)
 				continue
+			}
+			if rate > 0 {
+				rates[ep.Ifindex] = rate
 			}
 			want[endpoints.KeyOf(ip)] = true
 			e := *ep
@@ -341,5 +357,27 @@ func (p *pods) syncEndpoints() (waiting int, err error) {
 			errs = append(errs, fmt.Errorf("remove a gone pod's endpoint: %w", err))
 		}
 	}
+	if p.cfg.Bandwidth != nil {
+		errs = append(errs, p.cfg.Bandwidth.Sync(rates))
+	}
 	return waiting, errors.Join(errs...)
+}
+
+// egressRate is pod's egress limit in bit/s, 0 for none: also when the
+// annotation is invalid, which is logged once per value (bad collects
+// this sync's invalid ones, p.badRates holds the last sync's).
+func (p *pods) egressRate(pod *corev1.Pod, bad map[string]string) uint64 {
+	if p.cfg.Bandwidth == nil {
+		return 0
+	}
+	rate, err := podEgressBandwidth(pod)
+	if err == nil {
+		return rate
+	}
+	name, v := pod.Namespace+"/"+pod.Name, pod.Annotations[EgressBandwidthAnnotation]
+	if last, ok := p.badRates[name]; !ok || last != v {
+		p.log.Warn("egress bandwidth not limited", "pod", name, "err", err)
+	}
+	bad[name] = v
+	return 0
 }

@@ -4,6 +4,7 @@
 
 #include "lib/common.h"
 #include "lib/config.h"
+#include "lib/edt.h"
 #include "lib/frag.h"
 #include "lib/lb_packet.h"
 #include "lib/metrics.h"
@@ -25,14 +26,17 @@ int sp_from_netdev(struct __sk_buff *skb)
 	return np_from_netdev(skb, &p);
 }
 
-/* Packets leaving by the node device (tc egress): replies of flows to
- * local backends and DSR flows go back out from the service address. */
+/* Packets leaving by the node device (tc egress): rated pods' packets get
+ * their departure time; replies of flows to local backends and DSR flows
+ * go back out from the service address. */
 SEC("tc")
 int sp_to_netdev(struct __sk_buff *skb)
 {
 	struct pkt p;
 	int verdict;
 
+	if (edt_schedule(skb) != TC_ACT_OK)
+		return TC_ACT_SHOT;
 	if (pkt_prepare(skb, &p, &verdict) < 0)
 		return verdict;
 	return lb_reply(skb, &p);

@@ -7,6 +7,7 @@
 
 #include "lib/common.h"
 #include "lib/config.h"
+#include "lib/edt.h"
 #include "lib/fib.h"
 #include "lib/frag.h"
 #include "lib/lb_packet.h"
@@ -19,6 +20,7 @@ int sp_from_pod(struct __sk_buff *skb)
 	struct pkt p;
 	int verdict;
 
+	edt_tag(skb);
 	if (pkt_prepare(skb, &p, &verdict) < 0)
 		return verdict;
 	verdict = lb_forward(skb, &p);

@@ -61,6 +61,7 @@ enum metric {
 	METRIC_NAT_RELEASED,      /* SNAT mapping released with its flow's last packet (RST, or the ACK after both FINs) */
 	METRIC_TTL_EXCEEDED,      /* BPF forwarding: TTL / hop limit would expire; to the stack (time exceeded), or dropped */
 	METRIC_DSR_FRAG_NEEDED,   /* DSR: too big with the option or outer header: frag needed / packet too big sent back */
+	METRIC_EDT_HORIZON_DROP,  /* Bandwidth Manager: a pod's packet due past the horizon: dropped */
 	METRIC_MAX,
 };
 

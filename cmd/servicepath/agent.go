@@ -18,12 +18,15 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/spf13/pflag"
+	"github.com/vishvananda/netlink"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/klog/v2"
 
 	"github.com/servicepath/servicepath/agent"
 	"github.com/servicepath/servicepath/datapath/attach"
+	"github.com/servicepath/servicepath/datapath/bandwidth"
 	"github.com/servicepath/servicepath/datapath/ct"
+	"github.com/servicepath/servicepath/datapath/loader"
 	"github.com/servicepath/servicepath/datapath/maps"
 	"github.com/servicepath/servicepath/datapath/service"
 )
@@ -40,6 +43,7 @@ func cmdAgent(fs *pflag.FlagSet, o output) func() error {
 	metricsAddr := fs.String("metrics-bind-address", "127.0.0.1:10249", "address of /metrics (empty: off)")
 	gcInterval := fs.Duration("ct-gc-interval", 30*time.Second, "interval between conntrack GC passes when calm, shortened under pressure, per zone (0: off)")
 	podDevices := fs.String("pod-device-pattern", agent.DefaultPodDevices, "host-side pod devices (veths) attached to as they appear, and BPF host routing delivers to: comma-separated globs, none of them a node device (empty: none)")
+	bandwidthManager := fs.Bool("bandwidth-manager", false, "Bandwidth Manager: hold each pod with a kubernetes.io/egress-bandwidth annotation to that rate off the node, by EDT on the node devices, which get the fq qdisc (the kernel must have sch_fq); traffic between pods of a node is not limited")
 	verbosity := fs.IntP("v", "v", 0, "log verbosity, as kube-proxy's --v: 0 info; client-go's messages at their own levels; 4 and up every Service programmed and every pod device event")
 	return func() error {
 		pattern, err := agent.ParseDevicePattern(*podDevices)
@@ -80,6 +84,12 @@ func cmdAgent(fs *pflag.FlagSet, o output) func() error {
 		}
 		defer lock.Release()
 		defer dp.Close()
+		var bw *bandwidth.Manager
+		if *bandwidthManager {
+			if bw, err = startBandwidthManager(dp, lo.netdevs, o); err != nil {
+				return fmt.Errorf("--bandwidth-manager: %w", err)
+			}
+		}
 		a, err := agent.New(client, dp.Maps, agent.Config{
 			NodeName: name, MinSyncPeriod: *minSync, SyncPeriod: *syncPeriod, Logger: log,
 			OnRemoved: func(removed []service.Removed) error {
@@ -89,6 +99,7 @@ func cmdAgent(fs *pflag.FlagSet, o output) func() error {
 				Devices: pattern, NodeDevices: lo.netdevs,
 				Attacher: &attach.Attacher{LinkDir: linkDir(lo.bpffs), Mode: mode},
 				FromPod:  dp.FromPod, ToPod: dp.ToPod, Endpoints: dp.Endpoints, BigTCP: lo.bigTCP,
+				Bandwidth: bw,
 			},
 		})
 		if err != nil {
@@ -184,4 +195,23 @@ func newLogger(w io.Writer, v int) (*slog.Logger, error) {
 	}
 	klog.SetSlogLogger(log)
 	return log, nil
+}
+
+// startBandwidthManager puts fq on every node device, which EDT needs to
+// hold packets, and takes the rate maps over.
+func startBandwidthManager(dp *loader.Datapath, netdevs []string, o output) (*bandwidth.Manager, error) {
+	if len(netdevs) == 0 {
+		return nil, errors.New("no node device (--node-device) to enforce rates on")
+	}
+	for _, dev := range netdevs {
+		l, err := netlink.LinkByName(dev)
+		if err != nil {
+			return nil, fmt.Errorf("node device %s: %w", dev, err)
+		}
+		if err := bandwidth.EnsureFQ(l); err != nil {
+			return nil, err
+		}
+		fmt.Fprintf(o.out, "fq on %s (bandwidth manager)\n", dev)
+	}
+	return bandwidth.NewManager(dp.Maps)
 }

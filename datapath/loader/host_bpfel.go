@@ -19,6 +19,8 @@ const (
 	HostMapSpAffinity           = "sp_affinity"
 	HostMapSpBackends           = "sp_backends"
 	HostMapSpCt                 = "sp_ct"
+	HostMapSpEdtPods            = "sp_edt_pods"
+	HostMapSpEdtRates           = "sp_edt_rates"
 	HostMapSpEndpoints          = "sp_endpoints"
 	HostMapSpFrags              = "sp_frags"
 	HostMapSpFrontendAddrs      = "sp_frontend_addrs"
@@ -103,6 +105,8 @@ type HostMapSpecs struct {
 	SpAffinity      *ebpf.MapSpec `ebpf:"sp_affinity"`
 	SpBackends      *ebpf.MapSpec `ebpf:"sp_backends"`
 	SpCt            *ebpf.MapSpec `ebpf:"sp_ct"`
+	SpEdtPods       *ebpf.MapSpec `ebpf:"sp_edt_pods"`
+	SpEdtRates      *ebpf.MapSpec `ebpf:"sp_edt_rates"`
 	SpEndpoints     *ebpf.MapSpec `ebpf:"sp_endpoints"`
 	SpFrags         *ebpf.MapSpec `ebpf:"sp_frags"`
 	SpFrontendAddrs *ebpf.MapSpec `ebpf:"sp_frontend_addrs"`
@@ -161,6 +165,8 @@ type HostMaps struct {
 	SpAffinity      *ebpf.Map `ebpf:"sp_affinity"`
 	SpBackends      *ebpf.Map `ebpf:"sp_backends"`
 	SpCt            *ebpf.Map `ebpf:"sp_ct"`
+	SpEdtPods       *ebpf.Map `ebpf:"sp_edt_pods"`
+	SpEdtRates      *ebpf.Map `ebpf:"sp_edt_rates"`
 	SpEndpoints     *ebpf.Map `ebpf:"sp_endpoints"`
 	SpFrags         *ebpf.Map `ebpf:"sp_frags"`
 	SpFrontendAddrs *ebpf.Map `ebpf:"sp_frontend_addrs"`
@@ -179,6 +185,8 @@ func (m *HostMaps) Close() error {
 		m.SpAffinity,
 		m.SpBackends,
 		m.SpCt,
+		m.SpEdtPods,
+		m.SpEdtRates,
 		m.SpEndpoints,
 		m.SpFrags,
 		m.SpFrontendAddrs,

@@ -19,6 +19,8 @@ const (
 	LxcMapSpAffinity           = "sp_affinity"
 	LxcMapSpBackends           = "sp_backends"
 	LxcMapSpCt                 = "sp_ct"
+	LxcMapSpEdtPods            = "sp_edt_pods"
+	LxcMapSpEdtRates           = "sp_edt_rates"
 	LxcMapSpEndpoints          = "sp_endpoints"
 	LxcMapSpFrags              = "sp_frags"
 	LxcMapSpFrontendAddrs      = "sp_frontend_addrs"
@@ -101,6 +103,8 @@ type LxcMapSpecs struct {
 	SpAffinity      *ebpf.MapSpec `ebpf:"sp_affinity"`
 	SpBackends      *ebpf.MapSpec `ebpf:"sp_backends"`
 	SpCt            *ebpf.MapSpec `ebpf:"sp_ct"`
+	SpEdtPods       *ebpf.MapSpec `ebpf:"sp_edt_pods"`
+	SpEdtRates      *ebpf.MapSpec `ebpf:"sp_edt_rates"`
 	SpEndpoints     *ebpf.MapSpec `ebpf:"sp_endpoints"`
 	SpFrags         *ebpf.MapSpec `ebpf:"sp_frags"`
 	SpFrontendAddrs *ebpf.MapSpec `ebpf:"sp_frontend_addrs"`
@@ -157,6 +161,8 @@ type LxcMaps struct {
 	SpAffinity      *ebpf.Map `ebpf:"sp_affinity"`
 	SpBackends      *ebpf.Map `ebpf:"sp_backends"`
 	SpCt            *ebpf.Map `ebpf:"sp_ct"`
+	SpEdtPods       *ebpf.Map `ebpf:"sp_edt_pods"`
+	SpEdtRates      *ebpf.Map `ebpf:"sp_edt_rates"`
 	SpEndpoints     *ebpf.Map `ebpf:"sp_endpoints"`
 	SpFrags         *ebpf.Map `ebpf:"sp_frags"`
 	SpFrontendAddrs *ebpf.Map `ebpf:"sp_frontend_addrs"`
@@ -173,6 +179,8 @@ func (m *LxcMaps) Close() error {
 		m.SpAffinity,
 		m.SpBackends,
 		m.SpCt,
+		m.SpEdtPods,
+		m.SpEdtRates,
 		m.SpEndpoints,
 		m.SpFrags,
 		m.SpFrontendAddrs,

@@ -80,6 +80,8 @@ func TestGoTypesMirrorBTFLayout(t *testing.T) {
 		{maps.FrontendAddrName, maps.NodeAddrKey{}, uint8(0), "node_addr_key", ""},
 		{maps.NATName, maps.CTKey{}, maps.NATEntry{}, "ct_key", "nat_entry"},
 		{maps.NetdevsName, uint32(0), maps.NetdevInfo{}, "", "netdev_info"},
+		{maps.EDTPodsName, uint32(0), maps.EDTPod{}, "", "edt_pod"},
+		{maps.EDTRatesName, uint32(0), maps.EDTRate{}, "", "edt_rate"},
 	} {
 		t.Run(c.mapName, func(t *testing.T) {
 			ms, ok := all[c.mapName]

@@ -27,6 +27,8 @@ const (
 	FrontendAddrName = "sp_frontend_addrs"
 	NATName          = "sp_nat"
 	NetdevsName      = "sp_netdevs"
+	EDTPodsName      = "sp_edt_pods"
+	EDTRatesName     = "sp_edt_rates"
 )
 
 // Maps are the handles user space programs.
@@ -61,6 +63,9 @@ type Maps struct {
 	NAT *ebpf.Map
 	// Netdevs lists the node devices and the addresses SNAT uses on them.
 	Netdevs *ebpf.Map
+	// EDTPods tags rated pods' packets with their aggregate, by host-side
+	// ifindex; EDTRates holds each aggregate's rate (datapath/bandwidth).
+	EDTPods, EDTRates *ebpf.Map
 }
 
 // NorthSouthCT is the conntrack map north-south flows are in: the zone
@@ -100,6 +105,8 @@ func (m *Maps) named() []namedMap {
 		{FrontendAddrName, &m.FrontendAddrs},
 		{NATName, &m.NAT},
 		{NetdevsName, &m.Netdevs},
+		{EDTPodsName, &m.EDTPods},
+		{EDTRatesName, &m.EDTRates},
 	}
 }
 

@@ -290,3 +290,19 @@ type NodeAddrKey struct {
 	Family Family
 	Pad    [7]uint8
 }
+
+// EDTPod is struct edt_pod: a rated pod's aggregate, keyed by the
+// ifindex of its host-side device.
+type EDTPod struct {
+	Aggregate uint32
+}
+
+// EDTAggregateBit is EDT_AGGREGATE_BIT, set in every aggregate.
+const EDTAggregateBit = 0x8000
+
+// EDTRate is struct edt_rate: an aggregate's rate and the departure time
+// (CLOCK_MONOTONIC ns) of its last packet.
+type EDTRate struct {
+	BytesPerSec uint64
+	TLast       uint64
+}

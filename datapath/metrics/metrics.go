@@ -66,6 +66,7 @@ var Names = []string{
 	"nat_released",
 	"ttl_exceeded",
 	"dsr_frag_needed",
+	"edt_horizon_drop",
 }
 
 // Read sums each counter over CPUs, keyed by name.

@@ -34,6 +34,12 @@ type Fixture struct {
 	// Meta is the metadata an XDP program is expected to leave ahead of
 	// the packet; nil: not checked.
 	Meta []byte
+	// SKB is the packet's skb metadata, taken as the row runs (so it may
+	// be relative to the clock); nil: none.
+	SKB func() SKB
+	// Tstamp is the skb->tstamp the program must leave, taken after it
+	// ran; nil: not checked.
+	Tstamp func() uint64
 	// Counters that must have grown by exactly these amounts.
 	Counters map[string]uint64
 	// Check makes further assertions on the maps after the packet.
@@ -101,8 +107,15 @@ func Run(t *testing.T, fixtures []Fixture) {
 			before, err := e.Counters()
 			require.NoError(t, err, "read counters before")
 
-			res, err := e.RunOn(f.On, f.Hook, f.Input)
+			var skb SKB
+			if f.SKB != nil {
+				skb = f.SKB()
+			}
+			res, err := e.RunWith(f.On, f.Hook, f.Input, skb)
 			require.NoError(t, err, "inject")
+			if f.Tstamp != nil {
+				assert.Equal(t, f.Tstamp(), res.Tstamp, "skb->tstamp after the program")
+			}
 			verdict, out := res.Verdict, res.Packet
 			assert.Equal(t, f.Verdict, verdict, "verdict")
 			if f.Meta != nil {

@@ -96,6 +96,7 @@ func (h Hook) verdict(ret uint32) Verdict {
 type Env struct {
 	DP       *loader.Datapath
 	Services *service.Manager
+	shims    map[Hook]*queueShim
 }
 
 // NewEnv loads the datapath with cfg (pinning ignored).
@@ -114,7 +115,12 @@ func NewEnv(cfg loader.Config) (*Env, error) {
 }
 
 // Close unloads the datapath.
-func (e *Env) Close() error { return e.DP.Close() }
+func (e *Env) Close() error {
+	for _, s := range e.shims {
+		s.close()
+	}
+	return e.DP.Close()
+}
 
 // ClearMap deletes every entry of m.
 func ClearMap(m *ebpf.Map) error {
@@ -141,7 +147,7 @@ func ClearMap(m *ebpf.Map) error {
 func (e *Env) Reset() error {
 	m := e.DP.Maps
 	for _, mp := range []*ebpf.Map{m.Services, m.Backends, m.SvcMeta, m.CT, m.Frags, m.Affinity, m.SockRevNAT,
-		m.NAT, m.Netdevs, m.NodeAddrs, m.Maglev, m.SrcRanges, m.CTNS, m.FrontendAddrs} {
+		m.NAT, m.Netdevs, m.NodeAddrs, m.Maglev, m.SrcRanges, m.CTNS, m.FrontendAddrs, m.EDTPods, m.EDTRates} {
 		if mp == nil {
 			continue // a map of settings not in effect (CTNS: zones off)
 		}
@@ -187,16 +193,36 @@ type Device struct {
 }
 
 // skbContext is the head of struct __sk_buff up to gso_size: the fields
-// BPF_PROG_TEST_RUN reads are the device the packet is on (ifindex) and
-// its GSO segment size (the kernel's skb_is_gso), the rest stays zero.
+// BPF_PROG_TEST_RUN reads are the device the packet is on (ifindex), cb,
+// the departure time (tstamp) and its GSO segment size (the kernel's
+// skb_is_gso); the rest stays zero. It gives tstamp back.
 type skbContext struct {
 	Head    [10]uint32 // len .. ingress_ifindex
 	Ifindex uint32
-	Mid     [29]uint32 // tc_index .. data_meta, flow_keys, tstamp
+	TCIndex uint32
+	CB      [5]uint32
+	Mid     [21]uint32 // hash .. data_meta, flow_keys
+	Tstamp  uint64
 	WireLen uint32
 	GSOSegs uint32
 	SK      uint64
 	GSOSize uint32
+}
+
+// skbContextOut has room for the whole of the running kernel's
+// __sk_buff, which BPF_PROG_TEST_RUN gives back entire or fails (ENOSPC).
+type skbContextOut struct {
+	skbContext
+	Newer [64]byte // tstamp_type, hwtstamp and what later kernels add
+}
+
+// SKB is metadata of an injected packet besides its device.
+type SKB struct {
+	// Queue is skb->queue_mapping, which BPF_PROG_TEST_RUN wants zero:
+	// the program then runs behind a shim that sets it (queueShim).
+	Queue uint16
+	// Tstamp is skb->tstamp, the departure time (CLOCK_MONOTONIC ns).
+	Tstamp uint64
 }
 
 // xdpContext is struct xdp_md. BPF_PROG_TEST_RUN (5.15+) takes
@@ -222,30 +248,44 @@ func (e *Env) InjectOn(dev *Device, h Hook, pkt []byte) (Verdict, []byte, error)
 	return out.Verdict, out.Packet, err
 }
 
-// Output is what a program left: its verdict, the packet, and from XDP
-// the metadata ahead of the packet.
+// Output is what a program left: its verdict, the packet, from XDP the
+// metadata ahead of the packet, and from tc skb->tstamp.
 type Output struct {
 	Verdict Verdict
 	Packet  []byte
 	Meta    []byte
+	Tstamp  uint64
 }
 
 // RunOn runs one packet through the hook as if it were on dev (nil: the
 // caller's netns, loopback).
 func (e *Env) RunOn(dev *Device, h Hook, pkt []byte) (Output, error) {
-	return e.run(dev, h, pkt, dev != nil)
+	return e.run(dev, h, pkt, dev != nil, SKB{})
+}
+
+// RunWith is RunOn with skb metadata (tc hooks only).
+func (e *Env) RunWith(dev *Device, h Hook, pkt []byte, skb SKB) (Output, error) {
+	return e.run(dev, h, pkt, dev != nil, skb)
 }
 
 // RunHere is RunOn from inside dev.Do: on the caller's thread, already in
 // dev's netns, for runs that must stay on one thread (one CPU).
 func (e *Env) RunHere(dev *Device, h Hook, pkt []byte) (Output, error) {
-	return e.run(dev, h, pkt, false)
+	return e.run(dev, h, pkt, false, SKB{})
 }
 
-func (e *Env) run(dev *Device, h Hook, pkt []byte, enter bool) (Output, error) {
+func (e *Env) run(dev *Device, h Hook, pkt []byte, enter bool, skb SKB) (Output, error) {
 	prog, err := e.prog(h)
 	if err != nil {
 		return Output{}, err
+	}
+	if h.xdp() && skb != (SKB{}) {
+		return Output{}, fmt.Errorf("run %s: skb metadata at XDP", h)
+	}
+	if skb.Queue != 0 {
+		if prog, err = e.queueShim(h, prog); err != nil {
+			return Output{}, fmt.Errorf("run %s: %w", h, err)
+		}
 	}
 	// Room for programs that grow the packet (ICMP replies, DSR) and, at
 	// XDP, for metadata.
@@ -255,12 +295,18 @@ func (e *Env) run(dev *Device, h Hook, pkt []byte, enter bool) (Output, error) {
 		ifindex = uint32(dev.Ifindex)
 	}
 	var xctx xdpContext
+	var sctx skbContextOut
 	switch {
 	case h.xdp():
 		opts.Context = xdpContext{DataEnd: uint32(len(pkt)), IngressIfindex: ifindex}
 		opts.ContextOut = &xctx
-	case dev != nil:
-		opts.Context = skbContext{Ifindex: ifindex, GSOSize: dev.GSOSize}
+	default:
+		in := skbContext{Ifindex: ifindex, Tstamp: skb.Tstamp}
+		in.CB[0] = uint32(skb.Queue)
+		if dev != nil {
+			in.GSOSize = dev.GSOSize
+		}
+		opts.Context, opts.ContextOut = in, &sctx
 	}
 	var ret uint32
 	run := func() error {
@@ -276,7 +322,7 @@ func (e *Env) run(dev *Device, h Hook, pkt []byte, enter bool) (Output, error) {
 	if err != nil {
 		return Output{}, fmt.Errorf("run %s: %w", h, err)
 	}
-	out := Output{Verdict: h.verdict(ret), Packet: opts.DataOut}
+	out := Output{Verdict: h.verdict(ret), Packet: opts.DataOut, Tstamp: sctx.Tstamp}
 	if h.xdp() {
 		if xctx.Data > xctx.DataEnd || int(xctx.DataEnd) > len(opts.DataOut) {
 			return Output{}, fmt.Errorf("run %s: packet at %d-%d of %d bytes out", h, xctx.Data, xctx.DataEnd, len(opts.DataOut))

@@ -90,7 +90,7 @@ func ChildCgroup(t testing.TB) string {
 // notSupported lists the errors that mean "this kernel lacks the feature":
 // cilium/ebpf's probe result, and what attach calls return on kernels that
 // do not know the attach type. EOPNOTSUPP is ENOTSUP on Linux.
-var notSupported = []error{ebpf.ErrNotSupported, unix.EOPNOTSUPP, unix.EINVAL}
+var notSupported = []error{ebpf.ErrNotSupported, errors.ErrUnsupported, unix.EOPNOTSUPP, unix.EINVAL}
 
 // RequireFeature applies the kernel-matrix policy to err, the result of
 // using feature: a missing feature skips t on kernels older than minKernel

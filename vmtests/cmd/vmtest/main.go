@@ -43,7 +43,7 @@ type config struct {
 
 // defaultModules are loaded in every guest when the kernel has them as
 // modules: what the datapath, its tests and kube-proxy baselines touch.
-const defaultModules = "veth sch_ingress cls_bpf act_bpf ipvlan macvlan netkit dummy bridge br_netfilter vxlan geneve tun " +
+const defaultModules = "veth sch_ingress sch_fq cls_bpf act_bpf ipvlan macvlan netkit dummy bridge br_netfilter vxlan geneve tun " +
 	"nf_tables nft_ct nft_nat nft_chain_nat nft_masq nft_numgen nft_compat nft_fib_inet nft_fib_ipv4 nft_fib_ipv6 nft_reject nft_reject_inet nft_reject_ipv4 nft_reject_ipv6 nf_conntrack nf_conntrack_netlink nf_nat " +
 	"ip_tables iptable_filter iptable_nat iptable_mangle ip6_tables ip6table_filter ip6table_nat " +
 	"xt_conntrack xt_nat xt_MASQUERADE xt_comment xt_mark xt_statistic xt_addrtype " +
