@@ -59,7 +59,8 @@ func (p DevicePattern) Match(name string) bool {
 }
 
 // podDevices keeps FromPod and ToPod on every pod device of the netns it
-// runs in: a veth whose name matches the pattern and is no node device.
+// runs in: a veth, or the primary of a netkit pair, whose name matches the
+// pattern and is no node device.
 // It is used from one goroutine, on a thread in that netns.
 type podDevices struct {
 	cfg *PodNetwork
@@ -69,10 +70,23 @@ type podDevices struct {
 	attached map[int]string
 }
 
-var podHooks = []attach.Direction{attach.Ingress, attach.Egress}
+// podPoints are where a pod device's programs go, from-pod first: a veth's
+// tc hooks, or netkit's own slots, which run inside its xmit.
+func podPoints(l netlink.Link) []attach.Point {
+	if _, ok := l.(*netlink.Netkit); ok {
+		return []attach.Point{attach.NetkitPeer, attach.NetkitPrimary}
+	}
+	return []attach.Point{attach.TCIngress, attach.TCEgress}
+}
 
-func (d *podDevices) prog(dir attach.Direction) *ebpf.Program {
-	if dir == attach.Egress {
+// allPoints are every point a pod device of any kind may have a pin for.
+var allPoints = []attach.Point{attach.TCIngress, attach.TCEgress, attach.NetkitPeer, attach.NetkitPrimary}
+
+// pinSuffixes are the endings of the pins of allPoints (attach.Attacher).
+var pinSuffixes = []string{"-" + string(attach.Ingress), "-" + string(attach.Egress), "-" + string(attach.NetkitPeer), "-" + string(attach.NetkitPrimary)}
+
+func (d *podDevices) prog(p attach.Point) *ebpf.Program {
+	if p == attach.TCEgress || p == attach.NetkitPrimary {
 		return d.cfg.ToPod
 	}
 	return d.cfg.FromPod
@@ -83,7 +97,16 @@ func (d *podDevices) selects(name string) bool {
 }
 
 func (d *podDevices) isPodDevice(l netlink.Link) bool {
-	return l.Type() == "veth" && d.selects(l.Attrs().Name)
+	switch l := l.(type) {
+	case *netlink.Veth:
+	case *netlink.Netkit:
+		if !l.IsPrimary() {
+			return false // a pod's own end, in this netns too
+		}
+	default:
+		return false
+	}
+	return d.selects(l.Attrs().Name)
 }
 
 // subscribe subscribes to link updates and only then lists the links, so
@@ -148,13 +171,13 @@ func (d *podDevices) removeStalePins(present map[string]bool) {
 		d.log.Warn("read pinned links", "dir", d.cfg.Attacher.LinkDir, "err", err)
 	}
 	for _, e := range entries {
-		for _, dir := range podHooks {
-			dev, ok := strings.CutSuffix(e.Name(), "-"+string(dir))
+		for _, suffix := range pinSuffixes {
+			dev, ok := strings.CutSuffix(e.Name(), suffix)
 			if !ok || present[dev] || !d.selects(dev) {
 				continue
 			}
-			if err := d.cfg.Attacher.Detach(dev, dir); err != nil {
-				d.log.Warn("remove the pin of a pod device that is gone", "device", dev, "err", err)
+			if err := d.detach(dev); err != nil {
+				d.log.Warn("remove the pins of a pod device that is gone", "device", dev, "err", err)
 			}
 		}
 	}
@@ -191,15 +214,16 @@ func (d *podDevices) add(l netlink.Link) bool {
 	if !d.isPodDevice(l) {
 		return was
 	}
-	modes := make([]string, 0, len(podHooks))
-	for _, dir := range podHooks {
-		used, err := d.cfg.Attacher.Attach(d.prog(dir), name, dir)
+	points := podPoints(l)
+	modes := make([]string, 0, len(points))
+	for _, p := range points {
+		used, err := d.cfg.Attacher.AttachPoint(d.prog(p), name, p)
 		if err != nil {
 			// Retried on the device's next update (it may be going).
 			d.log.Warn("attach to pod device", "device", name, "err", errors.Join(err, d.detach(name)))
 			return true
 		}
-		modes = append(modes, fmt.Sprintf("%s %s", dir, used))
+		modes = append(modes, fmt.Sprintf("%s %s", p, used))
 	}
 	d.attached[idx] = name
 	d.log.Info("attached to pod device", "device", name, "hooks", strings.Join(modes, ", "))
@@ -214,10 +238,12 @@ func (d *podDevices) add(l netlink.Link) bool {
 	return true
 }
 
+// detach removes the programs from every point name may have had them
+// at: a device gone or renamed is of no known kind any more.
 func (d *podDevices) detach(name string) error {
 	var errs []error
-	for _, dir := range podHooks {
-		errs = append(errs, d.cfg.Attacher.Detach(name, dir))
+	for _, p := range allPoints {
+		errs = append(errs, d.cfg.Attacher.DetachPoint(name, p))
 	}
 	return errors.Join(errs...)
 }

@@ -33,7 +33,8 @@ import (
 // and go, and sp_endpoints, which BPF host routing delivers to local pods
 // by, equal to the pods.
 type PodNetwork struct {
-	// Devices selects the host-side pod devices (veths) by name; empty:
+	// Devices selects the host-side pod devices (veths, and netkit
+	// primaries, whose programs go in netkit's slots) by name; empty:
 	// none, so nothing is attached and sp_endpoints stays empty.
 	Devices DevicePattern
 	// NodeDevices are never pod devices, whatever their names.
@@ -278,10 +279,16 @@ func (p *pods) endpointOf(ip netip.Addr, devs map[int]*endpoints.Endpoint) (*end
 	if err != nil {
 		return nil, fmt.Errorf("device of %s: %w", ip, err)
 	}
-	ep := &endpoints.Endpoint{Ifindex: idx, NodeMAC: l.Attrs().HardwareAddr, Flags: endpoints.TCIngress}
+	ep := &endpoints.Endpoint{Ifindex: idx, NodeMAC: l.Attrs().HardwareAddr}
+	// from-pod runs at a veth's tc ingress, where bpf_redirect_peer is
+	// allowed; netkit's runs inside its xmit.
+	if l.Type() == "veth" {
+		ep.Flags = endpoints.TCIngress
+	}
 	if ep.MAC, err = peerMAC(l); err != nil {
 		// bpf_redirect_peer, the way into a veth pod, needs no MAC: the
-		// pod's frames then carry a zero destination.
+		// pod's frames then carry a zero destination. netkit in L3 mode
+		// has none.
 		p.log.Debug("pod MAC unknown", "device", l.Attrs().Name, "err", err)
 	}
 	devs[idx] = ep

@@ -252,9 +252,9 @@ func waitUnpinned(t *testing.T, linkDir, dev string) {
 	t.Helper()
 	waitFor(t, "pins of "+dev+" removed", func() (bool, string) {
 		var left []string
-		for _, dir := range []string{"ingress", "egress"} {
-			if _, err := os.Stat(filepath.Join(linkDir, dev+"-"+dir)); !errors.Is(err, os.ErrNotExist) {
-				left = append(left, dir)
+		for _, suffix := range pinSuffixes {
+			if _, err := os.Stat(filepath.Join(linkDir, dev+suffix)); !errors.Is(err, os.ErrNotExist) {
+				left = append(left, suffix)
 			}
 		}
 		return len(left) == 0, fmt.Sprint(left)
@@ -325,23 +325,33 @@ func waitBigTCP(t *testing.T, node *topology.Node, dev, peer string) {
 // outside the node through the node's address, delivered into the pod by
 // BPF host routing from that entry. With BigTCP it raises the GSO/GRO
 // limits of the devices it attaches to.
-func TestPodNetwork(t *testing.T) {
-	testenv.RequireRoot(t)
-	testenv.RequireFeature(t, "BPF host routing (bpf_fib_lookup, bpf_redirect_neigh, bpf_redirect_peer)", "5.10", loader.ProbeHostRouting())
-	topo := topology.NewForTest(t, topology.Spec{Name: "podnet", External: true, Pods: []topology.PodSpec{{Name: "web"}}})
-	node, web := topo.Node, topo.Pod("web")
+// newPodNetBed is spec's node with an external client and pod web serving
+// on 8080, and the datapath loaded with the node-device programs on the
+// wire, for the pod-network tests.
+func newPodNetBed(t *testing.T, spec topology.Spec) (*topology.Topology, *loader.Datapath, string) {
+	t.Helper()
+	spec.External, spec.Pods = true, []topology.PodSpec{{Name: "web"}}
+	topo := topology.NewForTest(t, spec)
 	dp, pin := loadDatapath(t, loader.DefaultConfig())
-	require.Equal(t, loader.HostRoutingBPF, dp.HostRouting, "BPF host routing in effect")
-	require.NoError(t, node.Do(func() error {
+	require.NoError(t, topo.Node.Do(func() error {
 		if err := nodeaddrs.SyncLocal(dp.Maps.NodeAddrs); err != nil {
 			return err
 		}
 		_, err := netdev.Attach(&attach.Attacher{LinkDir: filepath.Join(pin, "netdev")}, dp, topology.WireIfName, attach.XDPOff)
 		return err
 	}), "node addresses, and the node-device programs on the wire")
-	srv, err := traffic.Serve(web, "web", 8080)
+	srv, err := traffic.Serve(topo.Pod("web"), "web", 8080)
 	require.NoError(t, err, "serve in pod web")
 	t.Cleanup(func() { srv.Close() })
+	return topo, dp, pin
+}
+
+func TestPodNetwork(t *testing.T) {
+	testenv.RequireRoot(t)
+	testenv.RequireFeature(t, "BPF host routing (bpf_fib_lookup, bpf_redirect_neigh, bpf_redirect_peer)", "5.10", loader.ProbeHostRouting())
+	topo, dp, pin := newPodNetBed(t, topology.Spec{Name: "podnet"})
+	node, web := topo.Node, topo.Pod("web")
+	require.Equal(t, loader.HostRoutingBPF, dp.HostRouting, "BPF host routing in effect")
 
 	pattern, err := ParseDevicePattern("h[0-9]*")
 	require.NoError(t, err, "pattern")

@@ -240,9 +240,10 @@ func (r *Runner) podNetwork(res *Results) error {
 	}
 	for i := range out {
 		o := &out[i]
-		if o.Pending == "" && base.Gbps.Median > 0 && base.RRP50.Median > 0 {
+		if o.Pending == "" && base.Gbps.Median > 0 && base.RRP50.Median > 0 && base.RRP99.Median > 0 {
 			o.RatioGbps = math.Round(o.Gbps.Median/base.Gbps.Median*100) / 100
 			o.RatioRRP50 = math.Round(o.RRP50.Median/base.RRP50.Median*100) / 100
+			o.RatioRRP99 = math.Round(o.RRP99.Median/base.RRP99.Median*100) / 100
 		}
 	}
 	res.Pod = out

@@ -341,15 +341,15 @@ func Markdown(r *Results, plots []string) string {
 			"mapping of the socket and reads what it cannot map; CPU is sender + receiver thread time (getrusage RUSAGE_THREAD) " +
 			"per MB, both pinned to one CPU, so softirq work is charged to them. Request/response: 1 B each way on one " +
 			"connection (netperf TCP_RR style). Ratios to the host baseline from this run.\n\n")
-		b.WriteString("| path | Gbit/s | × host | CPU µs/MB | receive | RR min µs | RR p50 µs | RR p90 µs | RR p99 µs | RR p50 × host |\n|---|---|---|---|---|---|---|---|---|---|\n")
+		b.WriteString("| path | Gbit/s | × host | CPU µs/MB | receive | RR min µs | RR p50 µs | RR p90 µs | RR p99 µs | RR p50 × host | RR p99 × host |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
 		for _, p := range r.Pod {
 			if p.Pending != "" {
-				fmt.Fprintf(&b, "| %s | not measured: %s | | | | | | | | |\n", p.Path, p.Pending)
+				fmt.Fprintf(&b, "| %s | not measured: %s | | | | | | | | | |\n", p.Path, p.Pending)
 				continue
 			}
-			fmt.Fprintf(&b, "| %s | %s | %.2f | %s | %s | %s | %s | %s | %s | %.2f |\n", p.Path, fmtSpread(p.Gbps, 2), p.RatioGbps,
+			fmt.Fprintf(&b, "| %s | %s | %.2f | %s | %s | %s | %s | %s | %s | %.2f | %.2f |\n", p.Path, fmtSpread(p.Gbps, 2), p.RatioGbps,
 				fmtSpread(p.CPUUsPerMB, 0), strings.Join(p.Receive, "; "), fmtSpread(p.RRMin, 1), fmtSpread(p.RRP50, 1),
-				fmtSpread(p.RRP90, 1), fmtSpread(p.RRP99, 1), p.RatioRRP50)
+				fmtSpread(p.RRP90, 1), fmtSpread(p.RRP99, 1), p.RatioRRP50, p.RatioRRP99)
 		}
 		b.WriteString("\n")
 		for _, p := range r.Pod {

@@ -131,6 +131,7 @@ type PodResult struct {
 	// Ratios to the host baseline, same run.
 	RatioGbps  float64 `json:"ratio_gbps_to_host,omitempty"`
 	RatioRRP50 float64 `json:"ratio_rr_p50_to_host,omitempty"`
+	RatioRRP99 float64 `json:"ratio_rr_p99_to_host,omitempty"`
 }
 
 // StreamRepeat is one stream run's numbers.

@@ -42,7 +42,7 @@ func cmdAgent(fs *pflag.FlagSet, o output) func() error {
 	healthzAddr := fs.String("healthz-bind-address", "0.0.0.0:10256", "address of /livez (liveness), /readyz (readiness) and kube-proxy's /healthz (empty: off)")
 	metricsAddr := fs.String("metrics-bind-address", "127.0.0.1:10249", "address of /metrics (empty: off)")
 	gcInterval := fs.Duration("ct-gc-interval", 30*time.Second, "interval between conntrack GC passes when calm, shortened under pressure, per zone (0: off)")
-	podDevices := fs.String("pod-device-pattern", agent.DefaultPodDevices, "host-side pod devices (veths) attached to as they appear, and BPF host routing delivers to: comma-separated globs, none of them a node device (empty: none)")
+	podDevices := fs.String("pod-device-pattern", agent.DefaultPodDevices, "host-side pod devices (veths, netkit primaries) attached to as they appear, and BPF host routing delivers to: comma-separated globs, none of them a node device (empty: none)")
 	bandwidthManager := fs.Bool("bandwidth-manager", false, "Bandwidth Manager: hold each pod with a kubernetes.io/egress-bandwidth annotation to that rate off the node, by EDT on the node devices, which get the fq qdisc (the kernel must have sch_fq); traffic between pods of a node is not limited")
 	verbosity := fs.IntP("v", "v", 0, "log verbosity, as kube-proxy's --v: 0 info; client-go's messages at their own levels; 4 and up every Service programmed and every pod device event")
 	return func() error {

@@ -146,7 +146,9 @@ func familyFixtures(fam string, frame []byte) []inject.Fixture {
 		Hook:  inject.ToNetdev,
 		Input: frame,
 		Setup: func(e *inject.Env) error {
-			base = Mono() + uint64(2*time.Second)
+			// Past the 2 s horizon by more than an emulated guest takes
+			// from here to the program's clock reading.
+			base = Mono() + uint64(3*time.Second)
 			return putRate(rated, base)(e)
 		},
 		SKB:      func() inject.SKB { return inject.SKB{Queue: rated} },
