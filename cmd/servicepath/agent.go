@@ -44,11 +44,15 @@ func cmdAgent(fs *pflag.FlagSet, o output) func() error {
 	gcInterval := fs.Duration("ct-gc-interval", 30*time.Second, "interval between conntrack GC passes when calm, shortened under pressure, per zone (0: off)")
 	podDevices := fs.String("pod-device-pattern", agent.DefaultPodDevices, "host-side pod devices (veths, netkit primaries) attached to as they appear, and BPF host routing delivers to: comma-separated globs, none of them a node device (empty: none)")
 	bandwidthManager := fs.Bool("bandwidth-manager", false, "Bandwidth Manager: hold each pod with a kubernetes.io/egress-bandwidth annotation to that rate off the node, by EDT on the node devices, which get the fq qdisc (the kernel must have sch_fq); traffic between pods of a node is not limited")
+	bandwidthBBR := fs.Bool("bandwidth-bbr", false, "with --bandwidth-manager: make BBR the host netns' default TCP congestion control, which pods started afterwards inherit (running pods keep theirs; the kernel must have tcp_bbr)")
 	verbosity := fs.IntP("v", "v", 0, "log verbosity, as kube-proxy's --v: 0 info; client-go's messages at their own levels; 4 and up every Service programmed and every pod device event")
 	return func() error {
 		pattern, err := agent.ParseDevicePattern(*podDevices)
 		if err != nil {
 			return fmt.Errorf("--pod-device-pattern: %w", err)
+		}
+		if *bandwidthBBR && !*bandwidthManager {
+			return errors.New("--bandwidth-bbr needs --bandwidth-manager")
 		}
 		mode, err := attach.ParseMode(lo.mode)
 		if err != nil {
@@ -89,6 +93,12 @@ func cmdAgent(fs *pflag.FlagSet, o output) func() error {
 			if bw, err = startBandwidthManager(dp, lo.netdevs, o); err != nil {
 				return fmt.Errorf("--bandwidth-manager: %w", err)
 			}
+		}
+		if *bandwidthBBR {
+			if err := bandwidth.EnableBBR(); err != nil {
+				return fmt.Errorf("--bandwidth-bbr: %w", err)
+			}
+			fmt.Fprintln(o.out, "tcp congestion control bbr for pods started from now on")
 		}
 		a, err := agent.New(client, dp.Maps, agent.Config{
 			NodeName: name, MinSyncPeriod: *minSync, SyncPeriod: *syncPeriod, Logger: log,

@@ -39,7 +39,7 @@ func TestAgentFlags(t *testing.T) {
 	code, help, _ := runCLI("agent", "-h")
 	assert.Zero(t, code, "agent -h exits 0")
 	for _, f := range []string{"--kubeconfig", "--k8s-api-server", "--node-name", "--device", "--cgroup", "--bpffs", "--attach-mode",
-		"--min-sync-period", "--sync-period", "--healthz-bind-address", "--metrics-bind-address", "--pod-device-pattern", "-v, --v int"} {
+		"--min-sync-period", "--sync-period", "--healthz-bind-address", "--metrics-bind-address", "--pod-device-pattern", "--bandwidth-manager", "--bandwidth-bbr", "-v, --v int"} {
 		assert.Contains(t, help, f, "agent -h lists %s", f)
 	}
 	code, _, errOut := runCLI("agent", "--kubeconfig", filepath.Join(t.TempDir(), "missing"))
@@ -48,6 +48,9 @@ func TestAgentFlags(t *testing.T) {
 	code, _, errOut = runCLI("agent", "--pod-device-pattern", "veth*,[x")
 	assert.Equal(t, 1, code, "a bad pod device pattern fails")
 	assert.Contains(t, errOut, `--pod-device-pattern: device pattern "[x"`, "the message names the flag and the glob")
+	code, _, errOut = runCLI("agent", "--bandwidth-bbr")
+	assert.Equal(t, 1, code, "BBR without the Bandwidth Manager fails")
+	assert.Contains(t, errOut, "--bandwidth-bbr needs --bandwidth-manager", "the message names both flags")
 }
 
 func freePort(t *testing.T) int {

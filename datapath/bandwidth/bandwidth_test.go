@@ -1,13 +1,19 @@
 package bandwidth_test
 
 import (
+	"bytes"
+	"errors"
 	"fmt"
+	"os"
+	"slices"
+	"strings"
 	"testing"
 
 	"github.com/cilium/ebpf"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 
 	"github.com/servicepath/servicepath/datapath/bandwidth"
 	"github.com/servicepath/servicepath/datapath/loader"
@@ -154,4 +160,55 @@ func TestEnsureFQ(t *testing.T) {
 			assert.Equal(t, first, second, "a second call keeps what is there")
 		})
 	}
+}
+
+// EnableBBR sets the default of its own netns only, and new sockets there
+// use BBR. The test's netns starts from reno, so BBR is the call's doing
+// (this machine's host default may be BBR already). Outside the host netns
+// the kernel lets a netns choose BBR only if the host allows it
+// (tcp_allowed_congestion_control); the agent itself runs in the host
+// netns. A vmtest guest, which is the test's alone, allows it.
+func TestEnableBBR(t *testing.T) {
+	testenv.RequireRoot(t)
+	const allowed = "/proc/sys/net/ipv4/tcp_allowed_congestion_control"
+	if testenv.InVMTest() {
+		b, err := os.ReadFile(allowed)
+		require.NoError(t, err)
+		if !slices.Contains(strings.Fields(string(b)), "bbr") {
+			require.NoError(t, os.WriteFile(allowed, append(bytes.TrimSpace(b), " bbr"...), 0), "allow bbr in the guest")
+		}
+	}
+	topo := topology.NewForTest(t, topology.Spec{Name: "bbr"})
+	host, err := bandwidth.CongestionControl()
+	require.NoError(t, err)
+	var got, sock string
+	err = topo.Node.Do(func() error {
+		if err := os.WriteFile("/proc/sys/net/ipv4/tcp_congestion_control", []byte("reno"), 0); err != nil {
+			return err
+		}
+		if err := bandwidth.EnableBBR(); err != nil {
+			return err
+		}
+		var err error
+		if got, err = bandwidth.CongestionControl(); err != nil {
+			return err
+		}
+		fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM, 0)
+		if err != nil {
+			return err
+		}
+		defer unix.Close(fd)
+		sock, err = unix.GetsockoptString(fd, unix.IPPROTO_TCP, unix.TCP_CONGESTION)
+		return err
+	})
+	if errors.Is(err, unix.EPERM) && !testenv.InVMTest() {
+		t.Skipf("this host does not allow bbr outside its own netns (%s), and the test keeps to its own netns: %v", allowed, err)
+	}
+	testenv.RequireDriver(t, "BBR congestion control (tcp_bbr)", "5.10", err)
+	require.NoError(t, err)
+	assert.Equal(t, "bbr", got, "the netns' default")
+	assert.Equal(t, "bbr", sock, "a new socket's congestion control")
+	after, err := bandwidth.CongestionControl()
+	require.NoError(t, err)
+	assert.Equal(t, host, after, "the test's own netns is untouched")
 }

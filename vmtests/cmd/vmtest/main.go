@@ -47,7 +47,7 @@ const defaultModules = "veth sch_ingress sch_fq cls_bpf act_bpf ipvlan macvlan n
 	"nf_tables nft_ct nft_nat nft_chain_nat nft_masq nft_numgen nft_compat nft_fib_inet nft_fib_ipv4 nft_fib_ipv6 nft_reject nft_reject_inet nft_reject_ipv4 nft_reject_ipv6 nf_conntrack nf_conntrack_netlink nf_nat " +
 	"ip_tables iptable_filter iptable_nat iptable_mangle ip6_tables ip6table_filter ip6table_nat " +
 	"xt_conntrack xt_nat xt_MASQUERADE xt_comment xt_mark xt_statistic xt_addrtype " +
-	"ip_vs ip_vs_rr inet_diag tcp_diag udp_diag"
+	"ip_vs ip_vs_rr inet_diag tcp_diag udp_diag tcp_bbr"
 
 func main() {
 	// modprobe and depmod live in /usr/sbin, outside a normal user's PATH.
