@@ -38,7 +38,10 @@ func (e *Env) queueShim(h Hook, target *ebpf.Program) (*ebpf.Program, error) {
 		Instructions: asm.Instructions{
 			asm.LoadMem(asm.R2, asm.R1, skbCB0Off, asm.Word),
 			asm.StoreMem(asm.R1, skbQueueMappingOff, asm.R2, asm.Word),
-			asm.StoreImm(asm.R1, skbCB0Off, 0, asm.Word),
+			// A register store: older kernels (5.10) refuse BPF_ST into
+			// the context.
+			asm.Mov.Imm(asm.R3, 0),
+			asm.StoreMem(asm.R1, skbCB0Off, asm.R3, asm.Word),
 			asm.LoadMapPtr(asm.R2, array.FD()),
 			asm.Mov.Imm(asm.R3, 0),
 			asm.FnTailCall.Call(),
