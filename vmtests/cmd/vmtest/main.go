@@ -66,7 +66,7 @@ func main() {
 	flag.StringVar(&cfg.accel, "accel", envOr("VMTEST_ACCEL", "auto"), "auto, kvm or tcg, env VMTEST_ACCEL")
 	flag.BoolVar(&cfg.short, "short", true, "pass -test.short to the tests")
 	flag.StringVar(&cfg.run, "run", "", "pass -test.run `regexp` to the tests")
-	flag.DurationVar(&cfg.testTimeout, "test-timeout", 5*time.Minute, "timeout of one test binary")
+	flag.DurationVar(&cfg.testTimeout, "test-timeout", 10*time.Minute, "timeout of one test binary")
 	flag.DurationVar(&cfg.bootTimeout, "boot-timeout", 2*time.Minute, "time for a guest to reach init")
 	flag.DurationVar(&cfg.vmTimeout, "vm-timeout", 40*time.Minute, "time for a guest to run all binaries")
 	flag.BoolVar(&cfg.refresh, "refresh", false, "refresh the apt lists even if less than a day old")
