@@ -77,7 +77,7 @@ type Agent struct {
 
 	factory      informers.SharedInformerFactory
 	services     corelisters.ServiceLister
-	serviceIndex cache.Indexer // by byAddressIndex too
+	serviceIndex cache.Indexer // by byAddressIndex and byPortIndex too
 	slices       cache.Indexer
 	pods         *pods // nil without Config.Pods
 	broadcaster  record.EventBroadcaster
@@ -144,7 +144,7 @@ func New(client kubernetes.Interface, m *maps.Maps, cfg Config) (*Agent, error) 
 	if err := sliceInformer.AddIndexers(cache.Indexers{byServiceIndex: sliceOwnerIndex}); err != nil {
 		return nil, err
 	}
-	if err := svcInformer.Informer().AddIndexers(cache.Indexers{byAddressIndex: serviceAddrIndex}); err != nil {
+	if err := svcInformer.Informer().AddIndexers(cache.Indexers{byAddressIndex: serviceAddrIndex, byPortIndex: servicePortIndex}); err != nil {
 		return nil, err
 	}
 	handler := cache.ResourceEventHandlerFuncs{
@@ -276,10 +276,18 @@ func (a *Agent) changed(obj any) {
 	}
 	a.mu.Lock()
 	a.dirty[name] = true
-	if svc, ok := obj.(*corev1.Service); ok {
-		// A frontend it held or claimed may change hands (conflicts.go).
-		for _, other := range a.sharing(svc) {
+	// A frontend it held or claimed may change hands (conflicts.go).
+	switch o := obj.(type) {
+	case *corev1.Service:
+		for _, other := range a.sharing(o) {
 			a.dirty[k8s.ServiceName(other)] = true
+		}
+		for _, pod := range a.podsSharing(o) {
+			a.dirty[k8s.PodName(pod)] = true
+		}
+	case *corev1.Pod:
+		for _, svc := range a.servicesSharing(o) {
+			a.dirty[k8s.ServiceName(svc)] = true
 		}
 	}
 	if _, isPod := obj.(*corev1.Pod); !isPod {

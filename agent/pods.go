@@ -75,6 +75,7 @@ type pods struct {
 	period  time.Duration
 	factory informers.SharedInformerFactory
 	lister  corelisters.PodLister
+	index   cache.Indexer // by byPortIndex too
 	synced  cache.InformerSynced
 	devices *podDevices
 	kick    chan struct{}
@@ -111,7 +112,10 @@ func newPods(client kubernetes.Interface, cfg *PodNetwork, node string, period t
 	}); err != nil {
 		return nil, err
 	}
-	p.lister, p.synced = inf.Lister(), inf.Informer().HasSynced
+	if err := inf.Informer().AddIndexers(cache.Indexers{byPortIndex: podHostPortIndex}); err != nil {
+		return nil, err
+	}
+	p.lister, p.index, p.synced = inf.Lister(), inf.Informer().GetIndexer(), inf.Informer().HasSynced
 	return p, nil
 }
 
@@ -158,8 +162,13 @@ func (a *Agent) hostPorts(name string) (services []service.Service, ok bool) {
 	if pod.Spec.HostNetwork {
 		return nil, true // its containers bind the hostPorts themselves
 	}
-	res, err := k8s.TranslatePods(k8s.Options{NodeName: a.cfg.NodeName}, []*corev1.Pod{pod})
-	a.report(pod, name, "InvalidHostPort", res, nil, err)
+	opts := k8s.Options{NodeName: a.cfg.NodeName}
+	res, err := k8s.TranslatePods(opts, []*corev1.Pod{pod})
+	var conflicts []string
+	if err == nil {
+		res.Services, conflicts = a.hostPortsWithoutClaimed(pod, opts, res.Services)
+	}
+	a.report(pod, name, "InvalidHostPort", res, conflicts, err)
 	if err != nil {
 		return nil, false
 	}

@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -457,4 +458,66 @@ func TestPodNetwork(t *testing.T) {
 	assert.Error(t, err, "the hostPort no longer answers once its Pod is gone")
 	// The device stays a pod device: the programs are still on it.
 	waitHooked(t, node, dp, web.HostIf)
+}
+
+// A Pod's hostPort and a Service's NodePort on one port of this node: the
+// older claim keeps the frontend, the other is programmed without it and
+// gets a FrontendInUse Event naming the owner, and the agent stays ready.
+// Once the owner goes, the other gets the frontend.
+func TestHostPortMeetsNodePort(t *testing.T) {
+	dp, _ := loadDatapath(t, loader.DefaultConfig())
+	c := newFakeKube()
+	t0 := metav1.NewTime(time.Now().Add(-time.Hour).Truncate(time.Second))
+	t1 := metav1.NewTime(t0.Add(time.Minute))
+	nodePort := func(name, ip string, port int32, created metav1.Time) *corev1.Service {
+		sp := svcPort("", corev1.ProtocolTCP, 80)
+		sp.NodePort = port
+		svc := clusterIPService(name, ip, "", sp)
+		svc.Namespace, svc.CreationTimestamp, svc.Spec.Type = "default", created, corev1.ServiceTypeNodePort
+		return svc
+	}
+	hostPort := func(name, ip string, port int32, created metav1.Time) corev1.Pod {
+		p := withHostPort(pod(name, testNode, corev1.PodRunning, ip), corev1.ProtocolTCP, port, 8080)
+		p.CreationTimestamp = created
+		return p
+	}
+	// 30080: the Service is older; 30081: the Pod is.
+	for _, svc := range []*corev1.Service{nodePort("np-old", "10.96.0.80", 30080, t0), nodePort("np-new", "10.96.0.81", 30081, t1)} {
+		_, err := c.CoreV1().Services("default").Create(context.Background(), svc, metav1.CreateOptions{})
+		require.NoError(t, err, "create Service %s", svc.Name)
+	}
+	c.create(t, hostPort("hp-new", "10.1.0.7", 30080, t1))
+	c.create(t, hostPort("hp-old", "10.1.0.8", 30081, t0))
+	a := startAgent(t, c, dp.Maps, Config{NodeName: testNode, Pods: &PodNetwork{Endpoints: dp.Endpoints}})
+	c.waitWatching(t)
+	a.waitHealthy(t)
+
+	waitProgrammed(t, dp.Maps, "default/np-old", map[string][]string{"10.96.0.80:80/TCP": {}, "0.0.0.0:30080/TCP": {}})
+	waitProgrammed(t, dp.Maps, "pod:default/hp-new", map[string][]string{})
+	waitProgrammed(t, dp.Maps, "pod:default/hp-old", map[string][]string{"0.0.0.0:30081/TCP": {"10.1.0.8:8080"}})
+	waitProgrammed(t, dp.Maps, "default/np-new", map[string][]string{"10.96.0.81:80/TCP": {}})
+	for obj, owner := range map[string]string{"hp-new": "Service default/np-old", "np-new": "Pod default/hp-old"} {
+		waitFor(t, "a FrontendInUse Event on "+obj, func() (bool, string) {
+			evs, err := c.CoreV1().Events("default").List(context.Background(), metav1.ListOptions{})
+			if err != nil {
+				return false, err.Error()
+			}
+			var seen []string
+			for _, ev := range evs.Items {
+				if ev.InvolvedObject.Name == obj && ev.Reason == "FrontendInUse" {
+					if strings.Contains(ev.Message, owner) {
+						return true, ev.Message
+					}
+					seen = append(seen, ev.Message)
+				}
+			}
+			return false, fmt.Sprint(seen)
+		})
+	}
+	ok, why := a.Ready()
+	assert.True(t, ok, "ready over the conflicts: %s", why)
+
+	// The older Pod gone, the newer Service gets its NodePort.
+	c.delete(t, "hp-old")
+	waitProgrammed(t, dp.Maps, "default/np-new", map[string][]string{"10.96.0.81:80/TCP": {}, "0.0.0.0:30081/TCP": {}})
 }
