@@ -166,7 +166,7 @@ func Occupancy(m *Maps) (map[string]Usage, error) {
 	out := map[string]Usage{}
 	for name, mp := range map[string]*ebpf.Map{
 		ServicesName: m.Services, BackendsName: m.Backends, CTName: m.CT, CTNSName: m.CTNS, FragsName: m.Frags, SockRevName: m.SockRevNAT,
-		AffinityName: m.Affinity, NATName: m.NAT, FrontendAddrName: m.FrontendAddrs,
+		AffinityName: m.Affinity, NATName: m.NAT, FrontendAddrName: m.FrontendAddrs, EDTPodsName: m.EDTPods,
 	} {
 		if mp == nil {
 			continue
