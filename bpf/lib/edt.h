@@ -47,8 +47,17 @@ static __always_inline int edt_schedule(struct __sk_buff *skb)
 		return TC_ACT_OK;
 
 	now = bpf_ktime_get_ns();
+	t = skb->tstamp;
+	if (t > now && t - now >= EDT_HORIZON_NS) {
+		/* No departure time but a receive timestamp (CLOCK_REALTIME)
+		 * a kernel left on the packet: fq would drop it as due years
+		 * ahead, and t_last would hold every later one back as far. */
+		skb->tstamp = 0;
+		t = 0;
+	}
 	/* A departure time the pod's own TCP pacing set may be later still. */
-	t = skb->tstamp > now ? skb->tstamp : now;
+	if (t < now)
+		t = now;
 	t_next = *(volatile __u64 *)&rate->t_last + (__u64)skb->wire_len * 1000000000ULL / rate->bytes_per_sec;
 	if (t_next <= t) {
 		*(volatile __u64 *)&rate->t_last = t;

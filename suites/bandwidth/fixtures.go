@@ -142,6 +142,18 @@ func familyFixtures(fam string, frame []byte) []inject.Fixture {
 			assert.Equal(t, base+uint64(time.Second), tLast(t, e, rated), "t_last follows the later departure")
 		},
 	}, {
+		Name:   fam + "-receive-timestamp-is-no-departure-time",
+		Hook:   inject.ToNetdev,
+		Input:  frame,
+		Setup:  putRate(rated, 0),
+		SKB:    func() inject.SKB { return inject.SKB{Queue: rated, Tstamp: now() + uint64(1000*time.Hour)} },
+		Tstamp: func() uint64 { return 0 },
+		Check: func(t testing.TB, e *inject.Env) {
+			after := Mono()
+			last := tLast(t, e, rated)
+			assert.True(t, last >= before && last <= after, "t_last %d is the program's now, within [%d, %d], not the timestamp", last, before, after)
+		},
+	}, {
 		Name:  fam + "-past-the-horizon-dropped",
 		Hook:  inject.ToNetdev,
 		Input: frame,
