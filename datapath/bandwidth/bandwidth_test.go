@@ -212,3 +212,33 @@ func TestEnableBBR(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, host, after, "the test's own netns is untouched")
 }
+
+// Without sch_fq, EnsureFQ fails naming it and leaves a multi-queue
+// device's qdiscs as they were, though it had to put mq at the root first.
+func TestEnsureFQWithoutFQLeavesDevice(t *testing.T) {
+	testenv.RequireRoot(t)
+	topo := topology.NewForTest(t, topology.Spec{Name: "nofq"})
+	var before, after []netlink.Qdisc
+	var ensure error
+	require.NoError(t, topo.Node.Do(func() error {
+		if err := netlink.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "nofq", NumTxQueues: 4, NumRxQueues: 4}, PeerName: "nofqpeer"}); err != nil {
+			return err
+		}
+		l, err := netlink.LinkByName("nofq")
+		if err != nil {
+			return err
+		}
+		if before, err = netlink.QdiscList(l); err != nil {
+			return err
+		}
+		ensure = bandwidth.EnsureFQ(l)
+		after, err = netlink.QdiscList(l)
+		return err
+	}))
+	if ensure == nil {
+		t.Skip("the kernel has sch_fq (TestEnsureFQ covers it)")
+	}
+	require.ErrorIs(t, ensure, bandwidth.ErrNoFQ)
+	assert.ErrorContains(t, ensure, "sch_fq", "the error names what is missing")
+	assert.Equal(t, before, after, "the device's qdiscs are as they were")
+}

@@ -47,6 +47,12 @@ func EnsureFQ(link netlink.Link) error {
 			continue
 		}
 		if err := addFQ(name, netlink.NewFq(netlink.QdiscAttrs{LinkIndex: link.Attrs().Index, Parent: parent}), false); err != nil {
+			if !ok && errors.Is(err, ErrNoFQ) {
+				// Nothing of fq can be had: the mq root goes again,
+				// and the device has its default qdisc back.
+				err = errors.Join(err, netlink.QdiscDel(&netlink.GenericQdisc{QdiscAttrs: netlink.QdiscAttrs{
+					LinkIndex: link.Attrs().Index, Parent: netlink.HANDLE_ROOT, Handle: mq}, QdiscType: "mq"}))
+			}
 			return err
 		}
 	}
