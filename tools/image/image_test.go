@@ -3,6 +3,8 @@ package image
 import (
 	"archive/tar"
 	"bytes"
+	"debug/elf"
+	"encoding/binary"
 	"errors"
 	"io"
 	"io/fs"
@@ -157,8 +159,30 @@ func TestServicepathImage(t *testing.T) {
 	require.Greater(t, plugins, 10, "iptables' extensions are in the image")
 }
 
+// dynamicELF writes the headers of a dynamically linked x86-64 program:
+// an ELF header and one PT_INTERP program header naming the loader. Made
+// here, since which of a machine's programs are dynamic varies (a vmtest
+// guest's /bin/sh is a static busybox).
+func dynamicELF(t *testing.T) string {
+	t.Helper()
+	const interp = "/lib64/ld-linux-x86-64.so.2\x00"
+	var ehdr elf.Header64
+	copy(ehdr.Ident[:], elf.ELFMAG)
+	ehdr.Ident[elf.EI_CLASS], ehdr.Ident[elf.EI_DATA], ehdr.Ident[elf.EI_VERSION] = byte(elf.ELFCLASS64), byte(elf.ELFDATA2LSB), byte(elf.EV_CURRENT)
+	ehdr.Type, ehdr.Machine, ehdr.Version = uint16(elf.ET_EXEC), uint16(elf.EM_X86_64), uint32(elf.EV_CURRENT)
+	ehdr.Phoff, ehdr.Ehsize, ehdr.Phentsize, ehdr.Phnum = 64, 64, 56, 1
+	phdr := elf.Prog64{Type: uint32(elf.PT_INTERP), Flags: uint32(elf.PF_R), Off: 64 + 56, Filesz: uint64(len(interp)), Memsz: uint64(len(interp)), Align: 1}
+	var b bytes.Buffer
+	require.NoError(t, binary.Write(&b, binary.LittleEndian, ehdr))
+	require.NoError(t, binary.Write(&b, binary.LittleEndian, phdr))
+	b.WriteString(interp)
+	p := filepath.Join(t.TempDir(), "dynamic")
+	require.NoError(t, os.WriteFile(p, b.Bytes(), 0o755))
+	return p
+}
+
 func TestServicepathRefusesDynamicBinary(t *testing.T) {
-	_, err := Servicepath("/bin/sh")
+	_, err := Servicepath(dynamicELF(t))
 	require.ErrorContains(t, err, "CGO_ENABLED=0", "a dynamic binary is refused, saying how to build it")
 }
 
