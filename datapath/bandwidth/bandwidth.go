@@ -26,15 +26,19 @@ type Manager struct {
 	pods, rates *ebpf.Map
 
 	mu sync.Mutex
-	// aggregates by host-side ifindex, and the rate each was set to.
-	aggregates map[uint32]uint32
-	bitsPerSec map[uint32]uint64
+	// limits by host-side ifindex: each pod's aggregate and rate.
+	limits map[uint32]limit
+}
+
+type limit struct {
+	aggregate  uint32
+	bitsPerSec uint64
 }
 
 // NewManager takes over the maps as they are (pinned, from an agent
 // before this one), so a restart keeps every pod's aggregate and pacing.
 func NewManager(m *dpmaps.Maps) (*Manager, error) {
-	mgr := &Manager{pods: m.EDTPods, rates: m.EDTRates, aggregates: map[uint32]uint32{}, bitsPerSec: map[uint32]uint64{}}
+	mgr := &Manager{pods: m.EDTPods, rates: m.EDTRates, limits: map[uint32]limit{}}
 	var ifindex uint32
 	var pod dpmaps.EDTPod
 	it := m.EDTPods.Iterate()
@@ -43,8 +47,7 @@ func NewManager(m *dpmaps.Maps) (*Manager, error) {
 		if err := m.EDTRates.Lookup(pod.Aggregate, &rate); err != nil {
 			continue // Set or Sync writes it anew
 		}
-		mgr.aggregates[ifindex] = pod.Aggregate
-		mgr.bitsPerSec[ifindex] = rate.BytesPerSec * 8
+		mgr.limits[ifindex] = limit{pod.Aggregate, rate.BytesPerSec * 8}
 	}
 	if err := it.Err(); err != nil {
 		return nil, fmt.Errorf("read %s: %w", dpmaps.EDTPodsName, err)
@@ -56,9 +59,9 @@ func NewManager(m *dpmaps.Maps) (*Manager, error) {
 func (m *Manager) Rates() map[int]uint64 {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	out := make(map[int]uint64, len(m.bitsPerSec))
-	for idx, r := range m.bitsPerSec {
-		out[int(idx)] = r
+	out := make(map[int]uint64, len(m.limits))
+	for idx, l := range m.limits {
+		out[int(idx)] = l.bitsPerSec
 	}
 	return out
 }
@@ -85,10 +88,11 @@ func check(ifindex int, bitsPerSec uint64) error {
 }
 
 func (m *Manager) set(ifindex uint32, bitsPerSec uint64) error {
-	if m.bitsPerSec[ifindex] == bitsPerSec {
+	old, known := m.limits[ifindex]
+	if known && old.bitsPerSec == bitsPerSec {
 		return nil
 	}
-	agg, known := m.aggregates[ifindex]
+	agg := old.aggregate
 	if !known {
 		var err error
 		if agg, err = m.freeAggregate(); err != nil {
@@ -98,9 +102,9 @@ func (m *Manager) set(ifindex uint32, bitsPerSec uint64) error {
 	// The rate before the tag: a tagged packet always finds its rate.
 	// A change keeps t_last, so the pod's queue is not forgotten.
 	rate := dpmaps.EDTRate{BytesPerSec: bitsPerSec / 8}
-	var old dpmaps.EDTRate
-	if known && m.rates.Lookup(agg, &old) == nil {
-		rate.TLast = old.TLast
+	var prev dpmaps.EDTRate
+	if known && m.rates.Lookup(agg, &prev) == nil {
+		rate.TLast = prev.TLast
 	}
 	if err := m.rates.Put(agg, rate); err != nil {
 		return fmt.Errorf("bandwidth: rate of ifindex %d: %w", ifindex, err)
@@ -110,16 +114,15 @@ func (m *Manager) set(ifindex uint32, bitsPerSec uint64) error {
 			_ = m.rates.Delete(agg)
 			return fmt.Errorf("bandwidth: tag of ifindex %d: %w", ifindex, err)
 		}
-		m.aggregates[ifindex] = agg
 	}
-	m.bitsPerSec[ifindex] = bitsPerSec
+	m.limits[ifindex] = limit{agg, bitsPerSec}
 	return nil
 }
 
 func (m *Manager) freeAggregate() (uint32, error) {
-	used := make(map[uint32]bool, len(m.aggregates))
-	for _, a := range m.aggregates {
-		used[a] = true
+	used := make(map[uint32]bool, len(m.limits))
+	for _, l := range m.limits {
+		used[l.aggregate] = true
 	}
 	for i := uint32(1); i <= maxAggregates; i++ {
 		if a := i | dpmaps.EDTAggregateBit; !used[a] {
@@ -137,7 +140,7 @@ func (m *Manager) Delete(ifindex int) error {
 }
 
 func (m *Manager) delete(ifindex uint32) error {
-	agg, ok := m.aggregates[ifindex]
+	l, ok := m.limits[ifindex]
 	if !ok {
 		return nil
 	}
@@ -145,11 +148,10 @@ func (m *Manager) delete(ifindex uint32) error {
 	if err := m.pods.Delete(ifindex); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 		return fmt.Errorf("bandwidth: tag of ifindex %d: %w", ifindex, err)
 	}
-	if err := m.rates.Delete(agg); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+	if err := m.rates.Delete(l.aggregate); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 		return fmt.Errorf("bandwidth: rate of ifindex %d: %w", ifindex, err)
 	}
-	delete(m.aggregates, ifindex)
-	delete(m.bitsPerSec, ifindex)
+	delete(m.limits, ifindex)
 	return nil
 }
 
@@ -159,7 +161,7 @@ func (m *Manager) Sync(want map[int]uint64) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	var errs []error
-	for idx := range maps.Clone(m.aggregates) {
+	for idx := range maps.Clone(m.limits) {
 		if _, ok := want[int(idx)]; !ok {
 			errs = append(errs, m.delete(idx))
 		}

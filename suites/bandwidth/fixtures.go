@@ -78,6 +78,12 @@ func familyFixtures(fam string, frame []byte) []inject.Fixture {
 	// Each row's clock readings, taken as it runs.
 	var before, base uint64
 	now := func() uint64 { before = Mono(); return before }
+	// clockStartsNow checks the pod's t_last is the program's now.
+	clockStartsNow := func(t testing.TB, e *inject.Env) {
+		after := Mono()
+		last := tLast(t, e, rated)
+		assert.True(t, last >= before && last <= after, "t_last %d is the program's now, within [%d, %d]", last, before, after)
+	}
 	// busy is a pod whose last packet leaves a little from now.
 	busy := func(e *inject.Env) error {
 		base = Mono() + ahead
@@ -116,11 +122,7 @@ func familyFixtures(fam string, frame []byte) []inject.Fixture {
 		Setup:  putRate(rated, 0),
 		SKB:    func() inject.SKB { now(); return inject.SKB{Queue: rated} },
 		Tstamp: func() uint64 { return 0 },
-		Check: func(t testing.TB, e *inject.Env) {
-			after := Mono()
-			last := tLast(t, e, rated)
-			assert.True(t, last >= before && last <= after, "t_last %d is the program's now, within [%d, %d]", last, before, after)
-		},
+		Check:  clockStartsNow,
 	}, {
 		Name:   fam + "-busy-pod-paced-behind-its-last-packet",
 		Hook:   inject.ToNetdev,
@@ -148,11 +150,7 @@ func familyFixtures(fam string, frame []byte) []inject.Fixture {
 		Setup:  putRate(rated, 0),
 		SKB:    func() inject.SKB { return inject.SKB{Queue: rated, Tstamp: now() + uint64(1000*time.Hour)} },
 		Tstamp: func() uint64 { return 0 },
-		Check: func(t testing.TB, e *inject.Env) {
-			after := Mono()
-			last := tLast(t, e, rated)
-			assert.True(t, last >= before && last <= after, "t_last %d is the program's now, within [%d, %d], not the timestamp", last, before, after)
-		},
+		Check:  clockStartsNow,
 	}, {
 		Name:  fam + "-past-the-horizon-dropped",
 		Hook:  inject.ToNetdev,
